@@ -1,0 +1,14 @@
+"""Pure tensor functions: no nn.Module, no hidden state."""
+
+from .lif import LIFOutput, lif_multistep, lif_step
+from .surrogate import SURROGATES, Surrogate, resolve_surrogate, spike
+
+__all__ = [
+    "SURROGATES",
+    "LIFOutput",
+    "Surrogate",
+    "lif_multistep",
+    "lif_step",
+    "resolve_surrogate",
+    "spike",
+]

@@ -1,0 +1,1 @@
+"""Accelerated LIF implementations, chosen by :mod:`spiking_moe.functional.lif`; never call directly."""

@@ -1,0 +1,216 @@
+r"""Leaky integrate-and-fire dynamics as pure functions.
+
+Discrete time, one step per index ``t`` (charge, fire, reset):
+
+.. math::
+
+    h_t = \beta\, v_{t-1} + x_t, \qquad
+    s_t = H(h_t - \theta), \qquad
+    v_t = \begin{cases} h_t - \theta\, s_t & \text{reset="subtract" (soft)} \\
+                        h_t\,(1 - s_t)      & \text{reset="zero" (hard)} \end{cases}
+
+with :math:`v_{-1} = v_0` (zeros by default) and :math:`H(0) = 0`. Backward replaces
+:math:`dH/dx` by a surrogate (:mod:`spiking_moe.functional.surrogate`). With
+``detach_reset=True`` the reset term uses :math:`\mathrm{sg}(s_t)`, so no gradient flows
+through the reset (Zenke & Vogels 2021).
+
+``beta`` and ``threshold`` are Python floats or tensors that broadcast against one time step
+``x[t]`` (a scalar, or one value per neuron over the trailing feature dimensions).
+
+Shapes: ``T`` time steps, ``B`` batch, ``...`` any neuron dimensions. Time-major: ``[T, B, ...]``.
+
+:func:`lif_multistep` is the single entry point for a sequence. ``implementation="reference"``
+is the plain Python loop below, kept obviously correct: every accelerated path is tested
+against it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+
+from .surrogate import Surrogate, resolve_surrogate
+
+__all__ = [
+    "RESETS",
+    "LIFOutput",
+    "check_lif_input",
+    "check_lif_parameters",
+    "lif_multistep",
+    "lif_step",
+]
+
+Reset = Literal["subtract", "zero"]
+RESETS = ("subtract", "zero")
+IMPLEMENTATIONS = ("auto", "reference")
+
+
+class LIFOutput(NamedTuple):
+    """Result of :func:`lif_multistep`.
+
+    Attributes:
+        spikes: ``[T, B, ...]`` in {0, 1}, the input's dtype.
+        v: ``[B, ...]`` membrane after the last step's reset (the state to carry on with).
+        membrane: ``[T, B, ...]`` membrane after each step's reset, or None unless requested.
+    """
+
+    spikes: torch.Tensor
+    v: torch.Tensor
+    membrane: torch.Tensor | None = None
+
+
+def check_lif_parameters(beta, threshold, reset: str) -> None:
+    """Raise ValueError for a reset name or a constant beta/threshold out of range."""
+    if reset not in RESETS:
+        raise ValueError(f"unknown reset {reset!r}; valid: {list(RESETS)}")
+    for name, value in (("beta", beta), ("threshold", threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if isinstance(beta, (int, float)) and not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if isinstance(threshold, (int, float)) and not (threshold > 0 and math.isfinite(threshold)):
+        raise ValueError(f"threshold must be a finite number > 0, got {threshold}")
+
+
+def check_lif_input(x: torch.Tensor, min_dim: int, what: str = "x") -> None:
+    """Raise for a non-tensor, too few dims, a non-float dtype or NaN in ``x``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < min_dim:
+        layout = "[T, B, ...]" if min_dim == 2 else "[B, ...]"
+        raise ValueError(
+            f"{what} must have at least {min_dim} dims {layout}, got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+    if torch.isnan(x).any():
+        raise ValueError(f"{what} contains NaN (shape {tuple(x.shape)})")
+
+
+def _check_broadcast(name: str, value, step_shape: torch.Size) -> None:
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        try:
+            shape = torch.broadcast_shapes(value.shape, step_shape)
+        except RuntimeError:
+            shape = None
+        if shape != step_shape:
+            raise ValueError(
+                f"{name} of shape {tuple(value.shape)} does not broadcast to one time step "
+                f"of shape {tuple(step_shape)}; use a scalar or one value per neuron"
+            )
+
+
+def lif_step(
+    x: torch.Tensor,
+    v: torch.Tensor | None = None,
+    *,
+    beta: float | torch.Tensor = 0.9,
+    threshold: float | torch.Tensor = 1.0,
+    reset: Reset = "subtract",
+    surrogate: str | Surrogate = "fast_sigmoid",
+    alpha: float | None = None,
+    detach_reset: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LIF step.
+
+    Args:
+        x: input current ``[B, ...]``.
+        v: membrane after the previous step ``[B, ...]``; zeros when None.
+        beta: membrane decay in [0, 1].
+        threshold: firing threshold > 0.
+        reset: "subtract" (soft) or "zero" (hard).
+        surrogate: surrogate name or :class:`Surrogate`; ``alpha`` overrides its default.
+        detach_reset: stop gradients through the reset term.
+
+    Returns:
+        ``(spikes, v_next)``, both ``[B, ...]``.
+
+    Example:
+        >>> s, v = lif_step(torch.tensor([0.5, 1.5]), beta=0.5)
+        >>> s, v
+        (tensor([0., 1.]), tensor([0.5000, 0.5000]))
+    """
+    check_lif_parameters(beta, threshold, reset)
+    check_lif_input(x, 1)
+    _check_broadcast("beta", beta, x.shape)
+    _check_broadcast("threshold", threshold, x.shape)
+    spike_fn = resolve_surrogate(surrogate, alpha)
+    if v is None:
+        v = torch.zeros_like(x)
+    elif v.shape != x.shape:
+        raise ValueError(f"state v has shape {tuple(v.shape)}, expected {tuple(x.shape)} like x")
+    return _step(x, v, beta, threshold, reset, spike_fn, detach_reset)
+
+
+def _step(x, v, beta, threshold, reset, spike_fn, detach_reset):
+    h = beta * v + x
+    s = spike_fn(h - threshold)
+    s_reset = s.detach() if detach_reset else s
+    if reset == "subtract":
+        v_next = h - threshold * s_reset
+    else:
+        v_next = h * (1.0 - s_reset)
+    return s, v_next
+
+
+def lif_multistep(
+    x: torch.Tensor,
+    v0: torch.Tensor | None = None,
+    *,
+    beta: float | torch.Tensor = 0.9,
+    threshold: float | torch.Tensor = 1.0,
+    reset: Reset = "subtract",
+    surrogate: str | Surrogate = "fast_sigmoid",
+    alpha: float | None = None,
+    detach_reset: bool = False,
+    return_membrane: bool = False,
+    implementation: str = "auto",
+) -> LIFOutput:
+    """Run LIF over a time-major sequence.
+
+    Args:
+        x: input current ``[T, B, ...]``, floating point.
+        v0: initial membrane ``[B, ...]``; zeros when None.
+        beta, threshold, reset, surrogate, alpha, detach_reset: as in :func:`lif_step`.
+        return_membrane: also return the post-reset membrane trace ``[T, B, ...]``.
+        implementation: "auto" picks the fastest available path for the device;
+            "reference" forces the plain loop.
+
+    Returns:
+        :class:`LIFOutput` ``(spikes [T, B, ...], v [B, ...], membrane [T, B, ...] | None)``.
+
+    Example:
+        >>> out = lif_multistep(torch.full((4, 1), 0.6), beta=0.5)
+        >>> out.spikes.flatten()
+        tensor([0., 0., 1., 0.])
+    """
+    check_lif_parameters(beta, threshold, reset)
+    check_lif_input(x, 2)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown implementation {implementation!r}; valid: {list(IMPLEMENTATIONS)}"
+        )
+    step_shape = x.shape[1:]
+    _check_broadcast("beta", beta, step_shape)
+    _check_broadcast("threshold", threshold, step_shape)
+    if v0 is not None and v0.shape != step_shape:
+        raise ValueError(
+            f"v0 has shape {tuple(v0.shape)}, expected one time step {tuple(step_shape)}"
+        )
+    spike_fn = resolve_surrogate(surrogate, alpha)
+    return _reference_multistep(
+        x, v0, beta, threshold, reset, spike_fn, detach_reset, return_membrane
+    )
+
+
+def _reference_multistep(x, v0, beta, threshold, reset, spike_fn, detach_reset, return_membrane):
+    v = torch.zeros_like(x[0]) if v0 is None else v0
+    spikes, membrane = [], []
+    for x_t in x.unbind(0):
+        s, v = _step(x_t, v, beta, threshold, reset, spike_fn, detach_reset)
+        spikes.append(s)
+        if return_membrane:
+            membrane.append(v)
+    return LIFOutput(torch.stack(spikes), v, torch.stack(membrane) if return_membrane else None)

@@ -1,0 +1,249 @@
+r"""Heaviside spike functions with surrogate gradients.
+
+Forward, every surrogate computes the same step :math:`H(x) = 1` if :math:`x > 0` else 0
+(strictly greater, as snnTorch and Norse: a membrane exactly at threshold does not fire).
+Backward replaces :math:`dH/dx` by the derivative of a smooth primitive :math:`P_\alpha`:
+
+=============  ==========================================  =================================  =======
+name           surrogate derivative :math:`g_\alpha(x)`    smooth primitive :math:`P_\alpha`  alpha
+=============  ==========================================  =================================  =======
+fast_sigmoid   :math:`1 / (1 + \alpha|x|)^2` (SuperSpike)  :math:`x / (1 + \alpha|x|)`       25
+atan           :math:`(\alpha/2) / (1 + (\pi\alpha x/2)^2)`  :math:`\arctan(\pi\alpha x/2)/\pi`   2
+sigmoid        :math:`\alpha\sigma(\alpha x)(1-\sigma(\alpha x))`  :math:`\sigma(\alpha x)`     25
+triangle       :math:`\alpha\max(0, 1 - \alpha|x|)`        piecewise quadratic                1
+boxcar         :math:`\alpha` if :math:`|x| \le 1/(2\alpha)` else 0  clamped ramp              1
+=============  ==========================================  =================================  =======
+
+The first three equal ``snntorch.surrogate.fast_sigmoid(slope)``, ``atan(alpha)`` and
+``sigmoid(slope)`` with the same defaults. snnTorch's ``triangular`` is not a triangle (its
+gradient is ``+-threshold``), so ``triangle`` here follows the usual definition (Esser et al.
+2016; SpikingJelly's ``PiecewiseLeakyReLU`` family) with unit area.
+
+Each surrogate is a top-level :class:`torch.autograd.Function`, so modules that hold one
+pickle and ``torch.compile`` cleanly; :class:`Surrogate` names one with its ``alpha``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SURROGATES",
+    "Atan",
+    "Boxcar",
+    "FastSigmoid",
+    "Sigmoid",
+    "Surrogate",
+    "Triangle",
+    "resolve_surrogate",
+    "spike",
+]
+
+
+def _heaviside(x: torch.Tensor) -> torch.Tensor:
+    return (x > 0).to(x.dtype)
+
+
+class FastSigmoid(torch.autograd.Function):
+    """SuperSpike / fast-sigmoid surrogate (Zenke & Ganguli 2018)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return _heaviside(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.alpha = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (x,) = ctx.saved_tensors
+        return grad_spikes * FastSigmoid.derivative(x, ctx.alpha), None
+
+    @staticmethod
+    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return 1.0 / (alpha * x.abs() + 1.0) ** 2
+
+    @staticmethod
+    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return x / (1.0 + alpha * x.abs())
+
+
+class Atan(torch.autograd.Function):
+    """Arc-tangent surrogate (Fang et al. 2021)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return _heaviside(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.alpha = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (x,) = ctx.saved_tensors
+        return grad_spikes * Atan.derivative(x, ctx.alpha), None
+
+    @staticmethod
+    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return (alpha / 2.0) / (1.0 + (math.pi / 2.0 * alpha * x) ** 2)
+
+    @staticmethod
+    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return torch.atan(math.pi / 2.0 * alpha * x) / math.pi + 0.5
+
+
+class Sigmoid(torch.autograd.Function):
+    """Logistic surrogate."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return _heaviside(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.alpha = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (x,) = ctx.saved_tensors
+        return grad_spikes * Sigmoid.derivative(x, ctx.alpha), None
+
+    @staticmethod
+    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        sig = torch.sigmoid(alpha * x)
+        return alpha * sig * (1.0 - sig)
+
+    @staticmethod
+    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return torch.sigmoid(alpha * x)
+
+
+class Triangle(torch.autograd.Function):
+    """Triangular surrogate of unit area and half-width ``1/alpha``."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return _heaviside(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.alpha = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (x,) = ctx.saved_tensors
+        return grad_spikes * Triangle.derivative(x, ctx.alpha), None
+
+    @staticmethod
+    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return alpha * torch.clamp(1.0 - alpha * x.abs(), min=0.0)
+
+    @staticmethod
+    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        u = torch.clamp(alpha * x, -1.0, 1.0)
+        return 0.5 + u - 0.5 * u * u.abs()
+
+
+class Boxcar(torch.autograd.Function):
+    """Rectangular surrogate of unit area and width ``1/alpha``."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return _heaviside(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.alpha = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (x,) = ctx.saved_tensors
+        return grad_spikes * Boxcar.derivative(x, ctx.alpha), None
+
+    @staticmethod
+    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        # Inclusive edge, like the clamp in the primitive.
+        return alpha * (x.abs() <= 0.5 / alpha).to(x.dtype)
+
+    @staticmethod
+    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return torch.clamp(alpha * x, -0.5, 0.5) + 0.5
+
+
+#: name -> (autograd Function, default alpha)
+SURROGATES: dict[str, tuple[type[torch.autograd.Function], float]] = {
+    "fast_sigmoid": (FastSigmoid, 25.0),
+    "atan": (Atan, 2.0),
+    "sigmoid": (Sigmoid, 25.0),
+    "triangle": (Triangle, 1.0),
+    "boxcar": (Boxcar, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """A named surrogate with its sharpness ``alpha``; callable as the spike function.
+
+    Picklable and hashable, so it can be stored on modules and passed to snnTorch as
+    ``spike_grad``.
+
+    Example:
+        >>> fn = Surrogate("atan", 2.0)
+        >>> fn(torch.tensor([-0.5, 0.0, 0.5]))
+        tensor([0., 0., 1.])
+    """
+
+    name: str = "fast_sigmoid"
+    alpha: float = 25.0
+
+    def __post_init__(self):
+        if self.name not in SURROGATES:
+            raise ValueError(f"unknown surrogate {self.name!r}; valid names: {sorted(SURROGATES)}")
+        if (
+            not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha))
+            or self.alpha <= 0
+        ):
+            raise ValueError(f"surrogate alpha must be a finite number > 0, got {self.alpha!r}")
+
+    @property
+    def function(self) -> type[torch.autograd.Function]:
+        return SURROGATES[self.name][0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.apply(x, float(self.alpha))
+
+    def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        """The surrogate dH/dx at ``x`` (used by fused backward passes)."""
+        return self.function.derivative(x, float(self.alpha))
+
+
+def resolve_surrogate(
+    surrogate: str | Surrogate = "fast_sigmoid", alpha: float | None = None
+) -> Surrogate:
+    """Turn a name (with optional ``alpha``, else the default) or a Surrogate into a Surrogate."""
+    if isinstance(surrogate, Surrogate):
+        if alpha is not None and alpha != surrogate.alpha:
+            raise ValueError(
+                f"alpha={alpha} conflicts with the Surrogate's own alpha={surrogate.alpha}"
+            )
+        return surrogate
+    if not isinstance(surrogate, str) or surrogate not in SURROGATES:
+        raise ValueError(f"unknown surrogate {surrogate!r}; valid names: {sorted(SURROGATES)}")
+    return Surrogate(surrogate, float(SURROGATES[surrogate][1] if alpha is None else alpha))
+
+
+def spike(
+    x: torch.Tensor, surrogate: str | Surrogate = "fast_sigmoid", alpha: float | None = None
+) -> torch.Tensor:
+    """Heaviside of ``x`` with the named surrogate gradient."""
+    return resolve_surrogate(surrogate, alpha)(x)
