@@ -1,0 +1,635 @@
+r"""Count synaptic operations, MACs, neuron updates and spikes of any torch spiking model.
+
+:func:`count_operations` runs one forward pass with hooks on the synaptic layers
+(``nn.Linear``, ``nn.Conv1d/2d/3d`` and their subclasses, e.g. SpikingJelly's ``layer.Linear``)
+and on the neurons that a :class:`NeuronAdapter` recognises (spiking_moe's ``LIF``, snnTorch's
+``SpikingNeuron`` subclasses, Norse's ``SNN``/``SNNCell`` modules, SpikingJelly's ``BaseNode``;
+matched by class name and module path, so none of those libraries is imported here).
+
+Letters: ``T`` time steps, ``B`` batch, ``R`` rows (tokens x steps folded), ``F`` features,
+``C`` channels, ``G`` convolution groups, ``S`` spatial dims.
+
+Counting rules, per call of a synaptic layer on input ``x``:
+
+- ``x`` is **binary** when every element is exactly 0 or 1. It is checked on the device as
+  ``nnz(x) == #(x == 1)`` (a 0-dim bool), and both counts below are folded in with
+  ``torch.where``, so there is no host synchronisation per call or per time step. A two-valued
+  tensor such as {0, 0.37} is graded, not spikes.
+- ``nn.Linear(F_in, F_out)``, ``x`` ``[..., F_in]`` with ``R = x.numel() / F_in``:
+  binary: ``AC = nnz(x) * F_out`` (each event reaches ``F_out`` synapses);
+  graded: ``MAC = R * F_in * F_out``.
+- ``nn.ConvNd(C_in, C_out, k, stride, padding, dilation, groups=G)``, ``x`` ``[B, C_in, *S]``
+  (or ``[T, B, C_in, *S]``, folded): binary: ``AC = (C_out / G) * sum(conv(x_G, 1_k))``
+  where ``x_G`` sums the events of each group's input channels and ``1_k`` is a ones kernel
+  with the layer's stride, padding (mode included) and dilation. That sum is, exactly, the
+  number of (event, output position) pairs, so borders, stride, padding and groups need no
+  approximation. Graded: ``MAC = numel(output) * (C_in / G) * prod(k)``.
+- Bias additions are not counted: they are charged with the neuron update.
+- Neuron: ``updates = numel(spikes)`` (one per neuron per time step, whether the module is
+  called once on ``[T, B, ...]`` or once per step) and ``spikes = nnz(spikes)``.
+
+Every count is an exact int64 accumulated on the device; the host reads them once, at the end.
+
+**ANN equivalent** (for the baselines in :mod:`energy.report`): the same layers run once per
+token instead of once per time step, every input graded. A call whose input carries a leading
+time dimension of length ``T`` (Linear: ``[T, N, ..., F]``; ConvNd: ``[T, B, C, *S]``)
+contributes ``dense MACs / T``. Calls without it are either one step of a step-by-step loop
+(snnTorch style, called ``T`` times) or a layer that runs once per forward (a router on
+rates); both are right if such calls contribute their mean per call:
+``sum(dense MACs) / #calls``. ``tokens`` (the per-step rows a layer saw, i.e. the ANN's rows)
+follows the same rule. A layer fed time folded into its rows in a single call
+(``[T*N, F]``) looks like a once-per-forward layer: keep the time dimension (as every
+spiking_moe module does) or read its ANN count with that in mind.
+
+**Memory traffic** (opt-in in reports; after Lemaire et al., "An Analytical Estimation of
+Spiking Neural Networks Energy Efficiency", ICONIP 2022), per layer:
+
+.. math::
+
+    \text{reads}  &= \underbrace{AC + MAC}_{\text{weights}}
+                    + \underbrace{\text{events} + MAC}_{\text{inputs}}
+                    + \underbrace{\text{updates}}_{\text{membrane}} \\
+    \text{writes} &= \underbrace{\text{updates}}_{\text{membrane}}
+                    + \underbrace{\text{spikes}}_{\text{spikes out}}
+
+i.e. one weight read per synaptic operation, one read per input event (its address) or per
+graded operand, one membrane read and write per neuron update, one write per emitted spike,
+with no reuse from caches (an upper bound for a von Neumann machine).
+
+Example:
+    >>> fc = torch.nn.Linear(3, 2)
+    >>> counts = count_operations(fc, torch.tensor([[[1.0, 0.0, 1.0]]]))  # [T=1, B=1, 3]
+    >>> counts.layer("").acs, counts.layer("").macs
+    (4, 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BUILTIN_ADAPTERS",
+    "GroupCounts",
+    "LayerCounts",
+    "NeuronAdapter",
+    "OperationCounts",
+    "count_operations",
+]
+
+logger = logging.getLogger(__name__)
+
+_CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_EXPERT_RE = re.compile(r"^((?:.*?\.)?experts\.\d+)(?:\.|$)")
+
+
+# --------------------------------------------------------------------------- neuron adapters
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """Spikes from a neuron's output: the tensor itself, or the first element of a tuple.
+
+    snnTorch returns ``spk`` or ``(spk, mem, ...)``, Norse ``(spikes, state)``, SpikingJelly and
+    spiking_moe ``spikes``.
+    """
+    while isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"neuron output must be a tensor or a tuple starting with one, got {type(output).__name__}"
+        )
+    return output
+
+
+def _has_base(module: nn.Module, names: Iterable[str], module_prefix: str) -> bool:
+    names = set(names)
+    return any(
+        cls.__name__ in names and cls.__module__.startswith(module_prefix)
+        for cls in type(module).__mro__
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronAdapter:
+    """How to recognise one family of neuron modules and read spikes from their output.
+
+    Attributes:
+        name: label used in logs.
+        matches: ``module -> bool``. Must not import the framework it recognises: built-ins
+            compare class names and module paths along the MRO, so a model that was built
+            with the framework is recognised and ``import energy`` stays light.
+        spikes: ``forward output -> spike tensor`` (same leading dims as the input).
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    spikes: Callable[[Any], torch.Tensor] = _first_tensor
+
+
+BUILTIN_ADAPTERS: tuple[NeuronAdapter, ...] = (
+    NeuronAdapter("spiking_moe", lambda m: _has_base(m, ["LIF"], "spiking_moe.")),
+    NeuronAdapter("snntorch", lambda m: _has_base(m, ["SpikingNeuron"], "snntorch.")),
+    NeuronAdapter(
+        "norse",
+        lambda m: _has_base(
+            m, ["SNN", "SNNCell", "SNNRecurrent", "SNNRecurrentCell"], "norse.torch.module."
+        ),
+    ),
+    NeuronAdapter(
+        "spikingjelly", lambda m: _has_base(m, ["BaseNode"], "spikingjelly.activation_based.")
+    ),
+)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCounts:
+    """Exact counts of one module over one counting pass.
+
+    Attributes:
+        name: qualified module name (``""`` for the root).
+        kind: ``"linear"``, ``"conv1d"``/``"conv2d"``/``"conv3d"`` or ``"neuron"``.
+        group: expert/group label, or None.
+        order: position of the module's first call in the forward pass.
+        calls: number of calls.
+        fan_in: synapses per output neuron (``F_in`` or ``C_in / G * prod(k)``); 0 for neurons.
+        fan_out: ``F_out`` or ``C_out``; 0 for neurons.
+        rows: input rows over all calls (Linear: tokens x steps; ConvNd: images x steps).
+        tokens: rows of the ANN equivalent (one step; see the module docstring).
+        binary_calls: calls whose input was binary.
+        input_events: nonzero inputs of the binary calls.
+        acs: accumulates (binary inputs).
+        macs: multiply-accumulates (graded inputs).
+        dense_macs: MACs had every input been graded.
+        ann_macs: MACs of the ANN equivalent (one step).
+        ann_outputs: output elements of the ANN equivalent (activation writes).
+        neuron_updates: neuron updates (neurons only).
+        spikes: emitted spikes (neurons only).
+    """
+
+    name: str
+    kind: str
+    group: str | None
+    order: int
+    calls: int
+    fan_in: int = 0
+    fan_out: int = 0
+    rows: int = 0
+    tokens: int = 0
+    binary_calls: int = 0
+    input_events: int = 0
+    acs: int = 0
+    macs: int = 0
+    dense_macs: int = 0
+    ann_macs: int = 0
+    ann_outputs: int = 0
+    neuron_updates: int = 0
+    spikes: int = 0
+
+    @property
+    def is_neuron(self) -> bool:
+        return self.kind == "neuron"
+
+    @property
+    def firing_rate(self) -> float:
+        """Spikes per neuron update (0 when there were none)."""
+        return self.spikes / self.neuron_updates if self.neuron_updates else 0.0
+
+    @property
+    def input_kind(self) -> str:
+        """``"spikes"``, ``"graded"``, ``"mixed"`` (per call) or ``""`` for neurons."""
+        if self.is_neuron or self.calls == 0:
+            return ""
+        if self.binary_calls == self.calls:
+            return "spikes"
+        return "graded" if self.binary_calls == 0 else "mixed"
+
+    @property
+    def memory_reads(self) -> int:
+        """Weight, input and membrane reads (formula in the module docstring)."""
+        return self.acs + self.macs + self.input_events + self.macs + self.neuron_updates
+
+    @property
+    def memory_writes(self) -> int:
+        """Membrane and spike writes (formula in the module docstring)."""
+        return self.neuron_updates + self.spikes
+
+
+_SUMMED = (
+    "acs",
+    "macs",
+    "dense_macs",
+    "ann_macs",
+    "ann_outputs",
+    "input_events",
+    "neuron_updates",
+    "spikes",
+    "memory_reads",
+    "memory_writes",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupCounts:
+    """Counts summed over the layers of one group (an expert).
+
+    Attributes:
+        label: group label, e.g. ``"moe.experts.3"``.
+        layers: names of its modules, in call order.
+        tokens: tokens routed to it: rows per step seen by its first synaptic layer.
+        acs, macs, dense_macs, ann_macs, ann_outputs, input_events, neuron_updates, spikes,
+        memory_reads, memory_writes: sums over ``layers``.
+    """
+
+    label: str
+    layers: tuple[str, ...]
+    tokens: int
+    acs: int
+    macs: int
+    dense_macs: int
+    ann_macs: int
+    ann_outputs: int
+    input_events: int
+    neuron_updates: int
+    spikes: int
+    memory_reads: int
+    memory_writes: int
+
+    @property
+    def firing_rate(self) -> float:
+        return self.spikes / self.neuron_updates if self.neuron_updates else 0.0
+
+    @property
+    def index(self) -> int | None:
+        """Trailing integer of the label (``experts.3`` -> 3), or None."""
+        match = re.search(r"(\d+)$", self.label)
+        return int(match.group(1)) if match else None
+
+
+@dataclasses.dataclass(frozen=True)
+class OperationCounts:
+    """Result of :func:`count_operations`: exact per-module counts of one forward pass.
+
+    Attributes:
+        layers: per-module counts, in order of first call (modules never called are absent).
+        time_steps: ``T`` used for the ANN equivalent.
+    """
+
+    layers: tuple[LayerCounts, ...]
+    time_steps: int
+
+    def layer(self, name: str) -> LayerCounts:
+        """Counts of the module called ``name`` (KeyError lists the counted names)."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no counted module {name!r}; counted: {[m.name for m in self.layers]}")
+
+    def total(self, field: str) -> int:
+        """Sum of one count (e.g. ``"acs"``, ``"memory_reads"``) over all layers."""
+        if field not in _SUMMED:
+            raise ValueError(f"unknown count {field!r}; valid: {list(_SUMMED)}")
+        return sum(getattr(layer, field) for layer in self.layers)
+
+    @property
+    def firing_rate(self) -> float:
+        updates = self.total("neuron_updates")
+        return self.total("spikes") / updates if updates else 0.0
+
+    def groups(self) -> dict[str, GroupCounts]:
+        """Per-group (per-expert) sums, in order of each group's first call."""
+        members: dict[str, list[LayerCounts]] = {}
+        for layer in self.layers:
+            if layer.group is not None:
+                members.setdefault(layer.group, []).append(layer)
+        out = {}
+        for label, layers in members.items():
+            synaptic = [m for m in layers if not m.is_neuron]
+            out[label] = GroupCounts(
+                label=label,
+                layers=tuple(m.name for m in layers),
+                tokens=synaptic[0].tokens if synaptic else 0,
+                **{f: sum(getattr(m, f) for m in layers) for f in _SUMMED},
+            )
+        return out
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class _Tally:
+    """Per-module accumulators: device int64 tensors plus shape-derived Python ints."""
+
+    def __init__(self, name: str, kind: str, group: str | None, fan_in: int, fan_out: int):
+        self.name, self.kind, self.group = name, kind, group
+        self.fan_in, self.fan_out = fan_in, fan_out
+        self.order = -1
+        self.calls = 0
+        self.rows = 0
+        self.dense_macs = 0
+        self.neuron_updates = 0
+        # ANN equivalent: time-major calls are divided by T, the others averaged per call.
+        self.tm_dense_macs = self.tm_rows = self.tm_outputs = 0
+        self.flat_calls = self.flat_dense_macs = self.flat_rows = self.flat_outputs = 0
+        # Device accumulators [acs, macs, input_events, binary_calls, spikes], created on the
+        # first call so they live where the activations live.
+        self.device_counts: torch.Tensor | None = None
+
+    def add(self, values: torch.Tensor) -> None:
+        if self.device_counts is None:
+            self.device_counts = torch.zeros(5, dtype=torch.int64, device=values.device)
+        self.device_counts += values.to(self.device_counts.device)
+
+
+class _Counter:
+    def __init__(self, time_steps: int):
+        self.time_steps = time_steps
+        self.tallies: list[_Tally] = []
+        self.next_order = 0
+
+    def _start(self, tally: _Tally) -> None:
+        if tally.order < 0:
+            tally.order = self.next_order
+            self.next_order += 1
+        tally.calls += 1
+
+    def _record_synaptic(
+        self,
+        tally: _Tally,
+        x: torch.Tensor,
+        time_major: bool,
+        rows: int,
+        dense_macs: int,
+        outputs: int,
+        synapse_events: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        nnz = torch.count_nonzero(x)
+        is_binary = nnz == torch.count_nonzero(x == 1)
+        zero = torch.zeros((), dtype=torch.int64, device=x.device)
+        # Both branches are computed and one is selected on the device: no host sync.
+        acs = torch.where(is_binary, synapse_events(nnz), zero)
+        macs = torch.where(is_binary, zero, zero + dense_macs)
+        events = torch.where(is_binary, nnz, zero)
+        tally.add(torch.stack((acs, macs, events, is_binary.to(torch.int64), zero)))
+        tally.rows += rows
+        tally.dense_macs += dense_macs
+        if time_major:
+            tally.tm_dense_macs += dense_macs
+            tally.tm_rows += rows
+            tally.tm_outputs += outputs
+        else:
+            tally.flat_calls += 1
+            tally.flat_dense_macs += dense_macs
+            tally.flat_rows += rows
+            tally.flat_outputs += outputs
+
+    def linear_hook(self, tally: _Tally):
+        def hook(module: nn.Linear, args, kwargs, output):
+            self._start(tally)
+            x = args[0] if args else kwargs["input"]
+            rows = x.numel() // module.in_features
+            time_major = x.dim() >= 3 and x.shape[0] == self.time_steps
+            self._record_synaptic(
+                tally,
+                x,
+                time_major,
+                rows,
+                dense_macs=rows * module.in_features * module.out_features,
+                outputs=output.numel(),
+                synapse_events=lambda nnz: nnz * module.out_features,
+            )
+
+        return hook
+
+    def conv_hook(self, tally: _Tally, nd: int):
+        def hook(module: nn.modules.conv._ConvNd, args, kwargs, output):
+            self._start(tally)
+            x = args[0] if args else kwargs["input"]
+            time_major = x.dim() == nd + 3 and x.shape[0] == self.time_steps
+            if x.dim() == nd + 3:  # [T, B, C, *S] (SpikingJelly multi-step): fold T into B
+                x = x.flatten(0, 1)
+            elif x.dim() == nd + 1:  # unbatched [C, *S]
+                x = x.unsqueeze(0)
+            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+            self._record_synaptic(
+                tally,
+                x,
+                time_major,
+                rows=x.shape[0],
+                dense_macs=output.numel() * per_output,
+                outputs=output.numel(),
+                synapse_events=lambda nnz: _conv_synapse_events(module, x, nd),
+            )
+
+        return hook
+
+    def neuron_hook(self, tally: _Tally, adapter: NeuronAdapter):
+        def hook(module, args, kwargs, output):
+            self._start(tally)
+            spikes = adapter.spikes(output)
+            tally.neuron_updates += spikes.numel()
+            zero = torch.zeros((), dtype=torch.int64, device=spikes.device)
+            tally.add(torch.stack((zero, zero, zero, zero, torch.count_nonzero(spikes))))
+
+        return hook
+
+
+def _conv_synapse_events(module: nn.modules.conv._ConvNd, x_BCS: torch.Tensor, nd: int):
+    """Exact number of (input event, synapse) pairs of a convolution: see module docstring."""
+    groups = module.groups
+    # Sum each group's input channels first: the kernel is all ones, so only the per-group
+    # event count at each position matters, and the convolution below stays cheap.
+    x_BGS = x_BCS.reshape(x_BCS.shape[0], groups, -1, *x_BCS.shape[2:]).sum(2, dtype=torch.float32)
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x_BGS = F.pad(x_BGS, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    ones = x_BGS.new_ones((groups, 1, *module.kernel_size))
+    reach = _CONV_FN[nd](x_BGS, ones, None, module.stride, padding, module.dilation, groups)
+    pairs = reach.sum(dtype=torch.float64).round().to(torch.int64)
+    return pairs * (module.out_channels // groups)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _group_of(name: str, groups: Mapping[str, Sequence[str]] | None) -> str | None:
+    if groups is None:
+        match = _EXPERT_RE.match(name)
+        return match.group(1) if match else None
+    found = [
+        label
+        for label, prefixes in groups.items()
+        if any(name == p or name.startswith(p + ".") for p in prefixes)
+    ]
+    if len(found) > 1:
+        raise ValueError(f"module {name!r} matches several groups: {found}")
+    return found[0] if found else None
+
+
+def _normalise_groups(groups) -> dict[str, tuple[str, ...]] | None:
+    if groups is None:
+        return None
+    if not isinstance(groups, Mapping):
+        raise TypeError(
+            f"groups must map a label to a module-name prefix or a list of prefixes, "
+            f"got {type(groups).__name__}"
+        )
+    out = {}
+    for label, prefixes in groups.items():
+        if isinstance(prefixes, str):
+            prefixes = (prefixes,)
+        if not all(isinstance(p, str) for p in prefixes):
+            raise TypeError(f"groups[{label!r}] must be a string or a list of strings")
+        out[str(label)] = tuple(prefixes)
+    return out
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
+    return []
+
+
+def count_operations(
+    model: nn.Module,
+    *inputs: Any,
+    groups: Mapping[str, str | Sequence[str]] | None = None,
+    time_steps: int | None = None,
+    neuron_adapters: Sequence[NeuronAdapter] = (),
+) -> OperationCounts:
+    """Run ``model(*inputs)`` once under ``torch.no_grad`` and count its operations exactly.
+
+    The model runs in its current mode: call ``model.eval()`` first if its routing is noisy
+    in training mode. Rules and formulas: module docstring.
+
+    Args:
+        model: any ``nn.Module`` containing Linear/ConvNd layers and/or recognised neurons.
+        *inputs: positional inputs of ``model``; time-major (``[T, B, ...]``).
+        groups: ``label -> module-name prefix(es)`` to attribute modules to experts. None
+            groups by name: every module under ``...experts.<i>`` belongs to group
+            ``"...experts.<i>"``.
+        time_steps: ``T`` for the ANN equivalent; None takes dim 0 of the first tensor input.
+        neuron_adapters: extra :class:`NeuronAdapter` s, tried before :data:`BUILTIN_ADAPTERS`.
+
+    Returns:
+        :class:`OperationCounts` with one :class:`LayerCounts` per module that ran.
+
+    Raises:
+        ValueError: no countable module, none ran, NaN in an input or output, bad ``groups``
+            or ``time_steps``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    input_tensors = _tensors(inputs)
+    for i, x in enumerate(input_tensors):
+        if x.is_floating_point() and bool(torch.isnan(x).any()):
+            raise ValueError(f"input tensor {i} (shape {tuple(x.shape)}) contains NaN")
+    if time_steps is None:
+        if not input_tensors or input_tensors[0].dim() == 0:
+            raise ValueError("cannot infer time_steps: pass time_steps= or a [T, B, ...] input")
+        time_steps = int(input_tensors[0].shape[0])
+    if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
+        raise ValueError(f"time_steps must be a positive int, got {time_steps!r}")
+    group_map = _normalise_groups(groups)
+    adapters = (*neuron_adapters, *BUILTIN_ADAPTERS)
+
+    counter = _Counter(time_steps)
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            nd = next((n for cls, n in _CONV.items() if isinstance(module, cls)), None)
+            adapter = None
+            if isinstance(module, nn.Linear):
+                tally = _Tally(name, "linear", None, module.in_features, module.out_features)
+                hook = counter.linear_hook(tally)
+            elif nd is not None:
+                fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+                tally = _Tally(name, f"conv{nd}d", None, fan_in, module.out_channels)
+                hook = counter.conv_hook(tally, nd)
+            else:
+                adapter = next((a for a in adapters if a.matches(module)), None)
+                if adapter is None:
+                    continue
+                tally = _Tally(name, "neuron", None, 0, 0)
+                hook = counter.neuron_hook(tally, adapter)
+            tally.group = _group_of(name, group_map)
+            counter.tallies.append(tally)
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        if not counter.tallies:
+            kinds = sorted({type(m).__name__ for m in model.modules()})
+            raise ValueError(
+                f"{type(model).__name__} has no countable layers: count_operations counts "
+                "nn.Linear, nn.Conv1d/2d/3d and neurons recognised by a NeuronAdapter "
+                f"({[a.name for a in adapters]}); module types found: {kinds}"
+            )
+        if group_map is not None:
+            for label, prefixes in group_map.items():
+                for p in prefixes:
+                    if not any(t.name == p or t.name.startswith(p + ".") for t in counter.tallies):
+                        raise ValueError(
+                            f"groups[{label!r}]: prefix {p!r} matches no countable module; "
+                            f"countable modules: {[t.name for t in counter.tallies]}"
+                        )
+        with torch.no_grad():
+            output = model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    ran = sorted((t for t in counter.tallies if t.calls), key=lambda t: t.order)
+    if not ran:
+        raise ValueError(
+            f"none of the countable modules of {type(model).__name__} ran during the forward pass"
+        )
+    out_tensors = [t for t in _tensors(output) if t.is_floating_point()]
+    flags = [torch.isnan(t).any().to(ran[0].device_counts.device) for t in out_tensors]
+    # The one host synchronisation of the pass: every count and the NaN check together.
+    stacked = torch.stack([t.device_counts.to(ran[0].device_counts.device) for t in ran]).tolist()
+    if flags and bool(torch.stack(flags).any()):
+        raise ValueError("the model's output contains NaN: the counts would not be meaningful")
+    layers = tuple(_finish(t, values, time_steps) for t, values in zip(ran, stacked, strict=True))
+    logger.debug("counted %d modules over T=%d", len(layers), time_steps)
+    return OperationCounts(layers=layers, time_steps=time_steps)
+
+
+def _finish(tally: _Tally, values: list[int], time_steps: int) -> LayerCounts:
+    acs, macs, events, binary_calls, spikes = values
+    flat = max(tally.flat_calls, 1)
+    return LayerCounts(
+        name=tally.name,
+        kind=tally.kind,
+        group=tally.group,
+        order=tally.order,
+        calls=tally.calls,
+        fan_in=tally.fan_in,
+        fan_out=tally.fan_out,
+        rows=tally.rows,
+        tokens=tally.tm_rows // time_steps + tally.flat_rows // flat,
+        binary_calls=binary_calls,
+        input_events=events,
+        acs=acs,
+        macs=macs,
+        dense_macs=tally.dense_macs,
+        ann_macs=tally.tm_dense_macs // time_steps + tally.flat_dense_macs // flat,
+        ann_outputs=tally.tm_outputs // time_steps + tally.flat_outputs // flat,
+        neuron_updates=tally.neuron_updates,
+        spikes=spikes,
+    )

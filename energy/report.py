@@ -1,0 +1,486 @@
+r"""Energy reports: per-layer and per-expert energy, baselines and ratios; JSON and Markdown.
+
+Energy of the SNN under a profile ``P`` (picojoules), per layer and in total:
+
+.. math::
+
+    E_{SNN} = AC \cdot P_{ac} + MAC \cdot P_{mac} + U \cdot P_{update} + S \cdot P_{spike}
+              \; [+\; R \cdot P_{read} + W \cdot P_{write}]
+
+with ``U`` neuron updates, ``S`` spikes, and the bracketed memory term (reads ``R``, writes
+``W``, formula in :mod:`energy.counting`) only when ``include_memory=True``.
+
+Baselines, each compared as ``ratio = E_baseline / E_SNN`` (above 1: the SNN saves energy):
+
+``dense_snn`` -- *what routing saves*. The same network with every expert on every token,
+    counted for real: the caller passes the dense twin (``dense_model``, e.g. a copy of a
+    spiking_moe ``SpikingMoE`` with ``dense = True``), which runs on the same inputs; its counts
+    are priced like the SNN's. Absent when no dense twin is given.
+``ann_fp32`` / ``ann_int8`` -- *what spiking saves*. The equivalent ANN with the same routing:
+    same synaptic layers, ReLU instead of neurons, one time step, every input graded. Computed
+    from the counting pass: each synaptic layer does ``fan_in x fan_out`` MACs per token it
+    processed (the ``ann_macs`` of :class:`energy.counting.LayerCounts`: its dense MACs over
+    ``T``), priced at ``P.ann_mac_fp32_pj`` / ``P.ann_mac_int8_pj`` (Horowitz 2014 cmos45 fp32
+    4.6 pJ and int8 0.23 pJ unless the profile says otherwise). ReLU costs nothing here.
+    Memory term: ``2 * MAC`` reads (weight and activation) and one write per output
+    activation, at the profile's per-access energies (the same per access for int8: an upper
+    bound).
+``dense_ann_fp32`` / ``dense_ann_int8`` -- the ANN with every expert on every token: the same
+    formula on the dense twin's counting pass. Absent without a dense twin.
+
+The int8 ANN with the same routing is the honest competitor (Yan et al. 2024 find an int8 ANN
+beats an SNN above roughly 6% spike rate), so every report says which one wins and, when the
+SNN wins, the firing rate at which it would stop winning: assuming activity-driven energy
+(ACs, spikes and their memory traffic) scales with the firing rate while the rest (MACs,
+neuron updates, membrane traffic) does not,
+``break_even_rate = rate * (E_ann_int8 - E_fixed) / E_activity``.
+
+Per expert: a group of :meth:`energy.counting.OperationCounts.groups`; ``tokens`` is its
+load (tokens routed to it, from its first synaptic layer) and, with a dense twin,
+``dense_energy_pj`` is what the same expert costs when it sees every token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from .counting import GroupCounts, LayerCounts, NeuronAdapter, OperationCounts, count_operations
+from .profiles import EnergyProfile, get_profile
+
+__all__ = [
+    "Baseline",
+    "EnergyReport",
+    "ExpertEnergy",
+    "LayerEnergy",
+    "Totals",
+    "build_report",
+    "estimate",
+]
+
+_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerEnergy:
+    """One module's counts and energy (pJ). ``input`` is spikes / graded / mixed / ""."""
+
+    name: str
+    kind: str
+    group: str | None
+    calls: int
+    tokens: int
+    input: str
+    acs: int
+    macs: int
+    neuron_updates: int
+    spikes: int
+    firing_rate: float
+    memory_reads: int
+    memory_writes: int
+    energy_pj: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertEnergy:
+    """One expert (group): load, counts and energy (pJ), and its dense cost when known."""
+
+    label: str
+    index: int | None
+    tokens: int
+    acs: int
+    macs: int
+    neuron_updates: int
+    spikes: int
+    firing_rate: float
+    energy_pj: float
+    dense_tokens: int | None = None
+    dense_energy_pj: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A comparison point: its energy (pJ) and ``ratio = energy / SNN energy``."""
+
+    name: str
+    description: str
+    acs: int
+    macs: int
+    energy_pj: float
+    ratio: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    """Whole-model sums; energies in pJ (``energy_pj`` is their sum)."""
+
+    acs: int
+    macs: int
+    neuron_updates: int
+    spikes: int
+    firing_rate: float
+    memory_reads: int
+    memory_writes: int
+    synaptic_energy_pj: float
+    neuron_energy_pj: float
+    memory_energy_pj: float
+    energy_pj: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EnergyReport:
+    """Energy of one counted forward pass under one profile, with baselines.
+
+    Attributes:
+        profile: the :class:`EnergyProfile` used (stored whole, so a report stands alone).
+        time_steps: ``T`` of the counted pass.
+        include_memory: whether the memory term is in every energy.
+        layers: per-module rows, in call order.
+        experts: per-expert rows (empty for a model without groups).
+        totals: whole-model sums.
+        baselines: dense SNN (if a dense twin was counted), ANN fp32/int8, dense ANN fp32/int8.
+        break_even_firing_rate: firing rate at which the SNN would cost as much as the int8
+            ANN with the same routing (None: no neurons or no activity-driven energy; 0: the
+            int8 ANN wins at any rate).
+    """
+
+    profile: EnergyProfile
+    time_steps: int
+    include_memory: bool
+    layers: tuple[LayerEnergy, ...]
+    experts: tuple[ExpertEnergy, ...]
+    totals: Totals
+    baselines: tuple[Baseline, ...]
+    break_even_firing_rate: float | None
+
+    def baseline(self, name: str) -> Baseline:
+        """The baseline called ``name`` (KeyError lists the present ones)."""
+        for b in self.baselines:
+            if b.name == name:
+                return b
+        raise KeyError(f"no baseline {name!r}; present: {[b.name for b in self.baselines]}")
+
+    def to_json(self) -> str:
+        """JSON text; :meth:`from_json` gives back an equal report."""
+        return json.dumps({"format": _FORMAT, **dataclasses.asdict(self)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> EnergyReport:
+        """Inverse of :meth:`to_json`."""
+        data = json.loads(text)
+        if data.pop("format", None) != _FORMAT:
+            raise ValueError(f"not an energy report in format {_FORMAT}")
+        return cls(
+            profile=EnergyProfile.from_dict(data["profile"], "report profile"),
+            time_steps=data["time_steps"],
+            include_memory=data["include_memory"],
+            layers=tuple(LayerEnergy(**row) for row in data["layers"]),
+            experts=tuple(ExpertEnergy(**row) for row in data["experts"]),
+            totals=Totals(**data["totals"]),
+            baselines=tuple(Baseline(**row) for row in data["baselines"]),
+            break_even_firing_rate=data["break_even_firing_rate"],
+        )
+
+    @property
+    def verdict(self) -> str:
+        """One sentence: does the SNN beat an int8 ANN with the same routing?"""
+        ann = self.baseline("ann_int8")
+        if ann.ratio >= 1:
+            rate = self.break_even_firing_rate
+            tail = (
+                f"; it would stop winning above a firing rate of about {rate:.1%} "
+                f"(now {self.totals.firing_rate:.1%})"
+                if rate is not None
+                else ""
+            )
+            return (
+                f"The SNN uses less energy than an int8 ANN with the same routing "
+                f"({ann.ratio:.2f}x less){tail}."
+            )
+        return (
+            f"An int8 ANN with the same routing would use less energy than this SNN "
+            f"({1 / ann.ratio:.2f}x less) under profile {self.profile.name!r}."
+        )
+
+    def to_markdown(self) -> str:
+        """Readable tables: summary, baselines with ratios, per layer, per expert."""
+        p, t = self.profile, self.totals
+        lines = [
+            f"## Energy report: profile `{p.name}`",
+            "",
+            f"{p.description}. Source: {p.source}.",
+            "",
+            f"T = {self.time_steps} time steps; memory traffic "
+            f"{'included' if self.include_memory else 'not included'}.",
+            "",
+            f"**SNN total: {_energy(t.energy_pj)}** (synaptic {_energy(t.synaptic_energy_pj)}, "
+            f"neurons {_energy(t.neuron_energy_pj)}, memory {_energy(t.memory_energy_pj)}); "
+            f"{t.acs:,} ACs, {t.macs:,} MACs, {t.neuron_updates:,} neuron updates, "
+            f"{t.spikes:,} spikes, firing rate {t.firing_rate:.2%}.",
+            "",
+            self.verdict,
+            "",
+            "### Baselines",
+            "",
+            "| model | ACs | MACs | energy | baseline / SNN |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| SNN (this model) | {t.acs:,} | {t.macs:,} | {_energy(t.energy_pj)} | 1.00x |",
+        ]
+        lines += [
+            f"| {b.description} | {b.acs:,} | {b.macs:,} | {_energy(b.energy_pj)} | {b.ratio:.2f}x |"
+            for b in self.baselines
+        ]
+        lines += [
+            "",
+            "### Per layer",
+            "",
+            "| layer | kind | expert | input | tokens | ACs | MACs | neuron updates | spikes "
+            "| firing rate | energy |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for m in self.layers:
+            neuron = m.kind == "neuron"
+            lines.append(
+                f"| `{m.name or '(root)'}` | {m.kind} | {m.group or ''} | {m.input} | "
+                f"{'' if neuron else f'{m.tokens:,}'} | {m.acs:,} | {m.macs:,} | "
+                f"{m.neuron_updates:,} | {m.spikes:,} | "
+                f"{f'{m.firing_rate:.2%}' if neuron else ''} | {_energy(m.energy_pj)} |"
+            )
+        if self.experts:
+            dense = any(e.dense_energy_pj is not None for e in self.experts)
+            head = (
+                "| expert | tokens | ACs | MACs | neuron updates | spikes | firing rate | energy |"
+            )
+            rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            if dense:
+                head += " dense tokens | dense energy | dense / routed |"
+                rule += " ---: | ---: | ---: |"
+            lines += ["", "### Per expert", "", head, rule]
+            for e in self.experts:
+                row = (
+                    f"| `{e.label}` | {e.tokens:,} | {e.acs:,} | {e.macs:,} | "
+                    f"{e.neuron_updates:,} | {e.spikes:,} | {e.firing_rate:.2%} | "
+                    f"{_energy(e.energy_pj)} |"
+                )
+                if dense:
+                    if e.dense_energy_pj is None:
+                        row += " | | |"
+                    else:
+                        row += (
+                            f" {e.dense_tokens:,} | {_energy(e.dense_energy_pj)} | "
+                            f"{_ratio(e.dense_energy_pj, e.energy_pj):.2f}x |"
+                        )
+                lines.append(row)
+        return "\n".join(lines) + "\n"
+
+
+def _energy(pj: float) -> str:
+    for unit, scale in (("mJ", 1e9), ("uJ", 1e6), ("nJ", 1e3)):
+        if abs(pj) >= scale:
+            return f"{pj / scale:.3g} {unit}"
+    return f"{pj:.3g} pJ"
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0:
+        return math.inf if num > 0 else 1.0
+    return num / den
+
+
+def _activity_energy(c: LayerCounts | GroupCounts, p: EnergyProfile, memory: bool) -> float:
+    """Energy that scales with spiking activity: ACs, spikes and their memory traffic."""
+    e = c.acs * p.ac_pj + c.spikes * p.spike_pj
+    if memory:
+        e += (c.acs + c.input_events) * p.memory_read_pj + c.spikes * p.memory_write_pj
+    return e
+
+
+def _fixed_energy(c: LayerCounts | GroupCounts, p: EnergyProfile, memory: bool) -> float:
+    """Energy independent of activity: MACs, neuron updates and their memory traffic."""
+    e = c.macs * p.mac_pj + c.neuron_updates * p.neuron_update_pj
+    if memory:
+        e += (2 * c.macs + c.neuron_updates) * p.memory_read_pj
+        e += c.neuron_updates * p.memory_write_pj
+    return e
+
+
+def _snn_energy(c: LayerCounts | GroupCounts, p: EnergyProfile, memory: bool) -> float:
+    return _activity_energy(c, p, memory) + _fixed_energy(c, p, memory)
+
+
+def _ann_energy(counts: OperationCounts, mac_pj: float, p: EnergyProfile, memory: bool) -> float:
+    macs = counts.total("ann_macs")
+    e = macs * mac_pj
+    if memory:
+        e += 2 * macs * p.memory_read_pj + counts.total("ann_outputs") * p.memory_write_pj
+    return e
+
+
+def build_report(
+    counts: OperationCounts,
+    profile: str | EnergyProfile = "cmos45",
+    *,
+    dense_counts: OperationCounts | None = None,
+    include_memory: bool = False,
+) -> EnergyReport:
+    """Price counted operations under a profile and compare with the baselines.
+
+    Args:
+        counts: the model's :class:`OperationCounts`.
+        profile: a bundled profile name or an :class:`EnergyProfile`.
+        dense_counts: counts of the dense twin on the same inputs (adds ``dense_snn`` and
+            ``dense_ann_*``; per-expert dense energy).
+        include_memory: add the memory term (formula in :mod:`energy.counting`).
+    """
+    p = get_profile(profile)
+    if not isinstance(counts, OperationCounts):
+        raise TypeError(f"counts must be OperationCounts, got {type(counts).__name__}")
+    if dense_counts is not None and dense_counts.time_steps != counts.time_steps:
+        raise ValueError(
+            f"dense_counts has T={dense_counts.time_steps} but counts has T={counts.time_steps}"
+        )
+    mem = include_memory
+    layers = tuple(
+        LayerEnergy(
+            name=m.name,
+            kind=m.kind,
+            group=m.group,
+            calls=m.calls,
+            tokens=m.tokens,
+            input=m.input_kind,
+            acs=m.acs,
+            macs=m.macs,
+            neuron_updates=m.neuron_updates,
+            spikes=m.spikes,
+            firing_rate=m.firing_rate,
+            memory_reads=m.memory_reads,
+            memory_writes=m.memory_writes,
+            energy_pj=_snn_energy(m, p, mem),
+        )
+        for m in counts.layers
+    )
+    activity = sum(_activity_energy(m, p, mem) for m in counts.layers)
+    fixed = sum(_fixed_energy(m, p, mem) for m in counts.layers)
+    synaptic = sum(m.acs * p.ac_pj + m.macs * p.mac_pj for m in counts.layers)
+    neurons = sum(
+        m.neuron_updates * p.neuron_update_pj + m.spikes * p.spike_pj for m in counts.layers
+    )
+    total = activity + fixed
+    totals = Totals(
+        acs=counts.total("acs"),
+        macs=counts.total("macs"),
+        neuron_updates=counts.total("neuron_updates"),
+        spikes=counts.total("spikes"),
+        firing_rate=counts.firing_rate,
+        memory_reads=counts.total("memory_reads"),
+        memory_writes=counts.total("memory_writes"),
+        synaptic_energy_pj=synaptic,
+        neuron_energy_pj=neurons,
+        memory_energy_pj=total - synaptic - neurons,
+        energy_pj=total,
+    )
+
+    def baseline(name, description, c: OperationCounts, mac_pj=None):
+        if mac_pj is None:  # an SNN priced like this one
+            acs, macs = c.total("acs"), c.total("macs")
+            energy = sum(_snn_energy(m, p, mem) for m in c.layers)
+        else:
+            acs, macs = 0, c.total("ann_macs")
+            energy = _ann_energy(c, mac_pj, p, mem)
+        return Baseline(name, description, acs, macs, energy, _ratio(energy, total))
+
+    baselines = []
+    if dense_counts is not None:
+        baselines.append(
+            baseline("dense_snn", "Dense MoE SNN (every expert on every token)", dense_counts)
+        )
+    baselines.append(baseline("ann_fp32", "ANN, same routing, fp32", counts, p.ann_mac_fp32_pj))
+    baselines.append(baseline("ann_int8", "ANN, same routing, int8", counts, p.ann_mac_int8_pj))
+    if dense_counts is not None:
+        baselines.append(
+            baseline(
+                "dense_ann_fp32", "Dense ANN (every expert), fp32", dense_counts, p.ann_mac_fp32_pj
+            )
+        )
+        baselines.append(
+            baseline(
+                "dense_ann_int8", "Dense ANN (every expert), int8", dense_counts, p.ann_mac_int8_pj
+            )
+        )
+
+    ann_int8 = _ann_energy(counts, p.ann_mac_int8_pj, p, mem)
+    if totals.neuron_updates == 0 or activity == 0:
+        break_even = None
+    else:
+        break_even = max(0.0, totals.firing_rate * (ann_int8 - fixed) / activity)
+
+    dense_groups = dense_counts.groups() if dense_counts is not None else {}
+    experts = []
+    for label, g in counts.groups().items():
+        d = dense_groups.get(label)
+        experts.append(
+            ExpertEnergy(
+                label=label,
+                index=g.index,
+                tokens=g.tokens,
+                acs=g.acs,
+                macs=g.macs,
+                neuron_updates=g.neuron_updates,
+                spikes=g.spikes,
+                firing_rate=g.firing_rate,
+                energy_pj=_snn_energy(g, p, mem),
+                dense_tokens=None if d is None else d.tokens,
+                dense_energy_pj=None if d is None else _snn_energy(d, p, mem),
+            )
+        )
+    return EnergyReport(
+        profile=p,
+        time_steps=counts.time_steps,
+        include_memory=include_memory,
+        layers=layers,
+        experts=tuple(experts),
+        totals=totals,
+        baselines=tuple(baselines),
+        break_even_firing_rate=break_even,
+    )
+
+
+def estimate(
+    model: nn.Module,
+    *inputs: Any,
+    profile: str | EnergyProfile = "cmos45",
+    groups: Mapping[str, str | Sequence[str]] | None = None,
+    dense_model: nn.Module | None = None,
+    time_steps: int | None = None,
+    include_memory: bool = False,
+    neuron_adapters: Sequence[NeuronAdapter] = (),
+) -> EnergyReport:
+    """Count ``model(*inputs)`` (and its dense twin) and build the :class:`EnergyReport`.
+
+    Args:
+        model: the model to profile (call ``.eval()`` first for deterministic routing).
+        *inputs: its time-major inputs.
+        profile: bundled profile name or :class:`EnergyProfile`.
+        groups: expert attribution, as in :func:`energy.count_operations`.
+        dense_model: the same network with every expert on every token (for spiking_moe:
+            ``dense = copy.deepcopy(model)`` then set ``dense = True`` on its ``SpikingMoE``
+            modules); run on the same inputs for the dense baselines.
+        time_steps: ``T``; None takes dim 0 of the first tensor input.
+        include_memory: add the memory term.
+        neuron_adapters: extra neuron adapters.
+
+    Example:
+        >>> net = torch.nn.Linear(4, 3)
+        >>> report = estimate(net, torch.ones(2, 1, 4))  # T=2, B=1, binary input
+        >>> report.totals.acs, report.baseline("ann_fp32").macs
+        (24, 12)
+    """
+    kwargs = dict(groups=groups, time_steps=time_steps, neuron_adapters=neuron_adapters)
+    counts = count_operations(model, *inputs, **kwargs)
+    dense = count_operations(dense_model, *inputs, **kwargs) if dense_model is not None else None
+    return build_report(counts, profile, dense_counts=dense, include_memory=include_memory)

@@ -1,0 +1,106 @@
+"""Write an :class:`~energy.report.EnergyReport` to TensorBoard.
+
+Needs only the writer it is given (``torch.utils.tensorboard.SummaryWriter`` or anything with
+the same ``add_*`` methods), so importing this module imports no TensorBoard code.
+
+Tags, all under ``prefix`` (default ``"energy"``):
+
+- scalars: ``total_pJ``, ``synaptic_pJ``, ``neuron_pJ``, ``memory_pJ``, ``firing_rate``,
+  ``ratio/<baseline>`` (baseline energy / SNN energy), ``baseline_pJ/<baseline>``,
+  ``expert/<label>/synaptic_ops`` (ACs + MACs), ``expert/<label>/tokens``,
+  ``expert/<label>/energy_pJ``;
+- histograms: ``expert_load`` (bucket ``i`` holds the tokens routed to expert ``i``),
+  ``expert_firing_rate`` and ``layer_firing_rate`` (distributions over experts / neuron layers);
+- text: ``report`` (the Markdown tables);
+- a custom-scalars layout (category ``prefix``) grouping totals, ratios and per-expert charts,
+  so the energy panel organises itself in TensorBoard's "Custom Scalars" tab.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from .report import EnergyReport
+
+__all__ = ["custom_scalars_layout", "write_report"]
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-/]", "_", label)
+
+
+def custom_scalars_layout(report: EnergyReport, prefix: str = "energy") -> dict:
+    """The layout passed to ``SummaryWriter.add_custom_scalars`` (one category, ``prefix``)."""
+    esc = re.escape(prefix)
+    charts = {
+        "total energy (pJ)": ["Multiline", [f"{prefix}/total_pJ", f"{esc}/baseline_pJ/.*"]],
+        "energy split (pJ)": [
+            "Multiline",
+            [f"{prefix}/synaptic_pJ", f"{prefix}/neuron_pJ", f"{prefix}/memory_pJ"],
+        ],
+        "baseline / SNN energy": ["Multiline", [f"{esc}/ratio/.*"]],
+        "firing rate": ["Multiline", [f"{prefix}/firing_rate"]],
+    }
+    if report.experts:
+        charts["synaptic ops per expert"] = ["Multiline", [f"{esc}/expert/.*/synaptic_ops"]]
+        charts["tokens per expert"] = ["Multiline", [f"{esc}/expert/.*/tokens"]]
+        charts["energy per expert (pJ)"] = ["Multiline", [f"{esc}/expert/.*/energy_pJ"]]
+    return {prefix: charts}
+
+
+def write_report(writer: Any, report: EnergyReport, step: int, prefix: str = "energy") -> None:
+    """Log ``report`` at ``step``: scalars, histograms, Markdown text and the layout.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (not flushed here).
+        report: the report to log.
+        step: global step.
+        prefix: tag prefix and custom-scalars category name.
+    """
+    if not isinstance(report, EnergyReport):
+        raise TypeError(f"report must be an EnergyReport, got {type(report).__name__}")
+    t = report.totals
+    for name, value in (
+        ("total_pJ", t.energy_pj),
+        ("synaptic_pJ", t.synaptic_energy_pj),
+        ("neuron_pJ", t.neuron_energy_pj),
+        ("memory_pJ", t.memory_energy_pj),
+        ("firing_rate", t.firing_rate),
+    ):
+        writer.add_scalar(f"{prefix}/{name}", value, step)
+    for b in report.baselines:
+        writer.add_scalar(f"{prefix}/ratio/{b.name}", b.ratio, step)
+        writer.add_scalar(f"{prefix}/baseline_pJ/{b.name}", b.energy_pj, step)
+    for e in report.experts:
+        tag = f"{prefix}/expert/{_safe(e.label)}"
+        writer.add_scalar(f"{tag}/synaptic_ops", e.acs + e.macs, step)
+        writer.add_scalar(f"{tag}/tokens", e.tokens, step)
+        writer.add_scalar(f"{tag}/energy_pJ", e.energy_pj, step)
+    if report.experts:
+        loads = np.array([e.tokens for e in report.experts], dtype=np.float64)
+        index = np.arange(len(loads), dtype=np.float64)
+        # A raw histogram whose bucket i is expert i: the chart reads as load per expert.
+        writer.add_histogram_raw(
+            f"{prefix}/expert_load",
+            min=0.0,
+            max=float(len(loads) - 1),
+            num=float(loads.sum()),
+            sum=float((index * loads).sum()),
+            sum_squares=float((index**2 * loads).sum()),
+            bucket_limits=(index + 0.5).tolist(),
+            bucket_counts=loads.tolist(),
+            global_step=step,
+        )
+        writer.add_histogram(
+            f"{prefix}/expert_firing_rate",
+            np.array([e.firing_rate for e in report.experts]),
+            step,
+        )
+    rates = [m.firing_rate for m in report.layers if m.kind == "neuron"]
+    if rates:
+        writer.add_histogram(f"{prefix}/layer_firing_rate", np.array(rates), step)
+    writer.add_text(f"{prefix}/report", report.to_markdown(), step)
+    writer.add_custom_scalars(custom_scalars_layout(report, prefix))
