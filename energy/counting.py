@@ -69,6 +69,7 @@ import dataclasses
 import logging
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -282,7 +283,8 @@ class OperationCounts:
     """Result of :func:`count_operations`: exact per-module counts of one forward pass.
 
     Attributes:
-        layers: per-module counts, in order of first call (modules never called are absent).
+        layers: per-module counts, in order of first call; modules that never ran are absent,
+            except those of a group (an idle expert), listed last with zero counts.
         time_steps: ``T`` used for the ANN equivalent.
     """
 
@@ -357,6 +359,32 @@ class _Counter:
         self.time_steps = time_steps
         self.tallies: list[_Tally] = []
         self.next_order = 0
+        # Tensors known to carry time in dim 0 (possibly folded with the batch), by identity.
+        # Weak, so the pass keeps no activation alive; identity is re-checked on lookup.
+        self.time_major: weakref.WeakValueDictionary[int, torch.Tensor] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def mark(self, t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            root = t if t._base is None else t._base
+            self.time_major[id(root)] = root
+
+    def is_time_major(self, x: torch.Tensor, explicit: bool) -> bool:
+        """``explicit``: the shape shows ``[T, B, ...]``; else a view of a marked tensor."""
+        if explicit:
+            return True
+        root = x if x._base is None else x._base
+        return self.time_major.get(id(root)) is root and x.shape[0] % self.time_steps == 0
+
+    def propagate_hook(self, module, args, kwargs, output):
+        """Non-counted modules (pooling, norms, reshapes): time-major in, time-major out."""
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is None or x.dim() == 0 or not isinstance(output, torch.Tensor) or output.dim() == 0:
+            return
+        explicit = x.dim() >= 3 and x.shape[0] == self.time_steps
+        if self.is_time_major(x, explicit) and output.shape[0] % self.time_steps == 0:
+            self.mark(output)
 
     def _start(self, tally: _Tally) -> None:
         if tally.order < 0:
@@ -371,7 +399,7 @@ class _Counter:
         time_major: bool,
         rows: int,
         dense_macs: int,
-        outputs: int,
+        output: torch.Tensor,
         synapse_events: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
         nnz = torch.count_nonzero(x)
@@ -385,28 +413,29 @@ class _Counter:
         tally.rows += rows
         tally.dense_macs += dense_macs
         if time_major:
+            self.mark(output)
             tally.tm_dense_macs += dense_macs
             tally.tm_rows += rows
-            tally.tm_outputs += outputs
+            tally.tm_outputs += output.numel()
         else:
             tally.flat_calls += 1
             tally.flat_dense_macs += dense_macs
             tally.flat_rows += rows
-            tally.flat_outputs += outputs
+            tally.flat_outputs += output.numel()
 
     def linear_hook(self, tally: _Tally):
         def hook(module: nn.Linear, args, kwargs, output):
             self._start(tally)
             x = args[0] if args else kwargs["input"]
             rows = x.numel() // module.in_features
-            time_major = x.dim() >= 3 and x.shape[0] == self.time_steps
+            time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == self.time_steps)
             self._record_synaptic(
                 tally,
                 x,
                 time_major,
                 rows,
                 dense_macs=rows * module.in_features * module.out_features,
-                outputs=output.numel(),
+                output=output,
                 synapse_events=lambda nnz: nnz * module.out_features,
             )
 
@@ -416,7 +445,7 @@ class _Counter:
         def hook(module: nn.modules.conv._ConvNd, args, kwargs, output):
             self._start(tally)
             x = args[0] if args else kwargs["input"]
-            time_major = x.dim() == nd + 3 and x.shape[0] == self.time_steps
+            time_major = self.is_time_major(x, x.dim() == nd + 3 and x.shape[0] == self.time_steps)
             if x.dim() == nd + 3:  # [T, B, C, *S] (SpikingJelly multi-step): fold T into B
                 x = x.flatten(0, 1)
             elif x.dim() == nd + 1:  # unbatched [C, *S]
@@ -428,7 +457,7 @@ class _Counter:
                 time_major,
                 rows=x.shape[0],
                 dense_macs=output.numel() * per_output,
-                outputs=output.numel(),
+                output=output,
                 synapse_events=lambda nnz: _conv_synapse_events(module, x, nd),
             )
 
@@ -438,6 +467,12 @@ class _Counter:
         def hook(module, args, kwargs, output):
             self._start(tally)
             spikes = adapter.spikes(output)
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            explicit = spikes.dim() >= 3 and spikes.shape[0] == self.time_steps
+            if explicit or (
+                isinstance(x, torch.Tensor) and x.dim() > 0 and self.is_time_major(x, False)
+            ):
+                self.mark(spikes)
             tally.neuron_updates += spikes.numel()
             zero = torch.zeros((), dtype=torch.int64, device=spikes.device)
             tally.add(torch.stack((zero, zero, zero, zero, torch.count_nonzero(spikes))))
@@ -567,6 +602,9 @@ def count_operations(
             else:
                 adapter = next((a for a in adapters if a.matches(module)), None)
                 if adapter is None:
+                    handles.append(
+                        module.register_forward_hook(counter.propagate_hook, with_kwargs=True)
+                    )
                     continue
                 tally = _Tally(name, "neuron", None, 0, 0)
                 hook = counter.neuron_hook(tally, adapter)
@@ -588,6 +626,9 @@ def count_operations(
                             f"groups[{label!r}]: prefix {p!r} matches no countable module; "
                             f"countable modules: {[t.name for t in counter.tallies]}"
                         )
+        for x in input_tensors:
+            if x.dim() >= 3 and x.shape[0] == time_steps:
+                counter.mark(x)
         with torch.no_grad():
             output = model(*inputs)
     finally:
@@ -599,13 +640,26 @@ def count_operations(
         raise ValueError(
             f"none of the countable modules of {type(model).__name__} ran during the forward pass"
         )
+    # Experts that received no token stay in the result (zero load is worth reporting).
+    idle = [t for t in counter.tallies if not t.calls and t.group is not None]
+    for t in idle:
+        t.order = counter.next_order
+        counter.next_order += 1
+    device = ran[0].device_counts.device
     out_tensors = [t for t in _tensors(output) if t.is_floating_point()]
-    flags = [torch.isnan(t).any().to(ran[0].device_counts.device) for t in out_tensors]
+    nan_flag = torch.zeros((), dtype=torch.bool, device=device)
+    for t in out_tensors:
+        nan_flag = nan_flag | torch.isnan(t).any().to(device)
     # The one host synchronisation of the pass: every count and the NaN check together.
-    stacked = torch.stack([t.device_counts.to(ran[0].device_counts.device) for t in ran]).tolist()
-    if flags and bool(torch.stack(flags).any()):
+    rows = [t.device_counts.to(device) for t in ran]
+    rows.append(nan_flag.to(torch.int64).expand(5))
+    *stacked, (nan_seen, *_) = torch.stack(rows).tolist()
+    if nan_seen:
         raise ValueError("the model's output contains NaN: the counts would not be meaningful")
-    layers = tuple(_finish(t, values, time_steps) for t, values in zip(ran, stacked, strict=True))
+    stacked += [[0] * 5 for _ in idle]
+    layers = tuple(
+        _finish(t, values, time_steps) for t, values in zip(ran + idle, stacked, strict=True)
+    )
     logger.debug("counted %d modules over T=%d", len(layers), time_steps)
     return OperationCounts(layers=layers, time_steps=time_steps)
 
