@@ -31,15 +31,17 @@ Counting rules, per call of a synaptic layer on input ``x``:
 Every count is an exact int64 accumulated on the device; the host reads them once, at the end.
 
 **ANN equivalent** (for the baselines in :mod:`energy.report`): the same layers run once per
-token instead of once per time step, every input graded. A call whose input carries a leading
-time dimension of length ``T`` (Linear: ``[T, N, ..., F]``; ConvNd: ``[T, B, C, *S]``)
-contributes ``dense MACs / T``. Calls without it are either one step of a step-by-step loop
-(snnTorch style, called ``T`` times) or a layer that runs once per forward (a router on
-rates); both are right if such calls contribute their mean per call:
-``sum(dense MACs) / #calls``. ``tokens`` (the per-step rows a layer saw, i.e. the ANN's rows)
-follows the same rule. A layer fed time folded into its rows in a single call
-(``[T*N, F]``) looks like a once-per-forward layer: keep the time dimension (as every
-spiking_moe module does) or read its ANN count with that in mind.
+token instead of once per time step, every input graded. A call is *time-major* when its input
+shows a leading time dimension (Linear: ``[T, N, ..., F]``; ConvNd: ``[T, B, C, *S]``) or
+carries time folded into its rows (``[T*B, ...]``): a view of a time-major tensor (the model's
+``[T, B, ...]`` inputs, a time-major neuron or synaptic output) or the output of an uncounted
+module (pooling, normalisation, reshaping) fed one. Time-major calls contribute
+``dense MACs / T``. Other calls are one step of a step-by-step loop (snnTorch style, called
+``T`` times) or a layer that runs once per forward (a router on rates); both come out right
+when such calls contribute their mean per call, ``sum(dense MACs) / #calls``. ``tokens`` (the
+per-step rows a layer saw: the ANN's rows) follows the same rule. Time folded by a plain
+function between modules into a new tensor (e.g. ``F.max_pool2d`` called in a ``forward``)
+cannot be traced: wrap it in a module.
 
 **Memory traffic** (opt-in in reports; after Lemaire et al., "An Analytical Estimation of
 Spiking Neural Networks Energy Efficiency", ICONIP 2022), per layer:
