@@ -370,6 +370,14 @@ def build_report(
     neurons = sum(
         m.neuron_updates * p.neuron_update_pj + m.spikes * p.spike_pj for m in counts.layers
     )
+    memory = (
+        sum(
+            m.memory_reads * p.memory_read_pj + m.memory_writes * p.memory_write_pj
+            for m in counts.layers
+        )
+        if include_memory
+        else 0.0
+    )
     total = activity + fixed
     totals = Totals(
         acs=counts.total("acs"),
@@ -381,7 +389,7 @@ def build_report(
         memory_writes=counts.total("memory_writes"),
         synaptic_energy_pj=synaptic,
         neuron_energy_pj=neurons,
-        memory_energy_pj=total - synaptic - neurons,
+        memory_energy_pj=memory,
         energy_pj=total,
     )
 
