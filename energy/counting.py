@@ -366,6 +366,8 @@ class _Counter:
         self.time_major: weakref.WeakValueDictionary[int, torch.Tensor] = (
             weakref.WeakValueDictionary()
         )
+        self.scanned: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.scan_results: dict[int, tuple[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def mark(self, t: Any) -> None:
         if isinstance(t, torch.Tensor):
@@ -378,6 +380,24 @@ class _Counter:
             return True
         root = x if x._base is None else x._base
         return self.time_major.get(id(root)) is root and x.shape[0] % self.time_steps == 0
+
+    def value_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(nnz(x), #(x == 1))`` as int64 device scalars; ``x`` is binary iff they are equal.
+
+        Cached by identity: a synaptic layer fed a neuron's output (or a reshape of all of
+        it) reuses the counts the neuron hook already took, so spikes are scanned once.
+        """
+        root = x if x._base is None else x._base
+        key = id(root)
+        if self.scanned.get(key) is root and root.numel() == x.numel():
+            version, result = self.scan_results[key]
+            if version == root._version:  # not modified in place since the scan
+                return result
+        # x.bool() is x != 0 (NaN included), and much faster than count_nonzero on floats.
+        result = (torch.count_nonzero(x.bool()), torch.count_nonzero(x == 1))
+        self.scanned[key] = root
+        self.scan_results[key] = (root._version, result)
+        return result
 
     def propagate_hook(self, module, args, kwargs, output):
         """Non-counted modules (pooling, norms, reshapes): time-major in, time-major out."""
@@ -404,8 +424,8 @@ class _Counter:
         output: torch.Tensor,
         synapse_events: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        nnz = torch.count_nonzero(x)
-        is_binary = nnz == torch.count_nonzero(x == 1)
+        nnz, ones = self.value_counts(x)
+        is_binary = nnz == ones
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         # Both branches are computed and one is selected on the device: no host sync.
         acs = torch.where(is_binary, synapse_events(nnz), zero)
@@ -477,7 +497,7 @@ class _Counter:
                 self.mark(spikes)
             tally.neuron_updates += spikes.numel()
             zero = torch.zeros((), dtype=torch.int64, device=spikes.device)
-            tally.add(torch.stack((zero, zero, zero, zero, torch.count_nonzero(spikes))))
+            tally.add(torch.stack((zero, zero, zero, zero, self.value_counts(spikes)[0])))
 
         return hook
 
@@ -545,6 +565,15 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _non_finite(x: torch.Tensor) -> str | None:
+    """ "NaN", "Inf" or None; a cheap sum screens first (a finite sum rules both out)."""
+    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+        return None
+    if bool(torch.isnan(x).any()):
+        return "NaN"
+    return "Inf" if bool(torch.isinf(x).any()) else None
+
+
 def count_operations(
     model: nn.Module,
     *inputs: Any,
@@ -577,8 +606,9 @@ def count_operations(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     input_tensors = _tensors(inputs)
     for i, x in enumerate(input_tensors):
-        if x.is_floating_point() and bool(torch.isnan(x).any()):
-            raise ValueError(f"input tensor {i} (shape {tuple(x.shape)}) contains NaN")
+        problem = _non_finite(x) if x.is_floating_point() else None
+        if problem:
+            raise ValueError(f"input tensor {i} (shape {tuple(x.shape)}) contains {problem}")
     if time_steps is None:
         if not input_tensors or input_tensors[0].dim() == 0:
             raise ValueError("cannot infer time_steps: pass time_steps= or a [T, B, ...] input")
@@ -648,15 +678,16 @@ def count_operations(
         t.order = counter.next_order
         counter.next_order += 1
     device = ran[0].device_counts.device
-    out_tensors = [t for t in _tensors(output) if t.is_floating_point()]
-    nan_flag = torch.zeros((), dtype=torch.bool, device=device)
+    out_tensors = [t for t in _tensors(output) if t.is_floating_point() and t.numel()]
+    # A sum is NaN whenever an element is: a cheap screen, read with the counts below.
+    screen = torch.zeros((), dtype=torch.bool, device=device)
     for t in out_tensors:
-        nan_flag = nan_flag | torch.isnan(t).any().to(device)
-    # The one host synchronisation of the pass: every count and the NaN check together.
+        screen = screen | torch.isnan(t.sum()).to(device)
+    # The one host synchronisation of the pass: every count and the NaN screen together.
     rows = [t.device_counts.to(device) for t in ran]
-    rows.append(nan_flag.to(torch.int64).expand(5))
+    rows.append(screen.to(torch.int64).expand(5))
     *stacked, (nan_seen, *_) = torch.stack(rows).tolist()
-    if nan_seen:
+    if nan_seen and any(bool(torch.isnan(t).any()) for t in out_tensors):
         raise ValueError("the model's output contains NaN: the counts would not be meaningful")
     stacked += [[0] * 5 for _ in idle]
     layers = tuple(

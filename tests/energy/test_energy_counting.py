@@ -175,6 +175,18 @@ def test_layer_fed_spikes_then_current_is_mixed():
     assert (c.acs, c.macs, c.binary_calls, c.calls) == (3 * 2 * 2, 3 * 2 * 2, 1, 2)
 
 
+def test_spikes_scaled_in_place_after_the_neuron_are_recounted_as_graded():
+    class HalveInPlace(nn.Module):
+        def forward(self, x):
+            return x.mul_(0.5)
+
+    net = nn.Sequential(LIF(beta=0.5), HalveInPlace(), nn.Linear(3, 2))
+    counts = energy.count_operations(net, torch.full((4, 2, 3), 0.6))
+    assert counts.layer("0").spikes == 6  # taken before the in-place change
+    assert counts.layer("2").input_kind == "graded"
+    assert counts.layer("2").macs == 4 * 2 * 3 * 2
+
+
 def test_neuron_updates_and_spikes_of_a_hand_traced_lif():
     # beta 0.5, constant 0.6: h = 0.6, 0.9, 1.05 (spike), 0.625 -> spikes 0, 0, 1, 0.
     lif = LIF(beta=0.5)
@@ -521,6 +533,14 @@ def test_nan_input_is_rejected():
     x[1, 0, 2] = float("nan")
     with pytest.raises(ValueError, match="input tensor 0.*NaN"):
         energy.count_operations(nn.Linear(3, 2), x)
+    x[1, 0, 2] = float("inf")
+    with pytest.raises(ValueError, match="input tensor 0.*Inf"):
+        energy.count_operations(nn.Linear(3, 2), x)
+    huge = torch.full((2, 1, 3), 3e38)  # its sum overflows, yet every value is finite
+    fc = nn.Linear(3, 2)
+    with torch.no_grad():
+        fc.weight.fill_(1e-3)
+    assert energy.count_operations(fc, huge, time_steps=2).layer("").macs == 12
 
 
 def test_nan_output_is_rejected():
