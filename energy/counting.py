@@ -28,7 +28,10 @@ Counting rules, per call of a synaptic layer on input ``x``:
 - Neuron: ``updates = numel(spikes)`` (one per neuron per time step, whether the module is
   called once on ``[T, B, ...]`` or once per step) and ``spikes = nnz(spikes)``.
 
-Every count is an exact int64 accumulated on the device; the host reads them once, at the end.
+Every count is an exact int64 accumulated on the device; the host reads them once, at the end
+(with the NaN screen of the outputs; inputs are screened for NaN/Inf before the pass). Each
+tensor is scanned once: a synaptic layer fed a neuron's output reuses the neuron's scan unless
+the tensor was modified in place in between.
 
 **ANN equivalent** (for the baselines in :mod:`energy.report`): the same layers run once per
 token instead of once per time step, every input graded. A call is *time-major* when its input
