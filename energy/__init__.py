@@ -12,7 +12,7 @@ Example:
 
 import logging
 
-from . import profiles
+from . import profiles, tensorboard
 from .counting import (
     GroupCounts,
     LayerCounts,
@@ -39,6 +39,7 @@ __all__ = [
     "get_profile",
     "load_profile",
     "profiles",
+    "tensorboard",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

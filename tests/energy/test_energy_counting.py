@@ -296,10 +296,10 @@ def test_counts_add_up_when_the_batch_is_split():
 
 
 def test_counts_are_int64_exact_beyond_float32_precision():
-    # 2**25 events x fan-out 3 is not representable exactly in float32 accumulation.
-    fc = nn.Linear(1 << 13, 3, bias=False)
-    x = torch.ones(1, 1 << 12, 1 << 13)
-    assert energy.count_operations(fc, x).layer("").acs == (1 << 25) * 3
+    # 2**24 + 4096 events: a float32 accumulator would stall at 2**24.
+    fc = nn.Linear(1 << 12, 3, bias=False)
+    x = torch.ones(1, (1 << 12) + 1, 1 << 12)
+    assert energy.count_operations(fc, x).layer("").acs == ((1 << 24) + (1 << 12)) * 3
 
 
 # ----------------------------------------------------------------------------- peers
@@ -574,6 +574,30 @@ def test_hooks_are_removed_after_counting_and_after_an_error():
     assert not fc._forward_hooks
 
 
+class Threshold(nn.Module):
+    """A neuron without host syncs of its own (spiking_moe's LIF checks its input for NaN)."""
+
+    def forward(self, x):
+        return (x > 0.2).to(x.dtype)
+
+
+THRESHOLD = energy.NeuronAdapter("threshold", lambda m: isinstance(m, Threshold))
+
+
+def make_sync_free_snn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(0, 1),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.Unflatten(0, (6, -1)),
+        Threshold(),
+        nn.Flatten(2),
+        nn.Linear(4 * 5 * 5, 8),
+        Threshold(),
+        nn.Linear(8, 3),
+    )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to detect host syncs")
 def test_counting_hooks_do_not_synchronise_the_host_on_cuda():
     class NoSync(nn.Module):
@@ -588,9 +612,10 @@ def test_counting_hooks_do_not_synchronise_the_host_on_cuda():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
 
-    net = NoSync(make_snn()).cuda()
-    x = spikes(6, 10, 1, 5, 5, p=0.4, seed=3).cuda()
-    counts = energy.count_operations(net, x)
-    cpu = energy.count_operations(make_snn(), x.cpu())
+    x = spikes(6, 10, 1, 5, 5, p=0.4, seed=3)
+    net = NoSync(make_sync_free_snn()).cuda()
+    counts = energy.count_operations(net, x.cuda(), neuron_adapters=[THRESHOLD])
+    cpu = energy.count_operations(make_sync_free_snn(), x, neuron_adapters=[THRESHOLD])
+    assert cpu.total("acs") > 0 and cpu.total("spikes") > 0
     for layer in cpu.layers:
-        assert same_counts(counts.layer(f"inner.{layer.name}"), layer)
+        assert same_counts(counts.layer(f"inner.{layer.name}"), layer), layer.name
