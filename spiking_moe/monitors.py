@@ -12,7 +12,8 @@ For MoE layer ``l`` over an evaluation pass with ``N`` tokens and ``k`` experts 
 - ``utilisation/e = n_e / N``: fraction of tokens that use expert ``e`` (sums to ``k``);
 - ``max_load_ratio = E * max_e load/e`` (1 = perfectly balanced, ``E`` = one expert takes all);
 - ``router_entropy = mean_tokens(-sum_e p_e log p_e)`` in nats (``log E`` = uniform router);
-- ``dropped_fraction = dropped / (N k)`` when the layer reports drops (capacity overflow).
+- ``dropped_fraction = dropped / (routed + dropped)`` assignments, when the layer reports
+  drops (capacity overflow); ``routed = sum_e n_e``.
 
 Letters: N tokens, E experts.
 """
@@ -163,7 +164,7 @@ class RoutingMonitor(Callback):
                 metrics[f"{base}/max_load_ratio"] = num_experts * max(tokens_E) / assignments
             if num_tokens:
                 metrics[f"{base}/router_entropy"] = entropy_sum / num_tokens
-                k = (assignments + dropped) / num_tokens
-                metrics[f"{base}/dropped_fraction"] = dropped / (num_tokens * k) if k else 0.0
+            if assignments + dropped:
+                metrics[f"{base}/dropped_fraction"] = dropped / (assignments + dropped)
         self._stats = []
         return metrics
