@@ -20,7 +20,13 @@ from .config import ConfigError, config_to_dict, flatten_config, load_config
 from .data import BatchLoader, build_datasets
 from .factory import build_model
 from .monitors import FiringRateMonitor, RoutingMonitor
-from .training import CHECKPOINT_NAME, Trainer, init_distributed, seed_everything
+from .training import (
+    CHECKPOINT_NAME,
+    Trainer,
+    init_distributed,
+    resolve_device,
+    seed_everything,
+)
 
 __all__ = ["train_main"]
 
@@ -43,8 +49,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Train, evaluate on the test set, write the run folder. Returns the process exit code.
 
-    Exit codes: 0 done; 2 bad config or missing data; 128 + signal number when stopped by
-    SIGINT/SIGTERM (a checkpoint was saved; rerun with ``--resume``).
+    Exit codes: 0 done; 2 bad config, unusable device or missing data; 128 + signal number
+    when stopped by SIGINT/SIGTERM (a checkpoint was saved; rerun with ``--resume``).
     """
     args = _parse_args(argv)
     logging.basicConfig(
@@ -53,70 +59,68 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         if args.device:
-            config = dataclasses.replace(
-                config, train=dataclasses.replace(config.train, device=args.device)
-            )
-    except (ConfigError, FileNotFoundError) as exc:
+            train_config = dataclasses.replace(config.train, device=args.device)
+            config = dataclasses.replace(config, train=train_config)
+        resolve_device(config.train.device)
+    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
         logger.error("%s", exc)
         return 2
     out = args.out or Path("runs") / config.name
     if (out / CHECKPOINT_NAME).exists() and not args.resume:
         logger.error(
-            "%s already holds a run; pass --resume to continue it or choose another --out", out
+            "%s already holds a run; pass --resume to continue it or pick another --out", out
         )
         return 2
 
-    dist_info = init_distributed(config.train.device)
+    dist_info = init_distributed(config.train.device)  # single process unless under torchrun
     try:
-        return _train(config, out, args.resume, dist_info)
+        data = build_datasets(config.data)
+        shard = dict(rank=dist_info.rank, world_size=dist_info.world_size)
+        batch, eval_batch, seed = (
+            config.train.batch_size,
+            config.train.eval_batch_size,
+            config.train.seed,
+        )
+        train_loader = BatchLoader(data.train, batch, shuffle=True, seed=seed, **shard)
+        val_loader = BatchLoader(data.val, eval_batch, **shard) if data.val else None
+        test_loader = BatchLoader(data.test, eval_batch, **shard)
+
+        seed_everything(seed)  # the model's initial weights
+        model = build_model(
+            config.model,
+            in_features=data.num_features,
+            num_classes=data.num_classes,
+            num_steps=data.num_steps,
+        )
+        num_params = sum(p.numel() for p in model.parameters())
+        logger.info("%s: %d parameters", type(model).__name__, num_params)
+        if dist_info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+
+        with Trainer(
+            model,
+            train_loader,
+            config.train,
+            out_dir=out,
+            val_loader=val_loader,
+            callbacks=[FiringRateMonitor(), RoutingMonitor()],
+            hparams=flatten_config(config),
+            resume=args.resume,
+            checkpoint_extra={"experiment": config_to_dict(config)},
+        ) as trainer:
+            result = trainer.fit()
+            if result.interrupted:
+                return 128 + (result.signal or 0)
+            test = trainer.evaluate(test_loader, "test")
+        logger.info(
+            "done in %.1f s: test accuracy %.4f; run folder %s (tensorboard --logdir %s)",
+            result.wall_time_s,
+            test["test/accuracy"],
+            out,
+            out.parent,
+        )
+        return 0
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _train(config, out: Path, resume: bool, dist_info) -> int:
-    data = build_datasets(config.data)
-    shard = dict(rank=dist_info.rank, world_size=dist_info.world_size)
-    train_loader = BatchLoader(
-        data.train, config.train.batch_size, shuffle=True, seed=config.train.seed, **shard
-    )
-    val_loader = BatchLoader(data.val, config.train.eval_batch_size, **shard) if data.val else None
-    test_loader = BatchLoader(data.test, config.train.eval_batch_size, **shard)
-
-    seed_everything(config.train.seed)  # the model's initial weights
-    model = build_model(
-        config.model,
-        in_features=data.num_features,
-        num_classes=data.num_classes,
-        num_steps=data.num_steps,
-    )
-    logger.info(
-        "%s: %d parameters", type(model).__name__, sum(p.numel() for p in model.parameters())
-    )
-
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
-    with Trainer(
-        model,
-        train_loader,
-        config.train,
-        out_dir=out,
-        val_loader=val_loader,
-        callbacks=[FiringRateMonitor(), RoutingMonitor()],
-        hparams=flatten_config(config),
-        resume=resume,
-        checkpoint_extra={"experiment": config_to_dict(config)},
-    ) as trainer:
-        result = trainer.fit()
-        if result.interrupted:
-            return 128 + (result.signal or 0)
-        test = trainer.evaluate(test_loader, "test")
-    logger.info(
-        "done in %.1f s: test accuracy %.4f; run folder %s (tensorboard --logdir %s)",
-        result.wall_time_s,
-        test["test/accuracy"],
-        out,
-        out.parent,
-    )
-    return 0

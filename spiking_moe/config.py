@@ -326,7 +326,16 @@ class ExperimentConfig:
     def from_dict(
         cls, raw: dict[str, Any], *, default_name: str = "experiment"
     ) -> ExperimentConfig:
-        """Build from a parsed TOML document; raises :class:`ConfigError` naming the field."""
+        """Build from a parsed TOML document; raises :class:`ConfigError` naming the field.
+
+        Example:
+            >>> ExperimentConfig.from_dict({"model": {"num_experts": 4, "k": 2}}).model.k
+            2
+            >>> ExperimentConfig.from_dict({"train": {"lr": -1}})
+            Traceback (most recent call last):
+            ...
+            spiking_moe.config.ConfigError: train.lr must be > 0.0, got -1.0
+        """
         sections = {
             "data": DataConfig,
             "model": ModelConfig,

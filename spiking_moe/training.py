@@ -401,6 +401,22 @@ class Trainer:
             start if not).
         checkpoint_extra: plain-typed data stored in every checkpoint under ``"extra"``
             (e.g. the experiment config).
+
+    Example:
+        >>> from spiking_moe.config import TrainConfig
+        >>> from spiking_moe.data import BatchLoader, InMemoryDataset
+        >>> data = InMemoryDataset(torch.rand(32, 5), torch.arange(32) % 2, encoding="rate",
+        ...                        num_steps=4, num_classes=2)
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(5, 2)
+        ...     def forward(self, x_TBF):
+        ...         return self.fc(x_TBF).mean(0)  # logits [B, C]
+        >>> config = TrainConfig(max_steps=3, batch_size=8, device="cpu", progress=False)
+        >>> result = Trainer(Net(), BatchLoader(data, 8, shuffle=True), config).fit()
+        >>> result.step, result.interrupted
+        (3, False)
     """
 
     def __init__(
@@ -830,7 +846,9 @@ class Trainer:
         )
 
     def _log_window(self, window, steps, progress, start_step, start_time) -> None:
-        loss, ce, aux, grad_norm, correct, count = window.tolist()
+        # Sums over ranks (all ranks reach the same log steps): means over the global batch.
+        loss, ce, aux, grad_norm, correct, count = self.all_reduce_sum(window).tolist()
+        steps *= self.dist.world_size
         elapsed = time.perf_counter() - start_time
         metrics = {
             "train/loss": loss / steps,
