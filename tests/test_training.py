@@ -1,5 +1,6 @@
 """Trainer: learning, exact resume, atomic checkpoints, NaN stop, signals, hooks, sinks, CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -360,3 +361,27 @@ def test_cli_trains_refuses_to_overwrite_and_resumes(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nlr = -1\n")
     assert train_main(["--config", str(bad), "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_compile_path_trains_like_eager_and_checkpoints_plain_names(tmp_path, monkeypatch, caplog):
+    """torch.compile (dynamo with the eager backend, to keep the test fast) changes nothing."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(module):
+        compiled.append(module)
+        return real_compile(module, backend="eager")
+
+    config = _config(max_steps=6, amp=True)  # amp on CPU: warned about and ignored
+    plain, _ = _train(tmp_path / "plain", config)
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    with caplog.at_level("WARNING", logger="spiking_moe.training"):
+        fast, _ = _train(tmp_path / "compiled", dataclasses.replace(config, compile=True))
+    assert len(compiled) == 2  # the training forward and the evaluation forward
+    assert "bf16 autocast on CUDA only" in caplog.text
+    for (name, a), b in zip(
+        plain.model.state_dict().items(), fast.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    saved = load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")["model"]
+    assert set(saved) == set(plain.model.state_dict())
