@@ -73,6 +73,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     dist_info = init_distributed(config.train.device)  # single process unless under torchrun
+    if not dist_info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress log
     try:
         data = build_datasets(config.data)
         shard = dict(rank=dist_info.rank, world_size=dist_info.world_size)
