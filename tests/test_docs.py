@@ -10,6 +10,9 @@ MODULES = [
     "spiking_moe.functional.lif",
     "spiking_moe.neurons",
     "spiking_moe.encoding",
+    "spiking_moe.data",
+    "spiking_moe.config",
+    "spiking_moe.training",
 ]
 
 

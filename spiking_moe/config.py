@@ -1,0 +1,413 @@
+"""Experiment configuration: small dataclasses read from TOML (stdlib ``tomllib``).
+
+A config file has an optional top-level ``name`` and the tables ``[data]``, ``[model]``,
+``[train]`` and ``[energy]``; every key is optional and defaults to the field's default::
+
+    name = "digits_moe"
+    [data]
+    name = "digits"
+    encoding = "rate"
+    [model]
+    kind = "moe"
+    num_experts = 4
+    k = 1
+    [train]
+    epochs = 20
+    lr = 3e-3
+
+Validation is strict and early: an unknown table or key, a value of the wrong type, a value
+out of range or not among the allowed choices raises :class:`ConfigError` naming the field
+(``train.lr must be > 0, got -1``) and, where there is a fixed set, the allowed values. TOML has
+no null, so optional fields (``None`` by default) are set by giving a value and unset by
+leaving the key out. Integers are accepted for float fields; booleans are not numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .data import DATASETS, expected_files
+from .functional.lif import RESETS
+from .functional.surrogate import SURROGATES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "MODEL_KINDS",
+    "READOUTS",
+    "ROUTERS",
+    "SCHEDULES",
+    "ConfigError",
+    "DataConfig",
+    "EnergyConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "flatten_config",
+    "load_config",
+]
+
+MODEL_KINDS = ("moe", "dense_snn", "ann")
+ROUTERS = ("rate", "spiking")
+READOUTS = ("rate", "membrane")
+SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _field(
+    default: Any = dataclasses.MISSING,
+    *,
+    choices: tuple | None = None,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    meta = {"choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    return field(
+        default=default,
+        default_factory=default_factory,
+        metadata={k: v for k, v in meta.items() if v is not None},
+    )
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(where: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(where, inner, value)
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list of {_type_name(inner)}, got {value!r}")
+        return tuple(_coerce(f"{where}[{i}]", inner, v) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {where}")  # pragma: no cover
+
+
+class _Section:
+    """Mixin: type and range checks of every field on construction."""
+
+    section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            where = f"{self.section}.{f.name}"
+            value = _coerce(where, hints[f.name], getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+            if value is None:
+                continue
+            meta = f.metadata
+            if "choices" in meta and value not in meta["choices"]:
+                raise ConfigError(f"{where} must be one of {list(meta['choices'])}, got {value!r}")
+            for key, ok, word in (
+                ("gt", lambda v, b: v > b, ">"),
+                ("ge", lambda v, b: v >= b, ">="),
+                ("lt", lambda v, b: v < b, "<"),
+                ("le", lambda v, b: v <= b, "<="),
+            ):
+                if key in meta and not ok(value, meta[key]):
+                    raise ConfigError(f"{where} must be {word} {meta[key]}, got {value!r}")
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field checks of one section."""
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """``[data]``: which dataset and how it is presented over time.
+
+    ``encoding = "default"`` takes the dataset's first encoding (digits "rate", mnist1d
+    "sequence", shd/nmnist "events"); ``num_steps = 0`` and ``max_time_s = 0`` take the
+    dataset's default (see :mod:`spiking_moe.data`). ``root`` is the folder with the local
+    files of shd (``shd_train.h5``, ``shd_test.h5``) or nmnist (``Train/``, ``Test/``).
+    ``test_fraction`` applies to digits only (the others ship a test set).
+    """
+
+    section: ClassVar[str] = "data"
+    name: str = _field("digits", choices=tuple(DATASETS))
+    encoding: str = "default"
+    num_steps: int = _field(0, ge=0)
+    root: str = ""
+    val_fraction: float = _field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = _field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    max_time_s: float = _field(0.0, ge=0.0)
+    mnist1d_num_samples: int = _field(5000, ge=100)
+    mnist1d_seed: int = 42
+
+    def _check(self) -> None:
+        allowed = ("default", *DATASETS[self.name])
+        if self.encoding not in allowed:
+            raise ConfigError(
+                f"data.encoding must be one of {list(allowed)} for dataset {self.name!r}, "
+                f"got {self.encoding!r}"
+            )
+        if self.name in ("shd", "nmnist") and not self.root:
+            raise ConfigError(f"data.root must name the folder with the local {self.name} files")
+        if self.name == "digits" and self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                "data.val_fraction + data.test_fraction must be < 1, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+
+    def check_files(self) -> None:
+        """Raise :class:`ConfigError` naming ``data.root`` if the dataset's files are missing."""
+        missing = [p for p in expected_files(self.name, self.root) if not p.exists()]
+        if missing:
+            raise ConfigError(
+                f"data.root: dataset {self.name!r} needs "
+                f"{', '.join(str(p) for p in missing)}, which do not exist"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """``[model]``: the classifier. Input and class counts come from the data.
+
+    ``kind``: "moe" (spiking MoE), "dense_snn" (the dense spiking network with the same active
+    parameters) or "ann" (same layers, ReLU, one step). ``hidden_features`` is the width of
+    the spiking layer that feeds the MoE layers (the router's input); each expert is
+    ``expert_layers`` hidden layers of ``expert_hidden`` LIF neurons. Balancing:
+    ``load_balancing_weight`` (Switch loss), ``z_loss_weight`` (router z-loss),
+    ``bias_balancing`` (update rate of the auxiliary-loss-free bias, 0 = off),
+    ``capacity_factor`` (tokens per expert = factor * N * k / E; unset = no capacity limit).
+    """
+
+    section: ClassVar[str] = "model"
+    kind: str = _field("moe", choices=MODEL_KINDS)
+    hidden_features: int = _field(128, ge=1)
+    num_experts: int = _field(4, ge=1)
+    k: int = _field(1, ge=1)
+    num_moe_layers: int = _field(1, ge=1)
+    expert_hidden: int = _field(64, ge=1)
+    expert_layers: int = _field(1, ge=1)
+    readout: str = _field("rate", choices=READOUTS)
+    router: str = _field("rate", choices=ROUTERS)
+    router_noise: float = _field(0.0, ge=0.0)
+    router_window: int = _field(0, ge=0)
+    beta: float = _field(0.9, ge=0.0, le=1.0)
+    threshold: float = _field(1.0, gt=0.0)
+    reset: str = _field("subtract", choices=RESETS)
+    surrogate: str = _field("fast_sigmoid", choices=tuple(sorted(SURROGATES)))
+    alpha: float | None = _field(None, gt=0.0)
+    load_balancing_weight: float = _field(0.01, ge=0.0)
+    z_loss_weight: float = _field(0.001, ge=0.0)
+    bias_balancing: float = _field(0.0, ge=0.0)
+    capacity_factor: float | None = _field(None, gt=0.0)
+
+    def _check(self) -> None:
+        if self.k > self.num_experts:
+            raise ConfigError(
+                f"model.k must be <= model.num_experts ({self.num_experts}), got {self.k}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """``[train]``: optimisation, devices, checkpoints and logging.
+
+    Steps are optimizer steps. ``max_steps = 0`` trains ``epochs`` full epochs; a positive
+    value stops after that many steps (the schedule spans them). ``eval_every = 0`` evaluates
+    (and checkpoints) at the end of each epoch, a positive value every that many steps;
+    ``checkpoint_every`` adds checkpoints every that many steps. ``grad_clip = 0`` disables
+    clipping. ``device``: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+    ``amp``: bf16 autocast on CUDA (ignored with a warning on CPU). ``compile``:
+    ``torch.compile`` the model.
+    """
+
+    section: ClassVar[str] = "train"
+    epochs: int = _field(10, ge=1)
+    max_steps: int = _field(0, ge=0)
+    batch_size: int = _field(64, ge=1)
+    eval_batch_size: int = _field(256, ge=1)
+    lr: float = _field(1e-3, gt=0.0)
+    weight_decay: float = _field(0.01, ge=0.0)
+    schedule: str = _field("cosine", choices=SCHEDULES)
+    warmup_steps: int = _field(0, ge=0)
+    min_lr_ratio: float = _field(0.0, ge=0.0, le=1.0)
+    grad_clip: float = _field(1.0, ge=0.0)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    compile: bool = False
+    eval_every: int = _field(0, ge=0)
+    checkpoint_every: int = _field(0, ge=0)
+    log_every: int = _field(10, ge=1)
+    progress: bool = True
+    find_unused_parameters: bool = True
+
+    def _check(self) -> None:
+        import torch
+
+        if self.device != "auto":
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, ValueError):
+                device = None
+            if device is None or device.type not in ("cpu", "cuda"):
+                raise ConfigError(
+                    "train.device must be one of ['auto', 'cpu', 'cuda', 'cuda:N'], "
+                    f"got {self.device!r}"
+                )
+
+
+@dataclass(frozen=True)
+class EnergyConfig(_Section):
+    """``[energy]``: the energy report written after training.
+
+    ``profile`` names a hardware profile of :mod:`energy.profiles` (checked when the report
+    is built); ``num_batches`` limits the test batches counted (0 = the whole test set).
+    """
+
+    section: ClassVar[str] = "energy"
+    enabled: bool = True
+    profile: str = "cmos45"
+    num_batches: int = _field(0, ge=0)
+
+    def _check(self) -> None:
+        if not self.profile:
+            raise ConfigError("energy.profile must name a profile, got ''")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: one TOML file."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+
+    @classmethod
+    def from_dict(
+        cls, raw: dict[str, Any], *, default_name: str = "experiment"
+    ) -> ExperimentConfig:
+        """Build from a parsed TOML document; raises :class:`ConfigError` naming the field.
+
+        Example:
+            >>> ExperimentConfig.from_dict({"model": {"num_experts": 4, "k": 2}}).model.k
+            2
+            >>> ExperimentConfig.from_dict({"train": {"lr": -1}})
+            Traceback (most recent call last):
+            ...
+            spiking_moe.config.ConfigError: train.lr must be > 0.0, got -1.0
+        """
+        sections = {
+            "data": DataConfig,
+            "model": ModelConfig,
+            "train": TrainConfig,
+            "energy": EnergyConfig,
+        }
+        allowed_top = ["name", *sections]
+        unknown = sorted(set(raw) - set(allowed_top))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} at top level; allowed: {allowed_top}")
+        name = raw.get("name", default_name)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name must be a non-empty string, got {name!r}")
+        built = {}
+        for key, section_cls in sections.items():
+            table = raw.get(key, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{key} must be a table ([{key}]), got {table!r}")
+            allowed = [f.name for f in fields(section_cls)]
+            unknown = sorted(set(table) - set(allowed))
+            if unknown:
+                raise ConfigError(
+                    f"unknown key(s) {[f'{key}.{u}' for u in unknown]}; allowed in [{key}]: {allowed}"
+                )
+            built[key] = section_cls(**table)
+        return cls(name=name, **built)
+
+
+def load_config(path: str | Path, *, check_files: bool = True) -> ExperimentConfig:
+    """Read and validate a TOML experiment config.
+
+    Args:
+        path: the ``.toml`` file; its stem is the default ``name``.
+        check_files: also check that the dataset's local files exist (``data.root``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ConfigError: TOML syntax error, unknown key, wrong type or bad value (names the field).
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    try:
+        config = ExperimentConfig.from_dict(raw, default_name=path.stem)
+        if check_files:
+            config.data.check_files()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """Plain nested dict (TOML-shaped; ``None`` fields dropped), safe for JSON and checkpoints."""
+
+    def clean(obj):
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if v is not None}
+        if isinstance(obj, tuple):
+            return list(obj)
+        return obj
+
+    return clean(asdict(config))
+
+
+def flatten_config(config: ExperimentConfig) -> dict[str, Any]:
+    """``{"train.lr": 0.001, ...}``: one level, for TensorBoard hparams."""
+    flat: dict[str, Any] = {}
+    for key, value in config_to_dict(config).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat

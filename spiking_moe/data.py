@@ -1,0 +1,579 @@
+"""Offline datasets presented as time-major spike trains or currents, and a deterministic loader.
+
+Nothing here downloads. The small datasets are generated or bundled; the event datasets are read
+from files the user already has.
+
+=========  ==================================================  =======  ===========================
+name       source                                              classes  batch ``x`` ``[T, B, F]``
+=========  ==================================================  =======  ===========================
+digits     ``sklearn.datasets.load_digits`` (1797 8x8 images,  10       F = 64; "rate": Bernoulli
+           bundled), pixels / 16 in [0, 1]                              spikes; "current": constant
+mnist1d    ``mnist1d.data.make_dataset`` (generated locally,   10       "sequence": T = 40, F = 1,
+           never ``get_dataset``, which downloads)                      the signal as input current;
+                                                                        "current": F = 40, constant
+shd        Spiking Heidelberg Digits ``shd_{train,test}.h5``   20       F = 700, binary spikes
+nmnist     N-MNIST ``{Train,Test}/<digit>/*.bin``              10       F = 2 * 34 * 34, binary
+=========  ==================================================  =======  ===========================
+
+Event data are binned into T equal bins over ``[0, max_time)``; several events of one channel in
+one bin give a single spike (values stay in {0, 1}, so downstream layers count accumulates, not
+multiply-accumulates). Events at or after ``max_time`` are dropped.
+
+Every dataset yields ``(x_TF, label)`` per sample and ``(x_TBF, y_B)`` per batch through
+``get_batch``; :class:`BatchLoader` draws batches with a permutation fixed by ``(seed, epoch)`` and
+rate-encoding noise fixed by ``(seed, epoch, batch, rank)``, so an epoch can be replayed from
+any batch (exact resume) and sharded across processes without a sampler object.
+
+Letters: T time steps, B batch, N samples, F features, C classes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import encoding as _encoding
+
+if TYPE_CHECKING:
+    from .config import DataConfig
+
+__all__ = [
+    "DATASETS",
+    "BatchLoader",
+    "DataSplits",
+    "InMemoryDataset",
+    "NMNISTDataset",
+    "SHDDataset",
+    "build_datasets",
+    "collate_time_major",
+    "expected_files",
+    "split_indices",
+]
+
+#: dataset name -> allowed encodings (the first is the default).
+DATASETS: dict[str, tuple[str, ...]] = {
+    "digits": ("rate", "current"),
+    "mnist1d": ("sequence", "current"),
+    "shd": ("events",),
+    "nmnist": ("events",),
+}
+#: dataset name -> default number of time steps (mnist1d "sequence" is always 40).
+DEFAULT_STEPS = {"digits": 16, "mnist1d": 40, "shd": 100, "nmnist": 30}
+#: event datasets: default binning window in seconds.
+DEFAULT_MAX_TIME_S = {"shd": 1.4, "nmnist": 0.3}
+
+SHD_CHANNELS = 700
+SHD_CLASSES = 20
+NMNIST_SIZE = 34
+NMNIST_FEATURES = 2 * NMNIST_SIZE * NMNIST_SIZE
+MNIST1D_LENGTH = 40
+
+
+def _mix_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (statistically independent streams)."""
+    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def split_indices(num_samples: int, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:
+    """Seeded random split of ``range(num_samples)`` into ``len(fractions) + 1`` index sets.
+
+    The last set takes the remainder. Same ``(num_samples, fractions, seed)``, same split.
+
+    Example:
+        >>> [len(s) for s in split_indices(10, (0.2, 0.3), seed=0)]
+        [2, 3, 5]
+    """
+    if any(f < 0 for f in fractions) or sum(fractions) > 1:
+        raise ValueError(f"fractions must be >= 0 and sum to <= 1, got {fractions}")
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    sizes = [int(round(f * num_samples)) for f in fractions]
+    out, start = [], 0
+    for size in sizes:
+        out.append(perm[start : start + size].sort().values)
+        start += size
+    out.append(perm[start:].sort().values)
+    return out
+
+
+def collate_time_major(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``collate_fn`` for a ``torch.utils.data.DataLoader``: ``(x_TF, y)`` items -> ``(x_TBF, y_B)``.
+
+    Example:
+        >>> x, y = collate_time_major([(torch.zeros(3, 2), 0), (torch.ones(3, 2), 1)])
+        >>> tuple(x.shape), y.tolist()
+        ((3, 2, 2), [0, 1])
+    """
+    x_TBF = torch.stack([x for x, _ in items], dim=1)
+    y_B = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
+    return x_TBF, y_B
+
+
+class InMemoryDataset(Dataset):
+    """Small data held as tensors, encoded over time per batch.
+
+    Args:
+        x: ``[N, F]`` static features (encodings "rate", "current") or ``[N, T, F]`` time series
+            (encoding "sequence").
+        y: ``[N]`` integer labels in ``[0, num_classes)``.
+        encoding: "rate" (Bernoulli spikes with probability ``x``, needs ``x`` in [0, 1]),
+            "current" (``x`` as constant input current at every step) or "sequence".
+        num_steps: T for "rate" and "current"; must equal ``x.shape[1]`` for "sequence".
+        num_classes: C.
+        seed: fixes the rate-code noise of :meth:`__getitem__`.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        encoding: str,
+        num_steps: int,
+        num_classes: int,
+        seed: int = 0,
+    ):
+        if encoding not in ("rate", "current", "sequence"):
+            raise ValueError(
+                f"unknown encoding {encoding!r}; valid: ['rate', 'current', 'sequence']"
+            )
+        expected_dim = 3 if encoding == "sequence" else 2
+        if x.dim() != expected_dim:
+            raise ValueError(
+                f"encoding {encoding!r} needs x of {expected_dim} dims "
+                f"({'[N, T, F]' if expected_dim == 3 else '[N, F]'}), got shape {tuple(x.shape)}"
+            )
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
+        if encoding == "sequence" and x.shape[1] != num_steps:
+            raise ValueError(f"sequence length {x.shape[1]} != num_steps {num_steps}")
+        if encoding == "rate" and bool(((x < 0) | (x > 1)).any()):
+            raise ValueError("encoding 'rate' needs x in [0, 1] (firing probabilities)")
+        self.x = x.float().contiguous()
+        self.y = y.long()
+        self.encoding = encoding
+        self.num_steps = num_steps
+        self.num_classes = num_classes
+        self.num_features = x.shape[-1]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, index))
+        x_TBF, y_B = self.get_batch(torch.tensor([index]), generator)
+        return x_TBF[:, 0], int(y_B[0])
+
+    def subset(self, indices: torch.Tensor) -> InMemoryDataset:
+        """A dataset of the samples at ``indices`` (copies the small tensors)."""
+        return InMemoryDataset(
+            self.x[indices],
+            self.y[indices],
+            encoding=self.encoding,
+            num_steps=self.num_steps,
+            num_classes=self.num_classes,
+            seed=self.seed,
+        )
+
+    def get_batch(
+        self, indices: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_TBF, y_B)`` for the samples at ``indices``; ``generator`` seeds the rate code."""
+        x = self.x[indices]
+        if self.encoding == "rate":
+            x_TBF = _encoding.rate(x, self.num_steps, generator=generator)
+        elif self.encoding == "current":
+            x_TBF = _encoding.direct(x, self.num_steps).contiguous()
+        else:
+            x_TBF = x.transpose(0, 1).contiguous()
+        return x_TBF, self.y[indices]
+
+
+class _EventDataset(Dataset):
+    """Shared binning of (time, channel) events into ``[T, B, F]`` binary spikes."""
+
+    num_features: int
+    num_classes: int
+
+    def __init__(self, num_steps: int, max_time_s: float, indices: np.ndarray):
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if not max_time_s > 0:
+            raise ValueError(f"max_time_s must be > 0, got {max_time_s}")
+        self.num_steps = num_steps
+        self.max_time_s = float(max_time_s)
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _events(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(times in seconds, channel ids, label) of stored sample ``index``."""
+        raise NotImplementedError
+
+    def _bin(self, samples: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
+        x_TBF = np.zeros((self.num_steps, len(samples), self.num_features), dtype=np.float32)
+        for b, (times, channels) in enumerate(samples):
+            bins = np.floor(times * (self.num_steps / self.max_time_s)).astype(np.int64)
+            keep = (bins >= 0) & (bins < self.num_steps)
+            x_TBF[bins[keep], b, channels[keep]] = 1.0
+        return torch.from_numpy(x_TBF)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x_TBF, y_B = self.get_batch(torch.tensor([index]))
+        return x_TBF[:, 0], int(y_B[0])
+
+    def get_batch(
+        self, indices: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_TBF, y_B)`` binary spikes for the samples at ``indices`` (no randomness)."""
+        samples, labels = [], []
+        for i in indices.tolist():
+            times, channels, label = self._events(int(self.indices[i]))
+            samples.append((times, channels))
+            labels.append(label)
+        return self._bin(samples), torch.tensor(labels, dtype=torch.long)
+
+
+class SHDDataset(_EventDataset):
+    """Spiking Heidelberg Digits from a local ``.h5`` file (Cramer, Zenke et al. 2020 format).
+
+    The file holds ``spikes/times`` (seconds, one array per sample), ``spikes/units`` (channel
+    0..699 per event) and ``labels`` (0..19).
+
+    Args:
+        path: ``.../shd_train.h5`` or ``.../shd_test.h5``.
+        num_steps: T bins over ``[0, max_time_s)``.
+        indices: which stored samples to use (all when None).
+    """
+
+    num_features = SHD_CHANNELS
+    num_classes = SHD_CLASSES
+
+    def __init__(
+        self,
+        path: str | Path,
+        num_steps: int = DEFAULT_STEPS["shd"],
+        max_time_s: float = DEFAULT_MAX_TIME_S["shd"],
+        indices: np.ndarray | None = None,
+    ):
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"SHD file not found: {self.path} (expected shd_train.h5 and shd_test.h5 in "
+                "data.root; get them from https://zenkelab.org/datasets/ and gunzip)"
+            )
+        self._file = h5py.File(self.path, "r")
+        for key in ("spikes/times", "spikes/units", "labels"):
+            if key not in self._file:
+                raise ValueError(f"{self.path} is not an SHD file: it has no {key!r} dataset")
+        self._times = self._file["spikes/times"]
+        self._units = self._file["spikes/units"]
+        self._labels = np.asarray(self._file["labels"][:], dtype=np.int64)
+        if len(self._labels) and (self._labels.min() < 0 or self._labels.max() >= SHD_CLASSES):
+            raise ValueError(f"{self.path}: labels must lie in [0, {SHD_CLASSES})")
+        all_indices = np.arange(len(self._labels)) if indices is None else indices
+        super().__init__(num_steps, max_time_s, all_indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels[self.indices]
+
+    def subset(self, indices: torch.Tensor) -> SHDDataset:
+        return SHDDataset(self.path, self.num_steps, self.max_time_s, self.indices[indices.numpy()])
+
+    def _events(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        units = np.asarray(self._units[index], dtype=np.int64)
+        if units.size and (units.min() < 0 or units.max() >= SHD_CHANNELS):
+            raise ValueError(f"{self.path}: sample {index} has units outside [0, {SHD_CHANNELS})")
+        times = np.asarray(self._times[index], dtype=np.float64)
+        return times, units, int(self._labels[index])
+
+
+def read_nmnist_events(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Decode one N-MNIST ``.bin`` file (Orchard et al. 2015): 5 bytes per event.
+
+    Byte 0 is x, byte 1 is y, bit 7 of byte 2 the polarity, and the remaining 23 bits
+    (byte 2 bits 6..0, bytes 3, 4; big-endian) the timestamp in microseconds.
+
+    Returns:
+        ``(x, y, polarity, t_us)`` int64 arrays, one entry per event.
+    """
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 5:
+        raise ValueError(f"{path}: size {raw.size} bytes is not a multiple of 5 (N-MNIST events)")
+    raw = raw.reshape(-1, 5).astype(np.int64)
+    t_us = ((raw[:, 2] & 0x7F) << 16) | (raw[:, 3] << 8) | raw[:, 4]
+    return raw[:, 0], raw[:, 1], raw[:, 2] >> 7, t_us
+
+
+class NMNISTDataset(_EventDataset):
+    """N-MNIST from local binary event files in ``<root>/<Train|Test>/<digit>/*.bin``.
+
+    Channel of an event: ``polarity * 34 * 34 + y * 34 + x`` (F = 2312).
+
+    Args:
+        split_dir: ``<root>/Train`` or ``<root>/Test``.
+        num_steps: T bins over ``[0, max_time_s)``.
+        indices: which files (in sorted order) to use (all when None).
+    """
+
+    num_features = NMNIST_FEATURES
+    num_classes = 10
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        num_steps: int = DEFAULT_STEPS["nmnist"],
+        max_time_s: float = DEFAULT_MAX_TIME_S["nmnist"],
+        indices: np.ndarray | None = None,
+        *,
+        _files: list[tuple[Path, int]] | None = None,
+    ):
+        self.split_dir = Path(split_dir)
+        if _files is None:
+            if not self.split_dir.is_dir():
+                raise FileNotFoundError(
+                    f"N-MNIST folder not found: {self.split_dir} (expected data.root to hold "
+                    "Train/<digit>/*.bin and Test/<digit>/*.bin, as unzipped from the "
+                    "original release)"
+                )
+            _files = [
+                (path, digit)
+                for digit in range(10)
+                for path in sorted((self.split_dir / str(digit)).glob("*.bin"))
+            ]
+            if not _files:
+                raise FileNotFoundError(f"no N-MNIST files {self.split_dir}/<digit>/*.bin")
+        self._files = _files
+        all_indices = np.arange(len(_files)) if indices is None else indices
+        super().__init__(num_steps, max_time_s, all_indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([self._files[i][1] for i in self.indices], dtype=np.int64)
+
+    def subset(self, indices: torch.Tensor) -> NMNISTDataset:
+        return NMNISTDataset(
+            self.split_dir,
+            self.num_steps,
+            self.max_time_s,
+            self.indices[indices.numpy()],
+            _files=self._files,
+        )
+
+    def _events(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        path, label = self._files[index]
+        x, y, polarity, t_us = read_nmnist_events(path)
+        inside = (x < NMNIST_SIZE) & (y < NMNIST_SIZE)
+        channels = polarity * NMNIST_SIZE * NMNIST_SIZE + y * NMNIST_SIZE + x
+        return t_us[inside] * 1e-6, channels[inside], label
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train, validation and test datasets with their shape facts."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    num_features: int
+    num_classes: int
+    num_steps: int
+
+
+def expected_files(name: str, root: str | Path) -> list[Path]:
+    """Paths that must exist before dataset ``name`` can be read from ``root`` (empty if none)."""
+    root = Path(root).expanduser()
+    if name == "shd":
+        return [root / "shd_train.h5", root / "shd_test.h5"]
+    if name == "nmnist":
+        return [root / "Train", root / "Test"]
+    return []
+
+
+def _load_mnist1d(num_samples: int, seed: int) -> dict:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    # make_dataset reseeds the global numpy and python generators; keep the caller's streams.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        return make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def build_datasets(config: DataConfig) -> DataSplits:
+    """Build the train/val/test datasets named by ``config`` (see the module table).
+
+    Splits are deterministic in ``config.seed``: digits is split into train/val/test by
+    ``val_fraction`` and ``test_fraction``; the others come with a test set, and val is carved
+    from their training set.
+    """
+    name = config.name
+    encoding = config.encoding if config.encoding != "default" else DATASETS[name][0]
+    num_steps = config.num_steps or DEFAULT_STEPS[name]
+    max_time_s = config.max_time_s or DEFAULT_MAX_TIME_S.get(name, 0.0)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        full = InMemoryDataset(
+            torch.from_numpy(digits.data / 16.0).float(),
+            torch.from_numpy(digits.target),
+            encoding=encoding,
+            num_steps=num_steps,
+            num_classes=10,
+            seed=config.seed,
+        )
+        test_idx, val_idx, train_idx = split_indices(
+            len(full), (config.test_fraction, config.val_fraction), config.seed
+        )
+        train, val, test = full.subset(train_idx), full.subset(val_idx), full.subset(test_idx)
+    elif name == "mnist1d":
+        raw = _load_mnist1d(config.mnist1d_num_samples, config.mnist1d_seed)
+        x_train = torch.from_numpy(raw["x"]).float()
+        x_test = torch.from_numpy(raw["x_test"]).float()
+        if encoding == "sequence":
+            if num_steps != MNIST1D_LENGTH:
+                raise ValueError(
+                    f"data.num_steps must be {MNIST1D_LENGTH} (or 0) for mnist1d 'sequence', "
+                    f"got {num_steps}"
+                )
+            x_train, x_test = x_train.unsqueeze(-1), x_test.unsqueeze(-1)
+        kwargs = dict(encoding=encoding, num_steps=num_steps, num_classes=10, seed=config.seed)
+        full_train = InMemoryDataset(x_train, torch.from_numpy(raw["y"]), **kwargs)
+        test = InMemoryDataset(x_test, torch.from_numpy(raw["y_test"]), **kwargs)
+        val_idx, train_idx = split_indices(len(full_train), (config.val_fraction,), config.seed)
+        train, val = full_train.subset(train_idx), full_train.subset(val_idx)
+    elif name in ("shd", "nmnist"):
+        missing = [p for p in expected_files(name, config.root) if not p.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"data.root: {name} needs {', '.join(str(p) for p in missing)}, which do not exist"
+            )
+        root = Path(config.root).expanduser()
+        if name == "shd":
+            full_train = SHDDataset(root / "shd_train.h5", num_steps, max_time_s)
+            test = SHDDataset(root / "shd_test.h5", num_steps, max_time_s)
+        else:
+            full_train = NMNISTDataset(root / "Train", num_steps, max_time_s)
+            test = NMNISTDataset(root / "Test", num_steps, max_time_s)
+        val_idx, train_idx = split_indices(len(full_train), (config.val_fraction,), config.seed)
+        train, val = full_train.subset(train_idx), full_train.subset(val_idx)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}")
+    return DataSplits(
+        train=train,
+        val=val if len(val) else None,
+        test=test,
+        num_features=train.num_features,
+        num_classes=train.num_classes,
+        num_steps=num_steps,
+    )
+
+
+class BatchLoader:
+    """Deterministic batches ``(x_TBF, y_B)`` from a dataset with ``get_batch``.
+
+    Epoch ``e`` visits a permutation fixed by ``(seed, e)`` (or the stored order when
+    ``shuffle=False``). Under data parallelism every rank computes the same permutation and
+    takes every ``world_size``-th sample from position ``rank``; with ``pad=True`` (training)
+    the permutation is padded by wrapping around so all ranks see the same number of batches,
+    with ``pad=False`` (evaluation) each sample is seen exactly once overall. Rate-code noise of
+    batch ``b`` comes from a generator seeded by ``(seed, epoch, b, rank)``.
+
+    Args:
+        dataset: an :class:`InMemoryDataset`, :class:`SHDDataset`, :class:`NMNISTDataset` or
+            anything with ``__len__`` and ``get_batch(indices, generator)``.
+        batch_size: per-process batch size B.
+        shuffle: reshuffle every epoch.
+        seed: permutation and encoding seed.
+        drop_last: drop the last incomplete batch.
+        rank, world_size: this process's shard.
+        pad: pad the permutation to a multiple of ``world_size`` (see above).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool | None = None,
+    ):
+        if not hasattr(dataset, "get_batch"):
+            raise TypeError(f"{type(dataset).__name__} has no get_batch(indices, generator)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.pad = shuffle if pad is None else pad
+        self.epoch = 0
+
+    def _shard_size(self) -> int:
+        n = len(self.dataset)
+        if self.pad:
+            return math.ceil(n / self.world_size)
+        return len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        size = self._shard_size()
+        return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch that ``iter(loader)`` replays."""
+        self.epoch = epoch
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample order in ``epoch``."""
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
+            )
+        else:
+            order = torch.arange(n)
+        if self.pad and n % self.world_size:
+            extra = self.world_size - n % self.world_size
+            order = torch.cat([order, order[:extra].repeat(math.ceil(extra / max(n, 1)))[:extra]])
+        return order[self.rank :: self.world_size]
+
+    def iter_epoch(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start_batch, start_batch + 1, ...`` of ``epoch`` (exactly as a full pass)."""
+        order = self.indices(epoch)
+        for b in range(start_batch, len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, b, self.rank))
+            yield self.dataset.get_batch(idx, generator)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_epoch(self.epoch)
