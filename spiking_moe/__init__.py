@@ -3,11 +3,48 @@
 import logging
 
 from . import encoding, functional
+from .dispatch import DispatchPlan, combine, dense_masked, dispatch, run_experts
+from .experts import MLPExpert, SpikingExpert
 from .functional.surrogate import Surrogate
+from .models import (
+    ANNClassifier,
+    ClassifierOutput,
+    DenseSNNClassifier,
+    SpikingMoEClassifier,
+    active_parameter_count,
+)
+from .moe import MoEOutput, SpikingMoE, set_dense, update_router_biases
 from .neurons import LIF
+from .router import RateRouter, RoutingInfo, SpikingRouter, route
 
 __version__ = "0.1.0"
 
-__all__ = ["LIF", "Surrogate", "encoding", "functional"]
+__all__ = [
+    "LIF",
+    "Surrogate",
+    "encoding",
+    "functional",
+    # MoE (issue 4)
+    "ANNClassifier",
+    "ClassifierOutput",
+    "DenseSNNClassifier",
+    "DispatchPlan",
+    "MLPExpert",
+    "MoEOutput",
+    "RateRouter",
+    "RoutingInfo",
+    "SpikingExpert",
+    "SpikingMoE",
+    "SpikingMoEClassifier",
+    "SpikingRouter",
+    "active_parameter_count",
+    "combine",
+    "dense_masked",
+    "dispatch",
+    "route",
+    "run_experts",
+    "set_dense",
+    "update_router_biases",
+]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -10,6 +10,10 @@ MODULES = [
     "spiking_moe.functional.lif",
     "spiking_moe.neurons",
     "spiking_moe.encoding",
+    "spiking_moe.experts",
+    "spiking_moe.router",
+    "spiking_moe.moe",
+    "spiking_moe.models",
 ]
 
 
