@@ -12,9 +12,11 @@ chosen per token, ``W`` routing windows, ``L`` window length (steps).
   its spike counts :math:`c_e` over the window are the scores, :math:`z = g\, c / L`
   (``gain`` :math:`g`). The surrogate gradient carries the loss back to :math:`W, b`.
 
-**Selection.** :math:`p = \mathrm{softmax}(z)`; the ids are the top-k of :math:`p + \beta`,
-where :math:`\beta` is the auxiliary-loss-free balancing bias (selection only, never in the
-gates); gates :math:`g_j = p_{i_j} / \sum_{j'} p_{i_{j'}}` (``renormalize=True``) or
+**Selection.** :math:`p = \mathrm{softmax}(z)`; the ids are the top-k of :math:`z + \beta`
+(the top-k of :math:`p` when :math:`\beta = 0`), where :math:`\beta` is the
+auxiliary-loss-free balancing bias (selection only, never in the gates; in logit space because
+softmax squashes the unpreferred probabilities together, where a bias on :math:`p` would move
+all tokens at once); gates :math:`g_j = p_{i_j} / \sum_{j'} p_{i_{j'}}` (``renormalize=True``) or
 :math:`p_{i_j}`. Ties go to the lower expert id (``torch.topk``).
 
 **Losses** (on the router's selection, before capacity drops), averaged over all windows:
@@ -164,7 +166,7 @@ def route(
         logits_XNE: ``[W, N, E]`` noise-free logits, one slice per window (``W = 1`` when not
             windowed).
         k: experts per token.
-        selection_bias: ``[E]`` added to the probabilities for selection only.
+        selection_bias: ``[E]`` added to the logits for selection only.
         noisy_logits_XNE: logits with training noise, used for probabilities and selection;
             the z-loss always uses ``logits_XNE``. None: no noise.
         capacity_factor: None (unlimited) or > 0; see the module docstring for the policy.
@@ -180,7 +182,9 @@ def route(
     probs = torch.softmax(
         (logits_XNE if noisy_logits_XNE is None else noisy_logits_XNE).float(), dim=-1
     ).to(logits_XNE.dtype)
-    scores = probs.detach()
+    # Selection in logit space: softmax squashes the unpreferred experts' probabilities
+    # towards 0, where an additive bias would move every token at once (herding).
+    scores = (logits_XNE if noisy_logits_XNE is None else noisy_logits_XNE).detach()
     if selection_bias is not None:
         scores = scores + selection_bias.detach().to(scores.dtype)
     ids_XNK = torch.topk(scores, k, dim=-1, sorted=True).indices
