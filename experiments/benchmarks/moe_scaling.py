@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import re
 import statistics
@@ -62,26 +63,43 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_layer(moe, x, repeats, warmup, device):
-    times = []
+def fwd_bwd(moe, x, device) -> float:
+    moe.zero_grad(set_to_none=True)
+    sync(device)
+    start = time.perf_counter()
+    out = moe(x)
+    (out.spikes.sum() + out.aux_loss).backward()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_round_robin(layers, x, repeats, warmup, device) -> dict[str, float]:
+    """Median forward+backward time per layer, the layers interleaved repeat by repeat.
+
+    Interleaving exposes every layer to the same background load on a shared machine, so the
+    ratios stay meaningful even when absolute times drift.
+    """
+    times: dict[str, list[float]] = {name: [] for name in layers}
     for i in range(warmup + repeats):
-        moe.zero_grad(set_to_none=True)
-        sync(device)
-        start = time.perf_counter()
-        out = moe(x)
-        (out.spikes.sum() + out.aux_loss).backward()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+        for name, moe in layers.items():
+            elapsed = fwd_bwd(moe, x, device)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def machine(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+        cpu = names[0].strip() if names else cpu
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return (
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch "
-        f"threads, torch {torch.__version__}, Python {platform.python_version()}"
+        f"{cpu}, {os.cpu_count()} cores{load}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
     )
 
 
@@ -112,24 +130,18 @@ def main(argv=None):
     rates = torch.rand(1, args.batch, args.features, generator=g) * 2 * args.rate
     x = torch.bernoulli(rates.expand(args.steps, args.batch, args.features), generator=g).to(device)
 
-    rows = []
-    sparse = {}
-    for E in args.experts:
-        moe = build(E, args, device, x)
-        median, _ = time_layer(moe, x, args.repeats, args.warmup, device)
-        sparse[E] = median
-        ratio = load_ratio(moe, x)
-        rows.append((f"sparse, E={E}", median, ratio))
-        print(f"sparse E={E:3d}: {median * 1e3:9.1f} ms  (max/mean load {ratio:.2f})", flush=True)
-    dense_moe = build(args.dense_experts, args, device, x)
-    dense_moe.dense = True
-    dense, _ = time_layer(dense_moe, x, args.repeats, args.warmup, device)
-    rows.append((f"dense-masked, E={args.dense_experts}", dense, load_ratio(dense_moe, x)))
-    print(f"dense E={args.dense_experts:3d}: {dense * 1e3:9.1f} ms", flush=True)
-    if args.dense_experts not in sparse:
-        sparse[args.dense_experts], _ = time_layer(
-            build(args.dense_experts, args, device, x), x, args.repeats, args.warmup, device
-        )
+    layers = {f"sparse, E={E}": build(E, args, device, x) for E in args.experts}
+    if args.dense_experts not in args.experts:
+        layers[f"sparse, E={args.dense_experts}"] = build(args.dense_experts, args, device, x)
+    dense_name = f"dense-masked, E={args.dense_experts}"
+    layers[dense_name] = build(args.dense_experts, args, device, x)
+    layers[dense_name].dense = True
+    medians = time_round_robin(layers, x, args.repeats, args.warmup, device)
+    rows = [(name, medians[name], load_ratio(moe, x)) for name, moe in layers.items()]
+    for name, median, ratio in rows:
+        print(f"{name:20s} {median * 1e3:9.1f} ms  (max/mean expert load {ratio:.2f})")
+    sparse = {E: medians[f"sparse, E={E}"] for E in [*args.experts, args.dense_experts]}
+    dense = medians[dense_name]
 
     lo, hi = min(args.experts), max(args.experts)
     scale = sparse[hi] / sparse[lo]
@@ -147,7 +159,7 @@ def main(argv=None):
             f"One `SpikingMoE` layer (RateRouter, SpikingExpert D -> {args.expert_hidden} -> D), "
             f"forward + backward, T={args.steps}, B={args.batch}, D={args.features}, "
             f"k={args.k}, input spike rate {args.rate}; median of {args.repeats} repeats after "
-            f"{args.warmup} warm-up. Routers balanced first with {args.balance_steps} "
+            f"{args.warmup} warm-up, layers interleaved repeat by repeat. Routers balanced first with {args.balance_steps} "
             f"aux-loss-free bias steps on the same input (a trained router's load).\n\n"
             f"- Machine: {machine(device)}, device `{device}`\n"
             f"- Date: {datetime.date.today().isoformat()}\n"
