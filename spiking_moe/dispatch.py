@@ -25,17 +25,42 @@ work; it exists only for comparison.
 Host syncs: :func:`dispatch` reads the ``E`` per-expert counts to the host once
 (``tolist``), because slicing the rows for each expert module needs Python ints. Nothing
 else synchronises.
+
+:func:`run_experts_grouped` computes the same thing as :func:`run_experts` for a list of
+identically shaped :class:`~spiking_moe.experts.SpikingExpert` (or
+:class:`~spiking_moe.experts.MLPExpert`) with one grouped GEMM per layer
+(``torch._grouped_mm``, rows laid out token-major ``[R T, D]`` so each expert's rows are
+contiguous) and one LIF call over all rows, with each expert's beta and threshold gathered per
+row. It calls the experts' parameters, not their modules, so module hooks do not fire:
+:class:`~spiking_moe.moe.SpikingMoE` only takes it on CUDA, when
+:func:`grouped_supported` says yes and no hook is registered. :func:`run_experts` is its
+reference, and the tests compare the two (``torch._grouped_mm`` also runs on CPU).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["DispatchPlan", "combine", "dense_masked", "dispatch", "run_experts"]
+from .experts import MLPExpert, SpikingExpert
+from .functional.lif import lif_multistep
+from .neurons import LIF
+
+__all__ = [
+    "DispatchPlan",
+    "combine",
+    "dense_masked",
+    "dispatch",
+    "grouped_supported",
+    "run_experts",
+    "run_experts_grouped",
+]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,3 +233,89 @@ def dense_masked(
         y = expert(x_TND) * mask_NE[:, e].to(x_TND.dtype).view(1, -1, 1)
         out = y if out is None else out + y
     return out
+
+
+def grouped_supported(experts: Sequence[nn.Module], dtype: torch.dtype = torch.float32) -> bool:
+    """Whether :func:`run_experts_grouped` can stand in for :func:`run_experts` exactly.
+
+    True for experts of one class (:class:`SpikingExpert` or :class:`MLPExpert`) with equal
+    sizes, each a multiple of 16 bytes in ``dtype`` (a ``_grouped_mm`` stride rule), whose LIFs are native, share reset, surrogate and ``detach_reset`` and have scalar
+    beta and threshold (values may differ per expert), on a torch with ``_grouped_mm``, and
+    with no forward hooks on any expert submodule (hooks must see the per-expert calls).
+    """
+    if not hasattr(torch, "_grouped_mm") or not experts:
+        return False
+    first = experts[0]
+    if type(first) not in (SpikingExpert, MLPExpert):
+        return False
+    shape = (first.in_features, first.hidden_features, first.out_features, first.num_layers)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any(size * itemsize % 16 for size in shape[:3]):
+        return False
+    lif_keys = set()
+    global_hooks = nn.modules.module._global_forward_hooks  # noqa: SLF001
+    global_pre = nn.modules.module._global_forward_pre_hooks  # noqa: SLF001
+    if global_hooks or global_pre:
+        return False
+    for expert in experts:
+        if type(expert) is not type(first):
+            return False
+        if (expert.in_features, expert.hidden_features, expert.out_features) != shape[:3]:
+            return False
+        if expert.num_layers != shape[3]:
+            return False
+        for module in expert.modules():
+            if module._forward_hooks or module._forward_pre_hooks:  # noqa: SLF001
+                return False
+            if isinstance(module, LIF):
+                if module.backend != "native" or module.beta.dim() or module.threshold.dim():
+                    return False
+                lif_keys.add((module.reset, module.surrogate, module.detach_reset))
+    return len(lif_keys) <= 1
+
+
+def run_experts_grouped(
+    experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: DispatchPlan
+) -> torch.Tensor:
+    """:func:`run_experts` with one grouped GEMM per layer (``torch._grouped_mm``).
+
+    Args:
+        experts: experts for which :func:`grouped_supported` is True.
+        x_TRD, plan: as for :func:`run_experts`.
+
+    Returns:
+        ``[T, R, O]``, equal to ``run_experts(experts, x_TRD, plan)`` up to float rounding
+        (the GEMM's summation order).
+    """
+    if len(experts) != plan.num_experts:
+        raise ValueError(f"plan is for {plan.num_experts} experts, got {len(experts)} experts")
+    T, R, _ = x_TRD.shape
+    counts = plan.tokens_per_expert
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(len(experts), device=counts.device), counts, output_size=R
+    )
+    offsets = (torch.cumsum(counts, 0) * T).to(torch.int32)
+    h = x_TRD.transpose(0, 1).reshape(R * T, -1)
+    modules = [list(expert.net) for expert in experts]
+    for i, layer in enumerate(modules[0]):
+        if isinstance(layer, nn.Linear):
+            weight = torch.stack([m[i].weight for m in modules]).transpose(1, 2)
+            bias = torch.stack([m[i].bias for m in modules])[expert_of_row]
+            out = torch._grouped_mm(h, weight, offs=offsets)
+            h = (out.view(R, T, -1) + bias[:, None, :]).view(R * T, -1)
+        elif isinstance(layer, LIF):
+            beta = torch.stack([m[i].beta for m in modules]).clamp(0.0, 1.0)
+            threshold = torch.stack([m[i].threshold for m in modules])
+            h_TRH = h.view(R, T, -1).transpose(0, 1)
+            spikes = lif_multistep(
+                h_TRH,
+                beta=beta[expert_of_row].view(R, 1),
+                threshold=threshold[expert_of_row].view(R, 1),
+                reset=layer.reset,
+                surrogate=layer.surrogate,
+                detach_reset=layer.detach_reset,
+            ).spikes
+            h = spikes.transpose(0, 1).reshape(R * T, -1)
+        else:
+            h = layer(h)
+    return h.view(R, T, -1).transpose(0, 1)

@@ -22,17 +22,29 @@ output LIF integrates over the whole sequence.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .dispatch import combine, dense_masked, dispatch, run_experts
+from .dispatch import (
+    combine,
+    dense_masked,
+    dispatch,
+    grouped_supported,
+    run_experts,
+    run_experts_grouped,
+)
 from .neurons import LIF
 from .router import RoutingInfo
 
-__all__ = ["MoEOutput", "SpikingMoE", "set_dense", "update_router_biases"]
+__all__ = ["GROUPED_GEMM", "MoEOutput", "SpikingMoE", "set_dense", "update_router_biases"]
+
+logger = logging.getLogger(__name__)
+
+GROUPED_GEMM = ("auto", "never", "always")
 
 
 class MoEOutput(NamedTuple):
@@ -78,6 +90,12 @@ class SpikingMoE(nn.Module):
             any time, or with :func:`set_dense` for a whole model.
         check_spikes: check on every call that the input is binary (one reduction and one
             host sync); set False to skip it in training or to feed analog values on purpose.
+        grouped_gemm: "auto" computes the experts with one grouped GEMM per layer
+            (:func:`~spiking_moe.dispatch.run_experts_grouped`) on CUDA when
+            :func:`~spiking_moe.dispatch.grouped_supported` allows it (same-shaped experts,
+            no hooks), else one call per expert; "never" always calls each expert module;
+            "always" takes the grouped path on any device when supported (``torch._grouped_mm``
+            has a CPU fallback). Same values either way.
 
     Shapes:
         ``forward(x)``: ``x`` ``[T, B, D]`` or ``[T, B, S, D]`` -> :class:`MoEOutput` with
@@ -106,8 +124,11 @@ class SpikingMoE(nn.Module):
         neuron: nn.Module | None = None,
         dense: bool = False,
         check_spikes: bool = True,
+        grouped_gemm: str = "auto",
     ):
         super().__init__()
+        if grouped_gemm not in GROUPED_GEMM:
+            raise ValueError(f"unknown grouped_gemm {grouped_gemm!r}; valid: {list(GROUPED_GEMM)}")
         if not isinstance(router, nn.Module):
             raise TypeError(f"router must be an nn.Module, got {type(router).__name__}")
         experts = list(experts)
@@ -131,6 +152,7 @@ class SpikingMoE(nn.Module):
         self.neuron = LIF() if neuron is None else neuron
         self.dense = bool(dense)
         self.check_spikes = bool(check_spikes)
+        self.grouped_gemm = grouped_gemm
         self.in_features = router.in_features
         self.out_features = outs.pop() if outs else None
 
@@ -156,11 +178,21 @@ class SpikingMoE(nn.Module):
             grouped_TRD, plan = dispatch(
                 rows_TXD, ids_XK, gates_XK, self.num_experts, kept_NK=routing.kept.reshape(-1, K)
             )
-            current = combine(run_experts(self.experts, grouped_TRD, plan), plan)
+            current = combine(self._run_experts(grouped_TRD, plan), plan)
         if window is not None:
             current = _from_windows(current, T, N)
         spikes = self.neuron(current)
         return MoEOutput(spikes.reshape(*lead, spikes.shape[-1]), routing, routing.aux_loss)
+
+    def _run_experts(self, grouped_TRD: torch.Tensor, plan) -> torch.Tensor:
+        mode = self.grouped_gemm
+        if mode == "always" or (mode == "auto" and grouped_TRD.is_cuda):
+            if grouped_supported(self.experts, grouped_TRD.dtype):
+                try:
+                    return run_experts_grouped(self.experts, grouped_TRD, plan)
+                except RuntimeError as error:  # e.g. a dtype or GPU the kernel does not take
+                    logger.debug("grouped GEMM unavailable (%s); one call per expert", error)
+        return run_experts(self.experts, grouped_TRD, plan)
 
     def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if not isinstance(x, torch.Tensor):

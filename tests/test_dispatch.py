@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from spiking_moe.dispatch import combine, dense_masked, dispatch, run_experts
+from spiking_moe.dispatch import (
+    combine,
+    dense_masked,
+    dispatch,
+    grouped_supported,
+    run_experts,
+    run_experts_grouped,
+)
+from spiking_moe.experts import MLPExpert, SpikingExpert
 
 T, N, D, O, E, K = 5, 9, 6, 4, 5, 2
 
@@ -148,3 +156,54 @@ def test_wrong_expert_count_and_rank_are_rejected():
         dispatch(_spikes(0)[0], ids, gates, E)
     with pytest.raises(ValueError, match="expert output"):
         combine(torch.zeros(T, 3, O), plan)
+
+
+GD = 8  # _grouped_mm wants rows of a multiple of 16 bytes
+
+
+def _grouped_case(cls, **kw):
+    torch.manual_seed(0)
+    experts = nn.ModuleList(cls(GD, 12, 8, num_layers=2, **kw) for _ in range(E))
+    ids = torch.tensor([[0, 2], [2, 0], [3, 0], [0, 2], [2, 3], [3, 0], [0, 2], [2, 0], [0, 3]])
+    return experts, ids  # experts 1 and 4 get no rows
+
+
+@pytest.mark.parametrize("cls", [SpikingExpert, MLPExpert])
+def test_grouped_gemm_path_equals_the_per_expert_loop(cls):
+    kw = dict(beta=0.7, threshold=0.4) if cls is SpikingExpert else {}
+    experts, ids = _grouped_case(cls, **kw)
+    if cls is SpikingExpert:  # per-expert constants must follow each expert's rows
+        for e, expert in enumerate(experts):
+            expert.net[1].beta.fill_(0.5 + 0.1 * e)
+            expert.net[3].threshold.fill_(0.3 + 0.05 * e)
+    assert grouped_supported(experts)
+    gates = torch.rand(N, K, requires_grad=True)
+    x = torch.bernoulli(torch.full((T, N, GD), 0.5)).requires_grad_()
+    leaves = [x, gates, *experts.parameters()]
+    grouped, plan = dispatch(x, ids, gates, E)
+    ref = combine(run_experts(experts, grouped, plan), plan)
+    grouped, plan = dispatch(x, ids, gates, E)  # its own graph: each backward frees its own
+    out = combine(run_experts_grouped(experts, grouped, plan), plan)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(_grads(out, leaves), _grads(ref, leaves), strict=True):
+        if want is None:
+            assert got is None or got.abs().sum() == 0
+        else:
+            torch.testing.assert_close(got, want)
+
+
+def test_grouped_gemm_is_refused_when_it_could_not_be_exact():
+    experts, _ = _grouped_case(SpikingExpert)
+    assert not grouped_supported([StubExpert(0), StubExpert(1)])
+    assert not grouped_supported([*experts[:2], SpikingExpert(D, 12, 8, num_layers=1)])
+    assert not grouped_supported(
+        [*experts[:2], SpikingExpert(D, 12, 8, num_layers=2, reset="zero")]
+    )
+    per_neuron = SpikingExpert(D, 12, 8, num_layers=2, beta=torch.full((12,), 0.9))
+    assert not grouped_supported([*experts[:2], per_neuron])
+    handle = experts[1].net[0].register_forward_hook(lambda *a: None)
+    assert not grouped_supported(experts)  # hooks must see the per-expert calls
+    handle.remove()
+    assert grouped_supported(experts)
+    assert not grouped_supported([SpikingExpert(6, 12, 8)])  # 24-byte rows
+    assert grouped_supported([SpikingExpert(6, 12, 8)], torch.float64)

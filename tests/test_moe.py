@@ -196,6 +196,32 @@ def test_bad_input_and_config_are_rejected():
         SpikingMoE(RateRouter(D, E, K), _experts())  # keyword-only
 
 
+def test_grouped_gemm_layer_equals_the_per_expert_calls():
+    torch.manual_seed(0)
+    router = RateRouter(D, E, K, capacity_factor=0.8)
+    moe = SpikingMoE(router=router, experts=_experts(), grouped_gemm="never")
+    x = _spikes((T, 24, D), p=0.3)
+    ref = moe(x)
+    ref_grads = torch.autograd.grad(ref.spikes.sum(), list(moe.parameters()), allow_unused=True)
+    moe.grouped_gemm = "always"
+    calls = []
+    out = moe(x)
+    assert not calls
+    grads = torch.autograd.grad(out.spikes.sum(), list(moe.parameters()), allow_unused=True)
+    assert ref.spikes.sum() > 0
+    assert torch.equal(out.spikes, ref.spikes)
+    for (name, p), g, r in zip(moe.named_parameters(), grads, ref_grads, strict=True):
+        zeros = torch.zeros_like(p)
+        torch.testing.assert_close(zeros if g is None else g, zeros if r is None else r, msg=name)
+    # A hook on an expert makes the layer fall back to per-expert calls, so the hook fires.
+    busiest = int(ref.routing.tokens_per_expert.argmax())
+    moe.experts[busiest].register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
+    out = moe(x)
+    assert calls == [int(out.routing.tokens_per_expert[busiest])] and calls[0] > 0
+    with pytest.raises(ValueError, match="grouped_gemm"):
+        SpikingMoE(router=router, experts=_experts(), grouped_gemm="sometimes")
+
+
 def test_submodule_names_follow_the_contract():
     moe = SpikingMoE(router=RateRouter(D, 2, 1), experts=_experts(2))
     names = {n for n, _ in moe.named_modules()}

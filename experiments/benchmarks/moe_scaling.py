@@ -42,7 +42,7 @@ def build(num_experts, args, device, x):
     experts = [
         SpikingExpert(args.features, args.expert_hidden, args.features) for _ in range(num_experts)
     ]
-    moe = SpikingMoE(router=router, experts=experts).to(device)
+    moe = SpikingMoE(router=router, experts=experts, grouped_gemm=args.grouped_gemm).to(device)
     x_TND = x.reshape(x.shape[0], -1, x.shape[-1])
     with torch.no_grad():
         for i in range(args.balance_steps):
@@ -116,6 +116,12 @@ def main(argv=None):
     p.add_argument("--balance-steps", type=int, default=300, help="router bias steps first")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--grouped-gemm",
+        choices=["auto", "never", "always"],
+        default="auto",
+        help="SpikingMoE expert path (auto: grouped GEMM on CUDA only)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-write", action="store_true", help=f"do not update {RESULTS.name}")
@@ -158,7 +164,7 @@ def main(argv=None):
             f"{SECTION}\n\n"
             f"One `SpikingMoE` layer (RateRouter, SpikingExpert D -> {args.expert_hidden} -> D), "
             f"forward + backward, T={args.steps}, B={args.batch}, D={args.features}, "
-            f"k={args.k}, input spike rate {args.rate}; median of {args.repeats} repeats after "
+            f"k={args.k}, grouped_gemm={args.grouped_gemm!r}, input spike rate {args.rate}; median of {args.repeats} repeats after "
             f"{args.warmup} warm-up, layers interleaved repeat by repeat. Routers balanced first with {args.balance_steps} "
             f"aux-loss-free bias steps on the same input (a trained router's load).\n\n"
             f"- Machine: {machine(device)}, device `{device}`\n"
