@@ -4,8 +4,19 @@ import logging
 
 from . import config, data, encoding, functional, training
 from .config import ExperimentConfig, load_config
+from .dispatch import DispatchPlan, combine, dense_masked, dispatch, run_experts
+from .experts import MLPExpert, SpikingExpert
 from .functional.surrogate import Surrogate
+from .models import (
+    ANNClassifier,
+    ClassifierOutput,
+    DenseSNNClassifier,
+    SpikingMoEClassifier,
+    active_parameter_count,
+)
+from .moe import MoEOutput, SpikingMoE, set_dense, update_router_biases
 from .neurons import LIF
+from .router import RateRouter, RoutingInfo, SpikingRouter, route
 from .training import Trainer
 
 __version__ = "0.1.0"
@@ -21,6 +32,27 @@ __all__ = [
     "functional",
     "load_config",
     "training",
+    # MoE (issue 4)
+    "ANNClassifier",
+    "ClassifierOutput",
+    "DenseSNNClassifier",
+    "DispatchPlan",
+    "MLPExpert",
+    "MoEOutput",
+    "RateRouter",
+    "RoutingInfo",
+    "SpikingExpert",
+    "SpikingMoE",
+    "SpikingMoEClassifier",
+    "SpikingRouter",
+    "active_parameter_count",
+    "combine",
+    "dense_masked",
+    "dispatch",
+    "route",
+    "run_experts",
+    "set_dense",
+    "update_router_biases",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

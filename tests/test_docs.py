@@ -13,6 +13,10 @@ MODULES = [
     "spiking_moe.data",
     "spiking_moe.config",
     "spiking_moe.training",
+    "spiking_moe.experts",
+    "spiking_moe.router",
+    "spiking_moe.moe",
+    "spiking_moe.models",
 ]
 
 

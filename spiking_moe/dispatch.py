@@ -1,0 +1,321 @@
+r"""Sparse dispatch and combine: every expert computes on its own tokens only.
+
+Legend: ``T`` time steps, ``N`` tokens, ``D`` input features, ``O`` output features,
+``E`` experts, ``K`` experts per token, ``A = N K`` assignments, ``R`` dispatched rows (kept
+assignments; ``R = A`` without capacity drops).
+
+For token ``n`` with choices :math:`(i_{nj}, g_{nj})_{j<K}` the layer computes
+
+.. math::
+
+    y_{t,n} = \sum_{j<K} g_{nj}\, f_{i_{nj}}(x_{\cdot,n})_t ,
+
+where :math:`f_e` is expert ``e`` on the whole sequence of the token (all ``T`` steps go to the
+same experts). :func:`dispatch` sorts the ``A`` assignments by expert (stable argsort, so
+tokens keep their order inside an expert), gathers their rows into ``[T, R, D]`` and returns a
+frozen :class:`DispatchPlan`; :func:`run_experts` calls expert ``e`` on its contiguous slice
+of ``tokens_per_expert[e]`` rows (and not at all when it has none); :func:`combine` scales the
+rows by their gates and scatter-adds (``index_add``) them back to ``[T, N, O]``. Gates are
+applied in combine, so expert inputs stay binary spikes. Work scales with ``K``, not ``E``.
+
+:func:`dense_masked` is the dense baseline: every expert on every token, weighted by the same
+gates scattered into ``[N, E]`` (zero for unchosen experts). Same values, ``E / K`` times the
+work; it exists only for comparison.
+
+Host syncs: :func:`dispatch` reads the ``E`` per-expert counts to the host once
+(``tolist``), because slicing the rows for each expert module needs Python ints. Nothing
+else synchronises.
+
+:func:`run_experts_grouped` computes the same thing as :func:`run_experts` for a list of
+identically shaped :class:`~spiking_moe.experts.SpikingExpert` (or
+:class:`~spiking_moe.experts.MLPExpert`) with one grouped GEMM per layer
+(``torch._grouped_mm``, rows laid out token-major ``[R T, D]`` so each expert's rows are
+contiguous) and one LIF call over all rows, with each expert's beta and threshold gathered per
+row. It calls the experts' parameters, not their modules, so module hooks do not fire:
+:class:`~spiking_moe.moe.SpikingMoE` only takes it on CUDA, when
+:func:`grouped_supported` says yes and no hook is registered. :func:`run_experts` is its
+reference, and the tests compare the two (``torch._grouped_mm`` also runs on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .experts import MLPExpert, SpikingExpert
+from .functional.lif import lif_multistep
+from .neurons import LIF
+
+__all__ = [
+    "DispatchPlan",
+    "combine",
+    "dense_masked",
+    "dispatch",
+    "grouped_supported",
+    "run_experts",
+    "run_experts_grouped",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class DispatchPlan:
+    """Frozen metadata that :func:`dispatch` hands to :func:`combine`.
+
+    Attributes:
+        token_index: ``[R]`` int64, the token (column of ``x``) of each grouped row.
+        gates: ``[R]`` gate of each grouped row (keeps its autograd graph).
+        tokens_per_expert: ``[E]`` int64 rows per expert, on the device.
+        splits: the same counts as Python ints (rows of expert ``e`` are the ``e``-th slice).
+        num_tokens: ``N``.
+    """
+
+    token_index: torch.Tensor
+    gates: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    splits: tuple[int, ...]
+    num_tokens: int
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.splits)
+
+
+def _check_routing(x_TND, expert_ids_NK, gates_NK, num_experts, kept_NK) -> None:
+    if x_TND.dim() != 3:
+        raise ValueError(f"x must be [T, N, D], got shape {tuple(x_TND.shape)}")
+    if expert_ids_NK.dim() != 2 or expert_ids_NK.shape[0] != x_TND.shape[1]:
+        raise ValueError(
+            f"expert_ids must be [N, K] with N={x_TND.shape[1]} tokens, "
+            f"got shape {tuple(expert_ids_NK.shape)}"
+        )
+    if expert_ids_NK.dtype != torch.int64:
+        raise TypeError(f"expert_ids must be int64, got {expert_ids_NK.dtype}")
+    if gates_NK.shape != expert_ids_NK.shape:
+        raise ValueError(
+            f"gates shape {tuple(gates_NK.shape)} != expert_ids shape {tuple(expert_ids_NK.shape)}"
+        )
+    if kept_NK is not None and kept_NK.shape != expert_ids_NK.shape:
+        raise ValueError(
+            f"kept shape {tuple(kept_NK.shape)} != expert_ids shape {tuple(expert_ids_NK.shape)}"
+        )
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+
+
+def dispatch(
+    x_TND: torch.Tensor,
+    expert_ids_NK: torch.Tensor,
+    gates_NK: torch.Tensor,
+    num_experts: int,
+    *,
+    kept_NK: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, DispatchPlan]:
+    """Group the token rows by expert.
+
+    Args:
+        x_TND: ``[T, N, D]`` expert input (spikes).
+        expert_ids_NK: ``[N, K]`` int64 expert of each assignment, values in ``[0, E)``.
+        gates_NK: ``[N, K]`` gate of each assignment (applied later, in :func:`combine`).
+        num_experts: ``E``.
+        kept_NK: ``[N, K]`` bool, False for assignments dropped by capacity (not dispatched);
+            None keeps all.
+
+    Returns:
+        ``(x_TRD, plan)``: rows grouped by expert (expert 0's rows first, tokens in order
+        inside an expert) and the :class:`DispatchPlan` for :func:`combine`.
+    """
+    _check_routing(x_TND, expert_ids_NK, gates_NK, num_experts, kept_NK)
+    N, K = expert_ids_NK.shape
+    ids_A = expert_ids_NK.reshape(-1)
+    invalid = ((ids_A < 0) | (ids_A >= num_experts)).sum().view(1)
+    ids_A = ids_A.clamp(0, num_experts - 1)
+    if kept_NK is not None:
+        # Dropped assignments get the virtual expert E: they sort last and are cut off.
+        ids_A = torch.where(kept_NK.reshape(-1), ids_A, torch.full_like(ids_A, num_experts))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids_A.device)
+    counts.scatter_add_(0, ids_A, torch.ones_like(ids_A))
+    # The one host sync: split sizes for the expert modules, plus the id check.
+    *splits, n_invalid = torch.cat([counts[:num_experts], invalid]).tolist()
+    if n_invalid:
+        raise ValueError(f"{n_invalid} expert_ids lie outside [0, {num_experts})")
+    splits = tuple(splits)
+    rows = sum(splits)
+    order_R = torch.argsort(ids_A, stable=True)[:rows]
+    token_R = torch.div(order_R, K, rounding_mode="floor")
+    plan = DispatchPlan(
+        token_index=token_R,
+        gates=gates_NK.reshape(-1)[order_R],
+        tokens_per_expert=counts[:num_experts],
+        splits=splits,
+        num_tokens=N,
+    )
+    return x_TND.index_select(1, token_R), plan
+
+
+def run_experts(
+    experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: DispatchPlan
+) -> torch.Tensor:
+    """Run expert ``e`` on its ``plan.splits[e]`` rows only; experts with no rows are not called.
+
+    Args:
+        experts: ``E`` modules mapping ``[T, n, D]`` to ``[T, n, O]``.
+        x_TRD: grouped rows from :func:`dispatch`.
+        plan: the matching :class:`DispatchPlan`.
+
+    Returns:
+        ``[T, R, O]`` expert outputs in the grouped row order.
+    """
+    if len(experts) != plan.num_experts:
+        raise ValueError(f"plan is for {plan.num_experts} experts, got {len(experts)} experts")
+    outputs = [
+        expert(x_rows)
+        for expert, x_rows in zip(experts, x_TRD.split(plan.splits, dim=1), strict=True)
+        if x_rows.shape[1] > 0
+    ]
+    if not outputs:  # every assignment dropped: still return [T, 0, O]
+        outputs = [experts[0](x_TRD)]
+    return torch.cat(outputs, dim=1)
+
+
+def combine(y_TRO: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Scale each row by its gate and scatter-add it back to its token.
+
+    Args:
+        y_TRO: ``[T, R, O]`` expert outputs in the grouped order of ``plan``.
+        plan: the :class:`DispatchPlan` from :func:`dispatch`.
+
+    Returns:
+        ``[T, N, O]``: for each token the gate-weighted sum of its experts' outputs (zero for
+        a token whose assignments were all dropped).
+    """
+    if y_TRO.dim() != 3 or y_TRO.shape[1] != plan.token_index.numel():
+        raise ValueError(
+            f"expert output must be [T, R={plan.token_index.numel()}, O], "
+            f"got shape {tuple(y_TRO.shape)}"
+        )
+    weighted = y_TRO * plan.gates.to(y_TRO.dtype).view(1, -1, 1)
+    out = y_TRO.new_zeros(y_TRO.shape[0], plan.num_tokens, y_TRO.shape[2])
+    return out.index_add(1, plan.token_index, weighted)
+
+
+def dense_masked(
+    experts: Sequence[nn.Module],
+    x_TND: torch.Tensor,
+    expert_ids_NK: torch.Tensor,
+    gates_NK: torch.Tensor,
+    num_experts: int,
+) -> torch.Tensor:
+    """Dense baseline: every expert on every token, masked by the gates.
+
+    Args:
+        experts: ``E`` expert modules.
+        x_TND: ``[T, N, D]`` input.
+        expert_ids_NK, gates_NK: the routing (dropped assignments must already have gate 0).
+        num_experts: ``E``.
+
+    Returns:
+        ``[T, N, O]``, equal to ``combine(run_experts(...))`` up to float summation order.
+    """
+    _check_routing(x_TND, expert_ids_NK, gates_NK, num_experts, None)
+    if len(experts) != num_experts:
+        raise ValueError(f"routing is for {num_experts} experts, got {len(experts)} experts")
+    mask_NE = gates_NK.new_zeros(gates_NK.shape[0], num_experts).scatter_add(
+        1, expert_ids_NK, gates_NK
+    )
+    out = None
+    for e, expert in enumerate(experts):
+        y = expert(x_TND) * mask_NE[:, e].to(x_TND.dtype).view(1, -1, 1)
+        out = y if out is None else out + y
+    return out
+
+
+def grouped_supported(experts: Sequence[nn.Module], dtype: torch.dtype = torch.float32) -> bool:
+    """Whether :func:`run_experts_grouped` can stand in for :func:`run_experts` exactly.
+
+    True for experts of one class (:class:`SpikingExpert` or :class:`MLPExpert`) with equal
+    sizes, each a multiple of 16 bytes in ``dtype`` (a ``_grouped_mm`` stride rule), whose LIFs are native, share reset, surrogate and ``detach_reset`` and have scalar
+    beta and threshold (values may differ per expert), on a torch with ``_grouped_mm``, and
+    with no forward hooks on any expert submodule (hooks must see the per-expert calls).
+    """
+    if not hasattr(torch, "_grouped_mm") or not experts:
+        return False
+    first = experts[0]
+    if type(first) not in (SpikingExpert, MLPExpert):
+        return False
+    shape = (first.in_features, first.hidden_features, first.out_features, first.num_layers)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any(size * itemsize % 16 for size in shape[:3]):
+        return False
+    lif_keys = set()
+    global_hooks = nn.modules.module._global_forward_hooks  # noqa: SLF001
+    global_pre = nn.modules.module._global_forward_pre_hooks  # noqa: SLF001
+    if global_hooks or global_pre:
+        return False
+    for expert in experts:
+        if type(expert) is not type(first):
+            return False
+        if (expert.in_features, expert.hidden_features, expert.out_features) != shape[:3]:
+            return False
+        if expert.num_layers != shape[3]:
+            return False
+        for module in expert.modules():
+            if module._forward_hooks or module._forward_pre_hooks:  # noqa: SLF001
+                return False
+            if isinstance(module, LIF):
+                if module.backend != "native" or module.beta.dim() or module.threshold.dim():
+                    return False
+                lif_keys.add((module.reset, module.surrogate, module.detach_reset))
+    return len(lif_keys) <= 1
+
+
+def run_experts_grouped(
+    experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: DispatchPlan
+) -> torch.Tensor:
+    """:func:`run_experts` with one grouped GEMM per layer (``torch._grouped_mm``).
+
+    Args:
+        experts: experts for which :func:`grouped_supported` is True.
+        x_TRD, plan: as for :func:`run_experts`.
+
+    Returns:
+        ``[T, R, O]``, equal to ``run_experts(experts, x_TRD, plan)`` up to float rounding
+        (the GEMM's summation order).
+    """
+    if len(experts) != plan.num_experts:
+        raise ValueError(f"plan is for {plan.num_experts} experts, got {len(experts)} experts")
+    T, R, _ = x_TRD.shape
+    counts = plan.tokens_per_expert
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(len(experts), device=counts.device), counts, output_size=R
+    )
+    offsets = (torch.cumsum(counts, 0) * T).to(torch.int32)
+    h = x_TRD.transpose(0, 1).reshape(R * T, -1)
+    modules = [list(expert.net) for expert in experts]
+    for i, layer in enumerate(modules[0]):
+        if isinstance(layer, nn.Linear):
+            weight = torch.stack([m[i].weight for m in modules]).transpose(1, 2)
+            bias = torch.stack([m[i].bias for m in modules])[expert_of_row]
+            out = torch._grouped_mm(h, weight, offs=offsets)
+            h = (out.view(R, T, -1) + bias[:, None, :]).view(R * T, -1)
+        elif isinstance(layer, LIF):
+            beta = torch.stack([m[i].beta for m in modules]).clamp(0.0, 1.0)
+            threshold = torch.stack([m[i].threshold for m in modules])
+            h_TRH = h.view(R, T, -1).transpose(0, 1)
+            spikes = lif_multistep(
+                h_TRH,
+                beta=beta[expert_of_row].view(R, 1),
+                threshold=threshold[expert_of_row].view(R, 1),
+                reset=layer.reset,
+                surrogate=layer.surrogate,
+                detach_reset=layer.detach_reset,
+            ).spikes
+            h = spikes.transpose(0, 1).reshape(R * T, -1)
+        else:
+            h = layer(h)
+    return h.view(R, T, -1).transpose(0, 1)

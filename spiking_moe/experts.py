@@ -1,0 +1,144 @@
+r"""Experts: the feed-forward blocks a mixture-of-experts layer routes tokens to.
+
+Legend: ``T`` time steps, ``N`` rows (the tokens routed to this expert), ``I`` input
+features, ``H`` hidden features, ``O`` output features.
+
+A :class:`SpikingExpert` with ``num_layers = n`` computes, for input spikes
+:math:`s^{(0)}_t \in \{0, 1\}^I`,
+
+.. math::
+
+    s^{(l)} = \mathrm{LIF}\big(W_l\, s^{(l-1)} + b_l\big), \quad l = 1..n, \qquad
+    y_t = W_{n+1}\, s^{(n)}_t + b_{n+1},
+
+i.e. ``Linear -> LIF -> ... -> Linear``. It returns the synaptic current :math:`y` (not
+spikes): the MoE layer sums the gated currents of the chosen experts and fires one LIF
+population on the sum, so what flows between layers stays binary. The Linear layers run on
+``T`` and ``N`` folded together; only the LIF steps over ``T``. The LIF state lives inside one
+call: a routed expert sees different tokens every call, so no state may survive it.
+
+:class:`MLPExpert` is the ANN twin (``ReLU`` instead of ``LIF``) with the same parameter
+layout, used by the equivalent-ANN baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .neurons import LIF
+
+__all__ = ["MLPExpert", "SpikingExpert"]
+
+
+def _check_sizes(in_features, hidden_features, out_features, num_layers) -> None:
+    for name, value in (
+        ("in_features", in_features),
+        ("hidden_features", hidden_features),
+        ("out_features", out_features),
+        ("num_layers", num_layers),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _check_input(x: torch.Tensor, in_features: int, who: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{who} input must be [T, N, {in_features}], got shape {tuple(x.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{who} expects {in_features} input features, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} input must be floating point, got dtype {x.dtype}")
+
+
+class _FeedForwardExpert(nn.Module):
+    """``Linear -> act -> ... -> Linear`` in an ``nn.Sequential`` named ``net``.
+
+    Parameter names are ``net.0.weight`` (first Linear), ``net.1.*`` (first neuron), ...,
+    so energy counting can attribute every operation to ``experts.<e>.net.<i>``.
+    """
+
+    def __init__(self, in_features, hidden_features, out_features, num_layers, make_act):
+        super().__init__()
+        _check_sizes(in_features, hidden_features, out_features, num_layers)
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.out_features = out_features
+        self.num_layers = num_layers
+        layers: list[nn.Module] = []
+        width = in_features
+        for _ in range(num_layers):
+            layers += [nn.Linear(width, hidden_features), make_act()]
+            width = hidden_features
+        layers.append(nn.Linear(width, out_features))
+        self.net = nn.Sequential(*layers)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+            f"out_features={self.out_features}, num_layers={self.num_layers}"
+        )
+
+    def forward(self, x_TNI: torch.Tensor) -> torch.Tensor:
+        _check_input(x_TNI, self.in_features, type(self).__name__)
+        return self.net(x_TNI)
+
+
+class SpikingExpert(_FeedForwardExpert):
+    """Spiking feed-forward expert: spikes ``[T, N, in]`` -> synaptic current ``[T, N, out]``.
+
+    Args:
+        in_features: input size ``I``.
+        hidden_features: size ``H`` of each hidden LIF layer.
+        out_features: output size ``O``.
+        num_layers: number of hidden ``Linear -> LIF`` layers (>= 1).
+        **neuron_kwargs: passed to every hidden :class:`~spiking_moe.neurons.LIF`
+            (``beta``, ``threshold``, ``reset``, ``surrogate``, ...).
+
+    The input is expected to be binary spikes; the MoE layer checks that once per call, so the
+    expert does not repeat the check for every routed slice. Zero rows (``N = 0``) are allowed.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> expert = SpikingExpert(8, 16, 4, beta=0.9)
+        >>> expert(torch.ones(5, 3, 8)).shape
+        torch.Size([5, 3, 4])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        *,
+        num_layers: int = 1,
+        **neuron_kwargs,
+    ):
+        super().__init__(
+            in_features,
+            hidden_features,
+            out_features,
+            num_layers,
+            lambda: LIF(**neuron_kwargs),
+        )
+
+
+class MLPExpert(_FeedForwardExpert):
+    """ANN twin of :class:`SpikingExpert`: ``Linear -> ReLU -> ... -> Linear``.
+
+    Same arguments (no neuron settings) and the same parameter names, so the equivalent-ANN
+    baseline has exactly the layers of the spiking model. Input ``[T, N, in]`` (``T = 1`` for
+    the one-step ANN), output ``[T, N, out]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        *,
+        num_layers: int = 1,
+    ):
+        super().__init__(in_features, hidden_features, out_features, num_layers, nn.ReLU)

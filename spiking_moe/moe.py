@@ -1,0 +1,266 @@
+r"""The spiking mixture-of-experts layer.
+
+Legend: ``T`` time steps, ``B`` batch, ``S`` sequence positions, ``N`` tokens (``B`` or
+``B S``), ``D`` input features, ``O`` output features, ``E`` experts, ``K`` experts per token,
+``W`` routing windows, ``L`` window length.
+
+For input spikes :math:`x \in \{0,1\}^{T \times N \times D}` the layer computes
+
+.. math::
+
+    I_{t,n} = \sum_{j<K} g_{nj}\, f_{i_{nj}}(x_{\cdot,n})_t, \qquad
+    s = \mathrm{LIF}(I),
+
+with the router's choices :math:`(i_{nj}, g_{nj})` and experts :math:`f_e` that return
+synaptic current (:mod:`spiking_moe.dispatch`). The output is binary spikes ``[T, ..., O]``.
+
+With a windowed router (``window = L``) each (window, token) pair is a separate row for the
+experts, routed by that window's ids: the experts run on ``L``-step slices with fresh state
+(a token may change experts between windows, so expert state cannot carry over), while the
+output LIF integrates over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .dispatch import (
+    combine,
+    dense_masked,
+    dispatch,
+    grouped_supported,
+    run_experts,
+    run_experts_grouped,
+)
+from .neurons import LIF
+from .router import RoutingInfo
+
+__all__ = ["GROUPED_GEMM", "MoEOutput", "SpikingMoE", "set_dense", "update_router_biases"]
+
+logger = logging.getLogger(__name__)
+
+GROUPED_GEMM = ("auto", "never", "always")
+
+
+class MoEOutput(NamedTuple):
+    """Result of :class:`SpikingMoE`.
+
+    Attributes:
+        spikes: ``[T, B, O]`` (or ``[T, B, S, O]``) output spikes in {0, 1}.
+        routing: the router's :class:`~spiking_moe.router.RoutingInfo`.
+        aux_loss: scalar balancing loss to add to the task loss (``routing.aux_loss``).
+    """
+
+    spikes: torch.Tensor
+    routing: RoutingInfo
+    aux_loss: torch.Tensor
+
+
+def check_binary(x: torch.Tensor, what: str = "input") -> None:
+    """Raise ValueError unless every value of ``x`` is exactly 0 or 1 (NaN fails too).
+
+    One reduction on the device and one host sync.
+    """
+    if bool(((x != 0) & (x != 1)).any()):
+        raise ValueError(
+            f"{what} must be binary spikes (every value exactly 0 or 1); got values outside "
+            f"{{0, 1}} in shape {tuple(x.shape)}. Encode analog data first (spiking_moe.encoding) "
+            "or pass check_spikes=False."
+        )
+
+
+class SpikingMoE(nn.Module):
+    """Spiking MoE layer: router, sparse dispatch to spiking experts, output LIF.
+
+    Args:
+        router: a :class:`~spiking_moe.router.RateRouter` or
+            :class:`~spiking_moe.router.SpikingRouter` (anything with ``in_features``,
+            ``num_experts``, ``k``, ``window`` that maps ``[T, N, D]`` to ``RoutingInfo``).
+        experts: ``E`` modules mapping ``[T, n, D]`` spikes to ``[T, n, O]`` current, e.g.
+            :class:`~spiking_moe.experts.SpikingExpert`; stored as ``nn.ModuleList``.
+        neuron: output neuron on the combined current; None makes a default
+            :class:`~spiking_moe.neurons.LIF`. (The ANN baseline passes ``nn.ReLU()``.)
+        dense: run every expert on every token, masked by the same gates (the dense-MoE
+            baseline; same outputs, ``E / K`` times the work). A plain attribute: toggle it
+            any time, or with :func:`set_dense` for a whole model.
+        check_spikes: check on every call that the input is binary (one reduction and one
+            host sync); set False to skip it in training or to feed analog values on purpose.
+        grouped_gemm: "auto" computes the experts with one grouped GEMM per layer
+            (:func:`~spiking_moe.dispatch.run_experts_grouped`) on CUDA when
+            :func:`~spiking_moe.dispatch.grouped_supported` allows it (same-shaped experts,
+            no hooks), else one call per expert; "never" always calls each expert module;
+            "always" takes the grouped path on any device when supported (``torch._grouped_mm``
+            has a CPU fallback). Same values either way.
+
+    Shapes:
+        ``forward(x)``: ``x`` ``[T, B, D]`` or ``[T, B, S, D]`` -> :class:`MoEOutput` with
+        ``spikes`` of the same leading shape and ``O`` features. Tokens are the ``B`` (or
+        ``B S``) columns; all ``T`` steps of a token go to the same experts (per window when
+        the router is windowed). The ``RoutingInfo`` is over the ``N = B S`` flattened tokens.
+
+    Example:
+        >>> from spiking_moe.experts import SpikingExpert
+        >>> from spiking_moe.router import RateRouter
+        >>> _ = torch.manual_seed(0)
+        >>> moe = SpikingMoE(
+        ...     router=RateRouter(8, num_experts=4, k=2),
+        ...     experts=[SpikingExpert(8, 16, 8) for _ in range(4)],
+        ... )
+        >>> out = moe(torch.bernoulli(torch.full((6, 5, 8), 0.5)))
+        >>> out.spikes.shape, int(out.routing.tokens_per_expert.sum())
+        (torch.Size([6, 5, 8]), 10)
+    """
+
+    def __init__(
+        self,
+        *,
+        router: nn.Module,
+        experts: Sequence[nn.Module],
+        neuron: nn.Module | None = None,
+        dense: bool = False,
+        check_spikes: bool = True,
+        grouped_gemm: str = "auto",
+    ):
+        super().__init__()
+        if grouped_gemm not in GROUPED_GEMM:
+            raise ValueError(f"unknown grouped_gemm {grouped_gemm!r}; valid: {list(GROUPED_GEMM)}")
+        if not isinstance(router, nn.Module):
+            raise TypeError(f"router must be an nn.Module, got {type(router).__name__}")
+        experts = list(experts)
+        if not experts or not all(isinstance(e, nn.Module) for e in experts):
+            raise TypeError("experts must be a non-empty sequence of nn.Module")
+        if len(experts) != router.num_experts:
+            raise ValueError(
+                f"router has num_experts={router.num_experts} but {len(experts)} experts were given"
+            )
+        for e, expert in enumerate(experts):
+            expert_in = getattr(expert, "in_features", router.in_features)
+            if expert_in != router.in_features:
+                raise ValueError(
+                    f"expert {e} has in_features={expert_in}, router has {router.in_features}"
+                )
+        outs = {getattr(expert, "out_features", None) for expert in experts} - {None}
+        if len(outs) > 1:
+            raise ValueError(f"experts disagree on out_features: {sorted(outs)}")
+        self.router = router
+        self.experts = nn.ModuleList(experts)
+        self.neuron = LIF() if neuron is None else neuron
+        self.dense = bool(dense)
+        self.check_spikes = bool(check_spikes)
+        self.grouped_gemm = grouped_gemm
+        self.in_features = router.in_features
+        self.out_features = outs.pop() if outs else None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def extra_repr(self) -> str:
+        return f"dense={self.dense}, check_spikes={self.check_spikes}"
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        x_TND, lead = self._flatten(x)
+        routing = self.router(x_TND)
+        T, N, _ = x_TND.shape
+        window = routing.window
+        K = routing.k
+        rows_TXD = x_TND if window is None else _to_windows(x_TND, window)
+        ids_XK = routing.expert_ids.reshape(-1, K)
+        gates_XK = routing.gates.reshape(-1, K)
+        if self.dense:
+            current = dense_masked(self.experts, rows_TXD, ids_XK, gates_XK, self.num_experts)
+        else:
+            grouped_TRD, plan = dispatch(
+                rows_TXD, ids_XK, gates_XK, self.num_experts, kept_NK=routing.kept.reshape(-1, K)
+            )
+            current = combine(self._run_experts(grouped_TRD, plan), plan)
+        if window is not None:
+            current = _from_windows(current, T, N)
+        spikes = self.neuron(current)
+        return MoEOutput(spikes.reshape(*lead, spikes.shape[-1]), routing, routing.aux_loss)
+
+    def _run_experts(self, grouped_TRD: torch.Tensor, plan) -> torch.Tensor:
+        mode = self.grouped_gemm
+        if mode == "always" or (mode == "auto" and grouped_TRD.is_cuda):
+            if grouped_supported(self.experts, grouped_TRD.dtype):
+                try:
+                    return run_experts_grouped(self.experts, grouped_TRD, plan)
+                except RuntimeError as error:  # e.g. a dtype or GPU the kernel does not take
+                    logger.debug("grouped GEMM unavailable (%s); one call per expert", error)
+        return run_experts(self.experts, grouped_TRD, plan)
+
+    def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SpikingMoE input must be a torch.Tensor, got {type(x).__name__}")
+        D = self.in_features
+        if x.dim() not in (3, 4):
+            raise ValueError(
+                f"SpikingMoE input must be [T, B, {D}] or [T, B, S, {D}], "
+                f"got {x.dim()} dims, shape {tuple(x.shape)}"
+            )
+        if x.shape[-1] != D:
+            raise ValueError(f"SpikingMoE expects {D} input features, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"SpikingMoE input must be floating point, got dtype {x.dtype}")
+        if x.numel() == 0:
+            raise ValueError(f"SpikingMoE input is empty: shape {tuple(x.shape)}")
+        if self.check_spikes:
+            check_binary(x, "SpikingMoE input")
+        return x.reshape(x.shape[0], -1, D), tuple(x.shape[:-1])
+
+
+def _to_windows(x_TND: torch.Tensor, window: int) -> torch.Tensor:
+    """``[T, N, D]`` -> ``[L, W N, D]``: window ``w``'s steps of token ``n`` in column ``w N + n``.
+
+    The last window is zero-padded to ``L`` steps; :func:`_from_windows` cuts the padding off.
+    """
+    T, N, D = x_TND.shape
+    W = -(-T // window)
+    padded = nn.functional.pad(x_TND, (0, 0, 0, 0, 0, W * window - T))
+    return padded.view(W, window, N, D).transpose(0, 1).reshape(window, W * N, D)
+
+
+def _from_windows(y_LXO: torch.Tensor, T: int, N: int) -> torch.Tensor:
+    """Inverse of :func:`_to_windows`: ``[L, W N, O]`` -> ``[T, N, O]``."""
+    L, X, O = y_LXO.shape
+    W = X // N
+    return y_LXO.view(L, W, N, O).transpose(0, 1).reshape(W * L, N, O)[:T]
+
+
+def set_dense(model: nn.Module, dense: bool) -> int:
+    """Set ``dense`` on every :class:`SpikingMoE` inside ``model``.
+
+    Returns:
+        The number of MoE layers changed (0 if the model has none).
+    """
+    layers = [m for m in model.modules() if isinstance(m, SpikingMoE)]
+    for layer in layers:
+        layer.dense = bool(dense)
+    return len(layers)
+
+
+def update_router_biases(model: nn.Module, routing: Sequence[RoutingInfo]) -> None:
+    """Aux-loss-free balancing step for every MoE layer of ``model``.
+
+    Args:
+        model: a module whose :class:`SpikingMoE` layers, in ``model.modules()`` order, are
+            the ones that produced ``routing`` (true for the classifiers in
+            :mod:`spiking_moe.models`, whose ``ClassifierOutput.routing`` follows that order).
+        routing: one :class:`RoutingInfo` per MoE layer, or a sequence of such tuples (one per
+            micro-batch since the last optimizer step) whose loads are summed per layer.
+    """
+    layers = [m for m in model.modules() if isinstance(m, SpikingMoE)]
+    routing = list(routing)
+    batches = [routing] if routing and isinstance(routing[0], RoutingInfo) else routing
+    for batch in batches:
+        if len(batch) != len(layers):
+            raise ValueError(
+                f"model has {len(layers)} MoE layers but {len(batch)} RoutingInfo were given"
+            )
+    for i, layer in enumerate(layers):
+        layer.router.update_bias(*(batch[i] for batch in batches))

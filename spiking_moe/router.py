@@ -1,0 +1,506 @@
+r"""Routers: spike rates in, top-k experts, gates and balancing losses out.
+
+Legend: ``T`` time steps, ``N`` tokens, ``D`` input features, ``E`` experts, ``K`` experts
+chosen per token, ``W`` routing windows, ``L`` window length (steps).
+
+**Scores.** A token's input spikes over a routing window give the rate
+:math:`r = \frac{1}{L}\sum_{t \in \text{window}} s_t \in [0, 1]^D`.
+
+* :class:`RateRouter`: :math:`z = W r + b` (plus :math:`\sigma \epsilon`,
+  :math:`\epsilon \sim \mathcal N(0, 1)`, in training only when ``noise = sigma > 0``).
+* :class:`SpikingRouter`: a population of ``E`` LIF neurons driven by :math:`W s_t + b`;
+  its spike counts :math:`c_e` over the window are the scores, :math:`z = g\, c / L`
+  (``gain`` :math:`g`). The surrogate gradient carries the loss back to :math:`W, b`.
+
+**Selection.** :math:`p = \mathrm{softmax}(z)`; the ids are the top-k of :math:`z + \beta`
+(the top-k of :math:`p` when :math:`\beta = 0`), where :math:`\beta` is the
+auxiliary-loss-free balancing bias (selection only, never in the gates; in logit space because
+softmax squashes the unpreferred probabilities together, where a bias on :math:`p` would move
+all tokens at once); gates :math:`g_j = p_{i_j} / \sum_{j'} p_{i_{j'}}` (``renormalize=True``) or
+:math:`p_{i_j}`. Ties go to the lower expert id (``torch.topk``).
+
+**Losses** (on the router's selection, before capacity drops), averaged over all windows:
+
+* Switch load balancing :math:`\mathcal L_{lb} = E \sum_e f_e P_e`, :math:`f_e` = share of the
+  ``N K`` assignments that went to ``e``, :math:`P_e` = mean of :math:`p_{\cdot e}`. It is 1
+  for perfectly uniform routing; the gradient flows through :math:`P` only.
+* Router z-loss (ST-MoE) :math:`\mathcal L_z = \mathrm{mean}_n (\log\sum_e e^{z_{ne}})^2`,
+  on the noise-free logits.
+* ``aux_loss`` = ``balance_weight`` :math:`\mathcal L_{lb}` + ``z_loss_weight``
+  :math:`\mathcal L_z`.
+
+**Auxiliary-loss-free balancing** (DeepSeek-V3). :meth:`update_bias` sets
+:math:`\beta_e \mathrel{+}= \eta\, \mathrm{sign}(\bar c - c_e)`, where :math:`c_e` is the
+number of assignments the router sent to ``e`` and :math:`\bar c` their mean over experts.
+It runs outside autograd; call it after ``optimizer.step()`` with the :class:`RoutingInfo` of
+every micro-batch since the last call (so it works with gradient accumulation).
+
+**Capacity.** With ``capacity_factor = c`` each expert takes at most
+:math:`C = \lceil c N K / E \rceil` assignments per window. Drop policy: among the assignments
+to one expert, those with the largest gate are kept, ties broken by token order (earlier
+first). A dropped assignment has gate 0, is not computed by its expert, and contributes
+nothing; a token whose every assignment is dropped receives zero current from the layer.
+Gates are not renormalised after drops.
+
+**Windowed routing** (``window = L``). Steps ``[wL, (w+1)L)`` form window ``w``
+(``W = ceil(T / L)``; the last window may be shorter). Window ``w`` is routed from the scores
+of window ``w - 1``, so routing never looks at the future. **Window 0 has no past: its scores
+are those of an all-zero rate** (``RateRouter``: the Linear bias, so every token picks the
+same experts; ``SpikingRouter``: zero counts, i.e. uniform probabilities and experts
+``0..K-1``, plus any balancing bias). Changing the input from window ``w + 1`` on therefore
+leaves the routing of windows ``0..w+1`` unchanged. In this mode :class:`RoutingInfo`
+carries a leading window dimension (see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .neurons import LIF
+
+__all__ = ["RateRouter", "RoutingInfo", "SpikingRouter", "route"]
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingInfo:
+    """What a router decided for one call. Frozen; nothing about a call is kept on the router.
+
+    Shapes without windowing (``window=None``); with ``window=L`` every per-token field gains
+    a leading ``W`` dimension (``expert_ids [W, N, K]``, ``gates [W, N, K]``,
+    ``probs [W, N, E]``, ``kept [W, N, K]``) while the counts and losses keep their shapes
+    (summed, resp. averaged, over windows).
+
+    Attributes:
+        expert_ids: ``[N, K]`` int64, chosen experts, best first (capacity drops included).
+        gates: ``[N, K]`` gate of each choice; 0 where the assignment was dropped.
+        probs: ``[N, E]`` softmax router probabilities.
+        kept: ``[N, K]`` bool, False where capacity dropped the assignment.
+        tokens_per_expert: ``[E]`` int64, rows each expert computes on (kept assignments;
+            with windows, token-windows summed over windows).
+        dropped: int64 scalar, number of dropped assignments.
+        load_balancing_loss: scalar Switch loss (unweighted).
+        z_loss: scalar router z-loss (unweighted).
+        aux_loss: scalar, the weighted sum the router asks to add to the task loss.
+        window: window length ``L`` or None.
+        capacity: per-expert capacity per window, or None (unlimited).
+    """
+
+    expert_ids: torch.Tensor
+    gates: torch.Tensor
+    probs: torch.Tensor
+    kept: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped: torch.Tensor
+    load_balancing_loss: torch.Tensor
+    z_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    window: int | None = None
+    capacity: int | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+    @property
+    def k(self) -> int:
+        return self.expert_ids.shape[-1]
+
+    def selected_load(self) -> torch.Tensor:
+        """``[E]`` int64: assignments the router chose per expert, before capacity drops."""
+        ids = self.expert_ids.reshape(-1)
+        return torch.zeros(self.num_experts, dtype=torch.int64, device=ids.device).scatter_add_(
+            0, ids, torch.ones_like(ids)
+        )
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_nonneg(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def check_routing_config(num_experts, k, window, capacity_factor) -> None:
+    """Raise ValueError naming the field for an invalid E, k, window or capacity factor."""
+    _check_int("num_experts", num_experts, 1)
+    _check_int("k", k, 1)
+    if k > num_experts:
+        raise ValueError(f"k must be <= num_experts, got k={k} with num_experts={num_experts}")
+    if window is not None:
+        _check_int("window", window, 1)
+    if capacity_factor is not None:
+        if (
+            isinstance(capacity_factor, bool)
+            or not isinstance(capacity_factor, (int, float))
+            or not (capacity_factor > 0 and math.isfinite(capacity_factor))
+        ):
+            raise ValueError(
+                f"capacity_factor must be a finite number > 0 or None, got {capacity_factor!r}"
+            )
+
+
+def route(
+    logits_XNE: torch.Tensor,
+    k: int,
+    *,
+    selection_bias: torch.Tensor | None = None,
+    noisy_logits_XNE: torch.Tensor | None = None,
+    capacity_factor: float | None = None,
+    renormalize: bool = True,
+    balance_weight: float = 0.0,
+    z_loss_weight: float = 0.0,
+    window: int | None = None,
+) -> RoutingInfo:
+    """Top-k selection, gates, capacity and losses from router logits (pure function).
+
+    Args:
+        logits_XNE: ``[W, N, E]`` noise-free logits, one slice per window (``W = 1`` when not
+            windowed).
+        k: experts per token.
+        selection_bias: ``[E]`` added to the logits for selection only.
+        noisy_logits_XNE: logits with training noise, used for probabilities and selection;
+            the z-loss always uses ``logits_XNE``. None: no noise.
+        capacity_factor: None (unlimited) or > 0; see the module docstring for the policy.
+        renormalize: renormalise the gates over the chosen ``k``.
+        balance_weight, z_loss_weight: weights of the two losses in ``aux_loss``.
+        window: window length, recorded in the result; None squeezes the ``W`` dimension.
+
+    Returns:
+        :class:`RoutingInfo`.
+    """
+    W, N, E = logits_XNE.shape
+    check_routing_config(E, k, window, capacity_factor)
+    probs = torch.softmax(
+        (logits_XNE if noisy_logits_XNE is None else noisy_logits_XNE).float(), dim=-1
+    ).to(logits_XNE.dtype)
+    # Selection in logit space: softmax squashes the unpreferred experts' probabilities
+    # towards 0, where an additive bias would move every token at once (herding).
+    scores = (logits_XNE if noisy_logits_XNE is None else noisy_logits_XNE).detach()
+    if selection_bias is not None:
+        scores = scores + selection_bias.detach().to(scores.dtype)
+    ids_XNK = torch.topk(scores, k, dim=-1, sorted=True).indices
+    gates_XNK = probs.gather(-1, ids_XNK)
+    if renormalize:
+        gates_XNK = gates_XNK / gates_XNK.sum(-1, keepdim=True)
+
+    ones = torch.ones_like(ids_XNK.reshape(-1))
+    selected_E = torch.zeros(E, dtype=torch.int64, device=ids_XNK.device).scatter_add_(
+        0, ids_XNK.reshape(-1), ones
+    )
+    if capacity_factor is None:
+        capacity = None
+        kept_XNK = torch.ones_like(ids_XNK, dtype=torch.bool)
+        tokens_E = selected_E
+    else:
+        capacity = math.ceil(capacity_factor * N * k / E)
+        kept_XNK = _capacity_mask(ids_XNK, gates_XNK.detach(), E, capacity)
+        gates_XNK = gates_XNK * kept_XNK.to(gates_XNK.dtype)
+        tokens_E = torch.zeros_like(selected_E).scatter_add_(
+            0, ids_XNK.reshape(-1), kept_XNK.reshape(-1).long()
+        )
+    dropped = selected_E.sum() - tokens_E.sum()
+
+    fraction_E = selected_E.to(probs.dtype) / (W * N * k)
+    lb_loss = E * (fraction_E * probs.reshape(-1, E).mean(0)).sum()
+    z_loss = torch.logsumexp(logits_XNE.float(), dim=-1).square().mean().to(logits_XNE.dtype)
+    aux = balance_weight * lb_loss + z_loss_weight * z_loss
+
+    if window is None:
+        ids_XNK, gates_XNK, probs, kept_XNK = (
+            t.squeeze(0) for t in (ids_XNK, gates_XNK, probs, kept_XNK)
+        )
+    return RoutingInfo(
+        expert_ids=ids_XNK,
+        gates=gates_XNK,
+        probs=probs,
+        kept=kept_XNK,
+        tokens_per_expert=tokens_E,
+        dropped=dropped,
+        load_balancing_loss=lb_loss,
+        z_loss=z_loss,
+        aux_loss=aux,
+        window=window,
+        capacity=capacity,
+    )
+
+
+def _capacity_mask(ids_XNK, gates_XNK, num_experts, capacity) -> torch.Tensor:
+    """``[W, N, K]`` bool: keep the ``capacity`` largest-gate assignments per (window, expert)."""
+    W, N, K = ids_XNK.shape
+    group_A = (
+        ids_XNK + num_experts * torch.arange(W, device=ids_XNK.device).view(W, 1, 1)
+    ).reshape(-1)
+    # Two stable sorts give the order (group, gate descending, flat index ascending) with
+    # no host sync; the flat index is token-major, so equal gates favour earlier tokens.
+    by_gate = torch.argsort(-gates_XNK.reshape(-1), stable=True)
+    order = by_gate[torch.argsort(group_A[by_gate], stable=True)]
+    counts = torch.bincount(group_A, minlength=W * num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(order.numel(), device=order.device) - starts[group_A[order]]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    return (rank < capacity).view(W, N, K)
+
+
+def _window_sums(x_TNF: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-window sums ``[W, N, F]`` and window lengths ``[W, 1, 1]`` (last may be short)."""
+    T = x_TNF.shape[0]
+    W = -(-T // window)
+    padded = torch.nn.functional.pad(x_TNF, (0, 0, 0, 0, 0, W * window - T))
+    sums = padded.reshape(W, window, *x_TNF.shape[1:]).sum(1)
+    lengths = torch.full((W, 1, 1), float(window), dtype=x_TNF.dtype, device=x_TNF.device)
+    lengths[-1] = T - (W - 1) * window
+    return sums, lengths
+
+
+class _Router(nn.Module):
+    """Shared validation, noise, selection, balancing bias and losses of both routers."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        k: int,
+        *,
+        noise: float,
+        window: int | None,
+        capacity_factor: float | None,
+        renormalize: bool,
+        balance_weight: float,
+        z_loss_weight: float,
+        bias_update_rate: float,
+    ):
+        super().__init__()
+        _check_int("in_features", in_features, 1)
+        check_routing_config(num_experts, k, window, capacity_factor)
+        for name, value in (
+            ("noise", noise),
+            ("balance_weight", balance_weight),
+            ("z_loss_weight", z_loss_weight),
+            ("bias_update_rate", bias_update_rate),
+        ):
+            _check_nonneg(name, value)
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.k = k
+        self.noise = float(noise)
+        self.window = window
+        self.capacity_factor = capacity_factor
+        self.renormalize = bool(renormalize)
+        self.balance_weight = float(balance_weight)
+        self.z_loss_weight = float(z_loss_weight)
+        self.bias_update_rate = float(bias_update_rate)
+        self.proj = nn.Linear(in_features, num_experts)
+        # Persistent by design: the one piece of router state that outlives a call.
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_experts={self.num_experts}, k={self.k}, "
+            f"window={self.window}, capacity_factor={self.capacity_factor}, noise={self.noise}"
+        )
+
+    def _scores(self, x_TND: torch.Tensor) -> torch.Tensor:
+        """Per-window logits ``[W, N, E]`` from the scores of each window itself."""
+        raise NotImplementedError
+
+    def forward(self, x_TND: torch.Tensor) -> RoutingInfo:
+        """Route tokens.
+
+        Args:
+            x_TND: ``[T, N, D]`` input spikes (rates of any non-negative input work too; the
+                MoE layer checks that its input is binary).
+
+        Returns:
+            :class:`RoutingInfo` (with a leading window dimension when ``window`` is set).
+        """
+        if not isinstance(x_TND, torch.Tensor):
+            raise TypeError(f"router input must be a torch.Tensor, got {type(x_TND).__name__}")
+        if x_TND.dim() != 3 or x_TND.shape[-1] != self.in_features:
+            raise ValueError(
+                f"router input must be [T, N, {self.in_features}], got shape {tuple(x_TND.shape)}"
+            )
+        if not x_TND.is_floating_point():
+            raise TypeError(f"router input must be floating point, got dtype {x_TND.dtype}")
+        if x_TND.shape[0] == 0 or x_TND.shape[1] == 0:
+            raise ValueError(f"router input has no time steps or tokens: {tuple(x_TND.shape)}")
+        logits = self._scores(x_TND)
+        if self.window is not None:
+            # Window w is routed from window w-1; window 0 from an all-zero score (no past).
+            logits = torch.cat([self._zero_scores(logits[:1]), logits[:-1]], 0)
+        noisy = None
+        if self.training and self.noise > 0:
+            noisy = logits + self.noise * torch.randn_like(logits)
+        return route(
+            logits,
+            self.k,
+            selection_bias=self.expert_bias,
+            noisy_logits_XNE=noisy,
+            capacity_factor=self.capacity_factor,
+            renormalize=self.renormalize,
+            balance_weight=self.balance_weight,
+            z_loss_weight=self.z_loss_weight,
+            window=self.window,
+        )
+
+    def _zero_scores(self, like_1NE: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update_bias(self, *routings: RoutingInfo) -> torch.Tensor:
+        """Auxiliary-loss-free balancing step; call after ``optimizer.step()``.
+
+        Args:
+            *routings: the :class:`RoutingInfo` of every forward call (micro-batch) since the
+                last update; their loads are summed.
+
+        Returns:
+            The updated ``expert_bias`` ``[E]`` (also stored in the buffer).
+        """
+        if not routings:
+            raise ValueError("update_bias needs at least one RoutingInfo")
+        load = torch.zeros_like(self.expert_bias)
+        for info in routings:
+            if not isinstance(info, RoutingInfo):
+                raise TypeError(f"expected RoutingInfo, got {type(info).__name__}")
+            if info.num_experts != self.num_experts:
+                raise ValueError(
+                    f"RoutingInfo has {info.num_experts} experts, this router {self.num_experts}"
+                )
+            load += info.selected_load().to(load)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        return self.expert_bias
+
+
+class RateRouter(_Router):
+    """Rate-coded router: ``logits = W r + b`` on the input rates ``r`` of each window.
+
+    Args:
+        in_features: input size ``D``.
+        num_experts: number of experts ``E`` (>= 1).
+        k: experts per token, ``1 <= k <= E``.
+        noise: std of Gaussian noise added to the logits in training mode only (0: none).
+        window: None routes on the whole sequence; an int ``L`` routes causally per window
+            of ``L`` steps (window ``w`` from the rates of window ``w - 1``; window 0 from
+            zero rates, see the module docstring).
+        capacity_factor: None (no limit) or > 0; overflow policy in the module docstring.
+        renormalize: renormalise gates over the chosen ``k``. With ``k = 1`` the gate is then
+            always 1 and only the aux loss trains the router; pass False for Switch-style
+            ``gate = p``.
+        balance_weight: weight of the Switch load-balancing loss in ``aux_loss``.
+        z_loss_weight: weight of the router z-loss in ``aux_loss``.
+        bias_update_rate: step ``eta`` of :meth:`update_bias` (aux-loss-free balancing).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> router = RateRouter(6, num_experts=4, k=2)
+        >>> info = router(torch.bernoulli(torch.full((10, 3, 6), 0.3)))
+        >>> info.expert_ids.shape, info.gates.sum(-1)
+        (torch.Size([3, 2]), tensor([1., 1., 1.], grad_fn=<SumBackward1>))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        k: int,
+        *,
+        noise: float = 0.0,
+        window: int | None = None,
+        capacity_factor: float | None = None,
+        renormalize: bool = True,
+        balance_weight: float = 1e-2,
+        z_loss_weight: float = 1e-3,
+        bias_update_rate: float = 1e-3,
+    ):
+        super().__init__(
+            in_features,
+            num_experts,
+            k,
+            noise=noise,
+            window=window,
+            capacity_factor=capacity_factor,
+            renormalize=renormalize,
+            balance_weight=balance_weight,
+            z_loss_weight=z_loss_weight,
+            bias_update_rate=bias_update_rate,
+        )
+
+    def _scores(self, x_TND):
+        if self.window is None:
+            return self.proj(x_TND.mean(0, keepdim=True))
+        sums, lengths = _window_sums(x_TND, self.window)
+        return self.proj(sums / lengths)
+
+    def _zero_scores(self, like_1NE):
+        return self.proj.bias.expand_as(like_1NE)
+
+
+class SpikingRouter(_Router):
+    """Spiking gating population: ``E`` LIF neurons on ``W s_t + b``; counts are the scores.
+
+    ``logits = gain * count / L`` per window. Same arguments as :class:`RateRouter`, plus:
+
+    Args:
+        gain: scale of the spike rate in the logits (a rate of 1 vs 0 gives odds ``e^gain``).
+        **neuron_kwargs: passed to the gating :class:`~spiking_moe.neurons.LIF` (``neuron``).
+
+    Equal counts are ties, broken towards the lower expert id; the balancing bias (after a
+    few :meth:`update_bias` steps) and noise break them otherwise.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> router = SpikingRouter(6, num_experts=4, k=1, renormalize=False)
+        >>> router(torch.bernoulli(torch.full((10, 3, 6), 0.3))).expert_ids.shape
+        torch.Size([3, 1])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        k: int,
+        *,
+        gain: float = 5.0,
+        noise: float = 0.0,
+        window: int | None = None,
+        capacity_factor: float | None = None,
+        renormalize: bool = True,
+        balance_weight: float = 1e-2,
+        z_loss_weight: float = 1e-3,
+        bias_update_rate: float = 1e-3,
+        **neuron_kwargs,
+    ):
+        super().__init__(
+            in_features,
+            num_experts,
+            k,
+            noise=noise,
+            window=window,
+            capacity_factor=capacity_factor,
+            renormalize=renormalize,
+            balance_weight=balance_weight,
+            z_loss_weight=z_loss_weight,
+            bias_update_rate=bias_update_rate,
+        )
+        _check_nonneg("gain", gain)
+        self.gain = float(gain)
+        self.neuron = LIF(**neuron_kwargs)
+
+    def _scores(self, x_TND):
+        spikes_TNE = self.neuron(self.proj(x_TND))
+        if self.window is None:
+            return self.gain * spikes_TNE.mean(0, keepdim=True)
+        sums, lengths = _window_sums(spikes_TNE, self.window)
+        return self.gain * sums / lengths
+
+    def _zero_scores(self, like_1NE):
+        return torch.zeros_like(like_1NE)

@@ -1,0 +1,209 @@
+"""dispatch / run_experts / combine against a plain per-token loop, with stub experts."""
+
+import pytest
+import torch
+from torch import nn
+
+from spiking_moe.dispatch import (
+    combine,
+    dense_masked,
+    dispatch,
+    grouped_supported,
+    run_experts,
+    run_experts_grouped,
+)
+from spiking_moe.experts import MLPExpert, SpikingExpert
+
+T, N, D, O, E, K = 5, 9, 6, 4, 5, 2
+
+
+class StubExpert(nn.Module):
+    """Nonlinear in x and in time (a running sum), so a wrong row or step shows up."""
+
+    def __init__(self, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(D, O, generator=g))
+
+    def forward(self, x_TND):
+        return torch.tanh(x_TND @ self.weight).cumsum(0)
+
+
+def _routing(seed, n=N, e=E, k=K):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    gates = torch.rand(n, k, generator=g).requires_grad_()
+    return ids, gates
+
+
+def _spikes(seed, n=N):
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((T, n, D), 0.4), generator=g).requires_grad_()
+
+
+def _loop(experts, x, ids, gates, kept=None):
+    rows = []
+    for n in range(x.shape[1]):
+        y = 0
+        for j in range(ids.shape[1]):
+            if kept is None or kept[n, j]:
+                y = y + gates[n, j] * experts[int(ids[n, j])](x[:, n : n + 1])[:, 0]
+        rows.append(y if torch.is_tensor(y) else torch.zeros(T, O))
+    return torch.stack(rows, 1)
+
+
+def _sparse(experts, x, ids, gates, kept=None):
+    grouped, plan = dispatch(x, ids, gates, len(experts), kept_NK=kept)
+    return combine(run_experts(experts, grouped, plan), plan)
+
+
+def _grads(out, tensors, seed=7):
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad((out * weight).sum(), tensors, allow_unused=True)
+
+
+def test_sparse_equals_per_token_loop_values_and_gradients():
+    experts = nn.ModuleList(StubExpert(e) for e in range(E))
+    ids, gates = _routing(0)
+    x = _spikes(1)
+    leaves = [x, gates, *experts.parameters()]
+    ref = _loop(experts, x, ids, gates)
+    out = _sparse(experts, x, ids, gates)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(_grads(out, leaves), _grads(ref, leaves), strict=True):
+        assert want is not None and want.abs().sum() > 0
+        torch.testing.assert_close(got, want)
+
+
+def test_each_expert_receives_exactly_its_rows_and_empty_experts_are_not_called():
+    experts = nn.ModuleList(StubExpert(e) for e in range(E))
+    ids = torch.tensor([[0, 2], [2, 0], [3, 0], [0, 2], [2, 3], [3, 0], [0, 2], [2, 0], [0, 3]])
+    gates = torch.rand(N, K)
+    seen = {}
+    for e, expert in enumerate(experts):
+        expert.register_forward_pre_hook(lambda m, a, e=e: seen.setdefault(e, []).append(a[0]))
+    grouped, plan = dispatch(_spikes(2), ids, gates, E)
+    run_experts(experts, grouped, plan)
+    # hand count: expert 0 in 8 tokens, 1 in none, 2 in 6, 3 in 4, 4 in none
+    assert plan.splits == (8, 0, 6, 4, 0)
+    assert plan.tokens_per_expert.tolist() == [8, 0, 6, 4, 0]
+    assert sorted(seen) == [0, 2, 3]
+    assert {e: [x.shape[1] for x in xs] for e, xs in seen.items()} == {0: [8], 2: [6], 3: [4]}
+    assert sum(plan.splits) == grouped.shape[1] == N * K
+    # Inside an expert the tokens keep their order, and the rows are those tokens' spikes.
+    tokens_of_0 = [n for n in range(N) if 0 in ids[n].tolist()]
+    assert plan.token_index[:8].tolist() == tokens_of_0
+    assert torch.equal(seen[0][0], _spikes(2)[:, tokens_of_0].detach())
+
+
+def test_sparse_equals_dense_masked_values_and_gradients():
+    experts = nn.ModuleList(StubExpert(e) for e in range(E))
+    ids, gates = _routing(3)
+    x = _spikes(4)
+    out = _sparse(experts, x, ids, gates)
+    dense = dense_masked(experts, x, ids, gates, E)
+    torch.testing.assert_close(out, dense)
+    leaves = [x, gates, *experts.parameters()]
+    for got, want in zip(_grads(out, leaves), _grads(dense, leaves), strict=True):
+        # An expert nobody chose has no gradient on the sparse path, zeros on the dense one.
+        torch.testing.assert_close(torch.zeros_like(want) if got is None else got, want)
+
+
+def test_dropped_assignments_are_not_computed_and_contribute_nothing():
+    experts = nn.ModuleList(StubExpert(e) for e in range(E))
+    ids, gates = _routing(5)
+    kept = torch.ones(N, K, dtype=torch.bool)
+    kept[0] = False  # token 0 loses both experts
+    kept[3, 1] = False
+    grouped, plan = dispatch(_spikes(6), ids, gates, E, kept_NK=kept)
+    assert grouped.shape[1] == N * K - 3
+    assert 0 not in plan.token_index.tolist()
+    out = combine(run_experts(experts, grouped, plan), plan)
+    ref = _loop(experts, _spikes(6), ids, gates, kept)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(out[:, 0], torch.zeros(T, O))
+
+
+def test_all_dropped_gives_zero_current_of_the_right_shape():
+    experts = nn.ModuleList(StubExpert(e) for e in range(E))
+    ids, gates = _routing(8)
+    grouped, plan = dispatch(_spikes(9), ids, gates, E, kept_NK=torch.zeros(N, K, dtype=bool))
+    out = combine(run_experts(experts, grouped, plan), plan)
+    assert torch.equal(out, torch.zeros(T, N, O))
+
+
+@pytest.mark.parametrize(
+    "ids, gates, match",
+    [
+        (torch.tensor([[0, 5]] * N), torch.rand(N, K), "outside"),
+        (torch.tensor([[-1, 0]] * N), torch.rand(N, K), "outside"),
+        (torch.zeros(N + 1, K, dtype=torch.int64), torch.rand(N + 1, K), "tokens"),
+        (torch.zeros(N, K, dtype=torch.int32), torch.rand(N, K), "int64"),
+        (torch.zeros(N, K, dtype=torch.int64), torch.rand(N, K + 1), "gates shape"),
+    ],
+)
+def test_bad_routing_is_rejected(ids, gates, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        dispatch(_spikes(0), ids, gates, E)
+
+
+def test_wrong_expert_count_and_rank_are_rejected():
+    ids, gates = _routing(0)
+    grouped, plan = dispatch(_spikes(0), ids, gates, E)
+    with pytest.raises(ValueError, match="5 experts"):
+        run_experts([StubExpert(0)] * 3, grouped, plan)
+    with pytest.raises(ValueError, match=r"\[T, N, D\]"):
+        dispatch(_spikes(0)[0], ids, gates, E)
+    with pytest.raises(ValueError, match="expert output"):
+        combine(torch.zeros(T, 3, O), plan)
+
+
+GD = 8  # _grouped_mm wants rows of a multiple of 16 bytes
+
+
+def _grouped_case(cls, **kw):
+    torch.manual_seed(0)
+    experts = nn.ModuleList(cls(GD, 12, 8, num_layers=2, **kw) for _ in range(E))
+    ids = torch.tensor([[0, 2], [2, 0], [3, 0], [0, 2], [2, 3], [3, 0], [0, 2], [2, 0], [0, 3]])
+    return experts, ids  # experts 1 and 4 get no rows
+
+
+@pytest.mark.parametrize("cls", [SpikingExpert, MLPExpert])
+def test_grouped_gemm_path_equals_the_per_expert_loop(cls):
+    kw = dict(beta=0.7, threshold=0.4) if cls is SpikingExpert else {}
+    experts, ids = _grouped_case(cls, **kw)
+    if cls is SpikingExpert:  # per-expert constants must follow each expert's rows
+        for e, expert in enumerate(experts):
+            expert.net[1].beta.fill_(0.5 + 0.1 * e)
+            expert.net[3].threshold.fill_(0.3 + 0.05 * e)
+    assert grouped_supported(experts)
+    gates = torch.rand(N, K, requires_grad=True)
+    x = torch.bernoulli(torch.full((T, N, GD), 0.5)).requires_grad_()
+    leaves = [x, gates, *experts.parameters()]
+    grouped, plan = dispatch(x, ids, gates, E)
+    ref = combine(run_experts(experts, grouped, plan), plan)
+    grouped, plan = dispatch(x, ids, gates, E)  # its own graph: each backward frees its own
+    out = combine(run_experts_grouped(experts, grouped, plan), plan)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(_grads(out, leaves), _grads(ref, leaves), strict=True):
+        if want is None:
+            assert got is None or got.abs().sum() == 0
+        else:
+            torch.testing.assert_close(got, want)
+
+
+def test_grouped_gemm_is_refused_when_it_could_not_be_exact():
+    experts, _ = _grouped_case(SpikingExpert)
+    assert not grouped_supported([StubExpert(0), StubExpert(1)])
+    assert not grouped_supported([*experts[:2], SpikingExpert(D, 12, 8, num_layers=1)])
+    assert not grouped_supported(
+        [*experts[:2], SpikingExpert(D, 12, 8, num_layers=2, reset="zero")]
+    )
+    per_neuron = SpikingExpert(D, 12, 8, num_layers=2, beta=torch.full((12,), 0.9))
+    assert not grouped_supported([*experts[:2], per_neuron])
+    handle = experts[1].net[0].register_forward_hook(lambda *a: None)
+    assert not grouped_supported(experts)  # hooks must see the per-expert calls
+    handle.remove()
+    assert grouped_supported(experts)
+    assert not grouped_supported([SpikingExpert(6, 12, 8)])  # 24-byte rows
+    assert grouped_supported([SpikingExpert(6, 12, 8)], torch.float64)

@@ -1,0 +1,272 @@
+"""SpikingMoE: per-token loop oracle, sparsity, gradients, dense path, windows, bad input."""
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from spiking_moe import LIF
+from spiking_moe.experts import SpikingExpert
+from spiking_moe.models import SpikingMoEClassifier
+from spiking_moe.moe import MoEOutput, SpikingMoE, set_dense, update_router_biases
+from spiking_moe.router import RateRouter, SpikingRouter, route
+
+T, B, D, E, K = 6, 7, 8, 6, 2
+
+
+class StubRouter(nn.Module):
+    """Fixed learnable logits per token: routing independent of the input."""
+
+    def __init__(self, n, num_experts=E, k=K, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.logits = nn.Parameter(torch.randn(n, num_experts, generator=g) * 2)
+        self.in_features, self.num_experts, self.k, self.window = D, num_experts, k, None
+
+    def forward(self, x_TND):
+        return route(self.logits[None], self.k)
+
+
+def _spikes(shape, p=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full(shape, p), generator=g)
+
+
+def _experts(n=E, seed=0, **kw):
+    torch.manual_seed(seed)
+    return [SpikingExpert(D, 16, D, threshold=0.5, **kw) for _ in range(n)]
+
+
+def test_output_equals_a_per_token_loop_through_the_chosen_experts():
+    moe = SpikingMoE(router=StubRouter(B), experts=_experts(), neuron=LIF(beta=0.8, threshold=0.3))
+    x = _spikes((T, B, D))
+    out = moe(x)
+    routing = out.routing
+    current = torch.zeros(T, B, D)
+    for n in range(B):
+        for j in range(K):
+            expert = moe.experts[int(routing.expert_ids[n, j])]
+            current[:, n] += routing.gates[n, j] * expert(x[:, n : n + 1])[:, 0]
+    ref = LIF(beta=0.8, threshold=0.3)(current)
+    assert ref.sum() > 0, "the oracle must spike"
+    assert torch.equal(out.spikes, ref)
+    assert isinstance(out, MoEOutput) and out.aux_loss is routing.aux_loss
+
+
+def test_each_expert_computes_on_exactly_its_routed_tokens():
+    torch.manual_seed(0)
+    moe = SpikingMoE(router=RateRouter(D, E, K), experts=_experts())
+    rows = {}
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_pre_hook(lambda m, a, e=e: rows.__setitem__(e, a[0].shape[1]))
+    out = moe(_spikes((T, 64, D), p=0.3))
+    counts = out.routing.tokens_per_expert.tolist()
+    assert counts == torch.bincount(out.routing.expert_ids.flatten(), minlength=E).tolist()
+    assert {e: c for e, c in enumerate(counts) if c} == rows
+    assert sum(rows.values()) == 64 * K
+
+
+def test_gradients_reach_the_router_and_selected_experts_only():
+    moe = SpikingMoE(router=RateRouter(D, 8, K), experts=_experts(8, seed=1))
+    x = _spikes((T, 2, D), seed=3)  # 2 tokens x 2 choices: at most 4 of 8 experts chosen
+    out = moe(x)
+    (out.spikes.sum() + out.aux_loss).backward()
+    chosen = set(out.routing.expert_ids.flatten().tolist())
+    assert len(chosen) < 8
+    assert moe.router.proj.weight.grad.abs().sum() > 0
+    for e, expert in enumerate(moe.experts):
+        grads = [p.grad for p in expert.parameters()]
+        if e in chosen:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads), e
+        else:
+            assert all(g is None for g in grads), e
+
+
+@pytest.mark.parametrize("router_cls", [RateRouter, SpikingRouter])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_sparse_and_dense_masked_paths_agree(router_cls, capacity_factor):
+    torch.manual_seed(0)
+    router = router_cls(D, E, K, capacity_factor=capacity_factor)
+    moe = SpikingMoE(router=router, experts=_experts(), neuron=LIF(threshold=0.2))
+    x = _spikes((T, 20, D), p=0.3)
+    sparse = moe(x)
+    sparse_grads = torch.autograd.grad(
+        sparse.spikes.sum(), list(moe.parameters()), allow_unused=True
+    )
+    moe.dense = True
+    dense = moe(x)
+    dense_grads = torch.autograd.grad(dense.spikes.sum(), list(moe.parameters()))
+    assert sparse.spikes.sum() > 0
+    assert torch.equal(sparse.spikes, dense.spikes)
+    assert torch.equal(sparse.routing.expert_ids, dense.routing.expert_ids)
+    for (name, p), gs, gd in zip(moe.named_parameters(), sparse_grads, dense_grads, strict=True):
+        torch.testing.assert_close(torch.zeros_like(p) if gs is None else gs, gd, msg=name)
+
+
+def test_capacity_limits_rows_and_counts_drops():
+    torch.manual_seed(0)
+    moe = SpikingMoE(router=RateRouter(D, E, K, capacity_factor=0.5), experts=_experts())
+    rows = []
+    for expert in moe.experts:
+        expert.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1]))
+    out = moe(_spikes((T, 40, D), p=0.3))
+    capacity = out.routing.capacity
+    assert capacity == 7  # ceil(0.5 * 40 * 2 / 6)
+    assert max(rows) <= capacity
+    assert sum(rows) == 40 * K - int(out.routing.dropped) and int(out.routing.dropped) > 0
+
+
+def test_sequence_input_routes_every_position_as_a_token():
+    torch.manual_seed(0)
+    moe = SpikingMoE(router=RateRouter(D, E, K), experts=_experts())
+    x = _spikes((T, 3, 4, D))
+    out = moe(x)
+    flat = moe(x.reshape(T, 12, D))
+    assert out.spikes.shape == (T, 3, 4, D)
+    assert torch.equal(out.spikes.reshape(T, 12, D), flat.spikes)
+    assert out.routing.expert_ids.shape == (12, K)
+
+
+def test_windowed_layer_is_causal_in_routing_and_output():
+    torch.manual_seed(0)
+    L, w = 2, 1
+    moe = SpikingMoE(router=RateRouter(D, E, K, window=L), experts=_experts())
+    x = _spikes((9, 10, D), p=0.3)  # W = 5 windows, the last one step long
+    changed = x.clone()
+    changed[(w + 1) * L :] = 1 - changed[(w + 1) * L :]
+    a, b = moe(x), moe(changed)
+    assert a.routing.expert_ids.shape == (5, 10, K)
+    assert torch.equal(a.routing.expert_ids[: w + 2], b.routing.expert_ids[: w + 2])
+    assert torch.equal(a.spikes[: (w + 1) * L], b.spikes[: (w + 1) * L])
+    assert not torch.equal(a.spikes, b.spikes)
+    assert a.routing.tokens_per_expert.sum() == 5 * 10 * K
+
+
+def test_windowed_layer_equals_per_window_loop():
+    torch.manual_seed(0)
+    L = 3
+    moe = SpikingMoE(
+        router=RateRouter(D, E, K, window=L), experts=_experts(), neuron=LIF(threshold=0.2)
+    )
+    x = _spikes((8, 5, D), p=0.4)
+    out = moe(x)
+    ids, gates = out.routing.expert_ids, out.routing.gates
+    current = torch.zeros(8, 5, D)
+    for w in range(3):
+        steps = slice(w * L, min((w + 1) * L, 8))
+        for n in range(5):
+            for j in range(K):
+                expert = moe.experts[int(ids[w, n, j])]
+                current[steps, n] += gates[w, n, j] * expert(x[steps, n : n + 1])[:, 0]
+    assert torch.equal(out.spikes, LIF(threshold=0.2)(current))
+
+
+def test_non_binary_input_is_rejected_unless_the_check_is_off():
+    torch.manual_seed(0)
+    moe = SpikingMoE(router=RateRouter(D, E, K), experts=_experts())
+    x = _spikes((T, B, D))
+    x[0, 0, 0] = 0.37
+    with pytest.raises(ValueError, match="binary"):
+        moe(x)
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="binary"):
+        moe(x)
+    x[0, 0, 0] = 0.37
+    moe.check_spikes = False
+    assert moe(x).spikes.shape == (T, B, D)
+
+
+def test_bad_input_and_config_are_rejected():
+    torch.manual_seed(0)
+    moe = SpikingMoE(router=RateRouter(D, E, K), experts=_experts())
+    with pytest.raises(ValueError, match="3 dims|2 dims"):
+        moe(torch.zeros(T, D))
+    with pytest.raises(ValueError, match="5 dims"):
+        moe(torch.zeros(T, 2, 2, 2, D))
+    with pytest.raises(ValueError, match="8 input features"):
+        moe(torch.zeros(T, B, D + 1))
+    with pytest.raises(TypeError, match="floating"):
+        moe(torch.zeros(T, B, D, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_experts=6 but 5 experts"):
+        SpikingMoE(router=RateRouter(D, E, K), experts=_experts(5))
+    with pytest.raises(ValueError, match="in_features"):
+        SpikingMoE(router=RateRouter(D, 2, 1), experts=[SpikingExpert(D + 1, 4, D)] * 2)
+    with pytest.raises(TypeError):
+        SpikingMoE(RateRouter(D, E, K), _experts())  # keyword-only
+
+
+def test_grouped_gemm_layer_equals_the_per_expert_calls():
+    torch.manual_seed(0)
+    router = RateRouter(D, E, K, capacity_factor=0.8)
+    moe = SpikingMoE(router=router, experts=_experts(), grouped_gemm="never")
+    x = _spikes((T, 24, D), p=0.3)
+    ref = moe(x)
+    ref_grads = torch.autograd.grad(ref.spikes.sum(), list(moe.parameters()), allow_unused=True)
+    moe.grouped_gemm = "always"
+    calls = []
+    out = moe(x)
+    assert not calls
+    grads = torch.autograd.grad(out.spikes.sum(), list(moe.parameters()), allow_unused=True)
+    assert ref.spikes.sum() > 0
+    assert torch.equal(out.spikes, ref.spikes)
+    for (name, p), g, r in zip(moe.named_parameters(), grads, ref_grads, strict=True):
+        zeros = torch.zeros_like(p)
+        torch.testing.assert_close(zeros if g is None else g, zeros if r is None else r, msg=name)
+    # A hook on an expert makes the layer fall back to per-expert calls, so the hook fires.
+    busiest = int(ref.routing.tokens_per_expert.argmax())
+    moe.experts[busiest].register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
+    out = moe(x)
+    assert calls == [int(out.routing.tokens_per_expert[busiest])] and calls[0] > 0
+    with pytest.raises(ValueError, match="grouped_gemm"):
+        SpikingMoE(router=router, experts=_experts(), grouped_gemm="sometimes")
+
+
+def test_submodule_names_follow_the_contract():
+    moe = SpikingMoE(router=RateRouter(D, 2, 1), experts=_experts(2))
+    names = {n for n, _ in moe.named_modules()}
+    assert {"router", "experts", "experts.0", "experts.1", "neuron"} <= names
+    assert "experts.1.net.0.weight" in dict(moe.named_parameters())
+
+
+def test_set_dense_and_update_router_biases_walk_the_model():
+    model = SpikingMoEClassifier(5, 3, hidden_features=D, num_experts=4, num_moe_layers=2)
+    assert set_dense(model, True) == 2
+    assert all(m.dense for m in model.modules() if isinstance(m, SpikingMoE))
+    assert set_dense(nn.Linear(2, 2), True) == 0
+    out = model(torch.rand(T, 16, 5))
+    update_router_biases(model, out.routing)
+    update_router_biases(model, [out.routing, out.routing])  # two micro-batches
+    bias = model.layers[0].router.expert_bias
+    assert bias.abs().sum() > 0
+    with pytest.raises(ValueError, match="2 MoE layers but 1"):
+        update_router_biases(model, out.routing[:1])
+
+
+def test_state_dict_round_trip_and_pickle():
+    torch.manual_seed(0)
+    make = lambda: SpikingMoE(  # noqa: E731
+        router=SpikingRouter(D, E, K, window=2), experts=_experts(seed=1)
+    )
+    moe = make()
+    moe.router.expert_bias.fill_(0.1)
+    torch.manual_seed(5)
+    fresh = make()
+    fresh.load_state_dict(moe.state_dict())
+    x = _spikes((T, B, D))
+    assert torch.equal(fresh(x).spikes, moe(x).spikes)
+    clone = pickle.loads(pickle.dumps(moe))
+    assert torch.equal(clone(x).spikes, moe(x).spikes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_runs_on_cuda_and_matches_cpu():
+    torch.manual_seed(0)
+    moe = SpikingMoE(router=RateRouter(D, E, K, capacity_factor=1.0), experts=_experts())
+    x = _spikes((T, 32, D))
+    cpu = moe(x)
+    gpu = moe.cuda()(x.cuda())
+    assert torch.equal(gpu.routing.expert_ids.cpu(), cpu.routing.expert_ids)
+    torch.testing.assert_close(gpu.spikes.cpu(), cpu.spikes)
+    gpu.spikes.sum().backward()
+    assert moe.router.proj.weight.grad.is_cuda
