@@ -20,9 +20,13 @@ from .config import ConfigError, config_to_dict, flatten_config, load_config
 from .data import BatchLoader, build_datasets
 from .factory import build_model
 from .monitors import FiringRateMonitor, RoutingMonitor
+from .plotting import plot_run
 from .training import (
     CHECKPOINT_NAME,
+    EnergyReportCallback,
+    RouterBiasBalancing,
     Trainer,
+    check_energy_profile,
     init_distributed,
     resolve_device,
     seed_everything,
@@ -46,6 +50,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _write_energy_files(out: Path, report, samples: int, accuracy: float, name: str) -> None:
+    """``report.json``, ``report.md`` and ``report.png`` (accuracy vs energy, expert load)."""
+    (out / "report.json").write_text(report.to_json())
+    (out / "report.md").write_text(report.to_markdown())
+    plot_run(report, accuracy, samples, out / "report.png", title=name)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Train, evaluate on the test set, write the run folder. Returns the process exit code.
 
@@ -62,7 +73,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             train_config = dataclasses.replace(config.train, device=args.device)
             config = dataclasses.replace(config, train=train_config)
         resolve_device(config.train.device)
-    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
+        if config.energy.enabled:
+            check_energy_profile(config.energy.profile)
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
     out = args.out or Path("runs") / config.name
@@ -100,13 +113,21 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
 
+        callbacks = [RouterBiasBalancing(), FiringRateMonitor(), RoutingMonitor()]
+        energy_callback = None
+        if config.energy.enabled:
+            # Energy curves on validation during training; the final report on the test set.
+            energy_callback = EnergyReportCallback(
+                config.energy.profile, num_batches=config.energy.num_batches
+            )
+            callbacks.append(energy_callback)
         with Trainer(
             model,
             train_loader,
             config.train,
             out_dir=out,
             val_loader=val_loader,
-            callbacks=[FiringRateMonitor(), RoutingMonitor()],
+            callbacks=callbacks,
             hparams=flatten_config(config),
             resume=args.resume,
             checkpoint_extra={"experiment": config_to_dict(config)},
@@ -115,6 +136,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             if result.interrupted:
                 return 128 + (result.signal or 0)
             test = trainer.evaluate(test_loader, "test")
+        if dist_info.is_main and energy_callback is not None and energy_callback.report:
+            _write_energy_files(
+                out,
+                energy_callback.report,
+                energy_callback.samples,
+                test["test/accuracy"],
+                config.name,
+            )
         logger.info(
             "done in %.1f s: test accuracy %.4f; run folder %s (tensorboard --logdir %s)",
             result.wall_time_s,

@@ -60,7 +60,7 @@ __all__ = [
 
 MODEL_KINDS = ("moe", "dense_snn", "ann")
 ROUTERS = ("rate", "spiking")
-READOUTS = ("rate", "membrane")
+READOUTS = ("count", "membrane")
 SCHEDULES = ("cosine", "constant")
 
 
@@ -224,7 +224,7 @@ class ModelConfig(_Section):
     num_moe_layers: int = _field(1, ge=1)
     expert_hidden: int = _field(64, ge=1)
     expert_layers: int = _field(1, ge=1)
-    readout: str = _field("rate", choices=READOUTS)
+    readout: str = _field("count", choices=READOUTS)
     router: str = _field("rate", choices=ROUTERS)
     router_noise: float = _field(0.0, ge=0.0)
     router_window: int = _field(0, ge=0)
@@ -255,7 +255,9 @@ class TrainConfig(_Section):
     ``checkpoint_every`` adds checkpoints every that many steps. ``grad_clip = 0`` disables
     clipping. ``device``: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
     ``amp``: bf16 autocast on CUDA (ignored with a warning on CPU). ``compile``:
-    ``torch.compile`` the model.
+    ``torch.compile`` the model. ``spike_rate_penalty``: weight in the loss of
+    ``mean over LIF modules of max(0, firing rate - spike_rate_target)`` (activity
+    regularisation: fewer spikes, less energy; 0 = off; logged inside ``train/aux_loss``).
     """
 
     section: ClassVar[str] = "train"
@@ -269,6 +271,8 @@ class TrainConfig(_Section):
     warmup_steps: int = _field(0, ge=0)
     min_lr_ratio: float = _field(0.0, ge=0.0, le=1.0)
     grad_clip: float = _field(1.0, ge=0.0)
+    spike_rate_penalty: float = _field(0.0, ge=0.0)
+    spike_rate_target: float = _field(0.0, ge=0.0, le=1.0)
     seed: int = 0
     device: str = "auto"
     amp: bool = False

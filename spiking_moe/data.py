@@ -60,7 +60,7 @@ __all__ = [
 
 #: dataset name -> allowed encodings (the first is the default).
 DATASETS: dict[str, tuple[str, ...]] = {
-    "digits": ("rate", "current"),
+    "digits": ("rate", "latency", "current"),
     "mnist1d": ("sequence", "current"),
     "shd": ("events",),
     "nmnist": ("events",),
@@ -125,7 +125,10 @@ class InMemoryDataset(Dataset):
             (encoding "sequence").
         y: ``[N]`` integer labels in ``[0, num_classes)``.
         encoding: "rate" (Bernoulli spikes with probability ``x``, needs ``x`` in [0, 1]),
-            "current" (``x`` as constant input current at every step) or "sequence".
+            "latency" (one spike per feature, earlier for larger ``x``, none for ``x`` near 0;
+            needs ``x`` in [0, 1]: the sparsest input code, see
+            :func:`spiking_moe.encoding.latency`), "current" (``x`` as constant input current at
+            every step) or "sequence".
         num_steps: T for "rate" and "current"; must equal ``x.shape[1]`` for "sequence".
         num_classes: C.
         seed: fixes the rate-code noise of :meth:`__getitem__`.
@@ -141,9 +144,9 @@ class InMemoryDataset(Dataset):
         num_classes: int,
         seed: int = 0,
     ):
-        if encoding not in ("rate", "current", "sequence"):
+        if encoding not in ("rate", "latency", "current", "sequence"):
             raise ValueError(
-                f"unknown encoding {encoding!r}; valid: ['rate', 'current', 'sequence']"
+                f"unknown encoding {encoding!r}; valid: ['rate', 'latency', 'current', 'sequence']"
             )
         expected_dim = 3 if encoding == "sequence" else 2
         if x.dim() != expected_dim:
@@ -155,8 +158,8 @@ class InMemoryDataset(Dataset):
             raise ValueError(f"y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
         if encoding == "sequence" and x.shape[1] != num_steps:
             raise ValueError(f"sequence length {x.shape[1]} != num_steps {num_steps}")
-        if encoding == "rate" and bool(((x < 0) | (x > 1)).any()):
-            raise ValueError("encoding 'rate' needs x in [0, 1] (firing probabilities)")
+        if encoding in ("rate", "latency") and bool(((x < 0) | (x > 1)).any()):
+            raise ValueError(f"encoding {encoding!r} needs x in [0, 1] (intensities)")
         self.x = x.float().contiguous()
         self.y = y.long()
         self.encoding = encoding
@@ -191,6 +194,8 @@ class InMemoryDataset(Dataset):
         x = self.x[indices]
         if self.encoding == "rate":
             x_TBF = _encoding.rate(x, self.num_steps, generator=generator)
+        elif self.encoding == "latency":
+            x_TBF = _encoding.latency(x, self.num_steps)
         elif self.encoding == "current":
             x_TBF = _encoding.direct(x, self.num_steps).contiguous()
         else:

@@ -53,6 +53,8 @@ from .config import TrainConfig
 __all__ = [
     "CHECKPOINT_NAME",
     "Callback",
+    "EnergyReportCallback",
+    "RouterBiasBalancing",
     "DistInfo",
     "JSONLinesSink",
     "MetricSink",
@@ -60,6 +62,9 @@ __all__ = [
     "TensorBoardSink",
     "TrainResult",
     "Trainer",
+    "check_energy_profile",
+    "energy_metrics",
+    "measure_energy",
     "init_distributed",
     "load_checkpoint",
     "resolve_device",
@@ -336,6 +341,118 @@ class Callback:
         """After training finished or was interrupted by a signal (not after an error)."""
 
 
+class RouterBiasBalancing(Callback):
+    """Auxiliary-loss-free balancing: after every optimizer step, nudge each MoE router's
+    selection bias from the load of the step's routing (``output.routing``), outside autograd.
+
+    Under DDP each rank updates from its own shard's load and DDP broadcasts rank 0's buffers
+    at the next forward, so rank 0's shard decides the bias.
+    """
+
+    def on_train_batch_end(self, trainer, batch, output, loss) -> None:
+        routing = getattr(output, "routing", ())
+        if routing:
+            from .moe import update_router_biases
+
+            with torch.no_grad():
+                update_router_biases(trainer.model, routing)
+
+
+def check_energy_profile(name: str) -> None:
+    """Raise ValueError naming the known profiles when ``name`` is not one of them."""
+    import energy
+
+    energy.get_profile(name)
+
+
+def measure_energy(model: nn.Module, x_TBF: torch.Tensor, profile: str = "cmos45"):
+    """Count one forward pass of ``model`` on ``x_TBF`` and price it under ``profile``.
+
+    The dense-MoE baselines are counted for real: a copy of the model with every
+    :class:`~spiking_moe.moe.SpikingMoE` in dense mode (every expert on every token) runs on
+    the same input. Both run in eval mode (no router noise) without gradients.
+
+    Returns:
+        :class:`energy.EnergyReport`; energy per sample is ``report.totals.energy_pj / B``.
+    """
+    import copy
+
+    import energy
+
+    from .moe import set_dense
+
+    dense_model = copy.deepcopy(model)
+    if set_dense(dense_model, True) == 0:
+        dense_model = None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return energy.estimate(model, x_TBF, profile=profile, dense_model=dense_model)
+    finally:
+        model.train(was_training)
+
+
+def energy_metrics(report, batch_size: int, prefix: str) -> dict[str, float]:
+    """Scalars of an energy report: energy per sample (uJ) and the baseline ratios."""
+    metrics = {
+        f"{prefix}/energy/uJ_per_sample": report.totals.energy_pj / batch_size / 1e6,
+        f"{prefix}/energy/firing_rate": report.totals.firing_rate,
+    }
+    for baseline in report.baselines:
+        metrics[f"{prefix}/energy/ratio_{baseline.name}"] = baseline.ratio
+    return metrics
+
+
+class EnergyReportCallback(Callback):
+    """After each evaluation whose prefix is in ``prefixes``: count the energy of the model on
+    (up to ``num_batches`` of) the evaluated inputs, write the report to TensorBoard (scalars,
+    histograms, Markdown table, custom layout) and return energy per sample and ratios as
+    metrics. The last report (and the number of samples it counted) is kept in ``self.report``
+    (``self.samples``) for the run folder.
+
+    Counting runs on rank 0 only (other ranks return no energy metrics).
+
+    Args:
+        profile: hardware profile name of :mod:`energy.profiles`.
+        num_batches: evaluation batches to count (0 = all).
+        prefixes: evaluation prefixes to report on (e.g. ``("test",)`` or ``("val", "test")``).
+    """
+
+    def __init__(self, profile: str = "cmos45", num_batches: int = 0, prefixes=("val", "test")):
+        check_energy_profile(profile)
+        self.profile = profile
+        self.num_batches = num_batches
+        self.prefixes = tuple(prefixes)
+        self.report = None
+        self.samples = 0  # batch size of the last counted pass
+        self._inputs: list[torch.Tensor] = []
+
+    def on_eval_start(self, trainer, prefix):
+        self._inputs = []
+
+    def on_eval_batch_end(self, trainer, prefix, batch, output):
+        if prefix in self.prefixes and trainer.dist.is_main:
+            if self.num_batches == 0 or len(self._inputs) < self.num_batches:
+                self._inputs.append(batch[0].detach())
+
+    def on_eval_end(self, trainer, prefix):
+        if prefix not in self.prefixes or not trainer.dist.is_main or not self._inputs:
+            return None
+        x_TBF = torch.cat(self._inputs, dim=1)
+        self._inputs = []
+        self.report = measure_energy(trainer.model, x_TBF, self.profile)
+        self.samples = x_TBF.shape[1]
+        writer = trainer.tensorboard_writer
+        if writer is not None:
+            import energy.tensorboard
+
+            energy.tensorboard.write_report(
+                writer, self.report, trainer.step, prefix=f"{prefix}_energy"
+            )
+        return energy_metrics(self.report, x_TBF.shape[1], prefix)
+
+
 # --------------------------------------------------------------------------- trainer
 
 
@@ -385,8 +502,8 @@ class Trainer:
     Args:
         model: any ``nn.Module`` with ``forward(x_TBF)`` returning logits ``[B, C]`` or an
             object with ``.logits`` and optional ``.aux_loss`` (scalar tensor, added to the
-            loss). Any submodule defining ``after_optimizer_step()`` has it called after every
-            optimizer step, outside autograd (e.g. a router's auxiliary-loss-free bias update).
+            loss). MoE routers' auxiliary-loss-free bias updates run in the
+            :class:`RouterBiasBalancing` callback.
         train_loader: a :class:`~spiking_moe.data.BatchLoader` (exact resume, sharding checked)
             or any re-iterable of ``(x_TBF, y_B)`` with ``len`` (resume then skips batches).
         config: :class:`~spiking_moe.config.TrainConfig`.
@@ -456,9 +573,26 @@ class Trainer:
             )
 
         self.model = model.to(self.device)
-        self._hook_modules = [
-            m for m in self.model.modules() if callable(getattr(m, "after_optimizer_step", None))
-        ]
+        # Activity regularisation: how far each spiking neuron module's mean firing rate in the
+        # training forward pass exceeds a target, weighted into the loss (fewer spikes, less
+        # energy). A hinge, because pushing rates to zero silences the network and, with it,
+        # the surrogate gradients it learns from.
+        self._spike_rates: list[torch.Tensor] = []
+        self._activity_hooks = []
+        if config.spike_rate_penalty > 0:
+            from .neurons import LIF
+
+            def record_rate(module, args, output):
+                if module.training:
+                    self._spike_rates.append(output.float().mean())
+
+            self._activity_hooks = [
+                m.register_forward_hook(record_rate)
+                for m in self.model.modules()
+                if isinstance(m, LIF)
+            ]
+            if not self._activity_hooks:
+                raise ValueError("train.spike_rate_penalty > 0 but the model has no LIF module")
         forward_module: nn.Module = self.model
         if self.dist.world_size > 1:
             forward_module = nn.parallel.DistributedDataParallel(
@@ -674,6 +808,12 @@ class Trainer:
                 )
             ce = self.loss_fn(logits.float(), y)
             loss = ce if aux is None else ce + aux.float()
+            if self._spike_rates:
+                excess = torch.stack(self._spike_rates) - self.config.spike_rate_target
+                activity = torch.relu(excess).mean()
+                self._spike_rates.clear()
+                loss = loss + self.config.spike_rate_penalty * activity
+                aux = activity * self.config.spike_rate_penalty + (0 if aux is None else aux)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
@@ -682,9 +822,6 @@ class Trainer:
             grad_norm = torch.zeros((), device=self.device)
         self.optimizer.step()
         self.scheduler.step()
-        with torch.no_grad():
-            for module in self._hook_modules:
-                module.after_optimizer_step()
         correct = (logits.detach().argmax(-1) == y).sum()
         return (
             output,

@@ -1,0 +1,100 @@
+"""Figures for a run folder and a sweep: accuracy against energy, and per-expert load.
+
+matplotlib is imported lazily with the non-interactive Agg backend, so nothing here needs a
+display. Energy reports are read through their public fields only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["plot_run", "plot_sweep"]
+
+_BASELINE_LABELS = {
+    "dense_snn": "dense MoE SNN",
+    "ann_fp32": "ANN fp32 (same routing)",
+    "ann_int8": "ANN int8 (same routing)",
+    "dense_ann_fp32": "dense ANN fp32",
+    "dense_ann_int8": "dense ANN int8",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(report, accuracy: float, batch_size: int, path: str | Path, title: str = "") -> Path:
+    """Two panels: test accuracy against energy per sample (this model, with the baselines'
+    energies as vertical lines), and tokens per expert for every MoE layer.
+
+    Args:
+        report: an :class:`energy.EnergyReport` counted on ``batch_size`` samples.
+        accuracy: test accuracy in [0, 1].
+        path: PNG file to write.
+    """
+    plt = _pyplot()
+    fig, (ax_energy, ax_load) = plt.subplots(1, 2, figsize=(11, 4.2))
+    per_sample_uj = report.totals.energy_pj / batch_size / 1e6
+    ax_energy.scatter([per_sample_uj], [100 * accuracy], color="C0", zorder=3, label="this model")
+    for i, baseline in enumerate(report.baselines):
+        ax_energy.axvline(
+            baseline.energy_pj / batch_size / 1e6,
+            color=f"C{i + 1}",
+            linestyle="--",
+            label=f"{_BASELINE_LABELS.get(baseline.name, baseline.name)} ({baseline.ratio:.2g}x)",
+        )
+    ax_energy.set_xscale("log")
+    ax_energy.set_xlabel(f"energy per sample (uJ, profile {report.profile.name})")
+    ax_energy.set_ylabel("test accuracy (%)")
+    ax_energy.legend(fontsize=7, loc="lower left")
+    ax_energy.set_title("accuracy vs energy")
+    if report.experts:
+        labels = [e.label for e in report.experts]
+        ax_load.bar(range(len(labels)), [e.tokens for e in report.experts], color="C0")
+        ax_load.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax_load.set_ylabel(f"tokens routed (of {batch_size} per layer)")
+        ax_load.set_title("expert load")
+    else:
+        ax_load.text(0.5, 0.5, "no experts (dense model)", ha="center", va="center")
+        ax_load.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(rows: Sequence[dict], path: str | Path, profile: str) -> Path:
+    """Accuracy against energy per sample, one labelled point per configuration.
+
+    Args:
+        rows: dicts with ``label``, ``accuracy`` (0-1) and ``uJ_per_sample``.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, row in enumerate(rows):
+        ax.scatter(row["uJ_per_sample"], 100 * row["accuracy"], color=f"C{i % 10}")
+        ax.annotate(
+            row["label"],
+            (row["uJ_per_sample"], 100 * row["accuracy"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"energy per sample (uJ, profile {profile})")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy vs energy")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
