@@ -22,9 +22,12 @@ adjoint of the post-reset membrane and :math:`m_t = v_t` the optional membrane o
                                              (1 - s_t) - r\, h_t\, g_t & \text{zero} \end{cases} \\
     \bar x_t &= \bar h_t, \qquad \bar v_0 = \beta\, \bar h_0, \qquad
     \bar\beta = \textstyle\sum_t \bar h_t\, v_{t-1}, \\
-    \bar\theta &= \textstyle\sum_t -\bar s_t\, g_t + a_t\, \partial v_t/\partial\theta, \qquad
-    \partial v_t/\partial\theta = \begin{cases} -s_t + r\,\theta\, g_t & \text{subtract} \\
-                                               r\, h_t\, g_t & \text{zero} \end{cases}
+    \bar\theta &= \textstyle\sum_t -\bar s_t\, g_t + a_t\, \partial v_t/\partial\theta
+                = \textstyle\sum_t a_t\,(1 - s_t) - \bar h_t,
+
+where :math:`\partial v_t/\partial\theta = -s_t + r\,\theta\, g_t` (subtract) or
+:math:`r\, h_t\, g_t` (zero); the closed form on the right holds for both resets, because
+:math:`\theta` enters only through :math:`h_t - \theta` and the reset term.
 
 Backward needs only ``h`` (``[T, N]``, the input dtype: 4 bytes per element per step in fp32):
 ``s_t = H(h_t - \theta)`` and ``v_{t-1}`` are recomputed from it. Parameter gradients come back

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("lif_cpu.cpp")
 # -ffp-contract=off keeps h = beta * v + x rounded exactly like PyTorch (no FMA), so spikes
 # equal the reference loop bit for bit; the kernel is memory-bound, so FMA would buy nothing.
-_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 _SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "sigmoid": 2, "triangle": 3, "boxcar": 4}
 
 _lock = threading.Lock()
@@ -173,10 +173,8 @@ class _TorchProvider:
             gs = gs_TN[t]
             if zero_reset:
                 dv_dh = (1.0 - s) - keep * h * g
-                dv_dtheta = keep * h * g
             else:
                 dv_dh = 1.0 - keep * theta_N * g
-                dv_dtheta = keep * theta_N * g - s
             gh = torch.add(gs * g, a * dv_dh, out=gx_TN[t])
             if param_grads:
                 if t > 0:
@@ -185,7 +183,7 @@ class _TorchProvider:
                 else:
                     v_prev = torch.zeros_like(h) if v0_N is None else v0_N
                 gbeta += gh * v_prev
-                gtheta += a * dv_dtheta - gs * g
+                gtheta += a * (1.0 - s) - gh
             a = gh * beta_N
         return gx_TN, a, gbeta, gtheta
 

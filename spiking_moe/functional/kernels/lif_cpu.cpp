@@ -38,7 +38,7 @@ inline T surrogate_grad(T x, T alpha) {
   } else if constexpr (S == kTriangle) {
     return alpha * std::max(T(1) - alpha * std::abs(x), T(0));
   } else {
-    return std::abs(x) <= T(0.5) / alpha ? alpha : T(0);
+    return alpha * static_cast<T>(std::abs(x) <= T(0.5) / alpha);
   }
 }
 
@@ -63,7 +63,7 @@ void forward_impl(const T* x, const T* beta, const T* theta, const T* v0, T* s, 
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
           const T hv = b[i] * v[i] + xt[i];
-          const T sv = (hv - th[i]) > T(0) ? T(1) : T(0);
+          const T sv = static_cast<T>((hv - th[i]) > T(0));
           const T vv = ZERO ? hv * (T(1) - sv) : hv - th[i] * sv;
           v[i] = vv;
           ht[i] = hv;
@@ -86,6 +86,7 @@ void backward_impl(const T* gs, const T* gmem, const T* gv_final, const T* h, co
     alignas(64) T a[kChunk];
     alignas(64) T gb[kChunk];
     alignas(64) T gt[kChunk];
+    alignas(64) T vp[kChunk];
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t lo = c * kChunk;
       const int64_t len = std::min(kChunk, n - lo);
@@ -101,14 +102,26 @@ void backward_impl(const T* gs, const T* gmem, const T* gv_final, const T* h, co
         const T* ht = h + off;
         const T* gst = gs + off;
         const T* gmt = HAS_GMEM ? gmem + off : nullptr;
-        const T* hp = (PGRAD && t > 0) ? h + off - n : nullptr;
-        const T* vp0 = (PGRAD && t == 0 && v0) ? v0 + lo : nullptr;
+        if constexpr (PGRAD) {
+          // v_{t-1} for dL/dbeta: recomputed from h_{t-1}, or v0 (zeros) at t = 0. A separate
+          // simple loop keeps the main loop branch-free, so both vectorise.
+          if (t == 0) {
+            for (int64_t i = 0; i < len; ++i) vp[i] = v0 ? v0[lo + i] : T(0);
+          } else {
+            const T* hp = ht - n;
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) {
+              const T spv = static_cast<T>((hp[i] - th[i]) > T(0));
+              vp[i] = ZERO ? hp[i] * (T(1) - spv) : hp[i] - th[i] * spv;
+            }
+          }
+        }
         T* gxt = gx + off;
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
           const T hv = ht[i];
           const T d = hv - th[i];
-          const T sv = d > T(0) ? T(1) : T(0);
+          const T sv = static_cast<T>(d > T(0));
           const T sg = surrogate_grad<S, T>(d, alpha);
           T av = a[i];
           if constexpr (HAS_GMEM) av += gmt[i];
@@ -121,20 +134,8 @@ void backward_impl(const T* gs, const T* gmem, const T* gv_final, const T* h, co
           }
           gxt[i] = gh;
           if constexpr (PGRAD) {
-            T vprev = T(0);
-            if (hp) {
-              const T hpv = hp[i];
-              const T spv = (hpv - th[i]) > T(0) ? T(1) : T(0);
-              vprev = ZERO ? hpv * (T(1) - spv) : hpv - th[i] * spv;
-            } else if (vp0) {
-              vprev = vp0[i];
-            }
-            gb[i] += gh * vprev;
-            if constexpr (ZERO) {
-              gt[i] += -gsv * sg + av * keep * hv * sg;
-            } else {
-              gt[i] += -gsv * sg + av * (keep * th[i] * sg - sv);
-            }
+            gb[i] += gh * vp[i];
+            gt[i] += av * (T(1) - sv) - gh;
           }
           a[i] = gh * b[i];
         }

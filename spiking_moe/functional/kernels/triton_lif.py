@@ -199,10 +199,7 @@ if triton is not None:
                     vp = hp - theta * sp
                 vp = tl.where(has_prev, vp, v0)
                 gb += gh * vp
-                if ZERO:
-                    gt += a * (KEEP * h * g) - gs * g
-                else:
-                    gt += a * (KEEP * theta * g - s) - gs * g
+                gt += a * (1.0 - s) - gh
             a = gh * beta
             h_p -= n
             gs_p -= n
