@@ -242,6 +242,11 @@ def _choose_provider(x, v0, beta, threshold, implementation: str):
     dtype = torch.result_type(x, beta) if isinstance(beta, torch.Tensor) else x.dtype
     if isinstance(threshold, torch.Tensor):
         dtype = torch.promote_types(dtype, torch.result_type(x, threshold))
+    if x.dtype not in (torch.float32, torch.float64):
+        # Half precision: the loop rounds a Python-float beta differently from a tensor one
+        # (PyTorch computes scalar ops in float32); only the loop reproduces that exactly.
+        logger.debug("LIF in %s: using the reference loop", x.dtype)
+        return None
     if dtype != x.dtype or (v0 is not None and v0.dtype != x.dtype):
         logger.debug("LIF arguments promote beyond x.dtype %s: using the reference loop", x.dtype)
         return None

@@ -7,7 +7,7 @@ ninja) a warning is logged once and :data:`TORCH` is used instead. Set
 ``SPIKING_MOE_NO_CPP=1`` to skip the build altogether.
 
 ``TORCH``: the same recurrence as vectorised PyTorch ops: Python loops over T, but no
-per-step autograd graph. Works on every device and dtype.
+per-step autograd graph. Works on every device.
 
 Both operate on time-major ``[T, N]`` contiguous tensors, ``N`` = neurons of one step.
 """

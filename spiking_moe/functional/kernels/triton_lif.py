@@ -7,7 +7,7 @@ inputs and ``alpha`` are compile-time constants (one specialisation per combinat
 Kernels are compiled with ``enable_fp_fusion=False`` so ``h = beta * v + x`` rounds like
 PyTorch's separate multiply and add, and spikes equal the reference loop exactly.
 
-float32 and float64 only; half precision falls back to the vectorised PyTorch provider. With
+float32 and float64 only; half precision runs the reference loop (see ``lif.py``). With
 ``TRITON_INTERPRET=1`` set before import, the kernels also run on CPU tensors through Triton's
 interpreter (slow; used by the tests on machines without a GPU).
 
