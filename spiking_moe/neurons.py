@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .functional.lif import (
+    IMPLEMENTATIONS,
     RESETS,
     LIFOutput,
     check_lif_input,
@@ -81,6 +82,9 @@ class LIF(nn.Module):
             (``norse.torch.LIFBoxCell``); the module docstring gives the exact mapping.
         alpha: surrogate sharpness; None takes the surrogate's default (25 for fast_sigmoid).
         detach_reset: stop gradients through the reset term (native backend only).
+        implementation: native backend only: "auto" (default: the fused one-node path on CPU,
+            Triton on CUDA), "fused", "triton" or "reference" (the plain loop); see
+            :func:`~spiking_moe.functional.lif.lif_multistep`.
 
     Shape:
         ``forward(x)``: ``x`` is ``[T, B, ...]`` current; returns spikes of the same shape and
@@ -105,8 +109,13 @@ class LIF(nn.Module):
         *,
         alpha: float | None = None,
         detach_reset: bool = False,
+        implementation: str = "auto",
     ):
         super().__init__()
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown implementation {implementation!r}; valid: {list(IMPLEMENTATIONS)}"
+            )
         if reset not in RESETS:
             raise ValueError(f"unknown reset {reset!r}; valid: {list(RESETS)}")
         if backend not in BACKENDS:
@@ -131,6 +140,7 @@ class LIF(nn.Module):
         self.reset = reset
         self.backend = backend
         self.detach_reset = detach_reset
+        self.implementation = implementation
         if learn_beta:
             self.beta = nn.Parameter(beta_t)
         else:
@@ -165,7 +175,6 @@ class LIF(nn.Module):
             v0: ``[B, ...]`` initial membrane, zeros when None.
             return_membrane: include the ``[T, B, ...]`` post-reset membrane trace.
         """
-        check_lif_input(x, 2)
         beta = self.beta.clamp(0.0, 1.0)
         threshold = self.threshold
         if self.backend == "native":
@@ -178,7 +187,9 @@ class LIF(nn.Module):
                 surrogate=self.surrogate,
                 detach_reset=self.detach_reset,
                 return_membrane=return_membrane,
+                implementation=self.implementation,
             )
+        check_lif_input(x, 2)
         check_lif_parameters(beta, threshold, self.reset)
         if v0 is None:
             v0 = torch.zeros_like(x[0])

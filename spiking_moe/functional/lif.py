@@ -21,11 +21,15 @@ Shapes: ``T`` time steps, ``B`` batch, ``...`` any neuron dimensions. Time-major
 
 :func:`lif_multistep` is the single entry point for a sequence. ``implementation="reference"``
 is the plain Python loop below, kept obviously correct: every accelerated path is tested
-against it.
+against it. ``"fused"`` runs all ``T`` steps as one autograd node (a C++ kernel on CPU,
+vectorised PyTorch elsewhere), ``"triton"`` a Triton kernel on CUDA; ``"auto"`` (default) takes
+Triton on CUDA when importable, else the fused path. The fused paths and their backward maths
+live in :mod:`spiking_moe.functional.kernels`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal, NamedTuple
 
@@ -34,6 +38,7 @@ import torch
 from .surrogate import Surrogate, resolve_surrogate
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "RESETS",
     "LIFOutput",
     "check_lif_input",
@@ -42,9 +47,11 @@ __all__ = [
     "lif_step",
 ]
 
+logger = logging.getLogger(__name__)
+
 Reset = Literal["subtract", "zero"]
 RESETS = ("subtract", "zero")
-IMPLEMENTATIONS = ("auto", "reference")
+IMPLEMENTATIONS = ("auto", "reference", "fused", "triton")
 
 
 class LIFOutput(NamedTuple):
@@ -74,8 +81,8 @@ def check_lif_parameters(beta, threshold, reset: str) -> None:
         raise ValueError(f"threshold must be a finite number > 0, got {threshold}")
 
 
-def check_lif_input(x: torch.Tensor, min_dim: int, what: str = "x") -> None:
-    """Raise for a non-tensor, too few dims, a non-float dtype or NaN in ``x``."""
+def check_lif_input(x: torch.Tensor, min_dim: int, what: str = "x", *, nan: bool = True) -> None:
+    """Raise for a non-tensor, too few dims, a non-float dtype or (if ``nan``) NaN in ``x``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < min_dim:
@@ -85,6 +92,11 @@ def check_lif_input(x: torch.Tensor, min_dim: int, what: str = "x") -> None:
         )
     if not x.is_floating_point():
         raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+    if nan:
+        _check_nan(x, what)
+
+
+def _check_nan(x: torch.Tensor, what: str) -> None:
     if torch.isnan(x).any():
         raise ValueError(f"{what} contains NaN (shape {tuple(x.shape)})")
 
@@ -175,8 +187,10 @@ def lif_multistep(
         v0: initial membrane ``[B, ...]``; zeros when None.
         beta, threshold, reset, surrogate, alpha, detach_reset: as in :func:`lif_step`.
         return_membrane: also return the post-reset membrane trace ``[T, B, ...]``.
-        implementation: "auto" picks the fastest available path for the device;
-            "reference" forces the plain loop.
+        implementation: "auto" picks the fastest available path for the device (Triton on
+            CUDA, else "fused"); "reference" forces the plain loop, "fused" the one-node path,
+            "triton" the Triton kernel. A path that cannot run these arguments (e.g. mixed
+            dtypes, Triton without CUDA) falls back to the reference loop, logged at debug level.
 
     Returns:
         :class:`LIFOutput` ``(spikes [T, B, ...], v [B, ...], membrane [T, B, ...] | None)``.
@@ -187,7 +201,7 @@ def lif_multistep(
         tensor([0., 0., 1., 0.])
     """
     check_lif_parameters(beta, threshold, reset)
-    check_lif_input(x, 2)
+    check_lif_input(x, 2, nan=False)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; valid: {list(IMPLEMENTATIONS)}"
@@ -200,9 +214,59 @@ def lif_multistep(
             f"v0 has shape {tuple(v0.shape)}, expected one time step {tuple(step_shape)}"
         )
     spike_fn = resolve_surrogate(surrogate, alpha)
-    return _reference_multistep(
-        x, v0, beta, threshold, reset, spike_fn, detach_reset, return_membrane
-    )
+    provider = _choose_provider(x, v0, beta, threshold, implementation)
+    if provider is None:
+        _check_nan(x, "x")
+        return _reference_multistep(
+            x, v0, beta, threshold, reset, spike_fn, detach_reset, return_membrane
+        )
+    from .kernels import FusedConfig, FusedLIF
+
+    config = FusedConfig(provider, reset == "zero", spike_fn, detach_reset, return_membrane)
+    outputs = FusedLIF.apply(x, v0, beta, threshold, config)
+    # NaN anywhere in a neuron's input propagates to its final membrane (0 * NaN and
+    # NaN - theta * 0 stay NaN), so checking v costs one step instead of a pass over x.
+    if torch.isnan(outputs[1]).any():
+        _check_nan(x, "x")
+    return LIFOutput(*outputs) if return_membrane else LIFOutput(outputs[0], outputs[1], None)
+
+
+def _choose_provider(x, v0, beta, threshold, implementation: str):
+    """The kernel provider for these arguments, or None for the reference loop."""
+    if implementation == "reference":
+        return None
+    tensors = [t for t in (v0, beta, threshold) if isinstance(t, torch.Tensor)]
+    if any(t.device != x.device for t in tensors):
+        logger.debug("LIF arguments on different devices: using the reference loop")
+        return None
+    dtype = torch.result_type(x, beta) if isinstance(beta, torch.Tensor) else x.dtype
+    if isinstance(threshold, torch.Tensor):
+        dtype = torch.promote_types(dtype, torch.result_type(x, threshold))
+    if x.dtype not in (torch.float32, torch.float64):
+        # Half precision: the loop rounds a Python-float beta differently from a tensor one
+        # (PyTorch computes scalar ops in float32); only the loop reproduces that exactly.
+        logger.debug("LIF in %s: using the reference loop", x.dtype)
+        return None
+    if dtype != x.dtype or (v0 is not None and v0.dtype != x.dtype):
+        logger.debug("LIF arguments promote beyond x.dtype %s: using the reference loop", x.dtype)
+        return None
+    if implementation == "triton" or (implementation == "auto" and x.is_cuda):
+        from .kernels import triton_lif
+
+        if triton_lif.supports(x):
+            return triton_lif.TRITON
+        if implementation == "triton":
+            logger.debug(
+                "Triton LIF unavailable for %s (%s): using the reference loop",
+                x.device,
+                triton_lif.unavailable_reason(x),
+            )
+            return None
+    from .kernels import cpu_fused
+
+    if cpu_fused.CPP.supports(x) and cpu_fused.cpp_available():
+        return cpu_fused.CPP
+    return cpu_fused.TORCH
 
 
 def _reference_multistep(x, v0, beta, threshold, reset, spike_fn, detach_reset, return_membrane):

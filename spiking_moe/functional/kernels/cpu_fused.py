@@ -1,0 +1,192 @@
+"""Kernel providers for :class:`~spiking_moe.functional.kernels.FusedLIF` without Triton.
+
+``CPP``: the C++ kernel in ``lif_cpu.cpp``, JIT-compiled with
+:func:`torch.utils.cpp_extension.load` on first use (about 30-60 s once, then cached in the
+torch extensions directory, ``TORCH_EXTENSIONS_DIR``). If the build fails (no compiler, no
+ninja) a warning is logged once and :data:`TORCH` is used instead. Set
+``SPIKING_MOE_NO_CPP=1`` to skip the build altogether.
+
+``TORCH``: the same recurrence as vectorised PyTorch ops: Python loops over T, but no
+per-step autograd graph. Works on every device.
+
+Both operate on time-major ``[T, N]`` contiguous tensors, ``N`` = neurons of one step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from ..surrogate import Surrogate
+
+__all__ = ["CPP", "TORCH", "cpp_available", "load_cpp_extension"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("lif_cpu.cpp")
+# -ffp-contract=off keeps h = beta * v + x rounded exactly like PyTorch (no FMA), so spikes
+# equal the reference loop bit for bit; the kernel is memory-bound, so FMA would buy nothing.
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+_SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "sigmoid": 2, "triangle": 3, "boxcar": 4}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module": the loaded extension or None after a failure
+
+
+def load_cpp_extension():
+    """Build (first call) and return the C++ extension, or None if it cannot be built."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module = None
+        if os.environ.get("SPIKING_MOE_NO_CPP", "") not in ("", "0"):
+            logger.debug("SPIKING_MOE_NO_CPP is set: fused LIF uses the PyTorch provider")
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+
+                logger.info("building the fused LIF C++ kernel (once, about a minute)")
+                module = load(
+                    name="spiking_moe_lif_cpu",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=_CFLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as error:  # any build failure must leave a working fallback
+                logger.warning(
+                    "could not build the fused LIF C++ kernel (%s: %s); using the slower "
+                    "PyTorch fallback. Install a C++ compiler and ninja to enable it.",
+                    type(error).__name__,
+                    str(error).strip().splitlines()[-1] if str(error).strip() else "",
+                )
+        _state["module"] = module
+        return module
+
+
+def cpp_available() -> bool:
+    """Whether the C++ kernel is (or can be) built here."""
+    return load_cpp_extension() is not None
+
+
+class _CppProvider:
+    name = "cpp"
+
+    @staticmethod
+    def supports(x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+    @staticmethod
+    def forward(x_TN, v0_N, beta_N, theta_N, zero_reset: bool, return_membrane: bool):
+        module = load_cpp_extension()
+        return module.lif_forward(x_TN, beta_N, theta_N, v0_N, zero_reset, return_membrane)
+
+    @staticmethod
+    def backward(
+        gs_TN,
+        gmem_TN,
+        gv_N,
+        h_TN,
+        beta_N,
+        theta_N,
+        v0_N,
+        surrogate: Surrogate,
+        zero_reset: bool,
+        detach_reset: bool,
+        param_grads: bool,
+    ):
+        module = load_cpp_extension()
+        out = module.lif_backward(
+            gs_TN,
+            gmem_TN,
+            gv_N,
+            h_TN,
+            beta_N,
+            theta_N,
+            v0_N,
+            _SURROGATE_IDS[surrogate.name],
+            float(surrogate.alpha),
+            zero_reset,
+            detach_reset,
+            param_grads,
+        )
+        return (out[0], out[1], *(out[2:] if param_grads else (None, None)))
+
+
+def _reset(h, s, theta, zero_reset: bool):
+    return h * (1.0 - s) if zero_reset else h - theta * s
+
+
+class _TorchProvider:
+    name = "torch"
+
+    @staticmethod
+    def supports(x: torch.Tensor) -> bool:
+        return True
+
+    @staticmethod
+    def forward(x_TN, v0_N, beta_N, theta_N, zero_reset: bool, return_membrane: bool):
+        h_TN = torch.empty_like(x_TN)
+        spikes_TN = torch.empty_like(x_TN)
+        membrane_TN = torch.empty_like(x_TN) if return_membrane else None
+        v = torch.zeros_like(x_TN[0]) if v0_N is None else v0_N
+        for t in range(x_TN.shape[0]):
+            # Same operation order as the reference loop: spikes must match it exactly.
+            h = torch.add(beta_N * v, x_TN[t], out=h_TN[t])
+            spikes_TN[t] = (h - theta_N) > 0
+            v = _reset(h, spikes_TN[t], theta_N, zero_reset)
+            if return_membrane:
+                membrane_TN[t] = v
+        out = (spikes_TN, h_TN, v)
+        return out + ((membrane_TN,) if return_membrane else ())
+
+    @staticmethod
+    def backward(
+        gs_TN,
+        gmem_TN,
+        gv_N,
+        h_TN,
+        beta_N,
+        theta_N,
+        v0_N,
+        surrogate: Surrogate,
+        zero_reset: bool,
+        detach_reset: bool,
+        param_grads: bool,
+    ):
+        keep = 0.0 if detach_reset else 1.0
+        gx_TN = torch.empty_like(h_TN)
+        a = torch.zeros_like(h_TN[0]) if gv_N is None else gv_N
+        gbeta = torch.zeros_like(a) if param_grads else None
+        gtheta = torch.zeros_like(a) if param_grads else None
+        for t in range(h_TN.shape[0] - 1, -1, -1):
+            h = h_TN[t]
+            d = h - theta_N
+            s = (d > 0).to(h.dtype)
+            g = surrogate.derivative(d)
+            if gmem_TN is not None:
+                a = a + gmem_TN[t]
+            gs = gs_TN[t]
+            if zero_reset:
+                dv_dh = (1.0 - s) - keep * h * g
+            else:
+                dv_dh = 1.0 - keep * theta_N * g
+            gh = torch.add(gs * g, a * dv_dh, out=gx_TN[t])
+            if param_grads:
+                if t > 0:
+                    hp = h_TN[t - 1]
+                    v_prev = _reset(hp, ((hp - theta_N) > 0).to(h.dtype), theta_N, zero_reset)
+                else:
+                    v_prev = torch.zeros_like(h) if v0_N is None else v0_N
+                gbeta += gh * v_prev
+                gtheta += a * (1.0 - s) - gh
+            a = gh * beta_N
+        return gx_TN, a, gbeta, gtheta
+
+
+CPP = _CppProvider()
+TORCH = _TorchProvider()

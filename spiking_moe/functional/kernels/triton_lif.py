@@ -1,0 +1,296 @@
+"""Triton kernels for :class:`~spiking_moe.functional.kernels.FusedLIF` on CUDA.
+
+One program per block of ``BLOCK`` neurons runs the whole time loop, carrying the membrane (and,
+backward, the adjoint) in registers; every step reads and writes one contiguous row slice of the
+time-major ``[T, N]`` arrays, so accesses are coalesced. The surrogate, reset mode, optional
+inputs and ``alpha`` are compile-time constants (one specialisation per combination in use).
+Kernels are compiled with ``enable_fp_fusion=False`` so ``h = beta * v + x`` rounds like
+PyTorch's separate multiply and add, and spikes equal the reference loop exactly.
+
+float32 and float64 only; half precision runs the reference loop (see ``lif.py``). With
+``TRITON_INTERPRET=1`` set before import, the kernels also run on CPU tensors through Triton's
+interpreter (slow; used by the tests on machines without a GPU).
+
+This module imports even where Triton is missing or broken; :func:`supports` then says False
+and :func:`unavailable_reason` says why.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..surrogate import Surrogate
+
+__all__ = ["TRITON", "supports", "unavailable_reason"]
+
+try:
+    import triton
+    import triton.language as tl
+except Exception as error:  # ImportError, or a broken install failing at import
+    triton = None
+    _IMPORT_ERROR: str | None = f"{type(error).__name__}: {error}"
+else:
+    _IMPORT_ERROR = None
+
+_SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "sigmoid": 2, "triangle": 3, "boxcar": 4}
+_DTYPES = (torch.float32, torch.float64)
+# Untuned (no GPU was available when this was written): 256 neurons x 2 warps per program.
+_BLOCK = 256
+_NUM_WARPS = 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(x: torch.Tensor) -> str | None:
+    """Why the Triton kernel cannot run on ``x``, or None if it can."""
+    if triton is None:
+        return f"triton is not importable ({_IMPORT_ERROR})"
+    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+        return "needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} not supported (float32, float64)"
+    return None
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel can run on ``x``."""
+    return unavailable_reason(x) is None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _surrogate_grad(x, SURROGATE: tl.constexpr, ALPHA: tl.constexpr):
+        if SURROGATE == 0:  # fast_sigmoid
+            d = ALPHA * tl.abs(x) + 1.0
+            g = 1.0 / (d * d)
+        elif SURROGATE == 1:  # atan
+            u = (1.5707963267948966 * ALPHA) * x
+            g = (ALPHA / 2.0) / (1.0 + u * u)
+        elif SURROGATE == 2:  # sigmoid
+            sig = 1.0 / (1.0 + tl.exp(-ALPHA * x))
+            g = ALPHA * sig * (1.0 - sig)
+        elif SURROGATE == 3:  # triangle
+            g = ALPHA * tl.maximum(1.0 - ALPHA * tl.abs(x), 0.0)
+        else:  # boxcar
+            g = tl.where(tl.abs(x) <= 0.5 / ALPHA, ALPHA, 0.0) + 0.0 * x
+        return g
+
+    @triton.jit
+    def _lif_forward_kernel(
+        x_ptr,
+        beta_ptr,
+        theta_ptr,
+        v0_ptr,
+        s_ptr,
+        h_ptr,
+        mem_ptr,
+        v_final_ptr,
+        steps,
+        n,
+        HAS_V0: tl.constexpr,
+        ZERO: tl.constexpr,
+        MEM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        beta = tl.load(beta_ptr + offs, mask=mask, other=0.0)
+        theta = tl.load(theta_ptr + offs, mask=mask, other=1.0)
+        if HAS_V0:
+            v = tl.load(v0_ptr + offs, mask=mask, other=0.0)
+        else:
+            v = beta * 0.0
+        # Pointers advance by one row per step: 64-bit arithmetic, no int32 overflow of t * n.
+        x_p = x_ptr + offs
+        s_p = s_ptr + offs
+        h_p = h_ptr + offs
+        m_p = mem_ptr + offs
+        for _ in range(steps):
+            x = tl.load(x_p, mask=mask, other=0.0)
+            h = beta * v + x
+            s = tl.where(h - theta > 0.0, 1.0, 0.0).to(h.dtype)
+            if ZERO:
+                v = h * (1.0 - s)
+            else:
+                v = h - theta * s
+            tl.store(h_p, h, mask=mask)
+            tl.store(s_p, s, mask=mask)
+            if MEM:
+                tl.store(m_p, v, mask=mask)
+            x_p += n
+            s_p += n
+            h_p += n
+            m_p += n
+        tl.store(v_final_ptr + offs, v, mask=mask)
+
+    @triton.jit
+    def _lif_backward_kernel(
+        gs_ptr,
+        gmem_ptr,
+        gv_final_ptr,
+        h_ptr,
+        beta_ptr,
+        theta_ptr,
+        v0_ptr,
+        gx_ptr,
+        gv0_ptr,
+        gbeta_ptr,
+        gtheta_ptr,
+        steps,
+        n,
+        last_row,
+        SURROGATE: tl.constexpr,
+        ALPHA: tl.constexpr,
+        KEEP: tl.constexpr,
+        ZERO: tl.constexpr,
+        HAS_GMEM: tl.constexpr,
+        HAS_GV: tl.constexpr,
+        HAS_V0: tl.constexpr,
+        PGRAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        beta = tl.load(beta_ptr + offs, mask=mask, other=0.0)
+        theta = tl.load(theta_ptr + offs, mask=mask, other=1.0)
+        zeros = beta * 0.0
+        if HAS_GV:
+            a = tl.load(gv_final_ptr + offs, mask=mask, other=0.0)
+        else:
+            a = zeros
+        if HAS_V0:
+            v0 = tl.load(v0_ptr + offs, mask=mask, other=0.0)
+        else:
+            v0 = zeros
+        gb = zeros
+        gt = zeros
+        h_p = h_ptr + last_row + offs
+        gs_p = gs_ptr + last_row + offs
+        gm_p = gmem_ptr + last_row + offs
+        gx_p = gx_ptr + last_row + offs
+        for i in range(steps):
+            h = tl.load(h_p, mask=mask, other=0.0)
+            d = h - theta
+            s = tl.where(d > 0.0, 1.0, 0.0).to(h.dtype)
+            g = _surrogate_grad(d, SURROGATE, ALPHA)
+            if HAS_GMEM:
+                a += tl.load(gm_p, mask=mask, other=0.0)
+            gs = tl.load(gs_p, mask=mask, other=0.0)
+            if ZERO:
+                gh = gs * g + a * ((1.0 - s) - KEEP * h * g)
+            else:
+                gh = gs * g + a * (1.0 - KEEP * theta * g)
+            tl.store(gx_p, gh, mask=mask)
+            if PGRAD:
+                # v_{t-1} from h_{t-1}; at t = 0 it is v0.
+                has_prev = (
+                    offs * 0 + i
+                ) < steps - 1  # a tensor: scalar masks upset the interpreter
+                hp = tl.load(h_p - n, mask=mask & has_prev, other=0.0)
+                sp = tl.where(hp - theta > 0.0, 1.0, 0.0).to(h.dtype)
+                if ZERO:
+                    vp = hp * (1.0 - sp)
+                else:
+                    vp = hp - theta * sp
+                vp = tl.where(has_prev, vp, v0)
+                gb += gh * vp
+                gt += a * (1.0 - s) - gh
+            a = gh * beta
+            h_p -= n
+            gs_p -= n
+            gm_p -= n
+            gx_p -= n
+        tl.store(gv0_ptr + offs, a, mask=mask)
+        if PGRAD:
+            tl.store(gbeta_ptr + offs, gb, mask=mask)
+            tl.store(gtheta_ptr + offs, gt, mask=mask)
+
+
+class _TritonProvider:
+    name = "triton"
+
+    @staticmethod
+    def forward(x_TN, v0_N, beta_N, theta_N, zero_reset: bool, return_membrane: bool):
+        steps, n = x_TN.shape
+        spikes_TN = torch.empty_like(x_TN)
+        h_TN = torch.empty_like(x_TN)
+        membrane_TN = torch.empty_like(x_TN) if return_membrane else None
+        v_N = torch.empty_like(beta_N)
+        grid = (triton.cdiv(n, _BLOCK),)
+        _lif_forward_kernel[grid](
+            x_TN,
+            beta_N,
+            theta_N,
+            x_TN if v0_N is None else v0_N,
+            spikes_TN,
+            h_TN,
+            h_TN if membrane_TN is None else membrane_TN,
+            v_N,
+            steps,
+            n,
+            HAS_V0=v0_N is not None,
+            ZERO=zero_reset,
+            MEM=return_membrane,
+            BLOCK=_BLOCK,
+            num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+        out = (spikes_TN, h_TN, v_N)
+        return out + ((membrane_TN,) if return_membrane else ())
+
+    @staticmethod
+    def backward(
+        gs_TN,
+        gmem_TN,
+        gv_N,
+        h_TN,
+        beta_N,
+        theta_N,
+        v0_N,
+        surrogate: Surrogate,
+        zero_reset: bool,
+        detach_reset: bool,
+        param_grads: bool,
+    ):
+        steps, n = h_TN.shape
+        gx_TN = torch.empty_like(h_TN)
+        gv0_N = torch.empty_like(beta_N)
+        gbeta_N = torch.empty_like(beta_N) if param_grads else None
+        gtheta_N = torch.empty_like(beta_N) if param_grads else None
+        grid = (triton.cdiv(n, _BLOCK),)
+        _lif_backward_kernel[grid](
+            gs_TN,
+            h_TN if gmem_TN is None else gmem_TN,
+            beta_N if gv_N is None else gv_N,
+            h_TN,
+            beta_N,
+            theta_N,
+            beta_N if v0_N is None else v0_N,
+            gx_TN,
+            gv0_N,
+            gv0_N if gbeta_N is None else gbeta_N,
+            gv0_N if gtheta_N is None else gtheta_N,
+            steps,
+            n,
+            max(steps - 1, 0) * n,
+            SURROGATE=_SURROGATE_IDS[surrogate.name],
+            ALPHA=float(surrogate.alpha),
+            KEEP=0.0 if detach_reset else 1.0,
+            ZERO=zero_reset,
+            HAS_GMEM=gmem_TN is not None,
+            HAS_GV=gv_N is not None,
+            HAS_V0=v0_N is not None,
+            PGRAD=param_grads,
+            BLOCK=_BLOCK,
+            num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+        return gx_TN, gv0_N, gbeta_N, gtheta_N
+
+
+TRITON = _TritonProvider()
