@@ -85,7 +85,7 @@ def test_values_are_read_and_defaults_filled(tmp_path):
         ),
         (
             '[data]\nencoding = "sequence"\n',
-            r"data\.encoding must be one of \['default', 'rate', 'current'\] for dataset 'digits'",
+            r"data\.encoding must be one of \['default', 'rate', 'latency', 'current'\] for dataset 'digits'",
         ),
         ('[data]\nname = "shd"\n', r"data\.root must name the folder"),
         (

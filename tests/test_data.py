@@ -253,7 +253,20 @@ def test_bad_inputs_raise():
         )
     with pytest.raises(ValueError, match="unknown encoding"):
         InMemoryDataset(
-            torch.zeros(2, 3), torch.zeros(2), encoding="latency", num_steps=2, num_classes=1
+            torch.zeros(2, 3), torch.zeros(2), encoding="phase", num_steps=2, num_classes=1
         )
     with pytest.raises(TypeError, match="get_batch"):
         BatchLoader([1, 2, 3], 2)
+
+
+def test_latency_encoded_digits_fire_at_most_once_per_pixel():
+    data = InMemoryDataset(
+        torch.tensor([[1.0, 0.5, 0.0]]),
+        torch.zeros(1),
+        encoding="latency",
+        num_steps=5,
+        num_classes=1,
+    )
+    x_TBF, _ = data.get_batch(torch.tensor([0]))
+    # linear latency: t = round((1 - x) * (T - 1)) -> 0, 2, never
+    assert x_TBF[:, 0].T.tolist() == [[1, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]

@@ -274,8 +274,14 @@ def _moe_model(bias_update_rate):
 
     torch.manual_seed(0)
     return SpikingMoEClassifier(
-        8, 2, hidden_features=16, num_experts=4, k=1, expert_hidden=8,
-        bias_update_rate=bias_update_rate, threshold=0.5,
+        8,
+        2,
+        hidden_features=16,
+        num_experts=4,
+        k=1,
+        expert_hidden=8,
+        bias_update_rate=bias_update_rate,
+        threshold=0.5,
     )
 
 
@@ -428,8 +434,9 @@ def test_compile_path_trains_like_eager_and_checkpoints_plain_names(tmp_path, mo
 def test_cli_trains_a_spiking_moe_and_writes_the_energy_report(tmp_path):
     """The main job end to end: the run folder holds report.json/.md/.png, and TensorBoard
     holds the energy scalars (with the dense-MoE and ANN ratios) and the report's text."""
-    import energy
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import energy
 
     config = tmp_path / "moe.toml"
     config.write_text(
