@@ -50,6 +50,7 @@ def plot_run(report, accuracy: float, batch_size: int, path: str | Path, title: 
             label=f"{_BASELINE_LABELS.get(baseline.name, baseline.name)} ({baseline.ratio:.2g}x)",
         )
     ax_energy.set_xscale("log")
+    ax_energy.set_ylim(max(0.0, 100 * accuracy - 10), 100.5)
     ax_energy.set_xlabel(f"energy per sample (uJ, profile {report.profile.name})")
     ax_energy.set_ylabel("test accuracy (%)")
     ax_energy.legend(fontsize=7, loc="lower left")
