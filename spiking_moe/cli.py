@@ -307,6 +307,9 @@ def evaluate_checkpoint(
         device: overrides the run's ``train.device``.
         num_batches: test batches to count (0: all); accuracy is always on the whole set.
 
+    The test batches are those of a single-process run; a run trained under ``torchrun`` drew
+    its rate-code noise per rank, so its logged accuracy may differ slightly on rate-coded data.
+
     Raises:
         ValueError: unknown profile (the message lists the known ones).
         FileNotFoundError: no checkpoint at ``checkpoint``.
