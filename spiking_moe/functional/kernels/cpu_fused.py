@@ -14,6 +14,7 @@ Both operate on time-major ``[T, N]`` contiguous tensors, ``N`` = neurons of one
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -49,10 +50,12 @@ def load_cpp_extension():
             try:
                 from torch.utils.cpp_extension import load
 
-                logger.info("building the fused LIF C++ kernel (once, about a minute)")
+                name, source = _stable_source()
+                logger.info("loading the fused LIF C++ kernel (the first build takes ~30 s)")
                 module = load(
-                    name="spiking_moe_lif_cpu",
-                    sources=[str(_SOURCE)],
+                    name=name,
+                    sources=[str(source)],
+                    build_directory=str(source.parent),
                     extra_cflags=_CFLAGS,
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
@@ -66,6 +69,28 @@ def load_cpp_extension():
                 )
         _state["module"] = module
         return module
+
+
+def _stable_source() -> tuple[str, Path]:
+    """The extension's name and a copy of its source in its own build folder.
+
+    Named by a hash of the source and flags, and compiled from a copy at a fixed path, so every
+    checkout or install of the same source shares one build (torch rebuilds whenever the
+    source path in its build file changes) and an edited source never loads a stale build.
+    """
+    text = _SOURCE.read_bytes()
+    digest = hashlib.sha256(text + " ".join(_CFLAGS).encode()).hexdigest()[:16]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions"
+    )
+    folder = Path(root) / f"spiking_moe_lif_cpu_{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / _SOURCE.name
+    if not source.exists() or source.read_bytes() != text:
+        partial = source.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(text)
+        os.replace(partial, source)  # atomic: concurrent first builds see a whole file
+    return folder.name, source
 
 
 def cpp_available() -> bool:
