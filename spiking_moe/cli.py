@@ -39,10 +39,12 @@ from .training import (
     RouterBiasBalancing,
     Trainer,
     check_energy_profile,
+    energy_profile_names,
     init_distributed,
     load_checkpoint,
     resolve_device,
     seed_everything,
+    write_energy_report,
 )
 
 __all__ = [
@@ -340,30 +342,24 @@ def _write_profile_report(out: Path, evaluation: CheckpointEvaluation, profile: 
     ``test_energy_<profile>/...`` at the checkpoint's step) in ``out``."""
     from torch.utils.tensorboard import SummaryWriter
 
-    import energy.tensorboard
-
     out.mkdir(parents=True, exist_ok=True)
     (out / f"report_{profile}.json").write_text(evaluation.report.to_json())
     (out / f"report_{profile}.md").write_text(evaluation.report.to_markdown())
     writer = SummaryWriter(log_dir=str(out))
     try:
-        energy.tensorboard.write_report(
-            writer, evaluation.report, evaluation.step, prefix=f"test_energy_{profile}"
-        )
+        write_energy_report(writer, evaluation.report, evaluation.step, f"test_energy_{profile}")
     finally:
         writer.close()
 
 
 def energy_report_main(argv: Sequence[str] | None = None) -> int:
     """Re-count a trained model under a profile; print and write the report. Exit code."""
-    import energy
-
     parser = argparse.ArgumentParser(
         prog="energy_report",
         description="Re-count a trained model's test-set energy under any hardware profile.",
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="runs/<name>/checkpoint.pt")
-    parser.add_argument("--profile", required=True, help=f"one of {energy.available_profiles()}")
+    parser.add_argument("--profile", required=True, help=f"one of {energy_profile_names()}")
     parser.add_argument("--out", type=Path, help="folder for the files (default: the checkpoint's)")
     parser.add_argument("--device", help="override train.device: auto, cpu, cuda, cuda:N")
     parser.add_argument(

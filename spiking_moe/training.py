@@ -63,6 +63,8 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "check_energy_profile",
+    "energy_profile_names",
+    "write_energy_report",
     "energy_metrics",
     "measure_energy",
     "init_distributed",
@@ -358,6 +360,20 @@ class RouterBiasBalancing(Callback):
                 update_router_biases(trainer.model, routing)
 
 
+def energy_profile_names() -> list[str]:
+    """Names of the bundled hardware energy profiles."""
+    import energy
+
+    return energy.available_profiles()
+
+
+def write_energy_report(writer, report, step: int, prefix: str) -> None:
+    """Log an :class:`energy.EnergyReport` to a TensorBoard ``SummaryWriter`` under ``prefix``."""
+    import energy.tensorboard
+
+    energy.tensorboard.write_report(writer, report, step, prefix=prefix)
+
+
 def check_energy_profile(name: str) -> None:
     """Raise ValueError naming the known profiles when ``name`` is not one of them."""
     import energy
@@ -445,11 +461,7 @@ class EnergyReportCallback(Callback):
         self.samples = x_TBF.shape[1]
         writer = trainer.tensorboard_writer
         if writer is not None:
-            import energy.tensorboard
-
-            energy.tensorboard.write_report(
-                writer, self.report, trainer.step, prefix=f"{prefix}_energy"
-            )
+            write_energy_report(writer, self.report, trainer.step, prefix=f"{prefix}_energy")
         return energy_metrics(self.report, x_TBF.shape[1], prefix)
 
 
