@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -74,12 +75,14 @@ def load_cpp_extension():
 def _stable_source() -> tuple[str, Path]:
     """The extension's name and a copy of its source in its own build folder.
 
-    Named by a hash of the source and flags, and compiled from a copy at a fixed path, so every
+    Named by a hash of the source, flags, torch and Python versions, and compiled from a copy at a fixed path, so every
     checkout or install of the same source shares one build (torch rebuilds whenever the
     source path in its build file changes) and an edited source never loads a stale build.
     """
     text = _SOURCE.read_bytes()
-    digest = hashlib.sha256(text + " ".join(_CFLAGS).encode()).hexdigest()[:16]
+    # The binary depends on torch's ABI and Python's too, not only on the source.
+    build_inputs = " ".join([*_CFLAGS, torch.__version__, sys.version]).encode()
+    digest = hashlib.sha256(text + build_inputs).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "torch_extensions"
     )
