@@ -25,7 +25,7 @@ import torch
 
 from ..surrogate import Surrogate
 
-__all__ = ["CPP", "TORCH", "cpp_available", "load_cpp_extension"]
+__all__ = ["CPP", "TORCH", "cpp_available", "empty_cache", "load_cpp_extension"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,13 @@ def _stable_source() -> tuple[str, Path]:
         partial.write_bytes(text)
         os.replace(partial, source)  # atomic: concurrent first builds see a whole file
     return folder.name, source
+
+
+def empty_cache() -> int:
+    """Free the C++ kernel's cached output buffers (it keeps up to 1 GiB of freed outputs for
+    reuse, so that every step does not pay the OS for zeroing fresh pages). Returns bytes freed."""
+    module = _state.get("module")
+    return int(module.empty_cache()) if module is not None else 0
 
 
 def cpp_available() -> bool:

@@ -17,7 +17,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -171,22 +173,91 @@ void check_tn(const torch::Tensor& t, const torch::Tensor& like, const char* nam
 }
 
 // Large outputs live on transparent huge pages where Linux allows it (THP "madvise" or
-// "always"). Every call writes fresh [T, N] arrays, and first-touch page faults on 4 KiB pages
-// cost more than the LIF arithmetic itself (measured: a fresh 32 MiB fill takes ~14 ms against
-// ~0.8 ms when reused, ~3 ms on huge pages). PyTorch does the same under THP_MEM_ALLOC_ENABLE.
-torch::Tensor empty_output(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+// "always"), and their memory is recycled. Every call writes fresh [T, N] arrays, and the OS
+// must zero each new page before the kernel can touch it: a fresh 32 MiB fill takes ~14 ms on
+// 4 KiB pages, ~3 ms on huge pages, ~0.8 ms when the memory is reused. So freed outputs go back
+// to a small cache keyed by size (a caching allocator for this kernel's outputs only, like
+// PyTorch's CUDA allocator), bounded by kCacheBytes; training reuses the same shapes every step.
+// Every output is fully overwritten by the kernel, so recycled contents never leak through.
+constexpr size_t kHuge = size_t(2) << 20;
+constexpr size_t kCacheBytes = size_t(1) << 30;
+
+struct BufferCache {
+  std::mutex mutex;
+  std::unordered_multimap<size_t, void*> free_buffers;  // rounded size -> buffer
+  std::unordered_map<void*, size_t> sizes;               // every live or cached buffer
+  size_t cached_bytes = 0;
+};
+
+BufferCache& cache() {
+  static BufferCache* instance = new BufferCache();  // never destroyed: deleters may run at exit
+  return *instance;
+}
+
+void release_buffer(void* p) {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  const size_t size = c.sizes.at(p);
+  if (c.cached_bytes + size <= kCacheBytes) {
+    c.free_buffers.emplace(size, p);
+    c.cached_bytes += size;
+  } else {
+    c.sizes.erase(p);
+    std::free(p);
+  }
+}
+
+void* acquire_buffer(size_t rounded) {
+  auto& c = cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    auto it = c.free_buffers.find(rounded);
+    if (it != c.free_buffers.end()) {
+      void* p = it->second;
+      c.free_buffers.erase(it);
+      c.cached_bytes -= rounded;
+      return p;
+    }
+  }
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, rounded) != 0) return nullptr;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
+  madvise(p, rounded, MADV_HUGEPAGE);  // advisory: failure just means small pages
+#endif
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.sizes.emplace(p, rounded);
+  return p;
+}
+
+// Frees every cached (not live) buffer; returns the bytes released.
+int64_t empty_cache() {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  int64_t released = 0;
+  for (auto& entry : c.free_buffers) {
+    c.sizes.erase(entry.second);
+    std::free(entry.second);
+    released += static_cast<int64_t>(entry.first);
+  }
+  c.free_buffers.clear();
+  c.cached_bytes = 0;
+  return released;
+}
+
+int64_t cached_bytes() {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  return static_cast<int64_t>(c.cached_bytes);
+}
+
+torch::Tensor empty_output(at::IntArrayRef sizes, const torch::TensorOptions& options) {
   const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (nbytes >= 2 * kHuge) {
     const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, rounded) == 0) {
-      madvise(p, rounded, MADV_HUGEPAGE);  // advisory: failure just means small pages
-      return torch::from_blob(p, sizes, [](void* q) { std::free(q); }, options);
+    if (void* p = acquire_buffer(rounded)) {
+      return torch::from_blob(p, sizes, release_buffer, options);
     }
   }
-#endif
   return torch::empty(sizes, options);
 }
 
@@ -294,4 +365,6 @@ std::vector<torch::Tensor> lif_backward(const torch::Tensor& grad_spikes,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lif_forward", &lif_forward, "fused multi-step LIF forward (CPU)");
   m.def("lif_backward", &lif_backward, "fused multi-step LIF backward (CPU)");
+  m.def("empty_cache", &empty_cache, "free the cached output buffers; returns bytes freed");
+  m.def("cached_bytes", &cached_bytes, "bytes held in freed, cached output buffers");
 }
