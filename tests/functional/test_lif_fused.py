@@ -223,3 +223,25 @@ def test_half_precision_runs_the_reference_loop():
     x = (torch.rand(10, 3, 4) * 1.5).to(torch.bfloat16)
     assert lif_module._choose_provider(x, None, 0.9, 1.0, "auto") is None
     assert lif_multistep(x).spikes.dtype == torch.bfloat16
+
+
+def test_recycled_output_buffers_are_fully_overwritten_and_can_be_released():
+    """Freed outputs of 4 MiB or more return to the C++ kernel's cache and are reused; a reused
+    buffer must not leak the previous call's values into the next result."""
+    if not cpu_fused.cpp_available():
+        pytest.skip("the C++ kernel cannot be built here (see test_cpp_kernel_builds)")
+    module = cpu_fused.load_cpp_extension()
+    cpu_fused.empty_cache()
+    g = torch.Generator().manual_seed(0)
+    big = (6, 2, 1 << 18)  # 12 MiB per fp32 output
+    first = lif_multistep(torch.rand(big, generator=g) * 3, beta=0.9, implementation="fused")
+    assert first.spikes.sum() > 0
+    del first
+    assert module.cached_bytes() >= 2 * 12 * 2**20  # spikes and h came back to the cache
+    x = torch.rand(big, generator=g) * 0.5  # weaker input: reused memory holds more spikes
+    reused = lif_multistep(x, beta=0.9, implementation="fused", return_membrane=True)
+    reference = lif_multistep(x, beta=0.9, implementation="reference", return_membrane=True)
+    assert torch.equal(reused.spikes, reference.spikes)
+    torch.testing.assert_close(reused.membrane, reference.membrane)
+    del reused
+    assert cpu_fused.empty_cache() > 0 and module.cached_bytes() == 0
