@@ -822,10 +822,10 @@ class Trainer:
             loss = ce if aux is None else ce + aux.float()
             if self._spike_rates:
                 excess = torch.stack(self._spike_rates) - self.config.spike_rate_target
-                activity = torch.relu(excess).mean()
                 self._spike_rates.clear()
-                loss = loss + self.config.spike_rate_penalty * activity
-                aux = activity * self.config.spike_rate_penalty + (0 if aux is None else aux)
+                penalty = self.config.spike_rate_penalty * torch.relu(excess).mean()
+                loss = loss + penalty
+                aux = penalty if aux is None else aux + penalty
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
@@ -1071,7 +1071,11 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
-        """Write hparams with the latest metrics and close the sinks."""
+        """Write hparams with the latest metrics, close the sinks and take the trainer's
+        hooks off the model (it stays usable, and hook-free, after training)."""
+        for handle in self._activity_hooks:
+            handle.remove()
+        self._activity_hooks = []
         for sink in self.sinks:
             if self.hparams and hasattr(sink, "log_hparams"):
                 final = {k: v for k, v in self.metrics.items() if k.startswith(("val/", "test/"))}

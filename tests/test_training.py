@@ -318,6 +318,8 @@ def test_spike_rate_penalty_lowers_firing_above_the_target_only():
     assert rate_penalised < 0.6 * rate_free
     # A hinge: the target is a floor the penalty never pushes below.
     assert rate_penalised > 0.02
+    # Closing the trainer takes its activity hooks off the model.
+    assert not penalised.model.lif._forward_hooks
     # The penalty is logged inside the auxiliary loss (TinySNN has none of its own).
     assert penalised.metrics["train/aux_loss"] >= 0 and free.metrics["train/aux_loss"] == 0
 
