@@ -410,11 +410,10 @@ def measure_energy(model: nn.Module, x_TBF: torch.Tensor, profile: str = "cmos45
 
 
 def energy_metrics(report, batch_size: int, prefix: str) -> dict[str, float]:
-    """Scalars of an energy report: energy per sample (uJ) and the baseline ratios."""
-    metrics = {
-        f"{prefix}/energy/uJ_per_sample": report.totals.energy_pj / batch_size / 1e6,
-        f"{prefix}/energy/firing_rate": report.totals.firing_rate,
-    }
+    """Scalars of an energy report: energy per sample (uJ) and the baseline ratios (firing
+    rates come from :class:`~spiking_moe.monitors.FiringRateMonitor` and the report's own
+    TensorBoard scalars)."""
+    metrics = {f"{prefix}/energy/uJ_per_sample": report.totals.energy_pj / batch_size / 1e6}
     for baseline in report.baselines:
         metrics[f"{prefix}/energy/ratio_{baseline.name}"] = baseline.ratio
     return metrics
