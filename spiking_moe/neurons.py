@@ -82,8 +82,10 @@ class LIF(nn.Module):
             (``norse.torch.LIFBoxCell``); the module docstring gives the exact mapping.
         alpha: surrogate sharpness; None takes the surrogate's default (25 for fast_sigmoid).
         detach_reset: stop gradients through the reset term (native backend only).
-        implementation: native backend only: "auto" (default: the fused one-node path on CPU,
-            Triton on CUDA), "fused", "triton" or "reference" (the plain loop); see
+        implementation: native backend only: "auto" (default: Triton on CUDA, else the fused
+            one-node path, else the reference loop for half precision or mixed devices),
+            "fused", "triton" or "reference" (the plain loop). A named "fused" or "triton"
+            that cannot run the input raises instead of falling back; see
             :func:`~spiking_moe.functional.lif.lif_multistep`.
 
     Shape:

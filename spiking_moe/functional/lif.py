@@ -22,9 +22,12 @@ Shapes: ``T`` time steps, ``B`` batch, ``...`` any neuron dimensions. Time-major
 :func:`lif_multistep` is the single entry point for a sequence. ``implementation="reference"``
 is the plain Python loop below, kept obviously correct: every accelerated path is tested
 against it. ``"fused"`` runs all ``T`` steps as one autograd node (a C++ kernel on CPU,
-vectorised PyTorch elsewhere), ``"triton"`` a Triton kernel on CUDA; ``"auto"`` (default) takes
-Triton on CUDA when importable, else the fused path. The fused paths and their backward maths
-live in :mod:`spiking_moe.functional.kernels`.
+vectorised PyTorch elsewhere or when the C++ build is unavailable), ``"triton"`` a Triton
+kernel on CUDA. ``"auto"`` (default) takes Triton on CUDA when usable, else the fused path, and
+the reference loop for arguments no fused path reproduces exactly (half precision, tensors on
+different devices, beta/threshold/v0 that promote beyond ``x``'s dtype); it logs each fallback
+at debug level. An explicitly named path that cannot run raises instead. The fused paths and
+their backward maths live in :mod:`spiking_moe.functional.kernels`.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ logger = logging.getLogger(__name__)
 Reset = Literal["subtract", "zero"]
 RESETS = ("subtract", "zero")
 IMPLEMENTATIONS = ("auto", "reference", "fused", "triton")
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 class LIFOutput(NamedTuple):
@@ -187,13 +191,21 @@ def lif_multistep(
         v0: initial membrane ``[B, ...]``; zeros when None.
         beta, threshold, reset, surrogate, alpha, detach_reset: as in :func:`lif_step`.
         return_membrane: also return the post-reset membrane trace ``[T, B, ...]``.
-        implementation: "auto" picks the fastest available path for the device (Triton on
-            CUDA, else "fused"); "reference" forces the plain loop, "fused" the one-node path,
-            "triton" the Triton kernel. A path that cannot run these arguments (e.g. mixed
-            dtypes, Triton without CUDA) falls back to the reference loop, logged at debug level.
+        implementation: "auto" picks the fastest path that can run these arguments (Triton
+            on CUDA, else "fused", else the reference loop, each fallback logged at debug
+            level); "reference" forces the plain loop, "fused" the one-node path (the C++
+            kernel on CPU, vectorised PyTorch where that is unavailable), "triton" the Triton
+            kernel.
 
     Returns:
         :class:`LIFOutput` ``(spikes [T, B, ...], v [B, ...], membrane [T, B, ...] | None)``.
+
+    Raises:
+        ValueError: ``implementation`` is "fused" or "triton" and the arguments suit no fused
+            path: dtype other than float32/float64, tensors on different devices, or
+            beta/threshold/v0 that promote beyond ``x``'s dtype.
+        RuntimeError: ``implementation="triton"`` and Triton cannot run here (not importable,
+            or ``x`` is not on CUDA and ``TRITON_INTERPRET=1`` is not set).
 
     Example:
         >>> out = lif_multistep(torch.full((4, 1), 0.6), beta=0.5)
@@ -232,41 +244,64 @@ def lif_multistep(
 
 
 def _choose_provider(x, v0, beta, threshold, implementation: str):
-    """The kernel provider for these arguments, or None for the reference loop."""
+    """The kernel provider for these arguments, or None for the reference loop.
+
+    Raises for an explicit "fused" or "triton" that cannot run; "auto" falls back instead.
+    """
     if implementation == "reference":
         return None
-    tensors = [t for t in (v0, beta, threshold) if isinstance(t, torch.Tensor)]
-    if any(t.device != x.device for t in tensors):
-        logger.debug("LIF arguments on different devices: using the reference loop")
-        return None
-    dtype = torch.result_type(x, beta) if isinstance(beta, torch.Tensor) else x.dtype
-    if isinstance(threshold, torch.Tensor):
-        dtype = torch.promote_types(dtype, torch.result_type(x, threshold))
-    if x.dtype not in (torch.float32, torch.float64):
-        # Half precision: the loop rounds a Python-float beta differently from a tensor one
-        # (PyTorch computes scalar ops in float32); only the loop reproduces that exactly.
-        logger.debug("LIF in %s: using the reference loop", x.dtype)
-        return None
-    if dtype != x.dtype or (v0 is not None and v0.dtype != x.dtype):
-        logger.debug("LIF arguments promote beyond x.dtype %s: using the reference loop", x.dtype)
-        return None
+    reason = _fused_unavailable_reason(x, v0, beta, threshold)
+    if reason is not None:
+        if implementation == "auto":
+            logger.debug(
+                "fused LIF cannot run these arguments (%s): using the reference loop", reason
+            )
+            return None
+        raise ValueError(_cannot_run(implementation, reason))
     if implementation == "triton" or (implementation == "auto" and x.is_cuda):
         from .kernels import triton_lif
 
-        if triton_lif.supports(x):
+        reason = triton_lif.TRITON.unavailable_reason(x)
+        if reason is None:
             return triton_lif.TRITON
         if implementation == "triton":
-            logger.debug(
-                "Triton LIF unavailable for %s (%s): using the reference loop",
-                x.device,
-                triton_lif.unavailable_reason(x),
-            )
-            return None
+            raise RuntimeError(_cannot_run(implementation, reason, "here"))
+        logger.debug("Triton LIF unavailable (%s): using the fused path", reason)
     from .kernels import cpu_fused
 
-    if cpu_fused.CPP.supports(x) and cpu_fused.cpp_available():
+    reason = cpu_fused.CPP.unavailable_reason(x)
+    if reason is None:
         return cpu_fused.CPP
+    # Still a fused path, so not an error even when "fused" was asked for by name.
+    logger.debug("C++ LIF kernel unavailable (%s): using the PyTorch fused provider", reason)
     return cpu_fused.TORCH
+
+
+def _fused_unavailable_reason(x, v0, beta, threshold) -> str | None:
+    """Why no fused path can reproduce the reference loop on these arguments, or None."""
+    named = {"v0": v0, "beta": beta, "threshold": threshold}
+    tensors = {name: t for name, t in named.items() if isinstance(t, torch.Tensor)}
+    elsewhere = [f"{name} on {t.device}" for name, t in tensors.items() if t.device != x.device]
+    if elsewhere:
+        return f"arguments on different devices (x on {x.device}, {', '.join(elsewhere)})"
+    if x.dtype not in _FUSED_DTYPES:
+        # PyTorch computes a Python-float beta times a half tensor in float32 but a tensor beta
+        # in half; only the loop itself reproduces both roundings exactly.
+        return f"dtype {x.dtype} not supported (float32, float64); half precision needs the loop"
+    for name in ("beta", "threshold"):
+        if name in tensors and (dtype := torch.result_type(x, tensors[name])) != x.dtype:
+            # The loop would return the promoted dtype; the fused node computes in x's dtype.
+            return f"{name} ({tensors[name].dtype}) promotes beyond x's dtype {x.dtype} to {dtype}"
+    if v0 is not None and v0.dtype != x.dtype:
+        return f"v0 has dtype {v0.dtype}, not x's dtype {x.dtype}"
+    return None
+
+
+def _cannot_run(implementation: str, reason: str, where: str = "these arguments") -> str:
+    return (
+        f'implementation="{implementation}" cannot run {where}: {reason}. '
+        'Use implementation="auto" to fall back to a path that can.'
+    )
 
 
 def _reference_multistep(x, v0, beta, threshold, reset, spike_fn, detach_reset, return_membrane):

@@ -200,23 +200,6 @@ def test_fused_raises_on_nan_and_passes_inf_like_the_reference():
         torch.testing.assert_close(fused.membrane, ref.membrane, equal_nan=True)
 
 
-def test_unsupported_requests_fall_back_to_the_reference(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    x = torch.rand(4, 2, 3)
-    # Promotion beyond x.dtype: the reference loop returns float64, so must we.
-    beta64 = torch.full((3,), 0.9, dtype=torch.float64)
-    assert lif_module._choose_provider(x, None, beta64, 1.0, "fused") is None
-    assert lif_multistep(x, beta=beta64, implementation="fused").spikes.dtype == torch.float64
-    # Triton needs CUDA (or the interpreter).
-    assert lif_module._choose_provider(x, None, 0.9, 1.0, "triton") is None
-    assert torch.equal(
-        lif_multistep(x, implementation="triton").spikes,
-        lif_multistep(x, implementation="reference").spikes,
-    )
-    with pytest.raises(ValueError, match="valid"):
-        lif_multistep(x, implementation="cuda")
-
-
 def test_half_precision_runs_the_reference_loop():
     # PyTorch rounds a Python-float beta times a bfloat16 tensor in float32, a tensor beta in
     # bfloat16; only the loop itself reproduces both exactly, so half precision stays there.

@@ -50,19 +50,53 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_kernel_equals_reference_in_the_interpreter():
+# The kernel must take its surrogate ids from SURROGATE_IDS alone: renumber the table before
+# the Triton module reads it, and every surrogate must still match the reference loop.
+RENUMBERED_TABLE_SCRIPT = textwrap.dedent(
+    """
+    import types, torch
+    from lif_cases import SURROGATE_NAMES, assert_same, make_case, run_case
+    from spiking_moe.functional.kernels import protocol
+
+    old = dict(protocol.SURROGATE_IDS)
+    renumbered = {name: 10 + len(old) - sid for name, sid in old.items()}
+    assert not set(renumbered.values()) & set(old.values())
+    protocol.SURROGATE_IDS = types.MappingProxyType(renumbered)
+    from spiking_moe.functional.kernels import triton_lif
+
+    assert triton_lif.SURROGATE_IDS is protocol.SURROGATE_IDS
+    count = 0
+    for i, surrogate in enumerate(SURROGATE_NAMES):
+        case = make_case(i, 10, (2, 40), torch.float32, True, True, True)
+        kwargs = dict(surrogate=surrogate, return_membrane=True)
+        assert_same(run_case("reference", case, True, **kwargs),
+                    run_case("triton", case, True, **kwargs))
+        count += 1
+    print("checked", count)
+    """
+)
+
+
+def run_in_interpreter(script: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETER_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernel_equals_reference_in_the_interpreter():
+    result = run_in_interpreter(INTERPRETER_SCRIPT)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "checked 20" in result.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernel_follows_a_renumbered_surrogate_table():
+    result = run_in_interpreter(RENUMBERED_TABLE_SCRIPT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"checked {len(SURROGATE_NAMES)}" in result.stdout
 
 
 def test_triton_module_imports_without_a_gpu():

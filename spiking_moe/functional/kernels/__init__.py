@@ -1,7 +1,9 @@
 r"""Accelerated LIF implementations, chosen by :mod:`spiking_moe.functional.lif`; never call directly.
 
 Every fused path is one autograd node over all ``T`` steps (:class:`FusedLIF`); only the
-kernel provider differs:
+kernel provider differs. Every provider satisfies :class:`~.protocol.LIFKernel` (the call
+signatures and the ``[T, N]`` layout, written down once in :mod:`.protocol`), and both
+compiled kernels take their surrogate ids from :data:`~.protocol.SURROGATE_IDS`:
 
 * ``"cpp"`` (:mod:`.cpu_fused`): a C++ kernel JIT-compiled on first use, CPU, float32/64;
 * ``"torch"`` (:mod:`.cpu_fused`): the same recurrence as vectorised PyTorch ops with the
@@ -33,7 +35,7 @@ Backward needs only ``h`` (``[T, N]``, the input dtype: 4 bytes per element per 
 ``s_t = H(h_t - \theta)`` and ``v_{t-1}`` are recomputed from it. Parameter gradients come back
 per neuron and are summed to the parameters' shapes here.
 
-Shapes: ``T`` time steps, ``N`` all neuron dimensions of one step folded together.
+Shapes (``T`` steps, ``N`` neurons of one step) as in :mod:`.protocol`.
 """
 
 from __future__ import annotations
@@ -44,17 +46,15 @@ from typing import NamedTuple
 import torch
 
 from ..surrogate import Surrogate
+from .protocol import SURROGATE_IDS, LIFKernel
 
-__all__ = ["FusedLIF", "FusedConfig", "SURROGATE_IDS"]
-
-#: Surrogate name -> integer id used inside the C++ and Triton kernels.
-SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "sigmoid": 2, "triangle": 3, "boxcar": 4}
+__all__ = ["FusedLIF", "FusedConfig", "LIFKernel", "SURROGATE_IDS"]
 
 
 class FusedConfig(NamedTuple):
     """Static settings of one :class:`FusedLIF` call."""
 
-    provider: object  # has forward(...) and backward(...) on [T, N] tensors
+    provider: LIFKernel
     zero_reset: bool
     surrogate: Surrogate
     detach_reset: bool

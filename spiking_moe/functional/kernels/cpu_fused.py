@@ -7,9 +7,12 @@ ninja) a warning is logged once and :data:`TORCH` is used instead. Set
 ``SPIKING_MOE_NO_CPP=1`` to skip the build altogether.
 
 ``TORCH``: the same recurrence as vectorised PyTorch ops: Python loops over T, but no
-per-step autograd graph. Works on every device.
+per-step autograd graph. Works on every device and dtype.
 
-Both operate on time-major ``[T, N]`` contiguous tensors, ``N`` = neurons of one step.
+Both satisfy :class:`~.protocol.LIFKernel`, which gives the signatures and shapes. The C++
+source holds no surrogate ids of its own: they are passed to the compiler as ``-D`` flags
+generated from :data:`~.protocol.SURROGATE_IDS` (:func:`surrogate_defines`), and the flags are
+part of the build folder's hash.
 """
 
 from __future__ import annotations
@@ -24,19 +27,43 @@ from pathlib import Path
 import torch
 
 from ..surrogate import Surrogate
+from .protocol import SURROGATE_IDS
 
-__all__ = ["CPP", "TORCH", "cpp_available", "empty_cache", "load_cpp_extension"]
+__all__ = [
+    "CPP",
+    "TORCH",
+    "cpp_available",
+    "empty_cache",
+    "load_cpp_extension",
+    "surrogate_defines",
+    "surrogate_macro",
+]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("lif_cpu.cpp")
 # -ffp-contract=off keeps h = beta * v + x rounded exactly like PyTorch (no FMA), so spikes
 # equal the reference loop bit for bit; the kernel is memory-bound, so FMA would buy nothing.
-_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-_SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "sigmoid": 2, "triangle": 3, "boxcar": 4}
+_OPT_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+_DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "module": the loaded extension or None after a failure
+# "module": the loaded extension, or None after a failure or when disabled; "reason": why not.
+_state: dict[str, object] = {}
+
+
+def surrogate_macro(name: str) -> str:
+    """The C preprocessor macro that carries surrogate ``name``'s id into ``lif_cpu.cpp``."""
+    return f"SPIKING_MOE_SURROGATE_{name.upper()}"
+
+
+def surrogate_defines() -> list[str]:
+    """One ``-D<macro>=<id>`` compiler flag per entry of :data:`~.protocol.SURROGATE_IDS`."""
+    return [f"-D{surrogate_macro(name)}={sid}" for name, sid in SURROGATE_IDS.items()]
+
+
+def _cflags() -> list[str]:
+    return [*_OPT_CFLAGS, *surrogate_defines()]
 
 
 def load_cpp_extension():
@@ -45,7 +72,9 @@ def load_cpp_extension():
         if "module" in _state:
             return _state["module"]
         module = None
+        reason = None
         if os.environ.get("SPIKING_MOE_NO_CPP", "") not in ("", "0"):
+            reason = "disabled by SPIKING_MOE_NO_CPP"
             logger.debug("SPIKING_MOE_NO_CPP is set: fused LIF uses the PyTorch provider")
         else:
             try:
@@ -57,31 +86,49 @@ def load_cpp_extension():
                     name=name,
                     sources=[str(source)],
                     build_directory=str(source.parent),
-                    extra_cflags=_CFLAGS,
+                    extra_cflags=_cflags(),
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
                 )
             except Exception as error:  # any build failure must leave a working fallback
+                last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+                reason = f"the build failed ({type(error).__name__}: {last_line})"
                 logger.warning(
                     "could not build the fused LIF C++ kernel (%s: %s); using the slower "
                     "PyTorch fallback. Install a C++ compiler and ninja to enable it.",
                     type(error).__name__,
-                    str(error).strip().splitlines()[-1] if str(error).strip() else "",
+                    last_line,
                 )
+            else:
+                _check_surrogate_ids(module)
         _state["module"] = module
+        _state["reason"] = reason
         return module
+
+
+def _check_surrogate_ids(module) -> None:
+    # The enum is built from the -D flags, so this only fails if someone edits lif_cpu.cpp to
+    # bypass them; that would silently compute the wrong surrogate, so it must not fall back.
+    compiled = dict(module.surrogate_ids())
+    if compiled != dict(SURROGATE_IDS):
+        raise RuntimeError(
+            f"the fused LIF C++ kernel was built with surrogate ids {compiled}, but "
+            f"SURROGATE_IDS is {dict(SURROGATE_IDS)}; lif_cpu.cpp must take its ids from the "
+            "SPIKING_MOE_SURROGATE_* macros"
+        )
 
 
 def _stable_source() -> tuple[str, Path]:
     """The extension's name and a copy of its source in its own build folder.
 
-    Named by a hash of the source, flags, torch and Python versions, and compiled from a copy at a fixed path, so every
-    checkout or install of the same source shares one build (torch rebuilds whenever the
-    source path in its build file changes) and an edited source never loads a stale build.
+    Named by a hash of the source, the flags (surrogate ids included), torch and Python
+    versions, and compiled from a copy at a fixed path, so every checkout or install of the
+    same source shares one build (torch rebuilds whenever the source path in its build file
+    changes) and an edited source or surrogate table never loads a stale build.
     """
     text = _SOURCE.read_bytes()
     # The binary depends on torch's ABI and Python's too, not only on the source.
-    build_inputs = " ".join([*_CFLAGS, torch.__version__, sys.version]).encode()
+    build_inputs = " ".join([*_cflags(), torch.__version__, sys.version]).encode()
     digest = hashlib.sha256(text + build_inputs).hexdigest()[:16]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "torch_extensions"
@@ -109,31 +156,48 @@ def cpp_available() -> bool:
 
 
 class _CppProvider:
+    """The C++ kernel: CPU, float32/float64, once it is built."""
+
     name = "cpp"
 
-    @staticmethod
-    def supports(x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    def unavailable_reason(self, x: torch.Tensor) -> str | None:
+        if x.device.type != "cpu":
+            return f"needs a CPU tensor, got one on {x.device}"
+        if x.dtype not in _DTYPES:
+            return f"dtype {x.dtype} not supported (float32, float64)"
+        if load_cpp_extension() is None:  # checked last: the first call builds the kernel
+            return f"the C++ kernel is unavailable: {_state.get('reason') or 'not built'}"
+        return None
 
-    @staticmethod
-    def forward(x_TN, v0_N, beta_N, theta_N, zero_reset: bool, return_membrane: bool):
+    def supports(self, x: torch.Tensor) -> bool:
+        return self.unavailable_reason(x) is None
+
+    def forward(
+        self,
+        x_TN: torch.Tensor,
+        v0_N: torch.Tensor | None,
+        beta_N: torch.Tensor,
+        theta_N: torch.Tensor,
+        zero_reset: bool,
+        return_membrane: bool,
+    ) -> tuple[torch.Tensor, ...]:
         module = load_cpp_extension()
-        return module.lif_forward(x_TN, beta_N, theta_N, v0_N, zero_reset, return_membrane)
+        return tuple(module.lif_forward(x_TN, beta_N, theta_N, v0_N, zero_reset, return_membrane))
 
-    @staticmethod
     def backward(
-        gs_TN,
-        gmem_TN,
-        gv_N,
-        h_TN,
-        beta_N,
-        theta_N,
-        v0_N,
+        self,
+        gs_TN: torch.Tensor,
+        gmem_TN: torch.Tensor | None,
+        gv_N: torch.Tensor | None,
+        h_TN: torch.Tensor,
+        beta_N: torch.Tensor,
+        theta_N: torch.Tensor,
+        v0_N: torch.Tensor | None,
         surrogate: Surrogate,
         zero_reset: bool,
         detach_reset: bool,
         param_grads: bool,
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         module = load_cpp_extension()
         out = module.lif_backward(
             gs_TN,
@@ -143,7 +207,7 @@ class _CppProvider:
             beta_N,
             theta_N,
             v0_N,
-            _SURROGATE_IDS[surrogate.name],
+            SURROGATE_IDS[surrogate.name],
             float(surrogate.alpha),
             zero_reset,
             detach_reset,
@@ -157,14 +221,25 @@ def _reset(h, s, theta, zero_reset: bool):
 
 
 class _TorchProvider:
+    """Vectorised PyTorch ops: any device and dtype, so it is always available."""
+
     name = "torch"
 
-    @staticmethod
-    def supports(x: torch.Tensor) -> bool:
-        return True
+    def unavailable_reason(self, x: torch.Tensor) -> str | None:
+        return None
 
-    @staticmethod
-    def forward(x_TN, v0_N, beta_N, theta_N, zero_reset: bool, return_membrane: bool):
+    def supports(self, x: torch.Tensor) -> bool:
+        return self.unavailable_reason(x) is None
+
+    def forward(
+        self,
+        x_TN: torch.Tensor,
+        v0_N: torch.Tensor | None,
+        beta_N: torch.Tensor,
+        theta_N: torch.Tensor,
+        zero_reset: bool,
+        return_membrane: bool,
+    ) -> tuple[torch.Tensor, ...]:
         h_TN = torch.empty_like(x_TN)
         spikes_TN = torch.empty_like(x_TN)
         membrane_TN = torch.empty_like(x_TN) if return_membrane else None
@@ -179,20 +254,20 @@ class _TorchProvider:
         out = (spikes_TN, h_TN, v)
         return out + ((membrane_TN,) if return_membrane else ())
 
-    @staticmethod
     def backward(
-        gs_TN,
-        gmem_TN,
-        gv_N,
-        h_TN,
-        beta_N,
-        theta_N,
-        v0_N,
+        self,
+        gs_TN: torch.Tensor,
+        gmem_TN: torch.Tensor | None,
+        gv_N: torch.Tensor | None,
+        h_TN: torch.Tensor,
+        beta_N: torch.Tensor,
+        theta_N: torch.Tensor,
+        v0_N: torch.Tensor | None,
         surrogate: Surrogate,
         zero_reset: bool,
         detach_reset: bool,
         param_grads: bool,
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         keep = 0.0 if detach_reset else 1.0
         gx_TN = torch.empty_like(h_TN)
         a = torch.zeros_like(h_TN[0]) if gv_N is None else gv_N

@@ -17,7 +17,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <map>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <unordered_map>
 
@@ -29,7 +31,21 @@ namespace {
 
 constexpr int64_t kChunk = 1024;
 
-enum SurrogateId : int { kFastSigmoid = 0, kAtan = 1, kSigmoid = 2, kTriangle = 3, kBoxcar = 4 };
+// The ids live in one Python table, SURROGATE_IDS in protocol.py; cpu_fused.py passes each as
+// -DSPIKING_MOE_SURROGATE_<NAME>=<id>, so no number is written here that could drift from it.
+#if !defined(SPIKING_MOE_SURROGATE_FAST_SIGMOID) || !defined(SPIKING_MOE_SURROGATE_ATAN) || \
+    !defined(SPIKING_MOE_SURROGATE_SIGMOID) || !defined(SPIKING_MOE_SURROGATE_TRIANGLE) ||   \
+    !defined(SPIKING_MOE_SURROGATE_BOXCAR)
+#error "surrogate ids missing: build through spiking_moe.functional.kernels.cpu_fused"
+#endif
+
+enum SurrogateId : int {
+  kFastSigmoid = SPIKING_MOE_SURROGATE_FAST_SIGMOID,
+  kAtan = SPIKING_MOE_SURROGATE_ATAN,
+  kSigmoid = SPIKING_MOE_SURROGATE_SIGMOID,
+  kTriangle = SPIKING_MOE_SURROGATE_TRIANGLE,
+  kBoxcar = SPIKING_MOE_SURROGATE_BOXCAR,
+};
 
 template <int S, typename T>
 inline T surrogate_grad(T x, T alpha) {
@@ -45,6 +61,7 @@ inline T surrogate_grad(T x, T alpha) {
   } else if constexpr (S == kTriangle) {
     return alpha * std::max(T(1) - alpha * std::abs(x), T(0));
   } else {
+    static_assert(S == kBoxcar, "surrogate_grad: unknown surrogate id");
     return alpha * static_cast<T>(std::abs(x) <= T(0.5) / alpha);
   }
 }
@@ -316,7 +333,6 @@ std::vector<torch::Tensor> lif_backward(const torch::Tensor& grad_spikes,
                                         bool param_grads) {
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.device().is_cpu(),
               "h must be a contiguous CPU tensor [T, N]");
-  TORCH_CHECK(surrogate >= 0 && surrogate <= 4, "unknown surrogate id ", surrogate);
   const int64_t steps = h.size(0);
   const int64_t n = h.size(1);
   auto step = h[0];
@@ -355,11 +371,21 @@ std::vector<torch::Tensor> lif_backward(const torch::Tensor& grad_spikes,
       case kAtan: run(std::integral_constant<int, kAtan>{}); break;
       case kSigmoid: run(std::integral_constant<int, kSigmoid>{}); break;
       case kTriangle: run(std::integral_constant<int, kTriangle>{}); break;
-      default: run(std::integral_constant<int, kBoxcar>{}); break;
+      case kBoxcar: run(std::integral_constant<int, kBoxcar>{}); break;
+      default: TORCH_CHECK(false, "unknown surrogate id ", surrogate);
     }
   });
   if (param_grads) return {gx, gv0, gbeta, gtheta};
   return {gx, gv0};
+}
+
+// The ids this binary was compiled with, checked against SURROGATE_IDS when it is loaded.
+std::map<std::string, int64_t> surrogate_ids() {
+  return {{"fast_sigmoid", kFastSigmoid},
+          {"atan", kAtan},
+          {"sigmoid", kSigmoid},
+          {"triangle", kTriangle},
+          {"boxcar", kBoxcar}};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -367,4 +393,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lif_backward", &lif_backward, "fused multi-step LIF backward (CPU)");
   m.def("empty_cache", &empty_cache, "free the cached output buffers; returns bytes freed");
   m.def("cached_bytes", &cached_bytes, "bytes held in freed, cached output buffers");
+  m.def("surrogate_ids", &surrogate_ids, "surrogate name -> id compiled into this kernel");
 }

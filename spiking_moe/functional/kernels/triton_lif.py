@@ -7,9 +7,13 @@ inputs and ``alpha`` are compile-time constants (one specialisation per combinat
 Kernels are compiled with ``enable_fp_fusion=False`` so ``h = beta * v + x`` rounds like
 PyTorch's separate multiply and add, and spikes equal the reference loop exactly.
 
-float32 and float64 only; half precision runs the reference loop (see ``lif.py``). With
-``TRITON_INTERPRET=1`` set before import, the kernels also run on CPU tensors through Triton's
-interpreter (slow; used by the tests on machines without a GPU).
+The provider satisfies :class:`~.protocol.LIFKernel`. The surrogate branch compares the
+compile-time id against module constants built from :data:`~.protocol.SURROGATE_IDS`, the
+table the provider also looks ids up in, so kernel and table cannot disagree.
+
+float32 and float64 only; under ``implementation="auto"`` half precision runs the reference
+loop (see ``lif.py``). With ``TRITON_INTERPRET=1`` set before import, the kernels also run on
+CPU tensors through Triton's interpreter (slow; used by the tests on machines without a GPU).
 
 This module imports even where Triton is missing or broken; :func:`supports` then says False
 and :func:`unavailable_reason` says why.
@@ -22,6 +26,7 @@ import os
 import torch
 
 from ..surrogate import Surrogate
+from .protocol import SURROGATE_IDS
 
 __all__ = ["TRITON", "supports", "unavailable_reason"]
 
@@ -34,7 +39,6 @@ except Exception as error:  # ImportError, or a broken install failing at import
 else:
     _IMPORT_ERROR = None
 
-_SURROGATE_IDS = {"fast_sigmoid": 0, "atan": 1, "sigmoid": 2, "triangle": 3, "boxcar": 4}
 _DTYPES = (torch.float32, torch.float64)
 # Untuned (no GPU was available when this was written): 256 neurons x 2 warps per program.
 _BLOCK = 256
@@ -47,36 +51,38 @@ def _interpreting() -> bool:
 
 def unavailable_reason(x: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot run on ``x``, or None if it can."""
-    if triton is None:
-        return f"triton is not importable ({_IMPORT_ERROR})"
-    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
-        return "needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)"
-    if x.dtype not in _DTYPES:
-        return f"dtype {x.dtype} not supported (float32, float64)"
-    return None
+    return TRITON.unavailable_reason(x)
 
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the Triton kernel can run on ``x``."""
-    return unavailable_reason(x) is None
+    return TRITON.supports(x)
 
 
 if triton is not None:
+    # Triton kernels may read only constexpr globals; these are the table's values, one per
+    # surrogate, named after it.
+    _FAST_SIGMOID = tl.constexpr(SURROGATE_IDS["fast_sigmoid"])
+    _ATAN = tl.constexpr(SURROGATE_IDS["atan"])
+    _SIGMOID = tl.constexpr(SURROGATE_IDS["sigmoid"])
+    _TRIANGLE = tl.constexpr(SURROGATE_IDS["triangle"])
+    _BOXCAR = tl.constexpr(SURROGATE_IDS["boxcar"])
 
     @triton.jit
     def _surrogate_grad(x, SURROGATE: tl.constexpr, ALPHA: tl.constexpr):
-        if SURROGATE == 0:  # fast_sigmoid
+        if SURROGATE == _FAST_SIGMOID:
             d = ALPHA * tl.abs(x) + 1.0
             g = 1.0 / (d * d)
-        elif SURROGATE == 1:  # atan
+        elif SURROGATE == _ATAN:
             u = (1.5707963267948966 * ALPHA) * x
             g = (ALPHA / 2.0) / (1.0 + u * u)
-        elif SURROGATE == 2:  # sigmoid
+        elif SURROGATE == _SIGMOID:
             sig = 1.0 / (1.0 + tl.exp(-ALPHA * x))
             g = ALPHA * sig * (1.0 - sig)
-        elif SURROGATE == 3:  # triangle
+        elif SURROGATE == _TRIANGLE:
             g = ALPHA * tl.maximum(1.0 - ALPHA * tl.abs(x), 0.0)
-        else:  # boxcar
+        else:
+            tl.static_assert(SURROGATE == _BOXCAR, "unknown surrogate id")
             g = tl.where(tl.abs(x) <= 0.5 / ALPHA, ALPHA, 0.0) + 0.0 * x
         return g
 
@@ -212,10 +218,34 @@ if triton is not None:
 
 
 class _TritonProvider:
+    """The Triton kernels: CUDA tensors (CPU ones under the interpreter), float32/float64."""
+
     name = "triton"
 
-    @staticmethod
-    def forward(x_TN, v0_N, beta_N, theta_N, zero_reset: bool, return_membrane: bool):
+    def unavailable_reason(self, x: torch.Tensor) -> str | None:
+        if triton is None:
+            return f"triton is not importable ({_IMPORT_ERROR})"
+        if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+            return (
+                f"needs a CUDA tensor, got one on {x.device} (set TRITON_INTERPRET=1 before "
+                "importing triton to run CPU tensors through its interpreter)"
+            )
+        if x.dtype not in _DTYPES:
+            return f"dtype {x.dtype} not supported (float32, float64)"
+        return None
+
+    def supports(self, x: torch.Tensor) -> bool:
+        return self.unavailable_reason(x) is None
+
+    def forward(
+        self,
+        x_TN: torch.Tensor,
+        v0_N: torch.Tensor | None,
+        beta_N: torch.Tensor,
+        theta_N: torch.Tensor,
+        zero_reset: bool,
+        return_membrane: bool,
+    ) -> tuple[torch.Tensor, ...]:
         steps, n = x_TN.shape
         spikes_TN = torch.empty_like(x_TN)
         h_TN = torch.empty_like(x_TN)
@@ -243,20 +273,20 @@ class _TritonProvider:
         out = (spikes_TN, h_TN, v_N)
         return out + ((membrane_TN,) if return_membrane else ())
 
-    @staticmethod
     def backward(
-        gs_TN,
-        gmem_TN,
-        gv_N,
-        h_TN,
-        beta_N,
-        theta_N,
-        v0_N,
+        self,
+        gs_TN: torch.Tensor,
+        gmem_TN: torch.Tensor | None,
+        gv_N: torch.Tensor | None,
+        h_TN: torch.Tensor,
+        beta_N: torch.Tensor,
+        theta_N: torch.Tensor,
+        v0_N: torch.Tensor | None,
         surrogate: Surrogate,
         zero_reset: bool,
         detach_reset: bool,
         param_grads: bool,
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         steps, n = h_TN.shape
         gx_TN = torch.empty_like(h_TN)
         gv0_N = torch.empty_like(beta_N)
@@ -278,7 +308,7 @@ class _TritonProvider:
             steps,
             n,
             max(steps - 1, 0) * n,
-            SURROGATE=_SURROGATE_IDS[surrogate.name],
+            SURROGATE=SURROGATE_IDS[surrogate.name],
             ALPHA=float(surrogate.alpha),
             KEEP=0.0 if detach_reset else 1.0,
             ZERO=zero_reset,

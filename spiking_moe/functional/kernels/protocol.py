@@ -1,0 +1,113 @@
+"""What every fused LIF kernel provider agrees on: one call signature and one surrogate-id table.
+
+A provider (:data:`~.cpu_fused.CPP`, :data:`~.cpu_fused.TORCH`, :data:`~.triton_lif.TRITON`) is
+an object that satisfies :class:`LIFKernel`. :class:`~spiking_moe.functional.kernels.FusedLIF`
+flattens the caller's tensors, calls ``forward``/``backward``, and reduces the results back to
+the caller's shapes; the maths of both passes is in :mod:`spiking_moe.functional.kernels`.
+
+Shapes, for every provider and every call: ``T`` time steps, ``N`` all neuron dimensions of one
+step folded together. ``*_TN`` tensors are ``[T, N]`` and ``*_N`` tensors ``[N]``; all are
+contiguous, on one device, in one dtype (the input's), and ``beta_N``/``theta_N`` arrive
+expanded to one value per neuron.
+
+:data:`SURROGATE_IDS` is the only place a surrogate's kernel id is written. The C++ kernel is
+compiled with one ``-DSPIKING_MOE_SURROGATE_<NAME>=<id>`` flag per entry (see
+:func:`~.cpu_fused.surrogate_defines`) and its enum takes its values from those macros; the
+Triton kernel branches on module constants built from this table.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..surrogate import Surrogate
+
+__all__ = ["LIFKernel", "SURROGATE_IDS"]
+
+#: Surrogate name -> integer id inside the compiled kernels. Read-only: the C++ kernel bakes the
+#: ids in at build time, so a table changed at run time would silently desynchronise it.
+SURROGATE_IDS = MappingProxyType(
+    {"fast_sigmoid": 0, "atan": 1, "sigmoid": 2, "triangle": 3, "boxcar": 4}
+)
+
+
+@runtime_checkable
+class LIFKernel(Protocol):
+    """A fused multi-step LIF kernel: forward and adjoint over all ``T`` steps in one call.
+
+    Attributes:
+        name: short name used in logs and error messages ("cpp", "torch", "triton").
+    """
+
+    name: str
+
+    def unavailable_reason(self, x: torch.Tensor) -> str | None:
+        """Why this provider cannot run on tensors like ``x`` (device, dtype, a missing build or
+        package), or None if it can. Checks only what the provider itself needs; whether the
+        arguments suit a fused path at all is decided by the caller."""
+        ...
+
+    def supports(self, x: torch.Tensor) -> bool:
+        """``unavailable_reason(x) is None``."""
+        ...
+
+    def forward(
+        self,
+        x_TN: torch.Tensor,
+        v0_N: torch.Tensor | None,
+        beta_N: torch.Tensor,
+        theta_N: torch.Tensor,
+        zero_reset: bool,
+        return_membrane: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        """Run the recurrence over all steps.
+
+        Args:
+            x_TN: input current.
+            v0_N: initial membrane; zeros when None.
+            beta_N, theta_N: decay and threshold per neuron.
+            zero_reset: hard reset (``v = h (1 - s)``) instead of subtraction.
+            return_membrane: also return the post-reset membrane of every step.
+
+        Returns:
+            ``(spikes_TN, h_TN, v_N)``, plus ``membrane_TN`` when ``return_membrane``; ``h_TN``
+            (pre-reset membrane) is all that backward needs.
+        """
+        ...
+
+    def backward(
+        self,
+        gs_TN: torch.Tensor,
+        gmem_TN: torch.Tensor | None,
+        gv_N: torch.Tensor | None,
+        h_TN: torch.Tensor,
+        beta_N: torch.Tensor,
+        theta_N: torch.Tensor,
+        v0_N: torch.Tensor | None,
+        surrogate: Surrogate,
+        zero_reset: bool,
+        detach_reset: bool,
+        param_grads: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The BPTT adjoint of :meth:`forward`.
+
+        Args:
+            gs_TN: gradient of the spikes.
+            gmem_TN: gradient of the membrane trace, or None if it was not returned or unused.
+            gv_N: gradient of the final membrane, or None.
+            h_TN: pre-reset membrane saved by forward.
+            beta_N, theta_N, v0_N: as in forward.
+            surrogate: the surrogate whose derivative replaces ``dH/dx``; kernels look its id
+                up in :data:`SURROGATE_IDS`.
+            zero_reset: as in forward.
+            detach_reset: no gradient through the reset term.
+            param_grads: also compute the beta and threshold gradients.
+
+        Returns:
+            ``(grad_x_TN, grad_v0_N, grad_beta_N, grad_theta_N)``; the last two, summed over
+            ``T`` only, are None unless ``param_grads``.
+        """
+        ...
