@@ -19,6 +19,7 @@ from .counting import (
     NeuronAdapter,
     OperationCounts,
     count_operations,
+    merge_counts,
 )
 from .profiles import EnergyProfile, available_profiles, get_profile, load_profile
 from .report import EnergyReport, build_report, estimate
@@ -38,6 +39,7 @@ __all__ = [
     "estimate",
     "get_profile",
     "load_profile",
+    "merge_counts",
     "profiles",
     "tensorboard",
 ]

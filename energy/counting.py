@@ -46,6 +46,17 @@ per-step rows a layer saw: the ANN's rows) follows the same rule. Time folded by
 function between modules into a new tensor (e.g. ``F.max_pool2d`` called in a ``forward``)
 cannot be traced: wrap it in a module.
 
+**Several passes** (the batches of an evaluation set) add up: :func:`merge_counts` sums the
+counts of each module, matched by name. Every count is a sum over calls, or (``tokens``,
+``ann_macs``, ``ann_outputs``) one forward's worth, so for a model that treats each sample on
+its own (eval mode, no capacity limit, no batch statistics) the merged counts of the batches
+equal those of one pass over their concatenation, call order included. Two things depend on
+how the set is cut: ``calls``/``binary_calls`` count module calls (three batches call a layer
+three times, their concatenation once), and the binary check is made per call, so a layer whose
+input is exactly 0/1 in one batch and graded in another is charged ACs for the first and MACs
+for the second (in one pass, MACs for all). Merged counts are plain ints, so accumulating
+``N`` batches keeps ``O(#modules)`` memory, not ``O(N)``.
+
 **Memory traffic** (opt-in in reports; after Lemaire et al., "An Analytical Estimation of
 Spiking Neural Networks Energy Efficiency", ICONIP 2022), per layer:
 
@@ -66,11 +77,16 @@ Example:
     >>> counts = count_operations(fc, torch.tensor([[[1.0, 0.0, 1.0]]]))  # [T=1, B=1, 3]
     >>> counts.layer("").acs, counts.layer("").macs
     (4, 0)
+    >>> more = count_operations(fc, torch.tensor([[[0.0, 1.0, 0.0]]]))
+    >>> merge_counts(counts, more).layer("").acs
+    6
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 import logging
 import math
 import re
@@ -89,6 +105,7 @@ __all__ = [
     "NeuronAdapter",
     "OperationCounts",
     "count_operations",
+    "merge_counts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,7 +184,8 @@ class LayerCounts:
         name: qualified module name (``""`` for the root).
         kind: ``"linear"``, ``"conv1d"``/``"conv2d"``/``"conv3d"`` or ``"neuron"``.
         group: expert/group label, or None.
-        order: position of the module's first call in the forward pass.
+        order: position of the module's first call in the forward pass (in the merged call
+            order for :func:`merge_counts`).
         calls: number of calls.
         fan_in: synapses per output neuron (``F_in`` or ``C_in / G * prod(k)``); 0 for neurons.
         fan_out: ``F_out`` or ``C_out``; 0 for neurons.
@@ -286,6 +304,8 @@ class GroupCounts:
 @dataclasses.dataclass(frozen=True)
 class OperationCounts:
     """Result of :func:`count_operations`: exact per-module counts of one forward pass.
+
+    :func:`merge_counts` sums those of several passes into one of these.
 
     Attributes:
         layers: per-module counts, in order of first call; modules that never ran are absent,
@@ -723,3 +743,152 @@ def _finish(tally: _Tally, values: list[int], time_steps: int) -> LayerCounts:
         neuron_updates=tally.neuron_updates,
         spikes=spikes,
     )
+
+
+# --------------------------------------------------------------------------- several passes
+
+# What identifies a module across passes, and what adds up. ``name`` is the key; ``order`` is
+# recomputed from the call orders of the passes.
+_IDENTITY = ("kind", "group", "fan_in", "fan_out")
+_COUNTS = (
+    "calls",
+    "rows",
+    "tokens",
+    "binary_calls",
+    "input_events",
+    "acs",
+    "macs",
+    "dense_macs",
+    "ann_macs",
+    "ann_outputs",
+    "neuron_updates",
+    "spikes",
+)
+
+
+def merge_counts(*counts: OperationCounts) -> OperationCounts:
+    """Sum the counts of several forward passes of one model, e.g. the batches of a data set.
+
+    The one way to add counts up. A function rather than ``+``: merging validates its inputs
+    and merges call orders, so it is not element-wise addition, and ``merge_counts(*passes)``
+    needs no ``sum`` start value. Accumulate batch by batch with
+    ``total = merge_counts(total, counts)``: the result holds Python ints only.
+
+    Modules are matched by name and every count is summed (``calls`` and ``binary_calls`` too:
+    they count the calls of all passes). A module present in only some passes keeps its
+    counts. Layers come in merged call order: whenever a pass called ``a`` before ``b``, so
+    does the result; modules that no pass ran together (experts that never shared a batch)
+    come in name order, numbers compared as numbers (``experts.2`` before ``experts.10``),
+    which is the order a ModuleList of experts runs in. When every pass is consistent with one call
+    order (the same model, different experts skipped), ``order`` and the layer order are
+    therefore those of one pass over the concatenated inputs. Group members that ran in no
+    pass (idle experts) are listed last with zero counts, as :func:`count_operations` lists
+    them.
+
+    Args:
+        *counts: one or more :class:`OperationCounts`, all with the same ``time_steps``.
+
+    Returns:
+        :class:`OperationCounts` whose counts are the sums; for one argument, equal to it.
+
+    Raises:
+        TypeError: an argument is not an :class:`OperationCounts`.
+        ValueError: no argument; ``time_steps`` differ; a module's kind, group, fan-in or
+            fan-out differs between passes (the passes are of different models); a module
+            name appears twice in one pass.
+
+    Example:
+        >>> fc = torch.nn.Linear(2, 5)
+        >>> passes = [count_operations(fc, torch.ones(3, b, 2)) for b in (1, 4)]
+        >>> total = merge_counts(*passes).layer("")
+        >>> total.acs, total.tokens, total.calls
+        (150, 5, 2)
+    """
+    if not counts:
+        raise ValueError("merge_counts needs at least one OperationCounts")
+    for i, c in enumerate(counts):
+        if not isinstance(c, OperationCounts):
+            raise TypeError(
+                f"merge_counts argument {i} must be OperationCounts, got {type(c).__name__}"
+            )
+    time_steps = counts[0].time_steps
+    for i, c in enumerate(counts[1:], 1):
+        if c.time_steps != time_steps:
+            raise ValueError(
+                f"cannot merge counts over different time steps: argument 0 has "
+                f"time_steps={time_steps}, argument {i} has time_steps={c.time_steps}"
+            )
+    merged: dict[str, LayerCounts] = {}
+    for i, c in enumerate(counts):
+        seen: set[str] = set()
+        for layer in c.layers:
+            if layer.name in seen:
+                raise ValueError(f"argument {i} counts module {layer.name!r} twice")
+            seen.add(layer.name)
+            total = merged.get(layer.name)
+            if total is None:
+                merged[layer.name] = layer
+                continue
+            for field in _IDENTITY:
+                a, b = getattr(total, field), getattr(layer, field)
+                if a != b:
+                    raise ValueError(
+                        f"module {layer.name!r} has {field}={a!r} in an earlier pass but "
+                        f"{field}={b!r} in argument {i}: counts of different models cannot "
+                        "be merged"
+                    )
+            merged[layer.name] = dataclasses.replace(
+                total, **{f: getattr(total, f) + getattr(layer, f) for f in _COUNTS}
+            )
+    in_call_order = [sorted(c.layers, key=lambda m: m.order) for c in counts]
+    ran = _merge_orders([[m.name for m in layers if m.calls] for layers in in_call_order])
+    idle = _merge_orders(
+        [[m.name for m in layers if not merged[m.name].calls] for layers in in_call_order]
+    )
+    return OperationCounts(
+        layers=tuple(
+            dataclasses.replace(merged[name], order=i) for i, name in enumerate(ran + idle)
+        ),
+        time_steps=time_steps,
+    )
+
+
+def _name_key(name: str) -> tuple[str | int, ...]:
+    # re.split with a group alternates text and digits, so positions compare like with like.
+    return tuple(int(s) if i % 2 else s for i, s in enumerate(re.split(r"(\d+)", name)))
+
+
+def _merge_orders(sequences: Sequence[Sequence[str]]) -> list[str]:
+    """One order of the names that keeps every sequence's order (a topological sort).
+
+    Names no sequence orders come by :func:`_name_key`. Sequences that contradict each other
+    (``a`` before ``b`` in one, after it in another) cannot all be kept: the cycle is broken
+    at the name that sorts first, so merging never fails on order alone.
+    """
+    successors: dict[str, set[str]] = {}
+    pending: dict[str, int] = {}  # name -> predecessors not placed yet
+    for seq in sequences:
+        for name in seq:
+            successors.setdefault(name, set())
+            pending.setdefault(name, 0)
+        for a, b in itertools.pairwise(seq):
+            if b not in successors[a]:
+                successors[a].add(b)
+                pending[b] += 1
+    ready = [(_name_key(n), n) for n, before in pending.items() if before == 0]
+    heapq.heapify(ready)
+    out = []
+    while pending:
+        if ready:
+            name = heapq.heappop(ready)[1]
+        else:
+            name = min(pending, key=_name_key)
+            logger.debug("passes called modules in conflicting orders; %r placed first", name)
+        del pending[name]
+        out.append(name)
+        for after in successors[name]:
+            if after in pending:
+                pending[after] -= 1
+                if pending[after] == 0:
+                    heapq.heappush(ready, (_name_key(after), after))
+    return out

@@ -134,7 +134,11 @@ class Totals:
 
 @dataclasses.dataclass(frozen=True)
 class EnergyReport:
-    """Energy of one counted forward pass under one profile, with baselines.
+    """Energy of counted forward passes under one profile, with baselines.
+
+    The passes are one, or several summed by :func:`energy.merge_counts`: every field is
+    derived from the summed counts, so a report of merged batches equals that of one pass
+    over their concatenation except for ``LayerEnergy.calls`` (module calls: one per batch).
 
     Attributes:
         profile: the :class:`EnergyProfile` used (stored whole, so a report stands alone).
@@ -331,10 +335,11 @@ def build_report(
     """Price counted operations under a profile and compare with the baselines.
 
     Args:
-        counts: the model's :class:`OperationCounts`.
+        counts: the model's :class:`OperationCounts` (of one pass, or of several merged
+            with :func:`energy.merge_counts`).
         profile: a bundled profile name or an :class:`EnergyProfile`.
-        dense_counts: counts of the dense twin on the same inputs (adds ``dense_snn`` and
-            ``dense_ann_*``; per-expert dense energy).
+        dense_counts: counts of the dense twin on the same inputs, merged over the same
+            batches (adds ``dense_snn`` and ``dense_ann_*``; per-expert dense energy).
         include_memory: add the memory term (formula in :mod:`energy.counting`).
     """
     p = get_profile(profile)
