@@ -20,6 +20,10 @@ out of range or not among the allowed choices raises :class:`ConfigError` naming
 (``train.lr must be > 0, got -1``) and, where there is a fixed set, the allowed values. TOML has
 no null, so optional fields (``None`` by default) are set by giving a value and unset by
 leaving the key out. Integers are accepted for float fields; booleans are not numbers.
+
+Overrides (``--set section.key=value`` on the command line, :func:`apply_overrides`) are TOML
+values too (``train.lr=3e-3``, ``model.router="spiking"``; a bare word is a string:
+``data.encoding=latency``) and go through exactly the same validation.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .data import DATASETS, expected_files
+from .data import DATASETS
 from .functional.lif import RESETS
 from .functional.surrogate import SURROGATES
 
@@ -53,9 +58,11 @@ __all__ = [
     "ExperimentConfig",
     "ModelConfig",
     "TrainConfig",
+    "apply_overrides",
     "config_to_dict",
     "flatten_config",
     "load_config",
+    "parse_override",
 ]
 
 MODEL_KINDS = ("moe", "dense_snn", "ann")
@@ -161,7 +168,8 @@ class DataConfig(_Section):
 
     ``encoding = "default"`` takes the dataset's first encoding (digits "rate", mnist1d
     "sequence", shd/nmnist "events"); ``num_steps = 0`` and ``max_time_s = 0`` take the
-    dataset's default (see :mod:`spiking_moe.data`). ``root`` is the folder with the local
+    dataset's default. What is allowed per dataset comes from its
+    :class:`~spiking_moe.data.DatasetSpec` (:data:`spiking_moe.data.DATASETS`). ``root`` is the folder with the local
     files of shd (``shd_train.h5``, ``shd_test.h5``) or nmnist (``Train/``, ``Test/``).
     ``test_fraction`` applies to digits only (the others ship a test set).
     """
@@ -179,15 +187,23 @@ class DataConfig(_Section):
     mnist1d_seed: int = 42
 
     def _check(self) -> None:
-        allowed = ("default", *DATASETS[self.name])
+        spec = DATASETS[self.name]
+        allowed = ("default", *spec.encodings)
         if self.encoding not in allowed:
             raise ConfigError(
                 f"data.encoding must be one of {list(allowed)} for dataset {self.name!r}, "
                 f"got {self.encoding!r}"
             )
-        if self.name in ("shd", "nmnist") and not self.root:
+        encoding = spec.encodings[0] if self.encoding == "default" else self.encoding
+        fixed = spec.fixed_steps.get(encoding)
+        if fixed is not None and self.num_steps not in (0, fixed):
+            raise ConfigError(
+                f"data.num_steps must be {fixed} (or 0) for {self.name!r} encoding "
+                f"{encoding!r}, got {self.num_steps}"
+            )
+        if spec.files and not self.root:
             raise ConfigError(f"data.root must name the folder with the local {self.name} files")
-        if self.name == "digits" and self.val_fraction + self.test_fraction >= 1:
+        if not spec.ships_test_set and self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
                 "data.val_fraction + data.test_fraction must be < 1, got "
                 f"{self.val_fraction} + {self.test_fraction}"
@@ -195,7 +211,7 @@ class DataConfig(_Section):
 
     def check_files(self) -> None:
         """Raise :class:`ConfigError` naming ``data.root`` if the dataset's files are missing."""
-        missing = [p for p in expected_files(self.name, self.root) if not p.exists()]
+        missing = [p for p in DATASETS[self.name].expected_files(self.root) if not p.exists()]
         if missing:
             raise ConfigError(
                 f"data.root: dataset {self.name!r} needs "
@@ -264,6 +280,7 @@ class TrainConfig(_Section):
     epochs: int = _field(10, ge=1)
     max_steps: int = _field(0, ge=0)
     batch_size: int = _field(64, ge=1)
+    grad_accum_steps: int = _field(1, ge=1)
     eval_batch_size: int = _field(256, ge=1)
     lr: float = _field(1e-3, gt=0.0)
     weight_decay: float = _field(0.01, ge=0.0)
@@ -415,3 +432,62 @@ def flatten_config(config: ExperimentConfig) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """``"train.lr=3e-3"`` -> ``(("train", "lr"), 0.003)``.
+
+    The value is read as a TOML value (numbers, booleans, quoted strings, arrays); anything
+    that is not valid TOML is taken as a plain string, so ``data.encoding=latency`` works.
+
+    Raises:
+        ConfigError: no ``=``, or an empty key.
+    """
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set needs section.key=value (e.g. train.lr=3e-3), got {text!r}")
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return tuple(key.split(".")), value
+
+
+def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """``config`` with ``section.key=value`` overrides applied and validated like TOML values.
+
+    Example:
+        >>> apply_overrides(ExperimentConfig(), ["train.lr=3e-3", "model.k=2"]).train.lr
+        0.003
+        >>> apply_overrides(ExperimentConfig(), ["train.lr=fast"])
+        Traceback (most recent call last):
+        ...
+        spiking_moe.config.ConfigError: train.lr must be a number, got 'fast' (with --set train.lr=fast)
+
+    Raises:
+        ConfigError: malformed override, unknown section or key, or a bad value (the message
+            names the override and the field).
+    """
+    raw = config_to_dict(config)
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) == 1:
+            if path[0] != "name":
+                raise ConfigError(
+                    f"--set {text}: top-level key must be 'name' or section.key, got {path[0]!r}"
+                )
+            raw["name"] = value
+            continue
+        if len(path) != 2:
+            raise ConfigError(f"--set {text}: key must be section.key, got {'.'.join(path)!r}")
+        section, key = path
+        if not isinstance(raw.get(section), dict):
+            sections = [k for k, v in raw.items() if isinstance(v, dict)]
+            raise ConfigError(f"--set {text}: unknown section {section!r}; valid: {sections}")
+        raw[section][key] = value
+    # Validated once all are applied, so that e.g. num_experts and k can change together.
+    try:
+        return ExperimentConfig.from_dict(raw, default_name=config.name)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (with --set {' '.join(overrides)})") from None

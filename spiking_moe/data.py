@@ -19,6 +19,10 @@ Event data are binned into T equal bins over ``[0, max_time)``; several events o
 one bin give a single spike (values stay in {0, 1}, so downstream layers count accumulates, not
 multiply-accumulates). Events at or after ``max_time`` are dropped.
 
+Each dataset is described once, by a :class:`DatasetSpec` in :data:`DATASETS` (encodings,
+default steps, the files it reads, how it loads): configuration checks
+(:class:`spiking_moe.config.DataConfig`) and :func:`build_datasets` both read it.
+
 Every dataset yields ``(x_TF, label)`` per sample and ``(x_TBF, y_B)`` per batch through
 ``get_batch``; :class:`BatchLoader` draws batches with a permutation fixed by ``(seed, epoch)`` and
 rate-encoding noise fixed by ``(seed, epoch, batch, rank)``, so an epoch can be replayed from
@@ -31,10 +35,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,13 +46,11 @@ from torch.utils.data import Dataset
 
 from . import encoding as _encoding
 
-if TYPE_CHECKING:
-    from .config import DataConfig
-
 __all__ = [
     "DATASETS",
     "BatchLoader",
     "DataSplits",
+    "DatasetSpec",
     "InMemoryDataset",
     "NMNISTDataset",
     "SHDDataset",
@@ -58,23 +60,14 @@ __all__ = [
     "split_indices",
 ]
 
-#: dataset name -> allowed encodings (the first is the default).
-DATASETS: dict[str, tuple[str, ...]] = {
-    "digits": ("rate", "latency", "current"),
-    "mnist1d": ("sequence", "current"),
-    "shd": ("events",),
-    "nmnist": ("events",),
-}
-#: dataset name -> default number of time steps (mnist1d "sequence" is always 40).
-DEFAULT_STEPS = {"digits": 16, "mnist1d": 40, "shd": 100, "nmnist": 30}
-#: event datasets: default binning window in seconds.
-DEFAULT_MAX_TIME_S = {"shd": 1.4, "nmnist": 0.3}
-
 SHD_CHANNELS = 700
 SHD_CLASSES = 20
 NMNIST_SIZE = 34
 NMNIST_FEATURES = 2 * NMNIST_SIZE * NMNIST_SIZE
 MNIST1D_LENGTH = 40
+# Defaults of the event datasets (steps, binning window in seconds); their specs use them too.
+SHD_DEFAULTS = (100, 1.4)
+NMNIST_DEFAULTS = (30, 0.3)
 
 
 def _mix_seed(*parts: int) -> int:
@@ -267,8 +260,8 @@ class SHDDataset(_EventDataset):
     def __init__(
         self,
         path: str | Path,
-        num_steps: int = DEFAULT_STEPS["shd"],
-        max_time_s: float = DEFAULT_MAX_TIME_S["shd"],
+        num_steps: int = SHD_DEFAULTS[0],
+        max_time_s: float = SHD_DEFAULTS[1],
         indices: np.ndarray | None = None,
     ):
         import h5py
@@ -340,8 +333,8 @@ class NMNISTDataset(_EventDataset):
     def __init__(
         self,
         split_dir: str | Path,
-        num_steps: int = DEFAULT_STEPS["nmnist"],
-        max_time_s: float = DEFAULT_MAX_TIME_S["nmnist"],
+        num_steps: int = NMNIST_DEFAULTS[0],
+        max_time_s: float = NMNIST_DEFAULTS[1],
         indices: np.ndarray | None = None,
         *,
         _files: list[tuple[Path, int]] | None = None,
@@ -398,14 +391,40 @@ class DataSplits:
     num_steps: int
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the package knows about one dataset, in one place.
+
+    Attributes:
+        name: ``data.name``.
+        encodings: allowed ``data.encoding`` values; the first is the default.
+        default_steps: ``T`` when ``data.num_steps = 0``.
+        fixed_steps: encodings whose ``T`` is fixed by the data (``{"sequence": 40}``).
+        files: paths under ``data.root`` that must exist (empty: nothing is read from disk).
+        default_max_time_s: binning window of event data when ``data.max_time_s = 0``.
+        ships_test_set: False when the test set is split off the data
+            (``data.test_fraction``).
+        load: ``load(config, encoding, num_steps, max_time_s) -> DataSplits``.
+    """
+
+    name: str
+    encodings: tuple[str, ...]
+    default_steps: int
+    load: Callable[[Any, str, int, float], DataSplits]
+    fixed_steps: Mapping[str, int] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    default_max_time_s: float = 0.0
+    ships_test_set: bool = True
+
+    def expected_files(self, root: str | Path) -> list[Path]:
+        """Paths under ``root`` that must exist before the dataset can be read."""
+        root = Path(root).expanduser()
+        return [root / f for f in self.files]
+
+
 def expected_files(name: str, root: str | Path) -> list[Path]:
     """Paths that must exist before dataset ``name`` can be read from ``root`` (empty if none)."""
-    root = Path(root).expanduser()
-    if name == "shd":
-        return [root / "shd_train.h5", root / "shd_test.h5"]
-    if name == "nmnist":
-        return [root / "Train", root / "Test"]
-    return []
+    return DATASETS[name].expected_files(root)
 
 
 def _load_mnist1d(num_samples: int, seed: int) -> dict:
@@ -423,66 +442,7 @@ def _load_mnist1d(num_samples: int, seed: int) -> dict:
         random.setstate(py_state)
 
 
-def build_datasets(config: DataConfig) -> DataSplits:
-    """Build the train/val/test datasets named by ``config`` (see the module table).
-
-    Splits are deterministic in ``config.seed``: digits is split into train/val/test by
-    ``val_fraction`` and ``test_fraction``; the others come with a test set, and val is carved
-    from their training set.
-    """
-    name = config.name
-    encoding = config.encoding if config.encoding != "default" else DATASETS[name][0]
-    num_steps = config.num_steps or DEFAULT_STEPS[name]
-    max_time_s = config.max_time_s or DEFAULT_MAX_TIME_S.get(name, 0.0)
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        full = InMemoryDataset(
-            torch.from_numpy(digits.data / 16.0).float(),
-            torch.from_numpy(digits.target),
-            encoding=encoding,
-            num_steps=num_steps,
-            num_classes=10,
-            seed=config.seed,
-        )
-        test_idx, val_idx, train_idx = split_indices(
-            len(full), (config.test_fraction, config.val_fraction), config.seed
-        )
-        train, val, test = full.subset(train_idx), full.subset(val_idx), full.subset(test_idx)
-    elif name == "mnist1d":
-        raw = _load_mnist1d(config.mnist1d_num_samples, config.mnist1d_seed)
-        x_train = torch.from_numpy(raw["x"]).float()
-        x_test = torch.from_numpy(raw["x_test"]).float()
-        if encoding == "sequence":
-            if num_steps != MNIST1D_LENGTH:
-                raise ValueError(
-                    f"data.num_steps must be {MNIST1D_LENGTH} (or 0) for mnist1d 'sequence', "
-                    f"got {num_steps}"
-                )
-            x_train, x_test = x_train.unsqueeze(-1), x_test.unsqueeze(-1)
-        kwargs = dict(encoding=encoding, num_steps=num_steps, num_classes=10, seed=config.seed)
-        full_train = InMemoryDataset(x_train, torch.from_numpy(raw["y"]), **kwargs)
-        test = InMemoryDataset(x_test, torch.from_numpy(raw["y_test"]), **kwargs)
-        val_idx, train_idx = split_indices(len(full_train), (config.val_fraction,), config.seed)
-        train, val = full_train.subset(train_idx), full_train.subset(val_idx)
-    elif name in ("shd", "nmnist"):
-        missing = [p for p in expected_files(name, config.root) if not p.exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"data.root: {name} needs {', '.join(str(p) for p in missing)}, which do not exist"
-            )
-        root = Path(config.root).expanduser()
-        if name == "shd":
-            full_train = SHDDataset(root / "shd_train.h5", num_steps, max_time_s)
-            test = SHDDataset(root / "shd_test.h5", num_steps, max_time_s)
-        else:
-            full_train = NMNISTDataset(root / "Train", num_steps, max_time_s)
-            test = NMNISTDataset(root / "Test", num_steps, max_time_s)
-        val_idx, train_idx = split_indices(len(full_train), (config.val_fraction,), config.seed)
-        train, val = full_train.subset(train_idx), full_train.subset(val_idx)
-    else:
-        raise ValueError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}")
+def _splits(train, val, test, num_steps: int) -> DataSplits:
     return DataSplits(
         train=train,
         val=val if len(val) else None,
@@ -491,6 +451,113 @@ def build_datasets(config: DataConfig) -> DataSplits:
         num_classes=train.num_classes,
         num_steps=num_steps,
     )
+
+
+def _carve_val(full_train, test, config, num_steps: int) -> DataSplits:
+    """Validation carved from the training set by ``config.val_fraction``."""
+    val_idx, train_idx = split_indices(len(full_train), (config.val_fraction,), config.seed)
+    return _splits(full_train.subset(train_idx), full_train.subset(val_idx), test, num_steps)
+
+
+def _digits(config, encoding: str, num_steps: int, max_time_s: float) -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    full = InMemoryDataset(
+        torch.from_numpy(digits.data / 16.0).float(),
+        torch.from_numpy(digits.target),
+        encoding=encoding,
+        num_steps=num_steps,
+        num_classes=10,
+        seed=config.seed,
+    )
+    test_idx, val_idx, train_idx = split_indices(
+        len(full), (config.test_fraction, config.val_fraction), config.seed
+    )
+    return _splits(full.subset(train_idx), full.subset(val_idx), full.subset(test_idx), num_steps)
+
+
+def _mnist1d(config, encoding: str, num_steps: int, max_time_s: float) -> DataSplits:
+    raw = _load_mnist1d(config.mnist1d_num_samples, config.mnist1d_seed)
+    x_train = torch.from_numpy(raw["x"]).float()
+    x_test = torch.from_numpy(raw["x_test"]).float()
+    if encoding == "sequence":
+        x_train, x_test = x_train.unsqueeze(-1), x_test.unsqueeze(-1)
+    kwargs = dict(encoding=encoding, num_steps=num_steps, num_classes=10, seed=config.seed)
+    full_train = InMemoryDataset(x_train, torch.from_numpy(raw["y"]), **kwargs)
+    test = InMemoryDataset(x_test, torch.from_numpy(raw["y_test"]), **kwargs)
+    return _carve_val(full_train, test, config, num_steps)
+
+
+def _shd(config, encoding: str, num_steps: int, max_time_s: float) -> DataSplits:
+    root = Path(config.root).expanduser()
+    full_train = SHDDataset(root / "shd_train.h5", num_steps, max_time_s)
+    test = SHDDataset(root / "shd_test.h5", num_steps, max_time_s)
+    return _carve_val(full_train, test, config, num_steps)
+
+
+def _nmnist(config, encoding: str, num_steps: int, max_time_s: float) -> DataSplits:
+    root = Path(config.root).expanduser()
+    full_train = NMNISTDataset(root / "Train", num_steps, max_time_s)
+    test = NMNISTDataset(root / "Test", num_steps, max_time_s)
+    return _carve_val(full_train, test, config, num_steps)
+
+
+#: Every dataset, by ``data.name``.
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("digits", ("rate", "latency", "current"), 16, _digits, ships_test_set=False),
+        DatasetSpec(
+            "mnist1d",
+            ("sequence", "current"),
+            MNIST1D_LENGTH,
+            _mnist1d,
+            fixed_steps={"sequence": MNIST1D_LENGTH},
+        ),
+        DatasetSpec(
+            "shd",
+            ("events",),
+            SHD_DEFAULTS[0],
+            _shd,
+            files=("shd_train.h5", "shd_test.h5"),
+            default_max_time_s=SHD_DEFAULTS[1],
+        ),
+        DatasetSpec(
+            "nmnist",
+            ("events",),
+            NMNIST_DEFAULTS[0],
+            _nmnist,
+            files=("Train", "Test"),
+            default_max_time_s=NMNIST_DEFAULTS[1],
+        ),
+    )
+}
+
+
+def build_datasets(config) -> DataSplits:
+    """Build the train/val/test datasets named by ``config`` (a
+    :class:`~spiking_moe.config.DataConfig`, which has checked its values against the
+    dataset's :class:`DatasetSpec`; see the module table).
+
+    Splits are deterministic in ``config.seed``: digits is split into train/val/test by
+    ``val_fraction`` and ``test_fraction``; the others come with a test set, and val is carved
+    from their training set.
+
+    Raises:
+        FileNotFoundError: the dataset's files are missing from ``config.root``.
+    """
+    spec = DATASETS.get(config.name)
+    if spec is None:
+        raise ValueError(f"unknown dataset {config.name!r}; valid: {sorted(DATASETS)}")
+    encoding = config.encoding if config.encoding != "default" else spec.encodings[0]
+    num_steps = config.num_steps or spec.fixed_steps.get(encoding, spec.default_steps)
+    missing = [p for p in spec.expected_files(config.root) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"data.root: {spec.name} needs {', '.join(str(p) for p in missing)}, which do not exist"
+        )
+    return spec.load(config, encoding, num_steps, config.max_time_s or spec.default_max_time_s)
 
 
 class BatchLoader:

@@ -127,3 +127,35 @@ def test_programmatic_construction_is_validated_too():
         ModelConfig(num_experts=1, k=2)
     with pytest.raises(ConfigError, match="unknown key"):
         ExperimentConfig.from_dict({"model": {"experts": 4}})
+
+
+def test_overrides_are_toml_values_validated_like_the_file():
+    from spiking_moe.config import apply_overrides, parse_override
+
+    assert parse_override("train.lr=3e-3") == (("train", "lr"), 3e-3)
+    assert parse_override("data.encoding=latency") == (("data", "encoding"), "latency")
+    assert parse_override('model.router="spiking"') == (("model", "router"), "spiking")
+    assert parse_override("train.amp=true") == (("train", "amp"), True)
+    base = ExperimentConfig()
+    # Applied together, then validated: E and k may change in one go.
+    config = apply_overrides(base, ["model.num_experts=8", "model.k=6", "name=big"])
+    assert (config.model.num_experts, config.model.k, config.name) == (8, 6, "big")
+    assert config.train == base.train
+    assert apply_overrides(base, []) == base
+    for bad, pattern in [
+        ("train.epochs=2.5", r"train\.epochs must be an integer.*\(with --set train\.epochs=2\.5\)"),
+        ("train.nope=1", r"unknown key\(s\) \['train\.nope'\]"),
+        ("nope.lr=1", r"unknown section 'nope'; valid: \['data', 'model', 'train', 'energy'\]"),
+        ("lr=1", r"top-level key must be 'name' or section\.key"),
+        ("train.lr.x=1", r"key must be section\.key"),
+        ("=1", r"--set needs section\.key=value"),
+        ("model.k=9", r"model\.k must be <= model\.num_experts \(4\), got 9"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            apply_overrides(base, [bad])
+
+
+def test_grad_accum_steps_is_validated():
+    assert TrainConfig(grad_accum_steps=4).grad_accum_steps == 4
+    with pytest.raises(ConfigError, match=r"train\.grad_accum_steps must be >= 1, got 0"):
+        TrainConfig(grad_accum_steps=0)

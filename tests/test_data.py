@@ -84,9 +84,54 @@ def test_mnist1d_is_generated_locally_as_a_40_step_series(monkeypatch):
     assert y.tolist() == reference["y_test"][:3].tolist()
 
 
-def test_mnist1d_sequence_rejects_other_lengths():
-    with pytest.raises(ValueError, match="num_steps must be 40"):
-        build_datasets(DataConfig(name="mnist1d", num_steps=20, mnist1d_num_samples=100))
+def test_mnist1d_sequence_rejects_other_lengths_when_configured():
+    # The spec fixes T for the "sequence" encoding, so the config refuses it before loading.
+    with pytest.raises(ValueError, match="data.num_steps must be 40"):
+        DataConfig(name="mnist1d", num_steps=20, mnist1d_num_samples=100)
+    assert DataConfig(name="mnist1d", encoding="current", num_steps=20).num_steps == 20
+
+
+def test_every_dataset_is_described_once_and_both_readers_use_the_spec(monkeypatch, tmp_path):
+    """Validation (DataConfig) and loading (build_datasets) read the same DatasetSpec: a new
+    encoding, default or file list in the spec reaches both."""
+    import dataclasses
+
+    from spiking_moe.config import ConfigError
+    from spiking_moe.data import DATASETS, DatasetSpec, expected_files
+
+    assert set(DATASETS) == {"digits", "mnist1d", "shd", "nmnist"}
+    for name, spec in DATASETS.items():
+        assert isinstance(spec, DatasetSpec) and spec.name == name and spec.encodings
+        assert expected_files(name, tmp_path) == [tmp_path / f for f in spec.files]
+        if spec.files:
+            with pytest.raises(ConfigError, match="data.root must name"):
+                DataConfig(name=name)
+
+    loaded = []
+
+    def fake_load(config, encoding, num_steps, max_time_s):
+        loaded.append((encoding, num_steps, max_time_s))
+        return "splits"
+
+    spec = dataclasses.replace(
+        DATASETS["digits"],
+        encodings=("spikes", "rate"),
+        default_steps=7,
+        files=("needed.bin",),
+        default_max_time_s=0.5,
+        load=fake_load,
+    )
+    monkeypatch.setitem(DATASETS, "digits", spec)
+    with pytest.raises(ConfigError, match=r"\['default', 'spikes', 'rate'\]"):
+        DataConfig(name="digits", encoding="latency", root=str(tmp_path))
+    config = DataConfig(name="digits", root=str(tmp_path))
+    with pytest.raises(ConfigError, match="needed.bin"):
+        config.check_files()
+    with pytest.raises(FileNotFoundError, match="needed.bin"):
+        build_datasets(config)
+    (tmp_path / "needed.bin").write_bytes(b"")
+    assert build_datasets(config) == "splits"
+    assert loaded == [("spikes", 7, 0.5)]
 
 
 def _write_shd(path, samples):
