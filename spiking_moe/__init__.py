@@ -3,9 +3,18 @@
 import logging
 
 from . import config, data, encoding, functional, training
+from .activity import Activity
 from .config import ExperimentConfig, load_config
-from .dispatch import DispatchPlan, combine, dense_masked, dispatch, run_experts
-from .experts import MLPExpert, SpikingExpert
+from .dispatch import (
+    DispatchPlan,
+    ExpertsOutput,
+    combine,
+    dense_masked,
+    dispatch,
+    run_experts,
+    run_experts_with_activity,
+)
+from .experts import ExpertOutput, MLPExpert, SpikingExpert
 from .functional.surrogate import Surrogate
 from .models import (
     ANNClassifier,
@@ -23,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LIF",
+    "Activity",
     "ExperimentConfig",
     "Surrogate",
     "Trainer",
@@ -37,6 +47,8 @@ __all__ = [
     "ClassifierOutput",
     "DenseSNNClassifier",
     "DispatchPlan",
+    "ExpertOutput",
+    "ExpertsOutput",
     "MLPExpert",
     "MoEOutput",
     "RateRouter",
@@ -51,6 +63,7 @@ __all__ = [
     "dispatch",
     "route",
     "run_experts",
+    "run_experts_with_activity",
     "set_dense",
     "update_router_biases",
 ]

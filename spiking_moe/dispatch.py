@@ -19,8 +19,15 @@ rows by their gates and scatter-adds (``index_add``) them back to ``[T, N, O]``.
 applied in combine, so expert inputs stay binary spikes. Work scales with ``K``, not ``E``.
 
 :func:`dense_masked` is the dense baseline: every expert on every token, weighted by the same
-gates scattered into ``[N, E]`` (zero for unchosen experts). Same values, ``E / K`` times the
-work; it exists only for comparison.
+gates scattered into ``[N, E]`` (zero for unchosen experts). It is the same dispatch, expert
+pass and combine with every token assigned to every expert, so the two paths differ only in
+what they route. Same values, ``E / K`` times the work; it exists only for comparison.
+
+Activity: :func:`run_experts_with_activity` also returns the spikes of the experts' neuron
+populations (:class:`~spiking_moe.activity.Activity`, named ``experts.<e>.<name>``) for
+experts that report them (those with ``activity_names`` and ``run``, e.g.
+:class:`~spiking_moe.experts.SpikingExpert`); an expert with no rows reports its populations
+as idle, so the layout is the same in every call.
 
 Host syncs: :func:`dispatch` reads the ``E`` per-expert counts to the host once
 (``tolist``), because slicing the rows for each expert module needs Python ints. Nothing
@@ -42,22 +49,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .activity import Activity
 from .experts import MLPExpert, SpikingExpert
 from .functional.lif import lif_multistep
 from .neurons import LIF
 
 __all__ = [
     "DispatchPlan",
+    "ExpertsOutput",
     "combine",
     "dense_masked",
+    "dense_routing",
     "dispatch",
     "grouped_supported",
     "run_experts",
     "run_experts_grouped",
+    "run_experts_with_activity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -158,6 +170,18 @@ def dispatch(
     return x_TND.index_select(1, token_R), plan
 
 
+class ExpertsOutput(NamedTuple):
+    """Result of :func:`run_experts_with_activity`.
+
+    Attributes:
+        current: ``[T, R, O]`` expert outputs in the grouped row order.
+        activity: spikes of the experts' neuron populations, named ``experts.<e>.<name>``.
+    """
+
+    current: torch.Tensor
+    activity: Activity
+
+
 def run_experts(
     experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: DispatchPlan
 ) -> torch.Tensor:
@@ -171,16 +195,41 @@ def run_experts(
     Returns:
         ``[T, R, O]`` expert outputs in the grouped row order.
     """
+    return run_experts_with_activity(experts, x_TRD, plan).current
+
+
+def run_experts_with_activity(
+    experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: DispatchPlan, *, grouped: bool = False
+) -> ExpertsOutput:
+    """:func:`run_experts` (or, with ``grouped=True``, :func:`run_experts_grouped`), also
+    returning the experts' spiking activity (module docstring).
+
+    Experts with ``activity_names`` are called through their ``run`` (which goes through
+    ``__call__``, so their hooks fire); other modules are called as ``expert(rows)`` and
+    report nothing.
+    """
     if len(experts) != plan.num_experts:
         raise ValueError(f"plan is for {plan.num_experts} experts, got {len(experts)} experts")
-    outputs = [
-        expert(x_rows)
-        for expert, x_rows in zip(experts, x_TRD.split(plan.splits, dim=1), strict=True)
-        if x_rows.shape[1] > 0
-    ]
+    if grouped:
+        return _run_grouped(experts, x_TRD, plan)
+    outputs, activity = [], []
+    for e, (expert, x_rows) in enumerate(
+        zip(experts, x_TRD.split(plan.splits, dim=1), strict=True)
+    ):
+        names = getattr(expert, "activity_names", None)
+        if x_rows.shape[1] == 0:
+            if names:
+                activity.append(Activity.idle(names, x_TRD.device).prefixed(f"experts.{e}"))
+            continue
+        if names is None:
+            outputs.append(expert(x_rows))
+            continue
+        out = expert.run(x_rows)
+        outputs.append(out.current)
+        activity.append(out.activity.prefixed(f"experts.{e}"))
     if not outputs:  # every assignment dropped: still return [T, 0, O]
         outputs = [experts[0](x_TRD)]
-    return torch.cat(outputs, dim=1)
+    return ExpertsOutput(torch.cat(outputs, dim=1), Activity.concat(activity))
 
 
 def combine(y_TRO: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -204,6 +253,22 @@ def combine(y_TRO: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return out.index_add(1, plan.token_index, weighted)
 
 
+def dense_routing(
+    expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing of the dense baseline: every token to every expert, with the gates of the
+    chosen experts and 0 elsewhere.
+
+    Returns:
+        ``(expert_ids [N, E], gates [N, E])``: ids ``0..E-1`` for every token, and the gates
+        scattered into ``[N, E]`` (dropped assignments must already have gate 0).
+    """
+    N = expert_ids_NK.shape[0]
+    gates_NE = gates_NK.new_zeros(N, num_experts).scatter_add(1, expert_ids_NK, gates_NK)
+    ids_NE = torch.arange(num_experts, device=expert_ids_NK.device).expand(N, num_experts)
+    return ids_NE, gates_NE
+
+
 def dense_masked(
     experts: Sequence[nn.Module],
     x_TND: torch.Tensor,
@@ -225,14 +290,10 @@ def dense_masked(
     _check_routing(x_TND, expert_ids_NK, gates_NK, num_experts, None)
     if len(experts) != num_experts:
         raise ValueError(f"routing is for {num_experts} experts, got {len(experts)} experts")
-    mask_NE = gates_NK.new_zeros(gates_NK.shape[0], num_experts).scatter_add(
-        1, expert_ids_NK, gates_NK
+    grouped_TRD, plan = dispatch(
+        x_TND, *dense_routing(expert_ids_NK, gates_NK, num_experts), num_experts
     )
-    out = None
-    for e, expert in enumerate(experts):
-        y = expert(x_TND) * mask_NE[:, e].to(x_TND.dtype).view(1, -1, 1)
-        out = y if out is None else out + y
-    return out
+    return combine(run_experts(experts, grouped_TRD, plan), plan)
 
 
 def grouped_supported(experts: Sequence[nn.Module], dtype: torch.dtype = torch.float32) -> bool:
@@ -287,16 +348,20 @@ def run_experts_grouped(
         ``[T, R, O]``, equal to ``run_experts(experts, x_TRD, plan)`` up to float rounding
         (the GEMM's summation order).
     """
-    if len(experts) != plan.num_experts:
-        raise ValueError(f"plan is for {plan.num_experts} experts, got {len(experts)} experts")
+    return run_experts_with_activity(experts, x_TRD, plan, grouped=True).current
+
+
+def _run_grouped(experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: DispatchPlan):
     T, R, _ = x_TRD.shape
+    E = len(experts)
     counts = plan.tokens_per_expert
     expert_of_row = torch.repeat_interleave(
-        torch.arange(len(experts), device=counts.device), counts, output_size=R
+        torch.arange(E, device=counts.device), counts, output_size=R
     )
     offsets = (torch.cumsum(counts, 0) * T).to(torch.int32)
     h = x_TRD.transpose(0, 1).reshape(R * T, -1)
     modules = [list(expert.net) for expert in experts]
+    spikes_E, updates_E, names = [], [], []
     for i, layer in enumerate(modules[0]):
         if isinstance(layer, nn.Linear):
             weight = torch.stack([m[i].weight for m in modules]).transpose(1, 2)
@@ -315,7 +380,20 @@ def run_experts_grouped(
                 surrogate=layer.surrogate,
                 detach_reset=layer.detach_reset,
             ).spikes
+            # Each expert's spikes are a segment of the rows: sum them per expert, no sync.
+            per_row = spikes.sum((0, 2), dtype=torch.float32)
+            spikes_E.append(per_row.new_zeros(E).index_add(0, expert_of_row, per_row))
+            updates_E.append(counts * (T * spikes.shape[-1]))
+            names.append(f"net.{i}")
             h = spikes.transpose(0, 1).reshape(R * T, -1)
         else:
             h = layer(h)
-    return h.view(R, T, -1).transpose(0, 1)
+    if names:  # expert-major, as run_experts_with_activity reports them
+        activity = Activity(
+            tuple(f"experts.{e}.{n}" for e in range(E) for n in names),
+            torch.stack(spikes_E, 1).reshape(-1),
+            torch.stack(updates_E, 1).reshape(-1),
+        )
+    else:
+        activity = Activity.empty(x_TRD.device)
+    return ExpertsOutput(h.view(R, T, -1).transpose(0, 1), activity)

@@ -17,18 +17,37 @@ population on the sum, so what flows between layers stays binary. The Linear lay
 ``T`` and ``N`` folded together; only the LIF steps over ``T``. The LIF state lives inside one
 call: a routed expert sees different tokens every call, so no state may survive it.
 
+``forward`` returns the current only; :meth:`~SpikingExpert.run` returns it with the
+:class:`~spiking_moe.activity.Activity` of the hidden LIF layers (``net.1``, ``net.3``, ...),
+which the MoE layer reports in its output for the activity penalty and firing-rate metrics.
+
 :class:`MLPExpert` is the ANN twin (``ReLU`` instead of ``LIF``) with the same parameter
 layout, used by the equivalent-ANN baseline.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
+from .activity import Activity
 from .neurons import LIF
 
-__all__ = ["MLPExpert", "SpikingExpert"]
+__all__ = ["ExpertOutput", "MLPExpert", "SpikingExpert"]
+
+
+class ExpertOutput(NamedTuple):
+    """Result of an expert's ``run``.
+
+    Attributes:
+        current: ``[T, N, O]`` output current.
+        activity: spikes of the expert's LIF layers, named by their path (``net.1``, ...).
+    """
+
+    current: torch.Tensor
+    activity: Activity
 
 
 def _check_sizes(in_features, hidden_features, out_features, num_layers) -> None:
@@ -81,9 +100,41 @@ class _FeedForwardExpert(nn.Module):
             f"out_features={self.out_features}, num_layers={self.num_layers}"
         )
 
-    def forward(self, x_TNI: torch.Tensor) -> torch.Tensor:
+    @property
+    def activity_names(self) -> tuple[str, ...]:
+        """Names of the populations :meth:`run` reports (its LIF layers), in order."""
+        return tuple(f"net.{i}" for i, layer in enumerate(self.net) if isinstance(layer, LIF))
+
+    def forward(
+        self, x_TNI: torch.Tensor, *, activity: list[Activity] | None = None
+    ) -> torch.Tensor:
+        """``[T, N, in]`` -> ``[T, N, out]`` current.
+
+        Args:
+            x_TNI: input.
+            activity: when given, the :class:`~spiking_moe.activity.Activity` of the LIF
+                layers is appended to this caller-owned list (what :meth:`run` uses: the
+                return type stays one tensor, and nothing is kept on the module).
+        """
         _check_input(x_TNI, self.in_features, type(self).__name__)
-        return self.net(x_TNI)
+        if activity is None:
+            return self.net(x_TNI)
+        h, parts = x_TNI, []
+        for i, layer in enumerate(self.net):
+            h = layer(h)
+            if isinstance(layer, LIF):
+                parts.append(Activity.of(f"net.{i}", h))
+        activity.append(Activity.concat(parts))
+        return h
+
+    def run(self, x_TNI: torch.Tensor) -> ExpertOutput:
+        """The current and the spikes of every LIF layer (:class:`ExpertOutput`).
+
+        Runs through ``__call__``, so hooks on the expert fire as for ``expert(x)``.
+        """
+        activity: list[Activity] = []
+        current = self(x_TNI, activity=activity)
+        return ExpertOutput(current, activity[0])
 
 
 class SpikingExpert(_FeedForwardExpert):

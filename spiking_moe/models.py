@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .activity import Activity
 from .experts import MLPExpert, SpikingExpert
 from .moe import SpikingMoE
 from .neurons import LIF
@@ -60,11 +61,15 @@ class ClassifierOutput(NamedTuple):
         logits: ``[B, C]``.
         aux_loss: scalar, the sum of the MoE layers' balancing losses (zero without MoE).
         routing: one :class:`~spiking_moe.router.RoutingInfo` per MoE layer, in order.
+        activity: spikes of every LIF population, named like the modules
+            (``input_neuron``, ``layers.<l>.experts.<e>.net.1``, ``layers.<l>.neuron``, ...);
+            empty for the ANN. Training reads it for the activity penalty and firing rates.
     """
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
     routing: tuple[RoutingInfo, ...]
+    activity: Activity
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -78,15 +83,23 @@ def _check_choice(name: str, value, valid) -> None:
 
 
 class _DenseBlock(nn.Module):
-    """``expert`` (current) followed by ``neuron``: the dense stand-in for a MoE layer."""
+    """``expert`` (current) followed by ``neuron``: the dense stand-in for a MoE layer.
+
+    ``forward`` returns ``(spikes, activity)``: the same pair every call.
+    """
 
     def __init__(self, expert: nn.Module, neuron: nn.Module):
         super().__init__()
         self.expert = expert
         self.neuron = neuron
 
-    def forward(self, x_TBH: torch.Tensor) -> torch.Tensor:
-        return self.neuron(self.expert(x_TBH))
+    def forward(self, x_TBH: torch.Tensor) -> tuple[torch.Tensor, Activity]:
+        current, activity = self.expert.run(x_TBH)
+        out = self.neuron(current)
+        parts = [activity.prefixed("expert")]
+        if isinstance(self.neuron, LIF):
+            parts.append(Activity.of("neuron", out))
+        return out, Activity.concat(parts)
 
 
 class _Classifier(nn.Module):
@@ -106,17 +119,20 @@ class _Classifier(nn.Module):
             raise TypeError(f"{name} input must be floating point, got dtype {x.dtype}")
         return x
 
-    def _blocks(self, h_TBH: torch.Tensor):
+    def _blocks(self, h_TBH: torch.Tensor, activity: list[Activity]):
+        """Run the blocks; append their activity (named ``layers.<l>.*``) to ``activity``."""
         routing: list[RoutingInfo] = []
         aux = h_TBH.new_zeros(())
-        for layer in self.layers:
+        for l, layer in enumerate(self.layers):
             if isinstance(layer, SpikingMoE):
                 out = layer(h_TBH)
                 h_TBH = out.spikes
                 routing.append(out.routing)
                 aux = aux + out.aux_loss
+                activity.append(out.activity.prefixed(f"layers.{l}"))
             else:
-                h_TBH = layer(h_TBH)
+                h_TBH, block_activity = layer(h_TBH)
+                activity.append(block_activity.prefixed(f"layers.{l}"))
         return h_TBH, aux, tuple(routing)
 
 
@@ -139,12 +155,13 @@ class _SpikingClassifier(_Classifier):
         """Classify a ``[T, B, F]`` input (analog current or spikes) -> :class:`ClassifierOutput`."""
         x_TBF = self._check_input(x_TBF)
         h_TBH = self.input_neuron(self.input_layer(x_TBF))
-        h_TBH, aux, routing = self._blocks(h_TBH)
+        activity = [Activity.of("input_neuron", h_TBH)]
+        h_TBH, aux, routing = self._blocks(h_TBH, activity)
         if self.readout_mode == "count":
             logits = self.readout(h_TBH.mean(0))
         else:
             logits = _leaky_mean(self.readout(h_TBH), self.input_neuron.beta.clamp(0, 1))
-        return ClassifierOutput(logits, aux, routing)
+        return ClassifierOutput(logits, aux, routing, Activity.concat(activity))
 
 
 def _leaky_mean(current_TBC: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -398,8 +415,9 @@ class ANNClassifier(_Classifier):
             x = x.unsqueeze(0)
         x_1BF = self._check_input(x).mean(0, keepdim=True)
         h_1BH = self.input_neuron(self.input_layer(x_1BF))
-        h_1BH, aux, routing = self._blocks(h_1BH)
-        return ClassifierOutput(self.readout(h_1BH[0]), aux, routing)
+        activity: list[Activity] = []  # ReLU layers: no spikes to report
+        h_1BH, aux, routing = self._blocks(h_1BH, activity)
+        return ClassifierOutput(self.readout(h_1BH[0]), aux, routing, Activity.concat(activity))
 
 
 def active_parameter_count(model: nn.Module) -> int:

@@ -23,19 +23,20 @@ output LIF integrates over the whole sequence.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .activity import Activity
 from .dispatch import (
+    ExpertsOutput,
     combine,
-    dense_masked,
+    dense_routing,
     dispatch,
     grouped_supported,
-    run_experts,
-    run_experts_grouped,
+    run_experts_with_activity,
 )
 from .neurons import LIF
 from .router import RoutingInfo
@@ -54,11 +55,16 @@ class MoEOutput(NamedTuple):
         spikes: ``[T, B, O]`` (or ``[T, B, S, O]``) output spikes in {0, 1}.
         routing: the router's :class:`~spiking_moe.router.RoutingInfo`.
         aux_loss: scalar balancing loss to add to the task loss (``routing.aux_loss``).
+        activity: spikes of the layer's neuron populations
+            (:class:`~spiking_moe.activity.Activity`): ``router.*`` (a spiking router),
+            ``experts.<e>.*`` (every expert, idle ones with zero updates) and ``neuron`` (the
+            output LIF), named like the submodules.
     """
 
     spikes: torch.Tensor
     routing: RoutingInfo
     aux_loss: torch.Tensor
+    activity: Activity
 
 
 def check_binary(x: torch.Tensor, what: str = "input") -> None:
@@ -101,7 +107,8 @@ class SpikingMoE(nn.Module):
         ``forward(x)``: ``x`` ``[T, B, D]`` or ``[T, B, S, D]`` -> :class:`MoEOutput` with
         ``spikes`` of the same leading shape and ``O`` features. Tokens are the ``B`` (or
         ``B S``) columns; all ``T`` steps of a token go to the same experts (per window when
-        the router is windowed). The ``RoutingInfo`` is over the ``N = B S`` flattened tokens.
+        the router is windowed). The ``RoutingInfo`` is over the ``N = B S`` flattened tokens
+        (per-token fields ``[W, N, ...]``, ``W = 1`` unwindowed).
 
     Example:
         >>> from spiking_moe.experts import SpikingExpert
@@ -172,27 +179,35 @@ class SpikingMoE(nn.Module):
         rows_TXD = x_TND if window is None else _to_windows(x_TND, window)
         ids_XK = routing.expert_ids.reshape(-1, K)
         gates_XK = routing.gates.reshape(-1, K)
-        if self.dense:
-            current = dense_masked(self.experts, rows_TXD, ids_XK, gates_XK, self.num_experts)
-        else:
-            grouped_TRD, plan = dispatch(
-                rows_TXD, ids_XK, gates_XK, self.num_experts, kept_NK=routing.kept.reshape(-1, K)
-            )
-            current = combine(self._run_experts(grouped_TRD, plan), plan)
+        kept_XK = routing.kept.reshape(-1, K)
+        if self.dense:  # the baseline: the same pass with every token sent to every expert
+            ids_XK, gates_XK = dense_routing(ids_XK, gates_XK, self.num_experts)
+            kept_XK = None
+        grouped_TRD, plan = dispatch(rows_TXD, ids_XK, gates_XK, self.num_experts, kept_NK=kept_XK)
+        experts = self._run_experts(grouped_TRD, plan)
+        current = combine(experts.current, plan)
         if window is not None:
             current = _from_windows(current, T, N)
         spikes = self.neuron(current)
-        return MoEOutput(spikes.reshape(*lead, spikes.shape[-1]), routing, routing.aux_loss)
+        activity = [routing.activity.prefixed("router"), experts.activity]
+        if isinstance(self.neuron, LIF):
+            activity.append(Activity.of("neuron", spikes))
+        return MoEOutput(
+            spikes.reshape(*lead, spikes.shape[-1]),
+            routing,
+            routing.aux_loss,
+            Activity.concat(activity),
+        )
 
-    def _run_experts(self, grouped_TRD: torch.Tensor, plan) -> torch.Tensor:
+    def _run_experts(self, grouped_TRD: torch.Tensor, plan) -> ExpertsOutput:
         mode = self.grouped_gemm
         if mode == "always" or (mode == "auto" and grouped_TRD.is_cuda):
             if grouped_supported(self.experts, grouped_TRD.dtype):
                 try:
-                    return run_experts_grouped(self.experts, grouped_TRD, plan)
+                    return run_experts_with_activity(self.experts, grouped_TRD, plan, grouped=True)
                 except RuntimeError as error:  # e.g. a dtype or GPU the kernel does not take
                     logger.debug("grouped GEMM unavailable (%s); one call per expert", error)
-        return run_experts(self.experts, grouped_TRD, plan)
+        return run_experts_with_activity(self.experts, grouped_TRD, plan)
 
     def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if not isinstance(x, torch.Tensor):
@@ -244,7 +259,12 @@ def set_dense(model: nn.Module, dense: bool) -> int:
     return len(layers)
 
 
-def update_router_biases(model: nn.Module, routing: Sequence[RoutingInfo]) -> None:
+def update_router_biases(
+    model: nn.Module,
+    routing: Sequence[RoutingInfo] | Sequence[Sequence[RoutingInfo]],
+    *,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Aux-loss-free balancing step for every MoE layer of ``model``.
 
     Args:
@@ -253,6 +273,8 @@ def update_router_biases(model: nn.Module, routing: Sequence[RoutingInfo]) -> No
             :mod:`spiking_moe.models`, whose ``ClassifierOutput.routing`` follows that order).
         routing: one :class:`RoutingInfo` per MoE layer, or a sequence of such tuples (one per
             micro-batch since the last optimizer step) whose loads are summed per layer.
+        reduce: applied to the summed loads ``[L, E]`` before the update, e.g. a sum over
+            data-parallel ranks, so that every rank takes the step of the global batch.
     """
     layers = [m for m in model.modules() if isinstance(m, SpikingMoE)]
     routing = list(routing)
@@ -262,5 +284,16 @@ def update_router_biases(model: nn.Module, routing: Sequence[RoutingInfo]) -> No
             raise ValueError(
                 f"model has {len(layers)} MoE layers but {len(batch)} RoutingInfo were given"
             )
-    for i, layer in enumerate(layers):
-        layer.router.update_bias(*(batch[i] for batch in batches))
+    if not layers or not batches:
+        return
+    with torch.no_grad():
+        loads_LE = torch.stack(
+            [
+                torch.stack([batch[i].selected_load() for batch in batches]).sum(0)
+                for i in range(len(layers))
+            ]
+        )
+        if reduce is not None:
+            loads_LE = reduce(loads_LE)
+        for layer, load_E in zip(layers, loads_LE, strict=True):
+            layer.router.update_bias_from_load(load_E)

@@ -48,18 +48,23 @@ of window ``w - 1``, so routing never looks at the future. **Window 0 has no pas
 are those of an all-zero rate** (``RateRouter``: the Linear bias, so every token picks the
 same experts; ``SpikingRouter``: zero counts, i.e. uniform probabilities and experts
 ``0..K-1``, plus any balancing bias). Changing the input from window ``w + 1`` on therefore
-leaves the routing of windows ``0..w+1`` unchanged. In this mode :class:`RoutingInfo`
-carries a leading window dimension (see its docstring).
+leaves the routing of windows ``0..w+1`` unchanged.
+
+**Layout.** Every per-token field of :class:`RoutingInfo` has a leading window dimension,
+windowed or not (``W = 1`` without windows): ``expert_ids [W, N, K]``, ``probs [W, N, E]``.
+Readers flatten ``W N`` when they do not care about windows; nothing is squeezed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .activity import Activity
 from .neurons import LIF
 
 __all__ = ["RateRouter", "RoutingInfo", "SpikingRouter", "route"]
@@ -69,24 +74,25 @@ __all__ = ["RateRouter", "RoutingInfo", "SpikingRouter", "route"]
 class RoutingInfo:
     """What a router decided for one call. Frozen; nothing about a call is kept on the router.
 
-    Shapes without windowing (``window=None``); with ``window=L`` every per-token field gains
-    a leading ``W`` dimension (``expert_ids [W, N, K]``, ``gates [W, N, K]``,
-    ``probs [W, N, E]``, ``kept [W, N, K]``) while the counts and losses keep their shapes
-    (summed, resp. averaged, over windows).
+    One layout whatever the options: the per-token fields always have the window dimension
+    ``W`` first (``W = 1`` without windows); the counts and losses are over all windows
+    (summed, resp. averaged).
 
     Attributes:
-        expert_ids: ``[N, K]`` int64, chosen experts, best first (capacity drops included).
-        gates: ``[N, K]`` gate of each choice; 0 where the assignment was dropped.
-        probs: ``[N, E]`` softmax router probabilities.
-        kept: ``[N, K]`` bool, False where capacity dropped the assignment.
-        tokens_per_expert: ``[E]`` int64, rows each expert computes on (kept assignments;
-            with windows, token-windows summed over windows).
+        expert_ids: ``[W, N, K]`` int64, chosen experts, best first (capacity drops included).
+        gates: ``[W, N, K]`` gate of each choice; 0 where the assignment was dropped.
+        probs: ``[W, N, E]`` softmax router probabilities.
+        kept: ``[W, N, K]`` bool, False where capacity dropped the assignment.
+        tokens_per_expert: ``[E]`` int64, rows each expert computes on (kept assignments,
+            summed over windows).
         dropped: int64 scalar, number of dropped assignments.
         load_balancing_loss: scalar Switch loss (unweighted).
         z_loss: scalar router z-loss (unweighted).
         aux_loss: scalar, the weighted sum the router asks to add to the task loss.
         window: window length ``L`` or None.
         capacity: per-expert capacity per window, or None (unlimited).
+        activity: spikes of the router's own neurons (:class:`SpikingRouter`: ``neuron``);
+            empty for :class:`RateRouter`.
     """
 
     expert_ids: torch.Tensor
@@ -100,6 +106,16 @@ class RoutingInfo:
     aux_loss: torch.Tensor
     window: int | None = None
     capacity: int | None = None
+    activity: Activity = field(default_factory=Activity.empty)
+
+    @property
+    def num_windows(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """``N``: tokens per window."""
+        return self.probs.shape[1]
 
     @property
     def num_experts(self) -> int:
@@ -172,7 +188,7 @@ def route(
         capacity_factor: None (unlimited) or > 0; see the module docstring for the policy.
         renormalize: renormalise the gates over the chosen ``k``.
         balance_weight, z_loss_weight: weights of the two losses in ``aux_loss``.
-        window: window length, recorded in the result; None squeezes the ``W`` dimension.
+        window: window length, recorded in the result (None: not windowed, ``W = 1``).
 
     Returns:
         :class:`RoutingInfo`.
@@ -214,10 +230,6 @@ def route(
     z_loss = torch.logsumexp(logits_XNE.float(), dim=-1).square().mean().to(logits_XNE.dtype)
     aux = balance_weight * lb_loss + z_loss_weight * z_loss
 
-    if window is None:
-        ids_XNK, gates_XNK, probs, kept_XNK = (
-            t.squeeze(0) for t in (ids_XNK, gates_XNK, probs, kept_XNK)
-        )
     return RoutingInfo(
         expert_ids=ids_XNK,
         gates=gates_XNK,
@@ -308,8 +320,9 @@ class _Router(nn.Module):
             f"window={self.window}, capacity_factor={self.capacity_factor}, noise={self.noise}"
         )
 
-    def _scores(self, x_TND: torch.Tensor) -> torch.Tensor:
-        """Per-window logits ``[W, N, E]`` from the scores of each window itself."""
+    def _scores(self, x_TND: torch.Tensor) -> tuple[torch.Tensor, Activity]:
+        """Per-window logits ``[W, N, E]`` from the scores of each window itself, and the
+        activity of the router's neurons."""
         raise NotImplementedError
 
     def forward(self, x_TND: torch.Tensor) -> RoutingInfo:
@@ -320,7 +333,7 @@ class _Router(nn.Module):
                 MoE layer checks that its input is binary).
 
         Returns:
-            :class:`RoutingInfo` (with a leading window dimension when ``window`` is set).
+            :class:`RoutingInfo` (per-token fields ``[W, N, ...]``; ``W = 1`` unwindowed).
         """
         if not isinstance(x_TND, torch.Tensor):
             raise TypeError(f"router input must be a torch.Tensor, got {type(x_TND).__name__}")
@@ -332,14 +345,14 @@ class _Router(nn.Module):
             raise TypeError(f"router input must be floating point, got dtype {x_TND.dtype}")
         if x_TND.shape[0] == 0 or x_TND.shape[1] == 0:
             raise ValueError(f"router input has no time steps or tokens: {tuple(x_TND.shape)}")
-        logits = self._scores(x_TND)
+        logits, activity = self._scores(x_TND)
         if self.window is not None:
             # Window w is routed from window w-1; window 0 from an all-zero score (no past).
             logits = torch.cat([self._zero_scores(logits[:1]), logits[:-1]], 0)
         noisy = None
         if self.training and self.noise > 0:
             noisy = logits + self.noise * torch.randn_like(logits)
-        return route(
+        routing = route(
             logits,
             self.k,
             selection_bias=self.expert_bias,
@@ -350,6 +363,7 @@ class _Router(nn.Module):
             z_loss_weight=self.z_loss_weight,
             window=self.window,
         )
+        return dataclasses.replace(routing, activity=activity)
 
     def _zero_scores(self, like_1NE: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -376,7 +390,18 @@ class _Router(nn.Module):
                     f"RoutingInfo has {info.num_experts} experts, this router {self.num_experts}"
                 )
             load += info.selected_load().to(load)
-        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        return self.update_bias_from_load(load)
+
+    @torch.no_grad()
+    def update_bias_from_load(self, load_E: torch.Tensor) -> torch.Tensor:
+        """The balancing step from per-expert assignment counts ``[E]`` (e.g. summed over
+        micro-batches and data-parallel ranks, so every rank takes the same step)."""
+        if load_E.shape != self.expert_bias.shape:
+            raise ValueError(
+                f"load must have shape [{self.num_experts}], got {tuple(load_E.shape)}"
+            )
+        load_E = load_E.to(self.expert_bias)
+        self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
         return self.expert_bias
 
 
@@ -403,8 +428,8 @@ class RateRouter(_Router):
         >>> _ = torch.manual_seed(0)
         >>> router = RateRouter(6, num_experts=4, k=2)
         >>> info = router(torch.bernoulli(torch.full((10, 3, 6), 0.3)))
-        >>> info.expert_ids.shape, info.gates.sum(-1)
-        (torch.Size([3, 2]), tensor([1., 1., 1.], grad_fn=<SumBackward1>))
+        >>> info.expert_ids.shape, info.gates.sum(-1)  # [W=1, N=3, K=2]
+        (torch.Size([1, 3, 2]), tensor([[1., 1., 1.]], grad_fn=<SumBackward1>))
     """
 
     def __init__(
@@ -436,9 +461,9 @@ class RateRouter(_Router):
 
     def _scores(self, x_TND):
         if self.window is None:
-            return self.proj(x_TND.mean(0, keepdim=True))
+            return self.proj(x_TND.mean(0, keepdim=True)), Activity.empty(x_TND.device)
         sums, lengths = _window_sums(x_TND, self.window)
-        return self.proj(sums / lengths)
+        return self.proj(sums / lengths), Activity.empty(x_TND.device)
 
     def _zero_scores(self, like_1NE):
         return self.proj.bias.expand_as(like_1NE)
@@ -460,7 +485,7 @@ class SpikingRouter(_Router):
         >>> _ = torch.manual_seed(0)
         >>> router = SpikingRouter(6, num_experts=4, k=1, renormalize=False)
         >>> router(torch.bernoulli(torch.full((10, 3, 6), 0.3))).expert_ids.shape
-        torch.Size([3, 1])
+        torch.Size([1, 3, 1])
     """
 
     def __init__(
@@ -497,10 +522,11 @@ class SpikingRouter(_Router):
 
     def _scores(self, x_TND):
         spikes_TNE = self.neuron(self.proj(x_TND))
+        activity = Activity.of("neuron", spikes_TNE)
         if self.window is None:
-            return self.gain * spikes_TNE.mean(0, keepdim=True)
+            return self.gain * spikes_TNE.mean(0, keepdim=True), activity
         sums, lengths = _window_sums(spikes_TNE, self.window)
-        return self.gain * sums / lengths
+        return self.gain * sums / lengths, activity
 
     def _zero_scores(self, like_1NE):
         return torch.zeros_like(like_1NE)

@@ -46,8 +46,8 @@ def test_output_equals_a_per_token_loop_through_the_chosen_experts():
     current = torch.zeros(T, B, D)
     for n in range(B):
         for j in range(K):
-            expert = moe.experts[int(routing.expert_ids[n, j])]
-            current[:, n] += routing.gates[n, j] * expert(x[:, n : n + 1])[:, 0]
+            expert = moe.experts[int(routing.expert_ids[0, n, j])]
+            current[:, n] += routing.gates[0, n, j] * expert(x[:, n : n + 1])[:, 0]
     ref = LIF(beta=0.8, threshold=0.3)(current)
     assert ref.sum() > 0, "the oracle must spike"
     assert torch.equal(out.spikes, ref)
@@ -125,7 +125,7 @@ def test_sequence_input_routes_every_position_as_a_token():
     flat = moe(x.reshape(T, 12, D))
     assert out.spikes.shape == (T, 3, 4, D)
     assert torch.equal(out.spikes.reshape(T, 12, D), flat.spikes)
-    assert out.routing.expert_ids.shape == (12, K)
+    assert out.routing.expert_ids.shape == (1, 12, K)  # [W=1, N=B*S, K]
 
 
 def test_windowed_layer_is_causal_in_routing_and_output():

@@ -33,20 +33,20 @@ def test_rate_router_logits_are_a_linear_map_of_hand_counted_rates():
     x[:, 1, 1] = 1
     x[3, 1, 2] = 1
     info = router(x)
-    logits = torch.tensor([[1.0 + 0.5, 2 * 0.5], [0.5, 2.0 - 0.25]])
+    logits = torch.tensor([[[1.0 + 0.5, 2 * 0.5], [0.5, 2.0 - 0.25]]])  # [W=1, N, E]
     torch.testing.assert_close(info.probs, torch.softmax(logits, -1))
-    assert info.expert_ids.tolist() == [[0], [1]]
-    torch.testing.assert_close(info.gates, info.probs.gather(1, info.expert_ids))
+    assert info.expert_ids.tolist() == [[[0], [1]]]
+    torch.testing.assert_close(info.gates, info.probs.gather(-1, info.expert_ids))
 
 
 def test_top_k_picks_the_largest_probabilities_and_renormalises_the_gates():
     router = RateRouter(D, 6, 3)
     info = router(_spikes(8, 20))
-    order = torch.argsort(info.probs, -1, descending=True)[:, :3]
+    order = torch.argsort(info.probs, -1, descending=True)[..., :3]
     assert torch.equal(info.expert_ids, order)
-    chosen = info.probs.gather(1, order)
-    torch.testing.assert_close(info.gates, chosen / chosen.sum(1, keepdim=True))
-    assert info.expert_ids.dtype == torch.int64 and info.expert_ids.shape == (20, 3)
+    chosen = info.probs.gather(-1, order)
+    torch.testing.assert_close(info.gates, chosen / chosen.sum(-1, keepdim=True))
+    assert info.expert_ids.dtype == torch.int64 and info.expert_ids.shape == (1, 20, 3)
 
 
 def test_losses_match_hand_computation():
@@ -71,11 +71,11 @@ def test_capacity_keeps_the_largest_gates_and_breaks_ties_by_token_order():
     logits = torch.stack([p0.log(), (1 - p0).log()], -1)[None]  # everyone picks expert 0
     info = route(logits, 1, capacity_factor=1.0, renormalize=False)  # C = ceil(4/2) = 2
     assert info.capacity == 2
-    assert info.kept.tolist() == [[True], [False], [True], [False]]
-    torch.testing.assert_close(info.gates[:, 0], torch.tensor([0.9, 0.0, 0.8, 0.0]))
+    assert info.kept.tolist() == [[[True], [False], [True], [False]]]
+    torch.testing.assert_close(info.gates[0, :, 0], torch.tensor([0.9, 0.0, 0.8, 0.0]))
     assert info.tokens_per_expert.tolist() == [2, 0] and int(info.dropped) == 2
     tie = route(logits, 1, capacity_factor=1.5, renormalize=False)  # C = 3
-    assert tie.kept[:, 0].tolist() == [True, True, True, False]
+    assert tie.kept[0, :, 0].tolist() == [True, True, True, False]
 
 
 def test_capacity_bounds_every_expert_per_window():
@@ -109,13 +109,10 @@ def test_bias_changes_selection_only():
     before = router(x)
     router.expert_bias[3] = 10.0
     after = router(x)
-    assert (after.expert_ids[:, 0] == 3).all()
+    assert (after.expert_ids[..., 0] == 3).all()
     torch.testing.assert_close(after.probs, before.probs)
-    torch.testing.assert_close(
-        after.gates,
-        after.probs.gather(1, after.expert_ids)
-        / after.probs.gather(1, after.expert_ids).sum(1, keepdim=True),
-    )
+    chosen = after.probs.gather(-1, after.expert_ids)
+    torch.testing.assert_close(after.gates, chosen / chosen.sum(-1, keepdim=True))
 
 
 def _max_over_mean(info):
@@ -145,7 +142,7 @@ def test_update_bias_sums_micro_batches_and_uses_the_sign_of_the_load_error():
     router = RateRouter(D, 2, 1, bias_update_rate=0.5)
     ids_a = torch.tensor([[0], [0], [0]])
     ids_b = torch.tensor([[1], [1]])
-    assert route(10.0 * torch.eye(2)[None], 1).expert_ids.tolist() == [[0], [1]]
+    assert route(10.0 * torch.eye(2)[None], 1).expert_ids.tolist() == [[[0], [1]]]
 
     def info(ids):
         # Large logits on the wanted expert: route() then selects exactly these ids.
@@ -193,8 +190,8 @@ def test_spiking_router_scores_are_hand_counted_spike_counts():
     # beta = 1, soft reset: bias 1.5 fires every step (5), bias 0.5 fires at t = 2, 4 (2)
     info = router(_spikes(5, 2, d=3))
     logits = 5.0 * torch.tensor([5.0, 2.0, 0.0, 0.0]) / 5
-    torch.testing.assert_close(info.probs, torch.softmax(logits, -1).expand(2, 4))
-    assert info.expert_ids.tolist() == [[0, 1], [0, 1]]
+    torch.testing.assert_close(info.probs, torch.softmax(logits, -1).expand(1, 2, 4))
+    assert info.expert_ids.tolist() == [[[0, 1], [0, 1]]]
 
 
 @pytest.mark.parametrize("router_cls", [RateRouter, SpikingRouter])
