@@ -488,6 +488,7 @@ def estimate(
         neuron_adapters: extra neuron adapters.
 
     Example:
+        >>> import torch
         >>> net = torch.nn.Linear(4, 3)
         >>> report = estimate(net, torch.ones(2, 1, 4))  # T=2, B=1, binary input
         >>> report.totals.acs, report.baseline("ann_fp32").macs

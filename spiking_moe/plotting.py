@@ -77,12 +77,22 @@ def plot_sweep(rows: Sequence[dict], path: str | Path, profile: str) -> Path:
     """Accuracy against energy per sample, one labelled point per configuration.
 
     Args:
-        rows: dicts with ``label``, ``accuracy`` (0-1) and ``uJ_per_sample``.
+        rows: dicts with ``label``, ``accuracy`` (0-1) and ``uJ_per_sample``, and optionally
+            their standard deviations over seeds (``accuracy_std``, ``uJ_per_sample_std``),
+            drawn as error bars.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, row in enumerate(rows):
-        ax.scatter(row["uJ_per_sample"], 100 * row["accuracy"], color=f"C{i % 10}")
+        ax.errorbar(
+            row["uJ_per_sample"],
+            100 * row["accuracy"],
+            xerr=row.get("uJ_per_sample_std", 0.0),
+            yerr=100 * row.get("accuracy_std", 0.0),
+            color=f"C{i % 10}",
+            fmt="o",
+            capsize=3,
+        )
         ax.annotate(
             row["label"],
             (row["uJ_per_sample"], 100 * row["accuracy"]),

@@ -1,0 +1,447 @@
+"""One experiment from its config: build the run, train, test, write the run folder; and
+re-count a trained run's energy from its checkpoint.
+
+:func:`run_experiment` reads top to bottom: config -> data -> model -> train (with router
+balancing, monitors and energy callbacks) -> test -> ``report.json``/``.md``/``.png``.
+:func:`run_seeds` repeats it over seeds and summarises mean and standard deviation, which is
+how results are reported (float results differ across CPUs, so one seed is not a result).
+:func:`evaluate_checkpoint` rebuilds a run from the config stored in its checkpoint.
+
+The command-line entry points in :mod:`spiking_moe.cli` parse arguments and map errors to
+exit codes; everything they run is here (and in :mod:`spiking_moe.sweep`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    config_to_dict,
+    flatten_config,
+)
+from .data import BatchLoader, DataSplits, build_datasets
+from .factory import build_model
+from .plotting import plot_run
+from .training import (
+    CHECKPOINT_NAME,
+    DistInfo,
+    EnergyReportCallback,
+    FiringRateMonitor,
+    RouterBiasBalancing,
+    RoutingMonitor,
+    Trainer,
+    check_energy_profile,
+    init_distributed,
+    load_checkpoint,
+    resolve_device,
+    seed_everything,
+    write_energy_report,
+)
+
+__all__ = [
+    "CheckpointEvaluation",
+    "ExperimentResult",
+    "SUMMARY_METRICS",
+    "build_loaders",
+    "build_model_for",
+    "check_experiment",
+    "config_from_checkpoint",
+    "evaluate_checkpoint",
+    "run_experiment",
+    "run_seeds",
+    "summarize",
+    "summary_table",
+    "write_profile_report",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def build_loaders(config: ExperimentConfig, data: DataSplits, dist_info: DistInfo | None = None):
+    """``(train, val or None, test)`` loaders, sharded for this rank.
+
+    Evaluation order and noise depend only on the config, so re-evaluating a checkpoint sees
+    the very batches its run was tested on.
+    """
+    dist_info = dist_info or DistInfo()
+    shard = dict(rank=dist_info.rank, world_size=dist_info.world_size)
+    batch, eval_batch = config.train.batch_size, config.train.eval_batch_size
+    train = BatchLoader(data.train, batch, shuffle=True, seed=config.train.seed, **shard)
+    val = BatchLoader(data.val, eval_batch, **shard) if data.val else None
+    return train, val, BatchLoader(data.test, eval_batch, **shard)
+
+
+def build_model_for(config: ExperimentConfig, data: DataSplits) -> torch.nn.Module:
+    """The model of ``config.model`` for the shapes of ``data``."""
+    return build_model(
+        config.model,
+        in_features=data.num_features,
+        num_classes=data.num_classes,
+        num_steps=data.num_steps,
+    )
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """What :func:`run_experiment` returns.
+
+    Attributes:
+        out: the run folder.
+        metrics: the test evaluation's metrics (``test/accuracy``, ``test/loss``, with the
+            energy report on: ``test/energy/uJ_per_sample``, ``test/energy/ratio_<baseline>``;
+            MoE models: ``test/moe<l>/max_load_ratio``, ...). Empty when interrupted.
+        wall_time_s: training time (``Trainer.fit``).
+        report: the test set's :class:`energy.EnergyReport` (None with ``energy.enabled =
+            false`` and on ranks other than 0).
+        samples: test samples the report counted.
+        interrupted: stopped by a signal before the end (a checkpoint was saved).
+        signal: the signal number when ``interrupted``.
+        config: the config the run used (overrides applied).
+    """
+
+    out: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    report: Any = None
+    samples: int = 0
+    interrupted: bool = False
+    signal: int | None = None
+    config: ExperimentConfig | None = None
+
+
+def check_experiment(config: ExperimentConfig, out: Path, *, resume: bool = False) -> None:
+    """Fail before any work: unusable device, unknown energy profile, or ``out`` already
+    holding a run that is not being resumed (FileExistsError)."""
+    resolve_device(config.train.device)
+    if config.energy.enabled:
+        check_energy_profile(config.energy.profile)
+    if (Path(out) / CHECKPOINT_NAME).exists() and not resume:
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or pick another --out"
+        )
+
+
+def _write_energy_files(out: Path, report, samples: int, accuracy: float, name: str) -> None:
+    """``report.json``, ``report.md`` and ``report.png`` (accuracy vs energy, expert load)."""
+    (out / "report.json").write_text(report.to_json())
+    (out / "report.md").write_text(report.to_markdown())
+    plot_run(report, accuracy, samples, out / "report.png", title=name)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
+) -> ExperimentResult:
+    """Train ``config`` into the run folder ``out``, evaluate on the test set, write the
+    energy report files. Under ``torchrun`` every rank calls it (DDP; rank 0 writes).
+
+    Args:
+        config: the experiment.
+        out: run folder (checkpoint, TensorBoard events, ``metrics.jsonl``, ``config.json``,
+            ``report.json``/``.md``/``.png``).
+        overrides: ``section.key=value`` strings applied to ``config``
+            (:func:`~spiking_moe.config.apply_overrides`) and recorded in ``config.json``.
+        device: overrides ``config.train.device`` (the same as ``train.device=...``).
+        resume: continue from ``out/checkpoint.pt``.
+        resume_from: continue from this checkpoint file instead.
+
+    Raises:
+        ConfigError, RuntimeError, ValueError, FileExistsError: from
+            :func:`check_experiment`, before any work.
+        CheckpointError: the checkpoint to resume from is damaged (names the previous one).
+    """
+    overrides = [*overrides, *([f"train.device={device}"] if device else [])]
+    config, out = apply_overrides(config, overrides), Path(out)
+    resuming = resume or resume_from is not None
+    check_experiment(config, out, resume=resuming)
+    dist_info = init_distributed(config.train.device)  # single process unless under torchrun
+    data = build_datasets(config.data)
+    train_loader, val_loader, test_loader = build_loaders(config, data, dist_info)
+
+    seed_everything(config.train.seed)  # the model's initial weights
+    model = build_model_for(config, data)
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info("%s: %d parameters", type(model).__name__, num_params)
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {**config_to_dict(config), "overrides": list(overrides)}
+        (out / "config.json").write_text(json.dumps(record, indent=2))
+
+    callbacks = [RouterBiasBalancing(), FiringRateMonitor(), RoutingMonitor()]
+    energy_callback = None
+    if config.energy.enabled:
+        # Energy at every validation during training; the final report on the test set.
+        energy_callback = EnergyReportCallback(
+            config.energy.profile, num_batches=config.energy.num_batches
+        )
+        callbacks.append(energy_callback)
+    with Trainer(
+        model,
+        train_loader,
+        config.train,
+        out_dir=out,
+        val_loader=val_loader,
+        callbacks=callbacks,
+        hparams=flatten_config(config),
+        resume=resume,
+        resume_from=resume_from,
+        checkpoint_extra={"experiment": config_to_dict(config)},
+    ) as trainer:
+        fit = trainer.fit()
+        if fit.interrupted:
+            return ExperimentResult(
+                out, wall_time_s=fit.wall_time_s, interrupted=True, signal=fit.signal, config=config
+            )
+        test = trainer.evaluate(test_loader, "test")
+    report = energy_callback.report if energy_callback is not None else None
+    samples = energy_callback.samples if energy_callback is not None else 0
+    if dist_info.is_main and report is not None:
+        _write_energy_files(out, report, samples, test["test/accuracy"], config.name)
+    logger.info(
+        "done in %.1f s: test accuracy %.4f; run folder %s (tensorboard --logdir %s)",
+        fit.wall_time_s,
+        test["test/accuracy"],
+        out,
+        out.parent,
+    )
+    return ExperimentResult(out, test, fit.wall_time_s, report, samples, config=config)
+
+
+# --------------------------------------------------------------------------- seeds
+
+#: Metrics summarised over seeds: (key in ExperimentResult.metrics, summary name).
+SUMMARY_METRICS = (
+    ("test/accuracy", "accuracy"),
+    ("test/energy/uJ_per_sample", "uJ_per_sample"),
+    ("test/energy/ratio_dense_snn", "ratio_dense_snn"),
+    ("test/energy/ratio_ann_fp32", "ratio_ann_fp32"),
+    ("test/energy/ratio_ann_int8", "ratio_ann_int8"),
+    ("test/firing_rate/mean", "firing_rate"),
+)
+
+
+def summarize(results: Sequence[ExperimentResult]) -> dict[str, Any]:
+    """Mean and sample standard deviation over runs of :data:`SUMMARY_METRICS` (and of the
+    worst MoE layer's ``max_load_ratio`` and the wall time).
+
+    Returns:
+        ``{"runs": n, "<name>": mean, "<name>_std": std, ...}``; a metric missing from any
+        run is left out; ``std`` is 0 for a single run.
+    """
+    values: dict[str, list[float]] = {}
+    for r in results:
+        m = dict(r.metrics)
+        loads = [
+            v for k, v in m.items() if k.startswith("test/moe") and k.endswith("/max_load_ratio")
+        ]
+        if loads:
+            m["max_load_ratio"] = max(loads)
+        m["wall_time_s"] = r.wall_time_s
+        for key, name in (
+            *SUMMARY_METRICS,
+            ("max_load_ratio", "max_load_ratio"),
+            ("wall_time_s", "wall_time_s"),
+        ):
+            if key in m:
+                values.setdefault(name, []).append(m[key])
+    summary: dict[str, Any] = {"runs": len(results)}
+    for name, vs in values.items():
+        if len(vs) != len(results):
+            continue
+        summary[name] = statistics.fmean(vs)
+        summary[f"{name}_std"] = statistics.stdev(vs) if len(vs) > 1 else 0.0
+    return summary
+
+
+def _cell(summary: dict[str, Any], name: str, fmt: str) -> str:
+    if name not in summary or not math.isfinite(summary[name]):
+        return ""
+    if summary["runs"] < 2:
+        return fmt.format(summary[name])
+    return f"{fmt.format(summary[name])} ± {fmt.format(summary[f'{name}_std'])}"
+
+
+#: Columns of :func:`summary_table`: (summary name, header, format).
+_SUMMARY_COLUMNS = (
+    ("accuracy", "test accuracy", "{:.2%}"),
+    ("uJ_per_sample", "energy / sample (uJ)", "{:.4g}"),
+    ("ratio_dense_snn", "dense MoE / SNN", "{:.2f}x"),
+    ("ratio_ann_fp32", "ANN fp32 / SNN", "{:.2f}x"),
+    ("ratio_ann_int8", "ANN int8 / SNN", "{:.2f}x"),
+    ("firing_rate", "firing rate", "{:.2%}"),
+    ("max_load_ratio", "max / mean expert load", "{:.2f}"),
+    ("wall_time_s", "wall time (s)", "{:.1f}"),
+)
+
+
+def summary_table(rows: Sequence[dict[str, Any]], leading: Sequence[tuple[str, str]] = ()) -> str:
+    """Markdown table of summaries (mean ± std over seeds): ``leading`` ``(key, header)``
+    columns first (e.g. the number of experts), then the metrics present in any row."""
+    columns = [c for c in _SUMMARY_COLUMNS if any(c[0] in row for row in rows)]
+    headers = [h for _, h in leading] + [h for _, h, _ in columns] + ["seeds"]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---:" for _ in headers) + " |"]
+    for row in rows:
+        cells = [str(row[k]) for k, _ in leading]
+        cells += [_cell(row, name, fmt) for name, _, fmt in columns]
+        cells.append(str(row["runs"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_seeds(
+    config: ExperimentConfig,
+    out: str | Path,
+    seeds: Sequence[int],
+    *,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+) -> tuple[list[ExperimentResult], dict[str, Any] | None]:
+    """:func:`run_experiment` once per ``train.seed`` in ``seeds``, into ``out/seed<s>``.
+
+    The data split (``data.seed``) stays fixed, so the seeds vary the initial weights, the
+    batch order and the encoding noise. Writes ``out/seeds.json`` (every run's test metrics
+    and the summary) and ``out/seeds.md`` (the summary as a table).
+
+    Returns:
+        ``(results, summary)``: the finished runs and their :func:`summarize`; the summary is
+        None and nothing is written when a run was interrupted (the last result says so).
+    """
+    out = Path(out)
+    results = []
+    for seed in seeds:
+        result = run_experiment(
+            config, out / f"seed{seed}", overrides=[*overrides, f"train.seed={seed}"], resume=resume
+        )
+        results.append(result)
+        if result.interrupted:
+            return results, None
+    summary = summarize(results)
+    if init_distributed(config.train.device).is_main:
+        runs = [
+            {"seed": s, "out": str(r.out), **r.metrics} for s, r in zip(seeds, results, strict=True)
+        ]
+        (out / "seeds.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+        (out / "seeds.md").write_text(
+            summary_table([{"config": config.name, **summary}], [("config", "config")])
+        )
+    return results, summary
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    """What :func:`evaluate_checkpoint` returns.
+
+    Attributes:
+        config: the experiment config stored in the checkpoint (overrides applied).
+        step: the checkpoint's optimizer step.
+        metrics: the test evaluation's metrics (``test/accuracy``, ``test/loss``,
+            ``test/energy/...``), computed exactly as :func:`run_experiment` computed them.
+        report: the :class:`energy.EnergyReport` of the counted test inputs.
+        samples: test samples counted.
+    """
+
+    config: ExperimentConfig
+    step: int
+    metrics: dict[str, float]
+    report: Any
+    samples: int
+
+
+def config_from_checkpoint(state: dict, path: Path) -> ExperimentConfig:
+    """The experiment config that :func:`run_experiment` stored in a checkpoint."""
+    raw = state.get("extra", {}).get("experiment")
+    if raw is None:
+        raise ConfigError(
+            f"{path} holds no experiment config (checkpoint extra['experiment']); "
+            "only checkpoints written by train_main / run_experiment can be re-counted"
+        )
+    try:
+        return ExperimentConfig.from_dict(raw)  # the validation TOML files go through
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    profile: str,
+    *,
+    device: str | None = None,
+    num_batches: int = 0,
+    overrides: Sequence[str] = (),
+) -> CheckpointEvaluation:
+    """Rebuild a run's data and model from its checkpoint, evaluate it on the test set and
+    count its energy there under ``profile``.
+
+    Args:
+        checkpoint: ``runs/<name>/checkpoint.pt`` (loaded with ``weights_only=True``).
+        profile: an energy profile name (:func:`energy.available_profiles`).
+        device: overrides the run's ``train.device``.
+        num_batches: test batches to count (0: all); accuracy is always on the whole set.
+        overrides: ``section.key=value`` applied to the stored config (e.g. a moved
+            ``data.root`` or another ``train.eval_batch_size``).
+
+    The test batches are those of a single-process run; a run trained under ``torchrun`` drew
+    its rate-code noise per rank, so its logged accuracy may differ slightly on rate-coded data.
+
+    Raises:
+        ValueError: unknown profile (the message lists the known ones).
+        FileNotFoundError: no checkpoint at ``checkpoint``.
+        CheckpointError: the checkpoint is damaged.
+        ConfigError: the checkpoint holds no (or an invalid) experiment config, or a bad
+            override.
+    """
+    check_energy_profile(profile)
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)
+    overrides = [*overrides, *([f"train.device={device}"] if device else [])]
+    config = apply_overrides(config_from_checkpoint(state, checkpoint), overrides)
+    config.data.check_files()
+    resolve_device(config.train.device)
+    data = build_datasets(config.data)
+    train_loader, _, test_loader = build_loaders(config, data)
+    model = build_model_for(config, data)
+    model.load_state_dict(state["model"])
+    energy_callback = EnergyReportCallback(profile, num_batches=num_batches, prefixes=("test",))
+    # The Trainer's evaluation (device, AMP, batches) is the one that logged the run's test
+    # accuracy, so the numbers match; it needs a train loader but never trains here.
+    with Trainer(model, train_loader, config.train, sinks=[], callbacks=[energy_callback]) as t:
+        t.step = int(state["step"])  # for the log line
+        metrics = t.evaluate(test_loader, "test")
+    return CheckpointEvaluation(
+        config, int(state["step"]), metrics, energy_callback.report, energy_callback.samples
+    )
+
+
+def write_profile_report(out: Path, evaluation: CheckpointEvaluation, profile: str) -> None:
+    """``report_<profile>.json``/``.md`` and the report in TensorBoard (tags
+    ``test_energy_<profile>/...`` at the checkpoint's step) in ``out``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"report_{profile}.json").write_text(evaluation.report.to_json())
+    (out / f"report_{profile}.md").write_text(evaluation.report.to_markdown())
+    writer = SummaryWriter(log_dir=str(out))
+    try:
+        write_energy_report(writer, evaluation.report, evaluation.step, f"test_energy_{profile}")
+    finally:
+        writer.close()

@@ -1,0 +1,107 @@
+"""Where metrics go: TensorBoard event files and JSON lines.
+
+A sink has ``log(metrics, step)`` and ``close()``; ``log_text`` and ``log_hparams`` are
+optional. The trainer sends to its sinks on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["JSONLinesSink", "MetricSink", "TensorBoardSink", "as_scalar"]
+
+
+@runtime_checkable
+class MetricSink(Protocol):
+    """Where metrics go. ``log_text`` and ``log_hparams`` are optional."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def as_scalar(name: str, value: Any) -> float:
+    """``value`` (a number or a one-element tensor) as a float; TypeError naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"metric {name!r} must be a scalar, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+class TensorBoardSink:
+    """Scalars, text and hparams into a TensorBoard event file.
+
+    Args:
+        log_dir: the run folder.
+        purge_step: on resume, hide events logged at or after this step by the interrupted run.
+
+    Attributes:
+        writer: the ``SummaryWriter``, for anything richer (histograms, custom layouts).
+    """
+
+    def __init__(self, log_dir: str | Path, *, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, as_scalar(name, value), step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        def plain(v):
+            return v if isinstance(v, (bool, int, float, str)) else str(v)
+
+        experiment, start, end = hparams_summary(
+            {k: plain(v) for k, v in hparams.items()},
+            {k: as_scalar(k, v) for k, v in metrics.items()},
+        )
+        file_writer = self.writer._get_file_writer()
+        for summary in (experiment, start, end):
+            file_writer.add_summary(summary)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class JSONLinesSink:
+    """One JSON object per line (``{"step": 10, "train/loss": 0.3, ...}``), appended, flushed."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self._write({"step": step, **{k: as_scalar(k, v) for k, v in metrics.items()}})
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        self._write({"step": step, "tag": tag, "text": text})
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        self._write(
+            {"hparams": dict(hparams), "metrics": {k: as_scalar(k, v) for k, v in metrics.items()}}
+        )
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,240 @@
+"""The command-line entry points end to end on tiny digits runs: exit codes, run folders,
+--set overrides, damaged checkpoints, energy re-counts."""
+
+import json
+
+import pytest
+
+import energy
+from spiking_moe.cli import energy_report_main, train_main
+from spiking_moe.experiment import evaluate_checkpoint
+from spiking_moe.training import load_checkpoint, previous_checkpoint, save_checkpoint
+
+# Small enough to train in well under a second, large enough to learn above chance (10%).
+TINY_MOE = (
+    '[data]\nname = "digits"\nnum_steps = 4\n'
+    '[model]\nkind = "{kind}"\nhidden_features = 32\nnum_experts = 4\nk = 1\nexpert_hidden = 16\n'
+    'threshold = 0.5\nreadout = "membrane"\n'
+    "[train]\nmax_steps = {steps}\nbatch_size = 64\nlr = 1e-2\nlog_every = 5\nprogress = false\n"
+)
+
+
+def _config(tmp_path, kind="moe", steps=20):
+    path = tmp_path / f"tiny_{kind}.toml"
+    path.write_text(TINY_MOE.format(kind=kind, steps=steps))
+    return path
+
+
+@pytest.mark.slow
+def test_train_refuses_to_overwrite_resumes_and_rejects_bad_configs(tmp_path):
+    config = _config(tmp_path, kind="dense_snn", steps=10)
+    out = tmp_path / "run"
+    assert train_main(["--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
+    assert (out / "checkpoint.pt").exists() and (out / "config.json").exists()
+    assert train_main(["--config", str(config), "--out", str(out)]) == 2
+    argv = ["--config", str(config), "--out", str(out), "--resume"]
+    assert train_main([*argv, "--set", "train.max_steps=15"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 15
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("test/accuracy" in r for r in records)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlr = -1\n")
+    assert train_main(["--config", str(bad), "--out", str(tmp_path / "bad")]) == 2
+
+
+@pytest.mark.slow
+def test_set_overrides_are_validated_applied_and_recorded(tmp_path, caplog):
+    config = _config(tmp_path, steps=3)
+    out = tmp_path / "run"
+    overrides = [
+        "--set",
+        "train.lr=5e-3",
+        "--set",
+        "model.router=spiking",
+        "--set",
+        "data.encoding=latency",
+    ]
+    assert train_main(["--config", str(config), "--out", str(out), *overrides]) == 0
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["train"]["lr"] == 5e-3 and recorded["model"]["router"] == "spiking"
+    assert recorded["data"]["encoding"] == "latency"
+    assert recorded["overrides"] == [
+        "train.lr=5e-3",
+        "model.router=spiking",
+        "data.encoding=latency",
+    ]
+    stored = load_checkpoint(out / "checkpoint.pt")["extra"]["experiment"]
+    assert stored["model"]["router"] == "spiking"
+
+    for bad, message in [
+        ("train.lr=fast", "train.lr must be a number, got 'fast'"),
+        ("train.learning_rate=1", "unknown key(s) ['train.learning_rate']"),
+        ("trian.lr=1", "unknown section 'trian'"),
+        ("model.router=magic", "model.router must be one of ['rate', 'spiking']"),
+        ("train.lr", "--set needs section.key=value"),
+    ]:
+        caplog.clear()
+        argv = ["--config", str(config), "--out", str(tmp_path / "bad"), "--set", bad]
+        assert train_main(argv) == 2, bad
+        assert message in caplog.text, bad
+    assert not (tmp_path / "bad").exists()  # nothing was started
+
+
+@pytest.mark.slow
+def test_resume_on_a_damaged_checkpoint_exits_2_naming_the_previous_one(tmp_path, caplog):
+    config = _config(tmp_path, kind="dense_snn", steps=10)
+    out = tmp_path / "run"
+    argv = ["--config", str(config), "--out", str(out), "--set", "train.checkpoint_every=4"]
+    assert train_main(argv) == 0
+    path = out / "checkpoint.pt"
+    assert load_checkpoint(previous_checkpoint(path))["step"] == 8
+    path.write_bytes(path.read_bytes()[:200])  # a copy cut short
+
+    caplog.clear()
+    resume = [*argv, "--resume", "--set", "train.max_steps=12"]
+    assert train_main(resume) == 2
+    assert f"checkpoint {path} is damaged" in caplog.text
+    assert f"--resume-from {previous_checkpoint(path)}" in caplog.text
+    assert "Traceback" not in caplog.text
+    from_previous = [
+        *argv,
+        "--resume-from",
+        str(previous_checkpoint(path)),
+        "--set",
+        "train.max_steps=12",
+    ]
+    assert train_main(from_previous) == 0
+    assert load_checkpoint(path)["step"] == 12
+
+
+@pytest.mark.slow
+def test_energy_report_recounts_the_trained_model_under_the_asked_profile(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert train_main(["--config", str(_config(tmp_path)), "--out", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged_accuracy = next(r["test/accuracy"] for r in records if "test/accuracy" in r)
+    assert logged_accuracy > 0.2  # it learned: equal accuracies below mean the weights loaded
+    capsys.readouterr()
+
+    checkpoint = str(run / "checkpoint.pt")
+    assert energy_report_main(["--checkpoint", checkpoint, "--profile", "loihi"]) == 0
+    assert "## Energy report: profile `loihi`" in capsys.readouterr().out
+    loihi = energy.EnergyReport.from_json((run / "report_loihi.json").read_text())
+    assert loihi.profile.name == "loihi"
+    assert "profile `loihi`" in (run / "report_loihi.md").read_text()
+    events = EventAccumulator(str(run)).Reload()
+    assert "test_energy_loihi/total_pJ" in events.Tags()["scalars"]
+
+    # Under train_main's profile, the re-count is train_main's own test report, to the bit.
+    other = tmp_path / "reports"
+    argv = ["--checkpoint", checkpoint, "--profile", "cmos45", "--out", str(other)]
+    assert energy_report_main([*argv, "--device", "cpu"]) == 0
+    assert (other / "report_cmos45.json").read_text() == (run / "report.json").read_text()
+    cmos45 = energy.EnergyReport.from_json((other / "report_cmos45.json").read_text())
+    assert (loihi.totals.acs, loihi.totals.spikes) == (cmos45.totals.acs, cmos45.totals.spikes)
+    assert loihi.totals.energy_pj != cmos45.totals.energy_pj
+
+    evaluation = evaluate_checkpoint(checkpoint, "loihi", device="cpu")
+    assert evaluation.metrics["test/accuracy"] == logged_accuracy
+    assert evaluation.step == 20
+
+    # --num-batches 1 counts one evaluation batch (eval_batch_size 256) of the 359 samples;
+    # --set changes the stored config for the re-count (here the evaluation batch).
+    assert evaluate_checkpoint(checkpoint, "loihi", num_batches=1).samples == 256
+    smaller = evaluate_checkpoint(
+        checkpoint, "loihi", num_batches=1, overrides=["train.eval_batch_size=100"]
+    )
+    assert smaller.samples == 100
+
+
+def test_energy_report_exits_2_naming_the_problem(tmp_path, caplog):
+    missing = tmp_path / "nothing" / "checkpoint.pt"
+    assert energy_report_main(["--checkpoint", str(missing), "--profile", "nope"]) == 2
+    assert "unknown energy profile 'nope'" in caplog.text
+    for name in energy.available_profiles():
+        assert repr(name) in caplog.text
+    caplog.clear()
+    assert energy_report_main(["--checkpoint", str(missing), "--profile", "loihi"]) == 2
+    assert str(missing) in caplog.text
+    caplog.clear()
+    foreign = save_checkpoint({"model": {}, "step": 0, "extra": {}}, tmp_path / "foreign.pt")
+    assert energy_report_main(["--checkpoint", str(foreign), "--profile", "loihi"]) == 2
+    assert "holds no experiment config" in caplog.text
+    caplog.clear()
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"\x00" * 64)
+    assert energy_report_main(["--checkpoint", str(damaged), "--profile", "loihi"]) == 2
+    assert f"checkpoint {damaged} is damaged" in caplog.text
+    caplog.clear()
+    assert (
+        energy_report_main(
+            ["--checkpoint", str(foreign), "--profile", "loihi", "--num-batches", "-1"]
+        )
+        == 2
+    )
+    assert "--num-batches must be >= 0" in caplog.text
+
+
+@pytest.mark.slow
+def test_train_main_trains_a_spiking_moe_and_writes_the_energy_report(tmp_path):
+    """The main job end to end: the run folder holds report.json/.md/.png, and TensorBoard
+    holds the energy scalars (with the dense-MoE and ANN ratios) and the report's text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tmp_path / "moe.toml"
+    config.write_text(
+        '[data]\nname = "digits"\nencoding = "latency"\nnum_steps = 4\n'
+        '[model]\nkind = "moe"\nhidden_features = 32\nnum_experts = 4\nk = 1\n'
+        "expert_hidden = 16\nbias_balancing = 0.01\n"
+        "[train]\nmax_steps = 12\nbatch_size = 64\nlr = 5e-3\nlog_every = 4\nprogress = false\n"
+        "spike_rate_penalty = 1.0\nspike_rate_target = 0.1\n"
+        '[energy]\nprofile = "loihi"\n'
+    )
+    out = tmp_path / "run"
+    assert train_main(["--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
+    report = energy.EnergyReport.from_json((out / "report.json").read_text())
+    assert report.profile.name == "loihi"
+    assert len(report.experts) == 4
+    # Every test token is routed to exactly one expert (k = 1, no capacity limit).
+    assert sum(e.tokens for e in report.experts) == report.layers[0].tokens
+    assert report.baseline("dense_snn").ratio > 1  # routing saves synaptic operations
+    assert "Energy report" in (out / "report.md").read_text()
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    events = EventAccumulator(str(out), size_guidance={"tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in (
+        "test/energy/uJ_per_sample",
+        "test/energy/ratio_dense_snn",
+        "test/energy/ratio_ann_fp32",
+        "test_energy/total_pJ",
+        "val/energy/uJ_per_sample",
+        "test/firing_rate/layers.0.neuron",
+    ):
+        assert tag in scalars, tag
+    texts = [t for t in events.Tags()["tensors"] if "test_energy" in t]
+    assert texts, "the Markdown report must be logged as text"
+
+
+@pytest.mark.slow
+def test_seeds_train_one_run_per_seed_and_summarise_mean_and_std(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    argv = ["--config", str(_config(tmp_path, steps=5)), "--out", str(out), "--seeds", "0,1"]
+    assert train_main(argv) == 0
+    summary = json.loads((out / "seeds.json").read_text())
+    runs = summary["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    for seed in (0, 1):
+        recorded = json.loads((out / f"seed{seed}" / "config.json").read_text())
+        assert recorded["train"]["seed"] == seed
+    accuracies = [r["test/accuracy"] for r in runs]
+    mean = sum(accuracies) / 2
+    std = abs(accuracies[0] - accuracies[1]) / 2**0.5  # sample std of two values
+    assert summary["summary"]["accuracy"] == pytest.approx(mean)
+    assert summary["summary"]["accuracy_std"] == pytest.approx(std)
+    assert summary["summary"]["runs"] == 2
+    table = (out / "seeds.md").read_text()
+    assert f"{mean:.2%} ± {std:.2%}" in table and table in capsys.readouterr().out
+    assert train_main([*argv[:-2], "--seeds", "0,x"]) == 2

@@ -1,0 +1,76 @@
+"""Tiny models and data shared by the tests (through the fixtures in conftest.py) and by the
+DDP worker that torchrun starts (which cannot use fixtures)."""
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from spiking_moe import LIF, Activity, SpikingMoEClassifier
+from spiking_moe.config import TrainConfig
+from spiking_moe.data import InMemoryDataset
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    routing: tuple = ()
+    activity: Activity | None = None
+
+
+class TinySNN(nn.Module):
+    """Linear -> LIF -> Linear, mean over time, reporting its LIF's activity; dropout (off by
+    default) makes the torch RNG matter."""
+
+    def __init__(self, features=8, hidden=16, classes=2, aux_weight=0.0, dropout=0.2):
+        super().__init__()
+        self.fc1 = nn.Linear(features, hidden)
+        self.lif = LIF(beta=0.8, threshold=0.5)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, classes)
+        self.aux_weight = aux_weight
+
+    def forward(self, x_TBF):
+        spikes = self.lif(self.fc1(x_TBF))
+        logits = self.fc2(self.drop(spikes)).mean(0)
+        aux = self.aux_weight * self.fc1.weight.pow(2).sum()
+        return Output(logits, aux, (), Activity.of("lif", spikes))
+
+
+def two_class_data(n=72, seed=0, encoding="rate"):
+    """Two classes with different firing-probability prototypes, rate-coded over 6 steps
+    (``encoding="current"``: the same values as a constant current, no encoding noise)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    prototypes = torch.tensor([[0.9] * 4 + [0.1] * 4, [0.1] * 4 + [0.9] * 4])
+    x = (prototypes[y] + 0.1 * torch.randn(n, 8, generator=g)).clamp(0, 1)
+    return InMemoryDataset(x, y, encoding=encoding, num_steps=6, num_classes=2)
+
+
+def tiny_moe(seed=0, **overrides):
+    """A one-layer spiking MoE classifier for 8 features and 2 classes: 4 experts, top-1."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        hidden_features=16,
+        num_experts=4,
+        k=1,
+        expert_hidden=8,
+        bias_update_rate=0.0,
+        threshold=0.5,
+    )
+    kwargs.update(overrides)
+    return SpikingMoEClassifier(8, 2, **kwargs)
+
+
+def train_config(**overrides):
+    base = dict(
+        max_steps=14,
+        batch_size=16,
+        lr=2e-2,
+        warmup_steps=2,
+        log_every=1,
+        device="cpu",
+        progress=False,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
