@@ -19,9 +19,8 @@ rows by their gates and scatter-adds (``index_add``) them back to ``[T, N, O]``.
 applied in combine, so expert inputs stay binary spikes. Work scales with ``K``, not ``E``.
 
 :func:`dense_masked` is the dense baseline: every expert on every token, weighted by the same
-gates scattered into ``[N, E]`` (zero for unchosen experts). It is the same dispatch, expert
-pass and combine with every token assigned to every expert, so the two paths differ only in
-what they route. Same values, ``E / K`` times the work; it exists only for comparison.
+gates scattered into ``[N, E]`` (zero for unchosen experts). Same values, ``E / K`` times the
+work; it exists only for comparison.
 
 Activity: :func:`run_experts_with_activity` also returns the spikes of the experts' neuron
 populations (:class:`~spiking_moe.activity.Activity`, named ``experts.<e>.<name>``) for
@@ -64,7 +63,7 @@ __all__ = [
     "ExpertsOutput",
     "combine",
     "dense_masked",
-    "dense_routing",
+    "dense_masked_with_activity",
     "dispatch",
     "grouped_supported",
     "run_experts",
@@ -253,22 +252,6 @@ def combine(y_TRO: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return out.index_add(1, plan.token_index, weighted)
 
 
-def dense_routing(
-    expert_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The routing of the dense baseline: every token to every expert, with the gates of the
-    chosen experts and 0 elsewhere.
-
-    Returns:
-        ``(expert_ids [N, E], gates [N, E])``: ids ``0..E-1`` for every token, and the gates
-        scattered into ``[N, E]`` (dropped assignments must already have gate 0).
-    """
-    N = expert_ids_NK.shape[0]
-    gates_NE = gates_NK.new_zeros(N, num_experts).scatter_add(1, expert_ids_NK, gates_NK)
-    ids_NE = torch.arange(num_experts, device=expert_ids_NK.device).expand(N, num_experts)
-    return ids_NE, gates_NE
-
-
 def dense_masked(
     experts: Sequence[nn.Module],
     x_TND: torch.Tensor,
@@ -287,13 +270,36 @@ def dense_masked(
     Returns:
         ``[T, N, O]``, equal to ``combine(run_experts(...))`` up to float summation order.
     """
+    return dense_masked_with_activity(experts, x_TND, expert_ids_NK, gates_NK, num_experts).current
+
+
+def dense_masked_with_activity(
+    experts: Sequence[nn.Module],
+    x_TND: torch.Tensor,
+    expert_ids_NK: torch.Tensor,
+    gates_NK: torch.Tensor,
+    num_experts: int,
+) -> ExpertsOutput:
+    """:func:`dense_masked`, also returning the experts' activity (every expert on all ``N``
+    tokens), named like :func:`run_experts_with_activity` names it."""
     _check_routing(x_TND, expert_ids_NK, gates_NK, num_experts, None)
     if len(experts) != num_experts:
         raise ValueError(f"routing is for {num_experts} experts, got {len(experts)} experts")
-    grouped_TRD, plan = dispatch(
-        x_TND, *dense_routing(expert_ids_NK, gates_NK, num_experts), num_experts
+    mask_NE = gates_NK.new_zeros(gates_NK.shape[0], num_experts).scatter_add(
+        1, expert_ids_NK, gates_NK
     )
-    return combine(run_experts(experts, grouped_TRD, plan), plan)
+    out, activity = None, []
+    # Each expert on the input as it is (no gather): the baseline is not made slower than the
+    # plain "run everything, mask the result" it stands for.
+    for e, expert in enumerate(experts):
+        if getattr(expert, "activity_names", None) is None:
+            y = expert(x_TND)
+        else:
+            y, expert_activity = expert.run(x_TND)
+            activity.append(expert_activity.prefixed(f"experts.{e}"))
+        y = y * mask_NE[:, e].to(y.dtype).view(1, -1, 1)
+        out = y if out is None else out + y
+    return ExpertsOutput(out, Activity.concat(activity))
 
 
 def grouped_supported(experts: Sequence[nn.Module], dtype: torch.dtype = torch.float32) -> bool:

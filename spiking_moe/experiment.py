@@ -271,11 +271,18 @@ def summarize(results: Sequence[ExperimentResult]) -> dict[str, Any]:
 
 
 def _cell(summary: dict[str, Any], name: str, fmt: str) -> str:
+    """``mean ± std``; a ``g`` format shows the std to 2 significant digits and the mean to
+    the same decimal place (0.1514 ± 0.00034 -> 0.15142 ± 0.00034)."""
     if name not in summary or not math.isfinite(summary[name]):
         return ""
+    mean = summary[name]
     if summary["runs"] < 2:
-        return fmt.format(summary[name])
-    return f"{fmt.format(summary[name])} ± {fmt.format(summary[f'{name}_std'])}"
+        return fmt.format(mean)
+    std = summary[f"{name}_std"]
+    if fmt.endswith("g}") and std > 0:
+        decimals = max(0, 1 - math.floor(math.log10(std)))
+        return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
 #: Columns of :func:`summary_table`: (summary name, header, format).

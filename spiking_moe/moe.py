@@ -33,7 +33,7 @@ from .activity import Activity
 from .dispatch import (
     ExpertsOutput,
     combine,
-    dense_routing,
+    dense_masked_with_activity,
     dispatch,
     grouped_supported,
     run_experts_with_activity,
@@ -179,13 +179,18 @@ class SpikingMoE(nn.Module):
         rows_TXD = x_TND if window is None else _to_windows(x_TND, window)
         ids_XK = routing.expert_ids.reshape(-1, K)
         gates_XK = routing.gates.reshape(-1, K)
-        kept_XK = routing.kept.reshape(-1, K)
-        if self.dense:  # the baseline: the same pass with every token sent to every expert
-            ids_XK, gates_XK = dense_routing(ids_XK, gates_XK, self.num_experts)
-            kept_XK = None
-        grouped_TRD, plan = dispatch(rows_TXD, ids_XK, gates_XK, self.num_experts, kept_NK=kept_XK)
-        experts = self._run_experts(grouped_TRD, plan)
-        current = combine(experts.current, plan)
+        if self.dense:
+            experts = dense_masked_with_activity(
+                self.experts, rows_TXD, ids_XK, gates_XK, self.num_experts
+            )
+            current = experts.current
+        else:
+            kept_XK = routing.kept.reshape(-1, K)
+            grouped_TRD, plan = dispatch(
+                rows_TXD, ids_XK, gates_XK, self.num_experts, kept_NK=kept_XK
+            )
+            experts = self._run_experts(grouped_TRD, plan)
+            current = combine(experts.current, plan)
         if window is not None:
             current = _from_windows(current, T, N)
         spikes = self.neuron(current)

@@ -143,7 +143,10 @@ def test_overrides_are_toml_values_validated_like_the_file():
     assert config.train == base.train
     assert apply_overrides(base, []) == base
     for bad, pattern in [
-        ("train.epochs=2.5", r"train\.epochs must be an integer.*\(with --set train\.epochs=2\.5\)"),
+        (
+            "train.epochs=2.5",
+            r"train\.epochs must be an integer.*\(with --set train\.epochs=2\.5\)",
+        ),
         ("train.nope=1", r"unknown key\(s\) \['train\.nope'\]"),
         ("nope.lr=1", r"unknown section 'nope'; valid: \['data', 'model', 'train', 'energy'\]"),
         ("lr=1", r"top-level key must be 'name' or section\.key"),

@@ -321,8 +321,11 @@ class EnergyReportCallback(Callback):
     """Energy of every evaluation whose prefix is in ``prefixes``, counted batch by batch.
 
     Each evaluated batch is counted (and its dense twin, :func:`count_energy`) and the
-    counts are summed: they are exact integers and additive over batches, so the report of
-    a whole set equals that of one pass over it, and only the running sums are kept. Under
+    counts are summed (:func:`energy.merge_counts`): they are exact integers and additive
+    over batches, so the report of a whole set equals that of one pass over it, and only the
+    running sums are kept. (The binary-input check is per call: a layer whose input happens
+    to be exactly 0/1 in one batch but not another is charged ACs for that batch only; and a
+    capacity limit, which depends on the batch size, routes a batch as that batch.) Under
     DDP every rank counts its shard and the sums are gathered. After the pass the report goes
     to TensorBoard (scalars, histograms, Markdown table, custom layout, tag
     ``{prefix}_energy/...``) and energy per sample and the ratios are returned as metrics, so
