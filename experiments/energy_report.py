@@ -3,9 +3,10 @@
 ``python experiments/energy_report.py --checkpoint runs/default/checkpoint.pt --profile loihi``
 
 Options: ``--out DIR`` (default: the checkpoint's folder), ``--device cpu|cuda|cuda:N``,
-``--num-batches N`` (test batches to count; default all). Prints the Markdown report and writes
+``--num-batches N`` (test batches to count; default all), ``--set section.key=value`` (changes
+the stored config, e.g. a moved ``data.root``). Prints the Markdown report and writes
 ``report_<profile>.json``/``.md`` and TensorBoard tags ``test_energy_<profile>/...`` into the
-folder. The steps are in :func:`spiking_moe.cli.energy_report_main`.
+folder. The steps are :func:`spiking_moe.experiment.evaluate_checkpoint`.
 """
 
 import sys

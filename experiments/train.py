@@ -1,9 +1,11 @@
 """Train one experiment: ``python experiments/train.py --config experiments/configs/default.toml``.
 
 Options: ``--out runs/<name>`` (run folder), ``--resume`` (continue from its checkpoint),
-``--device cpu|cuda|cuda:N``. Under ``torchrun --nproc_per_node=N`` it trains with DDP.
-The steps (config -> data -> model -> train -> test) are in :func:`spiking_moe.cli.train_main`,
-which the ``spiking-moe-train`` command runs too.
+``--resume-from FILE`` (e.g. ``checkpoint.prev.pt``), ``--seeds 0,1,2`` (one run per seed and a
+mean ± std summary), ``--set section.key=value`` (repeatable), ``--device cpu|cuda|cuda:N``.
+Under ``torchrun --nproc_per_node=N`` it trains with DDP. The command is
+:func:`spiking_moe.cli.train_main` (``spiking-moe-train`` runs it too); its steps (config ->
+data -> model -> train -> test) are :func:`spiking_moe.experiment.run_experiment`.
 """
 
 import sys
