@@ -167,11 +167,16 @@ class DataConfig(_Section):
     """``[data]``: which dataset and how it is presented over time.
 
     ``encoding = "default"`` takes the dataset's first encoding (digits "rate", mnist1d
-    "sequence", shd/nmnist "events"); ``num_steps = 0`` and ``max_time_s = 0`` take the
-    dataset's default. What is allowed per dataset comes from its
+    "sequence", shd/nmnist "events", text "tokens"); ``num_steps = 0`` and ``max_time_s = 0``
+    take the dataset's default. What is allowed per dataset comes from its
     :class:`~spiking_moe.data.DatasetSpec` (:data:`spiking_moe.data.DATASETS`). ``root`` is the folder with the local
     files of shd (``shd_train.h5``, ``shd_test.h5``) or nmnist (``Train/``, ``Test/``).
     ``test_fraction`` applies to digits only (the others ship a test set).
+
+    Text only (``name = "text"``, see :func:`spiking_moe.data.load_text_corpus`):
+    ``text_paths`` lists text files or folders (read recursively; empty: the Python standard
+    library's source), ``context`` is the window length S in bytes, ``eval_windows`` caps the
+    windows of val and test (evenly spaced; 0 = all).
     """
 
     section: ClassVar[str] = "data"
@@ -185,6 +190,10 @@ class DataConfig(_Section):
     max_time_s: float = _field(0.0, ge=0.0)
     mnist1d_num_samples: int = _field(5000, ge=100)
     mnist1d_seed: int = 42
+    # A tuple, not a list: the config is frozen and hashable; TOML arrays are accepted.
+    text_paths: tuple[str, ...] = ()
+    context: int = _field(64, ge=1)
+    eval_windows: int = _field(512, ge=0)
 
     def _check(self) -> None:
         spec = DATASETS[self.name]
@@ -208,15 +217,23 @@ class DataConfig(_Section):
                 "data.val_fraction + data.test_fraction must be < 1, got "
                 f"{self.val_fraction} + {self.test_fraction}"
             )
+        for i, path in enumerate(self.text_paths):
+            if not path.strip():
+                raise ConfigError(f"data.text_paths[{i}] must name a file or folder, got {path!r}")
 
     def check_files(self) -> None:
-        """Raise :class:`ConfigError` naming ``data.root`` if the dataset's files are missing."""
-        missing = [p for p in DATASETS[self.name].expected_files(self.root) if not p.exists()]
+        """Raise :class:`ConfigError` naming the field (``data.root``, ``data.text_paths[i]``)
+        and the path if the dataset's files are missing."""
+        spec = DATASETS[self.name]
+        missing = [p for p in spec.expected_files(self.root) if not p.exists()]
         if missing:
             raise ConfigError(
                 f"data.root: dataset {self.name!r} needs "
                 f"{', '.join(str(p) for p in missing)}, which do not exist"
             )
+        absent = spec.missing_paths(self)
+        if absent:
+            raise ConfigError(", ".join(f"{where}: {p} does not exist" for where, p in absent))
 
 
 @dataclass(frozen=True)
@@ -230,6 +247,13 @@ class ModelConfig(_Section):
     ``load_balancing_weight`` (Switch loss), ``z_loss_weight`` (router z-loss),
     ``bias_balancing`` (update rate of the auxiliary-loss-free bias, 0 = off),
     ``capacity_factor`` (tokens per expert = factor * N * k / E; unset = no capacity limit).
+
+    With ``data.name = "text"`` the same kinds build language models
+    (:mod:`spiking_moe.transformer`): ``hidden_features`` is ``d_model``, ``num_moe_layers``
+    the number of transformer blocks, ``num_heads`` their attention heads (dividing
+    ``d_model``), and each FFN has ``num_experts`` routed experts plus ``shared_experts``
+    shared ones of width ``shared_hidden`` (0: ``expert_hidden``). The dense twin's FFN is
+    ``k * expert_hidden + shared_experts * shared_hidden`` wide (the same active parameters).
     """
 
     section: ClassVar[str] = "model"
@@ -253,6 +277,9 @@ class ModelConfig(_Section):
     z_loss_weight: float = _field(0.001, ge=0.0)
     bias_balancing: float = _field(0.0, ge=0.0)
     capacity_factor: float | None = _field(None, gt=0.0)
+    num_heads: int = _field(4, ge=1)
+    shared_experts: int = _field(0, ge=0)
+    shared_hidden: int = _field(0, ge=0)
 
     def _check(self) -> None:
         if self.k > self.num_experts:

@@ -81,7 +81,7 @@ def test_values_are_read_and_defaults_filled(tmp_path):
         ('[model]\nsurrogate = "relu"\n', r"model\.surrogate must be one of \[.*'fast_sigmoid'"),
         (
             '[data]\nname = "cifar"\n',
-            r"data\.name must be one of \['digits', 'mnist1d', 'shd', 'nmnist'\]",
+            r"data\.name must be one of \['digits', 'mnist1d', 'shd', 'nmnist', 'text'\]",
         ),
         (
             '[data]\nencoding = "sequence"\n',

@@ -99,7 +99,7 @@ def test_every_dataset_is_described_once_and_both_readers_use_the_spec(monkeypat
     from spiking_moe.config import ConfigError
     from spiking_moe.data import DATASETS, DatasetSpec, expected_files
 
-    assert set(DATASETS) == {"digits", "mnist1d", "shd", "nmnist"}
+    assert set(DATASETS) == {"digits", "mnist1d", "shd", "nmnist", "text"}
     for name, spec in DATASETS.items():
         assert isinstance(spec, DatasetSpec) and spec.name == name and spec.encodings
         assert expected_files(name, tmp_path) == [tmp_path / f for f in spec.files]
