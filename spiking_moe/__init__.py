@@ -4,6 +4,7 @@ import logging
 
 from . import config, data, encoding, functional, training
 from .activity import Activity
+from .attention import AttentionOutput, MatMul, SoftmaxAttention, SpikingSelfAttention
 from .config import ExperimentConfig, load_config
 from .dispatch import (
     DispatchPlan,
@@ -27,6 +28,14 @@ from .moe import MoEOutput, SpikingMoE, set_dense, update_router_biases
 from .neurons import LIF
 from .router import RateRouter, RoutingInfo, SpikingRouter, route
 from .training import Trainer
+from .transformer import (
+    ANNTransformerLM,
+    BlockOutput,
+    DenseSNNLM,
+    LMOutput,
+    SpikingMoELM,
+    SpikingTransformerBlock,
+)
 
 __version__ = "0.1.0"
 
@@ -66,6 +75,17 @@ __all__ = [
     "run_experts_with_activity",
     "set_dense",
     "update_router_biases",
+    # spiking transformers and language models (issue 11)
+    "ANNTransformerLM",
+    "AttentionOutput",
+    "BlockOutput",
+    "DenseSNNLM",
+    "LMOutput",
+    "MatMul",
+    "SoftmaxAttention",
+    "SpikingMoELM",
+    "SpikingSelfAttention",
+    "SpikingTransformerBlock",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

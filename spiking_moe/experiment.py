@@ -90,6 +90,7 @@ def build_model_for(config: ExperimentConfig, data: DataSplits) -> torch.nn.Modu
         in_features=data.num_features,
         num_classes=data.num_classes,
         num_steps=data.num_steps,
+        context=getattr(data, "context", 0),
     )
 
 

@@ -14,6 +14,18 @@ For input spikes :math:`x \in \{0,1\}^{T \times N \times D}` the layer computes
 with the router's choices :math:`(i_{nj}, g_{nj})` and experts :math:`f_e` that return
 synaptic current (:mod:`spiking_moe.dispatch`). The output is binary spikes ``[T, ..., O]``.
 
+**Shared experts** (DeepSeekMoE, Dai et al. 2024): ``shared_experts`` :math:`g_1..g_M` run on
+every token, ungated, beside the routed top-k: :math:`I = \sum_j g_{nj} f_{i_{nj}}(x) +
+\sum_m g_m(x)`. **Shortcut current**: ``forward(x, residual=r)`` adds ``r`` to the current
+before the output LIF (a membrane shortcut: the residual enters the neuron's membrane, so the
+output stays spikes).
+
+**Sequences** (``[T, B, S, D]``): tokens are the ``N = B S`` positions, flattened
+``n = b S + s``. With a capacity limit the drop policy is *first come, first served in
+position order* instead of largest gate first: assignments are kept in order of position
+(then batch row), so a token at position ``s`` only competes with positions ``<= s`` and a
+later position can never evict an earlier one's expert (routing stays causal).
+
 With a windowed router (``window = L``) each (window, token) pair is a separate row for the
 experts, routed by that window's ids: the experts run on ``L``-step slices with fresh state
 (a token may change experts between windows, so expert state cannot carry over), while the
@@ -57,8 +69,9 @@ class MoEOutput(NamedTuple):
         aux_loss: scalar balancing loss to add to the task loss (``routing.aux_loss``).
         activity: spikes of the layer's neuron populations
             (:class:`~spiking_moe.activity.Activity`): ``router.*`` (a spiking router),
-            ``experts.<e>.*`` (every expert, idle ones with zero updates) and ``neuron`` (the
-            output LIF), named like the submodules.
+            ``experts.<e>.*`` (every expert, idle ones with zero updates),
+            ``shared_experts.<m>.*`` and ``neuron`` (the output LIF), named like the
+            submodules.
     """
 
     spikes: torch.Tensor
@@ -89,6 +102,8 @@ class SpikingMoE(nn.Module):
             ``num_experts``, ``k``, ``window`` that maps ``[T, N, D]`` to ``RoutingInfo``).
         experts: ``E`` modules mapping ``[T, n, D]`` spikes to ``[T, n, O]`` current, e.g.
             :class:`~spiking_moe.experts.SpikingExpert`; stored as ``nn.ModuleList``.
+        shared_experts: modules of the same kind computed on every token, ungated, their
+            current added to the routed experts' (DeepSeekMoE); empty by default.
         neuron: output neuron on the combined current; None makes a default
             :class:`~spiking_moe.neurons.LIF`. (The ANN baseline passes ``nn.ReLU()``.)
         dense: run every expert on every token, masked by the same gates (the dense-MoE
@@ -128,6 +143,7 @@ class SpikingMoE(nn.Module):
         *,
         router: nn.Module,
         experts: Sequence[nn.Module],
+        shared_experts: Sequence[nn.Module] = (),
         neuron: nn.Module | None = None,
         dense: bool = False,
         check_spikes: bool = True,
@@ -151,11 +167,23 @@ class SpikingMoE(nn.Module):
                 raise ValueError(
                     f"expert {e} has in_features={expert_in}, router has {router.in_features}"
                 )
-        outs = {getattr(expert, "out_features", None) for expert in experts} - {None}
+        shared_experts = list(shared_experts)
+        if not all(isinstance(e, nn.Module) for e in shared_experts):
+            raise TypeError("shared_experts must be a sequence of nn.Module")
+        for m, expert in enumerate(shared_experts):
+            expert_in = getattr(expert, "in_features", router.in_features)
+            if expert_in != router.in_features:
+                raise ValueError(
+                    f"shared expert {m} has in_features={expert_in}, router has {router.in_features}"
+                )
+        outs = {
+            getattr(expert, "out_features", None) for expert in experts + shared_experts
+        } - {None}
         if len(outs) > 1:
             raise ValueError(f"experts disagree on out_features: {sorted(outs)}")
         self.router = router
         self.experts = nn.ModuleList(experts)
+        self.shared_experts = nn.ModuleList(shared_experts)
         self.neuron = LIF() if neuron is None else neuron
         self.dense = bool(dense)
         self.check_spikes = bool(check_spikes)
@@ -170,9 +198,19 @@ class SpikingMoE(nn.Module):
     def extra_repr(self) -> str:
         return f"dense={self.dense}, check_spikes={self.check_spikes}"
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> MoEOutput:
+        """Route, compute, combine and fire.
+
+        Args:
+            x: spikes ``[T, B, D]`` or ``[T, B, S, D]``.
+            residual: optional shortcut current of the output's shape, added to the combined
+                current before the output neuron (module docstring).
+        """
         x_TND, lead = self._flatten(x)
-        routing = self.router(x_TND)
+        if len(lead) == 3:  # a sequence: capacity must be served in position order
+            routing = self.router(x_TND, priority_N=_position_major(*lead[1:], x.device))
+        else:
+            routing = self.router(x_TND)
         T, N, _ = x_TND.shape
         window = routing.window
         K = routing.k
@@ -193,8 +231,19 @@ class SpikingMoE(nn.Module):
             current = combine(experts.current, plan)
         if window is not None:
             current = _from_windows(current, T, N)
-        spikes = self.neuron(current)
         activity = [routing.activity.prefixed("router"), experts.activity]
+        for m, expert in enumerate(self.shared_experts):
+            shared = expert.run(x_TND)
+            current = current + shared.current
+            activity.append(shared.activity.prefixed(f"shared_experts.{m}"))
+        if residual is not None:
+            if residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != current.shape[-1]:
+                raise ValueError(
+                    f"residual must have shape {(*x.shape[:-1], current.shape[-1])}, "
+                    f"got {tuple(residual.shape)}"
+                )
+            current = current + residual.reshape(current.shape)
+        spikes = self.neuron(current)
         if isinstance(self.neuron, LIF):
             activity.append(Activity.of("neuron", spikes))
         return MoEOutput(
@@ -232,6 +281,11 @@ class SpikingMoE(nn.Module):
         if self.check_spikes:
             check_binary(x, "SpikingMoE input")
         return x.reshape(x.shape[0], -1, D), tuple(x.shape[:-1])
+
+
+def _position_major(B: int, S: int, device) -> torch.Tensor:
+    """``[B S]`` capacity priority of token ``n = b S + s``: ``s B + b`` (position first)."""
+    return (torch.arange(S, device=device) * B + torch.arange(B, device=device).unsqueeze(1)).reshape(-1)
 
 
 def _to_windows(x_TND: torch.Tensor, window: int) -> torch.Tensor:

@@ -38,7 +38,10 @@ every micro-batch since the last call (so it works with gradient accumulation).
 **Capacity.** With ``capacity_factor = c`` each expert takes at most
 :math:`C = \lceil c N K / E \rceil` assignments per window. Drop policy: among the assignments
 to one expert, those with the largest gate are kept, ties broken by token order (earlier
-first). A dropped assignment has gate 0, is not computed by its expert, and contributes
+first). With a ``priority`` (``[N]``, lower first; :class:`~spiking_moe.moe.SpikingMoE`
+passes position-major order for sequences) the policy is instead *first come, first served*:
+assignments are kept in that order, gates ignored, which makes capacity causal for sequence
+models. A dropped assignment has gate 0, is not computed by its expert, and contributes
 nothing; a token whose every assignment is dropped receives zero current from the layer.
 Gates are not renormalised after drops.
 
@@ -175,6 +178,7 @@ def route(
     balance_weight: float = 0.0,
     z_loss_weight: float = 0.0,
     window: int | None = None,
+    priority_N: torch.Tensor | None = None,
 ) -> RoutingInfo:
     """Top-k selection, gates, capacity and losses from router logits (pure function).
 
@@ -189,6 +193,8 @@ def route(
         renormalize: renormalise the gates over the chosen ``k``.
         balance_weight, z_loss_weight: weights of the two losses in ``aux_loss``.
         window: window length, recorded in the result (None: not windowed, ``W = 1``).
+        priority_N: ``[N]`` capacity priority of each token (lower is served first); None
+            keeps the largest gates (module docstring).
 
     Returns:
         :class:`RoutingInfo`.
@@ -218,7 +224,13 @@ def route(
         tokens_E = selected_E
     else:
         capacity = math.ceil(capacity_factor * N * k / E)
-        kept_XNK = _capacity_mask(ids_XNK, gates_XNK.detach(), E, capacity)
+        if priority_N is None:
+            key_XNK = -gates_XNK.detach()
+        else:
+            if priority_N.shape != (N,):
+                raise ValueError(f"priority_N must have shape [{N}], got {tuple(priority_N.shape)}")
+            key_XNK = priority_N.view(1, N, 1).expand(W, N, k)
+        kept_XNK = _capacity_mask(ids_XNK, key_XNK, E, capacity)
         gates_XNK = gates_XNK * kept_XNK.to(gates_XNK.dtype)
         tokens_E = torch.zeros_like(selected_E).scatter_add_(
             0, ids_XNK.reshape(-1), kept_XNK.reshape(-1).long()
@@ -245,15 +257,16 @@ def route(
     )
 
 
-def _capacity_mask(ids_XNK, gates_XNK, num_experts, capacity) -> torch.Tensor:
-    """``[W, N, K]`` bool: keep the ``capacity`` largest-gate assignments per (window, expert)."""
+def _capacity_mask(ids_XNK, key_XNK, num_experts, capacity) -> torch.Tensor:
+    """``[W, N, K]`` bool: keep the ``capacity`` assignments of smallest key per (window,
+    expert) (key = -gate: largest gates; key = priority: first come, first served)."""
     W, N, K = ids_XNK.shape
     group_A = (
         ids_XNK + num_experts * torch.arange(W, device=ids_XNK.device).view(W, 1, 1)
     ).reshape(-1)
-    # Two stable sorts give the order (group, gate descending, flat index ascending) with
-    # no host sync; the flat index is token-major, so equal gates favour earlier tokens.
-    by_gate = torch.argsort(-gates_XNK.reshape(-1), stable=True)
+    # Two stable sorts give the order (group, key ascending, flat index ascending) with
+    # no host sync; the flat index is token-major, so equal keys favour earlier tokens.
+    by_gate = torch.argsort(key_XNK.reshape(-1), stable=True)
     order = by_gate[torch.argsort(group_A[by_gate], stable=True)]
     counts = torch.bincount(group_A, minlength=W * num_experts)
     starts = torch.cumsum(counts, 0) - counts
@@ -325,12 +338,15 @@ class _Router(nn.Module):
         activity of the router's neurons."""
         raise NotImplementedError
 
-    def forward(self, x_TND: torch.Tensor) -> RoutingInfo:
+    def forward(
+        self, x_TND: torch.Tensor, *, priority_N: torch.Tensor | None = None
+    ) -> RoutingInfo:
         """Route tokens.
 
         Args:
             x_TND: ``[T, N, D]`` input spikes (rates of any non-negative input work too; the
                 MoE layer checks that its input is binary).
+            priority_N: capacity priority per token (see :func:`route`).
 
         Returns:
             :class:`RoutingInfo` (per-token fields ``[W, N, ...]``; ``W = 1`` unwindowed).
@@ -362,6 +378,7 @@ class _Router(nn.Module):
             balance_weight=self.balance_weight,
             z_loss_weight=self.z_loss_weight,
             window=self.window,
+            priority_N=priority_N,
         )
         return dataclasses.replace(routing, activity=activity)
 

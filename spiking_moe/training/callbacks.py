@@ -268,11 +268,16 @@ def count_energy(
     and switched back, so no copy of the model is made. Both run in the model's current mode
     without gradients; call ``model.eval()`` first for noise-free routing.
 
+    A model whose input is not time-major (a language model's token ids ``[B, S]``) says how
+    many steps it runs per token in a ``num_steps`` attribute; otherwise ``T`` is dim 0 of
+    ``x_TBF``.
+
     Returns:
         ``(counts, dense_counts)``; ``dense_counts`` is None for a model without MoE layers.
     """
+    time_steps = getattr(model, "num_steps", None)
     with torch.no_grad():
-        counts = energy.count_operations(model, x_TBF)
+        counts = energy.count_operations(model, x_TBF, time_steps=time_steps)
         layers = [m for m in model.modules() if isinstance(m, SpikingMoE)]
         if not layers:
             return counts, None
@@ -280,7 +285,7 @@ def count_energy(
         try:
             for layer in layers:
                 layer.dense = True
-            dense = energy.count_operations(model, x_TBF)
+            dense = energy.count_operations(model, x_TBF, time_steps=time_steps)
         finally:
             for layer, mode in zip(layers, modes, strict=True):
                 layer.dense = mode
@@ -303,10 +308,11 @@ def measure_energy(model: nn.Module, x_TBF: torch.Tensor, profile: str = "cmos45
     return energy.build_report(counts, profile, dense_counts=dense)
 
 
-def energy_metrics(report, samples: int, prefix: str) -> dict[str, float]:
-    """Scalars of an energy report: energy per sample (uJ) and the baseline ratios (firing
-    rates come from :class:`FiringRateMonitor` and the report's own TensorBoard scalars)."""
-    metrics = {f"{prefix}/energy/uJ_per_sample": report.totals.energy_pj / samples / 1e6}
+def energy_metrics(report, samples: int, prefix: str, unit: str = "sample") -> dict[str, float]:
+    """Scalars of an energy report: energy per ``unit`` (uJ; ``samples`` of them, "sample" or,
+    for a sequence model, "token") and the baseline ratios (firing rates come from
+    :class:`FiringRateMonitor` and the report's own TensorBoard scalars)."""
+    metrics = {f"{prefix}/energy/uJ_per_{unit}": report.totals.energy_pj / samples / 1e6}
     for baseline in report.baselines:
         metrics[f"{prefix}/energy/ratio_{baseline.name}"] = baseline.ratio
     return metrics
@@ -338,7 +344,9 @@ class EnergyReportCallback(Callback):
 
     Attributes:
         report: the last evaluation's :class:`energy.EnergyReport` (None before the first).
-        samples: the number of samples that report counted.
+        samples: the number of predictions that report counted: samples, or, for a sequence
+            model (targets ``[B, S]``), tokens.
+        unit: "sample" or "token", what ``samples`` counts (energy is logged per unit).
     """
 
     def __init__(self, profile: str = "cmos45", num_batches: int = 0, prefixes=("val", "test")):
@@ -350,6 +358,7 @@ class EnergyReportCallback(Callback):
         self.prefixes = tuple(prefixes)
         self.report = None
         self.samples = 0
+        self.unit = "sample"
         self._counts = self._dense = None
         self._counted = self._batches = 0
 
@@ -362,11 +371,12 @@ class EnergyReportCallback(Callback):
             return
         if self.num_batches and self._batches >= self.num_batches:
             return
-        x_TBF = batch[0]
+        x_TBF, y = batch
         counts, dense = count_energy(trainer.model, x_TBF)
         self._counts = _merge([self._counts, counts])
         self._dense = _merge([self._dense, dense])
-        self._counted += x_TBF.shape[1]
+        self._counted += y.numel()
+        self.unit = "token" if y.dim() > 1 else "sample"
         self._batches += 1
 
     def on_eval_end(self, trainer, prefix):
@@ -383,4 +393,4 @@ class EnergyReportCallback(Callback):
         writer = trainer.tensorboard_writer
         if writer is not None:
             write_energy_report(writer, self.report, trainer.step, prefix=f"{prefix}_energy")
-        return energy_metrics(self.report, self.samples, prefix)
+        return energy_metrics(self.report, self.samples, prefix, self.unit)

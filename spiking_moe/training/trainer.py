@@ -4,7 +4,10 @@ Objective per micro-batch (``x`` ``[T, B, F]``, labels ``y`` ``[B]``)::
 
     loss = loss_fn(logits_BC, y_B) + aux_loss + spike_rate_penalty * activity_penalty
 
-where the model returns logits ``[B, C]`` either directly or as the ``.logits`` field of an
+where the model returns logits ``[B, C]`` (a sequence model: ``[B, S, C]`` with targets
+``[B, S]``, every position one prediction: the loss is the mean over positions, accuracy
+counts positions, and evaluation also logs ``<prefix>/bpb``, the cross-entropy in bits per
+position, ``loss / ln 2``: bits per byte for the byte-level text data) either directly or as the ``.logits`` field of an
 output object whose optional ``.aux_loss`` (a scalar tensor: balancing and z-losses, already
 weighted) is added (the ``ClassifierOutput`` contract of :mod:`spiking_moe.models`). With
 ``train.spike_rate_penalty > 0`` the model must also report its ``.activity``
@@ -498,10 +501,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             output = self._train_forward(x)
             logits, aux = unpack_output(output)
-            if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
-                raise ValueError(
-                    f"model logits must be [B, C] with B = {y.shape[0]}, got {tuple(logits.shape)}"
-                )
+            logits, y = _predictions(logits, y)
             ce = self.loss_fn(logits.float(), y)
             aux = torch.zeros((), device=self.device) if aux is None else aux.float()
             if cfg.spike_rate_penalty > 0:
@@ -696,12 +696,12 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 output = self._eval_forward(x)
             logits, _ = unpack_output(output)
-            logits = logits.float()
+            logits, y_flat = _predictions(logits.float(), y)
             totals += torch.stack(
                 [
-                    self.loss_fn(logits, y).double() * y.shape[0],
-                    (logits.argmax(-1) == y).sum().double(),
-                    torch.full((), float(y.shape[0]), device=self.device, dtype=torch.float64),
+                    self.loss_fn(logits, y_flat).double() * y_flat.shape[0],
+                    (logits.argmax(-1) == y_flat).sum().double(),
+                    torch.full((), float(y_flat.shape[0]), device=self.device, dtype=torch.float64),
                 ]
             )
             for callback in self.callbacks:
@@ -710,6 +710,8 @@ class Trainer:
         if count == 0:
             raise ValueError(f"evaluation loader for {prefix!r} yielded no samples")
         metrics = {f"{prefix}/loss": loss_sum / count, f"{prefix}/accuracy": correct / count}
+        if y.dim() > 1:  # one prediction per position: the loss in bits per position too
+            metrics[f"{prefix}/bpb"] = loss_sum / count / math.log(2)
         for callback in self.callbacks:
             extra = callback.on_eval_end(self, prefix)
             if extra:
@@ -738,6 +740,17 @@ class Trainer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _predictions(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[P, C]`` logits and ``[P]`` targets, one row per prediction: ``[B, C]`` with ``[B]``,
+    or ``[B, S, C]`` with ``[B, S]`` flattened over positions."""
+    if logits.dim() < 2 or logits.shape[:-1] != y.shape:
+        raise ValueError(
+            f"model logits must be [B, C] for targets [B] (or [B, S, C] for targets [B, S]); "
+            f"targets have shape {tuple(y.shape)}, logits {tuple(logits.shape)}"
+        )
+    return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
 
 
 def _step_stats(micro_stats: list[torch.Tensor], grad_norm: torch.Tensor) -> torch.Tensor:
