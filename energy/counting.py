@@ -1,13 +1,16 @@
 r"""Count synaptic operations, MACs, neuron updates and spikes of any torch spiking model.
 
 :func:`count_operations` runs one forward pass with hooks on the synaptic layers
-(``nn.Linear``, ``nn.Conv1d/2d/3d`` and their subclasses, e.g. SpikingJelly's ``layer.Linear``)
-and on the neurons that a :class:`NeuronAdapter` recognises (spiking_moe's ``LIF``, snnTorch's
-``SpikingNeuron`` subclasses, Norse's ``SNN``/``SNNCell`` modules, SpikingJelly's ``BaseNode``;
-matched by class name and module path, so none of those libraries is imported here).
+(``nn.Linear``, ``nn.Conv1d/2d/3d`` and their subclasses, e.g. SpikingJelly's ``layer.Linear``),
+on matrix-product modules (any module with a ``matmul_mask`` attribute, below), on
+``nn.Softmax`` and on the neurons that a :class:`NeuronAdapter` recognises (spiking_moe's
+``LIF``, snnTorch's ``SpikingNeuron`` subclasses, Norse's ``SNN``/``SNNCell`` modules,
+SpikingJelly's ``BaseNode``; matched by class name and module path, so none of those libraries
+is imported here).
 
 Letters: ``T`` time steps, ``B`` batch, ``R`` rows (tokens x steps folded), ``F`` features,
-``C`` channels, ``G`` convolution groups, ``S`` spatial dims.
+``C`` channels, ``G`` convolution groups, ``S`` spatial dims; for a product ``a @ b``, ``L``
+leading indices (``[T, B, H]`` folded), ``a`` ``[..., M, K]``, ``b`` ``[..., K, N]``.
 
 Counting rules, per call of a synaptic layer on input ``x``:
 
@@ -24,6 +27,26 @@ Counting rules, per call of a synaptic layer on input ``x``:
   with the layer's stride, padding (mode included) and dilation. That sum is, exactly, the
   number of (event, output position) pairs, so borders, stride, padding and groups need no
   approximation. Graded: ``MAC = numel(output) * (C_in / G) * prod(k)``.
+- **Matrix product** (attention's ``Q K^T`` and ``scores @ V``; a plain function cannot be
+  hooked, so models do products in small modules). Protocol, duck-typed because ``energy``
+  imports no model code: a module with an attribute ``matmul_mask`` (class or instance) whose
+  ``forward(a, b)``, ``a`` ``[..., M, K]``, ``b`` ``[..., K, N]`` with the same leading dims
+  (time first when time-major), returns ``a @ b`` ``[..., M, N]`` computing only the terms
+  ``(m, k, n)`` the mask allows:
+  ``None``: all; ``"output"``: ``n <= m`` (causal scores ``Q K^T``: query ``m`` sees keys
+  ``n <= m``; ``M == N``; masked outputs exactly 0); ``"contraction"``: ``k <= m``
+  (``scores @ V``: output row ``m`` sums the values of positions ``k <= m``; ``M == K``).
+  The computed terms, ``L M K N``, ``L K M(M+1)/2`` and ``L N M(M+1)/2`` respectively, are the
+  product's ``dense MACs``. ``a`` binary: each event ``a[m, k]`` is one AC per computed ``n``,
+  ``AC = nnz(a) N``, ``sum_m nnz(a[m, :]) (m + 1)``, ``N #{events with k <= m}``; else ``b``
+  binary: each event ``b[k, n]`` is one AC per computed ``m``, ``AC = nnz(b) M``,
+  ``sum_n nnz(b[:, n]) (M - n)``, ``sum_k nnz(b[k, :]) (M - k)``; else (both graded)
+  ``MAC = dense MACs``. When both are binary ``a``'s events are counted (the queries, or the
+  scores, drive the product; driving it with ``b``'s would be an equally valid schedule).
+  ``input_events`` are the events of the counted operand; the other operand plays the weights.
+- **Softmax** (``nn.Softmax``, e.g. in an ANN twin): ``MAC = 3 * #finite inputs`` (exp, the
+  running sum, the normalising multiply; masked ``-inf`` scores cost nothing). Pricing an exp
+  as one MAC makes this a lower bound that favours the ANN.
 - Bias additions are not counted: they are charged with the neuron update.
 - Neuron: ``updates = numel(spikes)`` (one per neuron per time step, whether the module is
   called once on ``[T, B, ...]`` or once per step) and ``spikes = nnz(spikes)``.
@@ -34,8 +57,12 @@ tensor is scanned once: a synaptic layer fed a neuron's output reuses the neuron
 the tensor was modified in place in between.
 
 **ANN equivalent** (for the baselines in :mod:`energy.report`): the same layers run once per
-token instead of once per time step, every input graded. A call is *time-major* when its input
-shows a leading time dimension (Linear: ``[T, N, ..., F]``; ConvNd: ``[T, B, C, *S]``) or
+token instead of once per time step, every input graded. A product with ``ann_softmax = True``
+(optional attribute, default False: spiking attention scores, which the ANN would pass through
+a softmax) adds that softmax, 3 MACs per computed output (``L M N``, ``L M(M+1)/2``, ``L M N``
+for the three masks) and one output write per output element. A call is *time-major* when its
+input shows a leading time dimension (Linear: ``[T, N, ..., F]``; ConvNd: ``[T, B, C, *S]``;
+product and softmax: ``a``/input ``[T, ...]`` with at least 3 dims) or
 carries time folded into its rows (``[T*B, ...]``): a view of a time-major tensor (the model's
 ``[T, B, ...]`` inputs, a time-major neuron or synaptic output) or the output of an uncounted
 module (pooling, normalisation, reshaping) fed one. Time-major calls contribute
@@ -70,7 +97,9 @@ Spiking Neural Networks Energy Efficiency", ICONIP 2022), per layer:
 
 i.e. one weight read per synaptic operation, one read per input event (its address) or per
 graded operand, one membrane read and write per neuron update, one write per emitted spike,
-with no reuse from caches (an upper bound for a von Neumann machine).
+with no reuse from caches (an upper bound for a von Neumann machine). A product reads its
+operands the same way, the non-counted operand standing for the weights; a softmax is priced
+as its 3-per-element MACs in this term too.
 
 Example:
     >>> fc = torch.nn.Linear(3, 2)
@@ -80,6 +109,17 @@ Example:
     >>> more = count_operations(fc, torch.tensor([[[0.0, 1.0, 0.0]]]))
     >>> merge_counts(counts, more).layer("").acs
     6
+
+    A product module (causal attention scores):
+
+    >>> class Scores(torch.nn.Module):
+    ...     matmul_mask = "output"
+    ...     def forward(self, a, b):
+    ...         return (a @ b).tril()
+    >>> q = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])  # [T=1, M=2, K=2]: 1 event, then 2
+    >>> scores = count_operations(Scores(), q, torch.ones(1, 2, 2)).layer("")
+    >>> scores.kind, scores.acs  # row 0 sees 1 key, row 1 sees 2: 1 * 1 + 2 * 2
+    ('matmul', 5)
 """
 
 from __future__ import annotations
@@ -112,7 +152,13 @@ logger = logging.getLogger(__name__)
 
 _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_EXPERT_RE = re.compile(r"^((?:.*?\.)?experts\.\d+)(?:\.|$)")
+_EXPERT_RE = re.compile(r"^((?:.*?\.)?(?:shared_)?experts\.\d+)(?:\.|$)")
+_MASKS = (None, "output", "contraction")
+# exp, running sum, normalising multiply: see the module docstring.
+_SOFTMAX_MACS = 3
+# Device accumulators of a _Tally. Softmax MACs depend on values (finite inputs), so their
+# dense and ANN counts live on the device too, split by the ANN rule (time-major or not).
+_SLOTS = ("acs", "macs", "input_events", "binary_calls", "spikes", "tm_macs", "flat_macs")
 
 
 # --------------------------------------------------------------------------- neuron adapters
@@ -182,20 +228,25 @@ class LayerCounts:
 
     Attributes:
         name: qualified module name (``""`` for the root).
-        kind: ``"linear"``, ``"conv1d"``/``"conv2d"``/``"conv3d"`` or ``"neuron"``.
+        kind: ``"linear"``, ``"conv1d"``/``"conv2d"``/``"conv3d"``, ``"matmul"`` (a product
+            module), ``"softmax"`` or ``"neuron"``.
         group: expert/group label, or None.
         order: position of the module's first call in the forward pass (in the merged call
             order for :func:`merge_counts`).
         calls: number of calls.
-        fan_in: synapses per output neuron (``F_in`` or ``C_in / G * prod(k)``); 0 for neurons.
-        fan_out: ``F_out`` or ``C_out``; 0 for neurons.
-        rows: input rows over all calls (Linear: tokens x steps; ConvNd: images x steps).
+        fan_in: synapses per output neuron (``F_in`` or ``C_in / G * prod(k)``); 0 for
+            neurons, products and softmax (a product's sizes follow the sequence length,
+            which may change between the passes that :func:`merge_counts` matches).
+        fan_out: ``F_out`` or ``C_out``; 0 for neurons, products and softmax.
+        rows: input rows over all calls (Linear: tokens x steps; ConvNd: images x steps;
+            product: output rows ``L M``; softmax: vectors normalised).
         tokens: rows of the ANN equivalent (one step; see the module docstring).
-        binary_calls: calls whose input was binary.
-        input_events: nonzero inputs of the binary calls.
+        binary_calls: calls whose input (for a product, either operand) was binary.
+        input_events: nonzero inputs of the binary calls (for a product, of the counted
+            operand).
         acs: accumulates (binary inputs).
-        macs: multiply-accumulates (graded inputs).
-        dense_macs: MACs had every input been graded.
+        macs: multiply-accumulates (graded inputs; softmax: 3 per finite input).
+        dense_macs: MACs had every input been graded (a product: its computed terms).
         ann_macs: MACs of the ANN equivalent (one step).
         ann_outputs: output elements of the ANN equivalent (activation writes).
         neuron_updates: neuron updates (neurons only).
@@ -367,16 +418,20 @@ class _Tally:
         self.dense_macs = 0
         self.neuron_updates = 0
         # ANN equivalent: time-major calls are divided by T, the others averaged per call.
-        self.tm_dense_macs = self.tm_rows = self.tm_outputs = 0
-        self.flat_calls = self.flat_dense_macs = self.flat_rows = self.flat_outputs = 0
-        # Device accumulators [acs, macs, input_events, binary_calls, spikes], created on the
-        # first call so they live where the activations live.
+        self.tm_ann_macs = self.tm_rows = self.tm_outputs = 0
+        self.flat_calls = self.flat_ann_macs = self.flat_rows = self.flat_outputs = 0
+        # Device accumulators, one per _SLOTS entry, created on the first call so they live
+        # where the activations live.
         self.device_counts: torch.Tensor | None = None
 
-    def add(self, values: torch.Tensor) -> None:
+    def add(self, **values: torch.Tensor) -> None:
+        """Add int64 device scalars by slot name (:data:`_SLOTS`); absent slots add 0."""
+        device = next(iter(values.values())).device
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        stacked = torch.stack([values.get(slot, zero) for slot in _SLOTS])
         if self.device_counts is None:
-            self.device_counts = torch.zeros(5, dtype=torch.int64, device=values.device)
-        self.device_counts += values.to(self.device_counts.device)
+            self.device_counts = torch.zeros(len(_SLOTS), dtype=torch.int64, device=device)
+        self.device_counts += stacked.to(self.device_counts.device)
 
 
 class _Counter:
@@ -451,22 +506,39 @@ class _Counter:
         is_binary = nnz == ones
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         # Both branches are computed and one is selected on the device: no host sync.
-        acs = torch.where(is_binary, synapse_events(nnz), zero)
-        macs = torch.where(is_binary, zero, zero + dense_macs)
-        events = torch.where(is_binary, nnz, zero)
-        tally.add(torch.stack((acs, macs, events, is_binary.to(torch.int64), zero)))
+        tally.add(
+            acs=torch.where(is_binary, synapse_events(nnz), zero),
+            macs=torch.where(is_binary, zero, zero + dense_macs),
+            input_events=torch.where(is_binary, nnz, zero),
+            binary_calls=is_binary.to(torch.int64),
+        )
+        self._account(tally, time_major, rows, dense_macs, output)
+
+    def _account(
+        self,
+        tally: _Tally,
+        time_major: bool,
+        rows: int,
+        dense_macs: int,
+        output: torch.Tensor,
+        ann_macs: int | None = None,
+        ann_outputs: int | None = None,
+    ) -> None:
+        """Shape-derived counts of one call; ANN ones (default: dense) by the time-major rule."""
+        ann_macs = dense_macs if ann_macs is None else ann_macs
+        ann_outputs = output.numel() if ann_outputs is None else ann_outputs
         tally.rows += rows
         tally.dense_macs += dense_macs
         if time_major:
             self.mark(output)
-            tally.tm_dense_macs += dense_macs
+            tally.tm_ann_macs += ann_macs
             tally.tm_rows += rows
-            tally.tm_outputs += output.numel()
+            tally.tm_outputs += ann_outputs
         else:
             tally.flat_calls += 1
-            tally.flat_dense_macs += dense_macs
+            tally.flat_ann_macs += ann_macs
             tally.flat_rows += rows
-            tally.flat_outputs += output.numel()
+            tally.flat_outputs += ann_outputs
 
     def linear_hook(self, tally: _Tally):
         def hook(module: nn.Linear, args, kwargs, output):
@@ -508,6 +580,72 @@ class _Counter:
 
         return hook
 
+    def product_hook(self, tally: _Tally):
+        def hook(module: nn.Module, args, kwargs, output):
+            self._start(tally)
+            a, b = _operands(tally.name, args, kwargs)
+            mask = _product_mask(module, tally.name)
+            if a.dim() < 2 or b.dim() != a.dim() or a.shape[:-2] != b.shape[:-2]:
+                raise ValueError(
+                    f"product {tally.name!r}: operands must be [..., M, K] and [..., K, N] with "
+                    f"the same leading dims, got {tuple(a.shape)} and {tuple(b.shape)}"
+                )
+            *lead, M, K = a.shape
+            N = b.shape[-1]
+            if b.shape[-2] != K:
+                raise ValueError(
+                    f"product {tally.name!r}: inner sizes differ, {tuple(a.shape)} @ {tuple(b.shape)}"
+                )
+            if (mask == "output" and M != N) or (mask == "contraction" and M != K):
+                raise ValueError(
+                    f"product {tally.name!r}: matmul_mask={mask!r} needs "
+                    f"{'M == N' if mask == 'output' else 'M == K'}, got "
+                    f"{tuple(a.shape)} @ {tuple(b.shape)}"
+                )
+            L = math.prod(lead)
+            time_major = self.is_time_major(a, a.dim() >= 3 and a.shape[0] == self.time_steps)
+            nnz_a, ones_a = self.value_counts(a)
+            nnz_b, ones_b = self.value_counts(b)
+            a_binary = nnz_a == ones_a
+            b_binary = (nnz_b == ones_b) & ~a_binary
+            if mask is None:
+                acs_a, acs_b = nnz_a * N, nnz_b * M
+            else:
+                reach_a, reach_b = _product_reach(mask, M, K, N, a.device)
+                acs_a = (_events_per_cell(a, L) * reach_a).sum()
+                acs_b = (_events_per_cell(b, L) * reach_b).sum()
+            terms, outputs = _product_size(mask, M, K, N)
+            dense_macs = L * terms
+            ann_macs, ann_outputs = dense_macs, output.numel()
+            if getattr(module, "ann_softmax", False):
+                ann_macs += _SOFTMAX_MACS * L * outputs
+                ann_outputs += output.numel()
+            counted = a_binary | b_binary
+            zero = torch.zeros((), dtype=torch.int64, device=a.device)
+            tally.add(
+                acs=torch.where(a_binary, acs_a, torch.where(b_binary, acs_b, zero)),
+                macs=torch.where(counted, zero, zero + dense_macs),
+                input_events=torch.where(a_binary, nnz_a, torch.where(b_binary, nnz_b, zero)),
+                binary_calls=counted.to(torch.int64),
+            )
+            self._account(tally, time_major, L * M, dense_macs, output, ann_macs, ann_outputs)
+
+        return hook
+
+    def softmax_hook(self, tally: _Tally):
+        def hook(module: nn.Softmax, args, kwargs, output):
+            self._start(tally)
+            x = args[0] if args else kwargs["input"]
+            time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == self.time_steps)
+            macs = torch.count_nonzero(torch.isfinite(x)) * _SOFTMAX_MACS
+            # Known only on the device: its dense and ANN shares go to device slots as well.
+            tally.add(macs=macs, **{"tm_macs" if time_major else "flat_macs": macs})
+            dim = -1 if module.dim is None else module.dim
+            rows = x.numel() // max(x.shape[dim], 1) if x.dim() else 1
+            self._account(tally, time_major, rows, 0, output)
+
+        return hook
+
     def neuron_hook(self, tally: _Tally, adapter: NeuronAdapter):
         def hook(module, args, kwargs, output):
             self._start(tally)
@@ -519,8 +657,7 @@ class _Counter:
             ):
                 self.mark(spikes)
             tally.neuron_updates += spikes.numel()
-            zero = torch.zeros((), dtype=torch.int64, device=spikes.device)
-            tally.add(torch.stack((zero, zero, zero, zero, self.value_counts(spikes)[0])))
+            tally.add(spikes=self.value_counts(spikes)[0])
 
         return hook
 
@@ -539,6 +676,53 @@ def _conv_synapse_events(module: nn.modules.conv._ConvNd, x_BCS: torch.Tensor, n
     reach = _CONV_FN[nd](x_BGS, ones, None, module.stride, padding, module.dilation, groups)
     pairs = reach.sum(dtype=torch.float64).round().to(torch.int64)
     return pairs * (module.out_channels // groups)
+
+
+def _operands(name: str, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)``: the first two tensor arguments of a product's forward call."""
+    found = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    if len(found) < 2:
+        raise TypeError(
+            f"product {name!r} must be called with two tensors (a, b), got {len(found)}"
+        )
+    return found[0], found[1]
+
+
+def _product_mask(module: nn.Module, name: str) -> str | None:
+    mask = module.matmul_mask
+    if mask not in _MASKS:
+        raise ValueError(f"module {name!r}: matmul_mask must be one of {_MASKS}, got {mask!r}")
+    return mask
+
+
+def _product_size(mask: str | None, M: int, K: int, N: int) -> tuple[int, int]:
+    """(computed terms, outputs with at least one term) per leading index: module docstring."""
+    triangle = M * (M + 1) // 2
+    if mask is None:
+        terms, outputs = M * K * N, M * N
+    elif mask == "output":
+        terms, outputs = K * triangle, triangle
+    else:  # every output row m has the term k = 0
+        terms, outputs = N * triangle, M * N
+    return terms, (outputs if K else 0)
+
+
+def _product_reach(mask: str, M: int, K: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Computed terms each operand element enters: ``[M, K]`` for ``a`` (how many ``n``),
+    ``[K, N]`` for ``b`` (how many ``m``), int64 on ``device``."""
+    if mask == "output":  # n <= m
+        reach_a = torch.arange(1, M + 1, device=device).unsqueeze(1).expand(M, K)
+        reach_b = (M - torch.arange(N, device=device)).unsqueeze(0).expand(K, N)
+    else:  # "contraction": k <= m
+        reach_a = torch.ones(M, K, dtype=torch.int64, device=device).tril() * N
+        reach_b = (M - torch.arange(K, device=device)).unsqueeze(1).expand(K, N)
+    return reach_a, reach_b
+
+
+def _events_per_cell(x: torch.Tensor, leading: int) -> torch.Tensor:
+    """Events at each ``[M, K]`` position, summed over the leading dims (int64)."""
+    # Reducing over the leading dims first keeps the weighting by reach a small [M, K] product.
+    return x.bool().reshape(leading, *x.shape[-2:]).sum(0, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -610,11 +794,13 @@ def count_operations(
     in training mode. Rules and formulas: module docstring.
 
     Args:
-        model: any ``nn.Module`` containing Linear/ConvNd layers and/or recognised neurons.
+        model: any ``nn.Module`` containing Linear/ConvNd layers, product modules
+            (``matmul_mask``), ``nn.Softmax`` and/or recognised neurons.
         *inputs: positional inputs of ``model``; time-major (``[T, B, ...]``).
         groups: ``label -> module-name prefix(es)`` to attribute modules to experts. None
             groups by name: every module under ``...experts.<i>`` belongs to group
-            ``"...experts.<i>"``.
+            ``"...experts.<i>"``, and under ``...shared_experts.<i>`` to
+            ``"...shared_experts.<i>"``.
         time_steps: ``T`` for the ANN equivalent; None takes dim 0 of the first tensor input.
         neuron_adapters: extra :class:`NeuronAdapter` s, tried before :data:`BUILTIN_ADAPTERS`.
 
@@ -647,7 +833,15 @@ def count_operations(
         for name, module in model.named_modules():
             nd = next((n for cls, n in _CONV.items() if isinstance(module, cls)), None)
             adapter = None
-            if isinstance(module, nn.Linear):
+            # The product protocol is an explicit opt-in, so it wins over the type checks.
+            if hasattr(module, "matmul_mask"):
+                _product_mask(module, name)
+                tally = _Tally(name, "matmul", None, 0, 0)
+                hook = counter.product_hook(tally)
+            elif isinstance(module, nn.Softmax):
+                tally = _Tally(name, "softmax", None, 0, 0)
+                hook = counter.softmax_hook(tally)
+            elif isinstance(module, nn.Linear):
                 tally = _Tally(name, "linear", None, module.in_features, module.out_features)
                 hook = counter.linear_hook(tally)
             elif nd is not None:
@@ -670,7 +864,8 @@ def count_operations(
             kinds = sorted({type(m).__name__ for m in model.modules()})
             raise ValueError(
                 f"{type(model).__name__} has no countable layers: count_operations counts "
-                "nn.Linear, nn.Conv1d/2d/3d and neurons recognised by a NeuronAdapter "
+                "nn.Linear, nn.Conv1d/2d/3d, product modules (with a matmul_mask attribute), "
+                "nn.Softmax and neurons recognised by a NeuronAdapter "
                 f"({[a.name for a in adapters]}); module types found: {kinds}"
             )
         if group_map is not None:
@@ -708,11 +903,11 @@ def count_operations(
         screen = screen | torch.isnan(t.sum()).to(device)
     # The one host synchronisation of the pass: every count and the NaN screen together.
     rows = [t.device_counts.to(device) for t in ran]
-    rows.append(screen.to(torch.int64).expand(5))
+    rows.append(screen.to(torch.int64).expand(len(_SLOTS)))
     *stacked, (nan_seen, *_) = torch.stack(rows).tolist()
     if nan_seen and any(bool(torch.isnan(t).any()) for t in out_tensors):
         raise ValueError("the model's output contains NaN: the counts would not be meaningful")
-    stacked += [[0] * 5 for _ in idle]
+    stacked += [[0] * len(_SLOTS) for _ in idle]
     layers = tuple(
         _finish(t, values, time_steps) for t, values in zip(ran + idle, stacked, strict=True)
     )
@@ -721,8 +916,11 @@ def count_operations(
 
 
 def _finish(tally: _Tally, values: list[int], time_steps: int) -> LayerCounts:
-    acs, macs, events, binary_calls, spikes = values
+    acs, macs, events, binary_calls, spikes, tm_macs, flat_macs = values
     flat = max(tally.flat_calls, 1)
+    ann_macs = (tally.tm_ann_macs + tm_macs) // time_steps + (
+        tally.flat_ann_macs + flat_macs
+    ) // flat
     return LayerCounts(
         name=tally.name,
         kind=tally.kind,
@@ -737,8 +935,8 @@ def _finish(tally: _Tally, values: list[int], time_steps: int) -> LayerCounts:
         input_events=events,
         acs=acs,
         macs=macs,
-        dense_macs=tally.dense_macs,
-        ann_macs=tally.tm_dense_macs // time_steps + tally.flat_dense_macs // flat,
+        dense_macs=tally.dense_macs + tm_macs + flat_macs,
+        ann_macs=ann_macs,
         ann_outputs=tally.tm_outputs // time_steps + tally.flat_outputs // flat,
         neuron_updates=tally.neuron_updates,
         spikes=spikes,

@@ -8,7 +8,11 @@ Energy of the SNN under a profile ``P`` (picojoules), per layer and in total:
               \; [+\; R \cdot P_{read} + W \cdot P_{write}]
 
 with ``U`` neuron updates, ``S`` spikes, and the bracketed memory term (reads ``R``, writes
-``W``, formula in :mod:`energy.counting`) only when ``include_memory=True``.
+``W``, formula in :mod:`energy.counting`) only when ``include_memory=True``. ``AC`` and ``MAC``
+are those of every counted layer: synaptic layers, matrix products (attention's ``Q K^T`` and
+``scores @ V``: ACs when an operand is spikes, MACs when both are graded) and softmax (3 MACs
+per visible score); all of them make up the "synaptic" share of the totals, and each has its
+row, kind ``matmul`` or ``softmax``, in the per-layer table.
 
 Baselines, each compared as ``ratio = E_baseline / E_SNN`` (above 1: the SNN saves energy):
 
@@ -17,11 +21,15 @@ Baselines, each compared as ``ratio = E_baseline / E_SNN`` (above 1: the SNN sav
     spiking_moe ``SpikingMoE`` with ``dense = True``), which runs on the same inputs; its counts
     are priced like the SNN's. Absent when no dense twin is given.
 ``ann_fp32`` / ``ann_int8`` -- *what spiking saves*. The equivalent ANN with the same routing:
-    same synaptic layers, ReLU instead of neurons, one time step, every input graded. Computed
-    from the counting pass: each synaptic layer does ``fan_in x fan_out`` MACs per token it
-    processed (the ``ann_macs`` of :class:`energy.counting.LayerCounts`: its dense MACs over
-    ``T``), priced at ``P.ann_mac_fp32_pj`` / ``P.ann_mac_int8_pj`` (Horowitz 2014 cmos45 fp32
-    4.6 pJ and int8 0.23 pJ unless the profile says otherwise). ReLU costs nothing here.
+    same synaptic layers and products, ReLU instead of neurons, one time step, every input
+    graded. Computed from the counting pass: each synaptic layer does ``fan_in x fan_out``
+    MACs per token it processed, each product its computed terms of one step (the ``ann_macs``
+    of :class:`energy.counting.LayerCounts`: dense MACs over ``T``), priced at
+    ``P.ann_mac_fp32_pj`` / ``P.ann_mac_int8_pj`` (Horowitz 2014 cmos45 fp32 4.6 pJ and int8
+    0.23 pJ unless the profile says otherwise). ReLU costs nothing here. Softmax, that of a
+    spiking product flagged ``ann_softmax`` (attention scores) and any counted ``nn.Softmax``,
+    costs 3 MACs per visible score: a lower bound that favours the ANN, since an exp costs
+    more than a MAC.
     Memory term: ``2 * MAC`` reads (weight and activation) and one write per output
     activation, at the profile's per-access energies (the same per access for int8: an upper
     bound).
