@@ -100,7 +100,8 @@ class ExperimentResult:
 
     Attributes:
         out: the run folder.
-        metrics: the test evaluation's metrics (``test/accuracy``, ``test/loss``, with the
+        metrics: the last validation's metrics (``val/...``) and the test evaluation's
+            (``test/accuracy``, ``test/loss``, ``test/bpb`` for a language model, with the
             energy report on: ``test/energy/uJ_per_sample``, ``test/energy/ratio_<baseline>``;
             MoE models: ``test/moe<l>/max_load_ratio``, ...). Empty when interrupted.
         wall_time_s: training time (``Trainer.fit``).
@@ -182,7 +183,12 @@ def run_experiment(
     logger.info("%s: %d parameters", type(model).__name__, num_params)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        record = {**config_to_dict(config), "overrides": list(overrides)}
+        # The data's identity (the text corpus's files, sizes and sha256) makes runs comparable.
+        record = {
+            **config_to_dict(config),
+            "overrides": list(overrides),
+            "data_metadata": dict(data.metadata),
+        }
         (out / "config.json").write_text(json.dumps(record, indent=2))
 
     callbacks = [RouterBiasBalancing(), FiringRateMonitor(), RoutingMonitor()]
@@ -211,18 +217,21 @@ def run_experiment(
                 out, wall_time_s=fit.wall_time_s, interrupted=True, signal=fit.signal, config=config
             )
         test = trainer.evaluate(test_loader, "test")
+    # The last validation beside the test metrics (val bits/byte is what the LM study reads).
+    metrics = {**{k: v for k, v in fit.metrics.items() if k.startswith("val/")}, **test}
     report = energy_callback.report if energy_callback is not None else None
     samples = energy_callback.samples if energy_callback is not None else 0
     if dist_info.is_main and report is not None:
         _write_energy_files(out, report, samples, test["test/accuracy"], config.name)
     logger.info(
-        "done in %.1f s: test accuracy %.4f; run folder %s (tensorboard --logdir %s)",
+        "done in %.1f s: test accuracy %.4f%s; run folder %s (tensorboard --logdir %s)",
         fit.wall_time_s,
         test["test/accuracy"],
+        f", {test['test/bpb']:.4f} bits per byte" if "test/bpb" in test else "",
         out,
         out.parent,
     )
-    return ExperimentResult(out, test, fit.wall_time_s, report, samples, config=config)
+    return ExperimentResult(out, metrics, fit.wall_time_s, report, samples, config=config)
 
 
 # --------------------------------------------------------------------------- seeds
@@ -230,7 +239,10 @@ def run_experiment(
 #: Metrics summarised over seeds: (key in ExperimentResult.metrics, summary name).
 SUMMARY_METRICS = (
     ("test/accuracy", "accuracy"),
+    ("test/bpb", "bpb"),
+    ("val/bpb", "val_bpb"),
     ("test/energy/uJ_per_sample", "uJ_per_sample"),
+    ("test/energy/uJ_per_token", "uJ_per_token"),
     ("test/energy/ratio_dense_snn", "ratio_dense_snn"),
     ("test/energy/ratio_ann_fp32", "ratio_ann_fp32"),
     ("test/energy/ratio_ann_int8", "ratio_ann_int8"),
@@ -289,7 +301,10 @@ def _cell(summary: dict[str, Any], name: str, fmt: str) -> str:
 #: Columns of :func:`summary_table`: (summary name, header, format).
 _SUMMARY_COLUMNS = (
     ("accuracy", "test accuracy", "{:.2%}"),
+    ("val_bpb", "val bits/byte", "{:.3f}"),
+    ("bpb", "test bits/byte", "{:.3f}"),
     ("uJ_per_sample", "energy / sample (uJ)", "{:.4g}"),
+    ("uJ_per_token", "energy / token (uJ)", "{:.4g}"),
     ("ratio_dense_snn", "dense MoE / SNN", "{:.2f}x"),
     ("ratio_ann_fp32", "ANN fp32 / SNN", "{:.2f}x"),
     ("ratio_ann_int8", "ANN int8 / SNN", "{:.2f}x"),
