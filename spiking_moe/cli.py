@@ -30,6 +30,7 @@ from .config import ConfigError, apply_overrides, load_config
 from .experiment import (
     check_experiment,
     evaluate_checkpoint,
+    finished_result,
     run_experiment,
     run_seeds,
     summary_table,
@@ -217,6 +218,12 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="sweep folder (default: runs/sweep_<name>)")
     parser.add_argument("--seeds", help="train each pair once per train.seed, e.g. 0,1")
     parser.add_argument("--max-steps", type=int, help="same as --set train.max_steps=N")
+    parser.add_argument(
+        "--reuse-finished",
+        action="store_true",
+        help="read back runs that already finished in the sweep folder instead of retraining "
+        "them (an interrupted sweep; seeds trained by parallel processes)",
+    )
     _add_device(parser)
     _add_set(parser)
     args = parser.parse_args(argv)
@@ -235,11 +242,12 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         for config in configs:
             folder = run_folder(out, config)
             for run in [folder / f"seed{s}" for s in seeds] if seeds else [folder]:
-                check_experiment(config, run)
+                if not (args.reuse_finished and finished_result(run) is not None):
+                    check_experiment(config, run)
     except _USAGE_ERRORS as exc:
         logger.error("%s", exc)
         return 2
-    rows, stopped_by = run_sweep(configs, out, seeds=seeds)
+    rows, stopped_by = run_sweep(configs, out, seeds=seeds, reuse_finished=args.reuse_finished)
     if not rows:
         logger.warning("sweep stopped before the first run finished; no table written")
         return 128 + (stopped_by or 0)

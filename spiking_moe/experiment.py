@@ -59,6 +59,7 @@ __all__ = [
     "check_experiment",
     "config_from_checkpoint",
     "evaluate_checkpoint",
+    "finished_result",
     "run_experiment",
     "run_seeds",
     "summarize",
@@ -121,6 +122,21 @@ class ExperimentResult:
     interrupted: bool = False
     signal: int | None = None
     config: ExperimentConfig | None = None
+
+
+#: Written last by a finished run: its metrics and wall time (what sweeps and seeds read back).
+RESULT_NAME = "result.json"
+
+
+def finished_result(out: str | Path) -> ExperimentResult | None:
+    """The :class:`ExperimentResult` of a finished run in ``out`` (its ``result.json``), or
+    None when ``out`` holds no finished run. The energy report is not loaded
+    (``report.json`` beside it holds it)."""
+    path = Path(out) / RESULT_NAME
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return ExperimentResult(Path(out), dict(record["metrics"]), float(record["wall_time_s"]))
 
 
 def check_experiment(config: ExperimentConfig, out: Path, *, resume: bool = False) -> None:
@@ -221,8 +237,12 @@ def run_experiment(
     metrics = {**{k: v for k, v in fit.metrics.items() if k.startswith("val/")}, **test}
     report = energy_callback.report if energy_callback is not None else None
     samples = energy_callback.samples if energy_callback is not None else 0
-    if dist_info.is_main and report is not None:
-        _write_energy_files(out, report, samples, test["test/accuracy"], config.name)
+    if dist_info.is_main:
+        if report is not None:
+            _write_energy_files(out, report, samples, test["test/accuracy"], config.name)
+        (out / RESULT_NAME).write_text(
+            json.dumps({"metrics": metrics, "wall_time_s": fit.wall_time_s}, indent=2)
+        )
     logger.info(
         "done in %.1f s: test accuracy %.4f%s; run folder %s (tensorboard --logdir %s)",
         fit.wall_time_s,
@@ -335,8 +355,12 @@ def run_seeds(
     *,
     overrides: Sequence[str] = (),
     resume: bool = False,
+    reuse_finished: bool = False,
 ) -> tuple[list[ExperimentResult], dict[str, Any] | None]:
     """:func:`run_experiment` once per ``train.seed`` in ``seeds``, into ``out/seed<s>``.
+
+    With ``reuse_finished``, a seed whose folder holds a finished run (:func:`finished_result`)
+    is read back instead of trained again (e.g. seeds trained by parallel processes).
 
     The data split (``data.seed``) stays fixed, so the seeds vary the initial weights, the
     batch order and the encoding noise. Writes ``out/seeds.json`` (every run's test metrics
@@ -349,9 +373,16 @@ def run_seeds(
     out = Path(out)
     results = []
     for seed in seeds:
-        result = run_experiment(
-            config, out / f"seed{seed}", overrides=[*overrides, f"train.seed={seed}"], resume=resume
-        )
+        result = finished_result(out / f"seed{seed}") if reuse_finished else None
+        if result is not None:
+            logger.info("seed %d: reusing the finished run in %s", seed, result.out)
+        else:
+            result = run_experiment(
+                config,
+                out / f"seed{seed}",
+                overrides=[*overrides, f"train.seed={seed}"],
+                resume=resume,
+            )
         results.append(result)
         if result.interrupted:
             return results, None

@@ -80,7 +80,13 @@ def plot_sweep(rows: Sequence[dict], path: str | Path, profile: str) -> Path:
         rows: dicts with ``label``, ``accuracy`` (0-1) and ``uJ_per_sample``, and optionally
             their standard deviations over seeds (``accuracy_std``, ``uJ_per_sample_std``),
             drawn as error bars.
+
+    Language-model rows (with ``val_bpb`` and ``uJ_per_token``) are drawn as the scaling
+    study instead: validation bits per byte and energy per token against the number of
+    experts (:func:`_plot_lm_sweep`).
     """
+    if rows and "uJ_per_token" in rows[0]:
+        return _plot_lm_sweep(rows, path, profile)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, row in enumerate(rows):
@@ -104,6 +110,39 @@ def plot_sweep(rows: Sequence[dict], path: str | Path, profile: str) -> Path:
     ax.set_xlabel(f"energy per sample (uJ, profile {profile})")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs energy")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_lm_sweep(rows: Sequence[dict], path: str | Path, profile: str) -> Path:
+    """Validation bits per byte and energy per token against ``num_experts`` (mean ± std)."""
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: (r["k"], r["num_experts"]))
+    fig, (ax_bpb, ax_energy) = plt.subplots(1, 2, figsize=(10, 4))
+    for k in sorted({r["k"] for r in rows}):
+        sel = [r for r in rows if r["k"] == k]
+        experts = [r["num_experts"] for r in sel]
+        for ax, key in ((ax_bpb, "val_bpb"), (ax_energy, "uJ_per_token")):
+            if all(key in r for r in sel):
+                ax.errorbar(
+                    experts,
+                    [r[key] for r in sel],
+                    yerr=[r.get(f"{key}_std", 0.0) for r in sel],
+                    fmt="o-",
+                    capsize=3,
+                    label=f"k={k}",
+                )
+    for ax in (ax_bpb, ax_energy):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("experts E (equal active parameters)")
+        ax.legend()
+    ax_bpb.set_ylabel("validation bits per byte")
+    ax_bpb.set_title("bits per byte vs experts")
+    ax_energy.set_ylabel(f"energy per token (uJ, profile {profile})")
+    ax_energy.set_title("energy per token vs experts")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

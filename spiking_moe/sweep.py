@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, ExperimentConfig
-from .experiment import ExperimentResult, run_experiment, run_seeds, summarize, summary_table
+from .experiment import (
+    ExperimentResult,
+    finished_result,
+    run_experiment,
+    run_seeds,
+    summarize,
+    summary_table,
+)
 
 __all__ = ["run_sweep", "sweep_configs", "sweep_table"]
 
@@ -50,7 +57,11 @@ def run_folder(out: str | Path, config: ExperimentConfig) -> Path:
 
 
 def run_sweep(
-    configs: Sequence[ExperimentConfig], out: str | Path, *, seeds: Sequence[int] | None = None
+    configs: Sequence[ExperimentConfig],
+    out: str | Path,
+    *,
+    seeds: Sequence[int] | None = None,
+    reuse_finished: bool = False,
 ) -> tuple[list[dict[str, Any]], int | None]:
     """:func:`~spiking_moe.experiment.run_experiment` for each config (and each seed).
 
@@ -58,6 +69,8 @@ def run_sweep(
         configs: from :func:`sweep_configs`.
         out: the sweep folder.
         seeds: ``train.seed`` values; None runs each config once with its own seed.
+        reuse_finished: read back runs that already finished in their folders instead of
+            training them again (an interrupted sweep, or seeds trained in parallel processes).
 
     Returns:
         ``(rows, signal)``: one row per finished pair (``num_experts``, ``k``, ``label``,
@@ -70,9 +83,10 @@ def run_sweep(
         logger.info("sweep: %s -> %s", config.name, folder)
         results: list[ExperimentResult]
         if seeds is None:
-            results = [run_experiment(config, folder)]
+            done = finished_result(folder) if reuse_finished else None
+            results = [done or run_experiment(config, folder)]
         else:
-            results, _ = run_seeds(config, folder, seeds)
+            results, _ = run_seeds(config, folder, seeds, reuse_finished=reuse_finished)
         if results[-1].interrupted:
             return rows, results[-1].signal or 0
         rows.append(
