@@ -88,14 +88,15 @@ class MatMul(nn.Module):
             M, K = a.shape[-2:]
             if M != K:
                 raise ValueError(f"contraction mask needs a square a [.., M, M], got {tuple(a.shape)}")
-            # Zeroing a's masked entries removes exactly the terms k > m from every sum.
-            return (a * _causal_mask(M, a.device).to(a.dtype)) @ b
+            # Zeroing a's masked entries removes exactly the terms k > m from every sum
+            # (masked_fill, not a multiply: 0 * inf would be NaN).
+            return a.masked_fill(~_causal_mask(M, a.device), 0) @ b
         out = a @ b
         if self.matmul_mask == "output":
             M, N = out.shape[-2:]
             if M != N:
                 raise ValueError(f"output mask needs square scores, got {tuple(out.shape)}")
-            out = out * _causal_mask(M, out.device).to(out.dtype)
+            out = out.masked_fill(~_causal_mask(M, out.device), 0)
         return out
 
 

@@ -179,7 +179,7 @@ class _LanguageModel(nn.Module):
             raise TypeError(f"{name} input must be a torch.Tensor of token ids, got {type(ids_BS).__name__}")
         if ids_BS.dtype == torch.bool or ids_BS.is_floating_point() or ids_BS.is_complex():
             raise TypeError(f"{name} input must be integer token ids, got dtype {ids_BS.dtype}")
-        if ids_BS.dim() != 2 or ids_BS.shape[1] == 0:
+        if ids_BS.dim() != 2 or 0 in ids_BS.shape:
             raise ValueError(f"{name} input must be [B, S] token ids, got shape {tuple(ids_BS.shape)}")
         S = ids_BS.shape[1]
         if S > self.context:
@@ -216,10 +216,16 @@ class _LanguageModel(nn.Module):
         Returns:
             The prompt followed by the new tokens, ``[S0 + n]`` or ``[B, S0 + n]``.
         """
+        if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() not in (1, 2):
+            raise TypeError(
+                "prompt_ids must be a torch.Tensor of token ids, [S0] or [B, S0], got "
+                f"{type(prompt_ids).__name__}{tuple(getattr(prompt_ids, 'shape', ()))}"
+            )
         _check_int("max_new_tokens", max_new_tokens, 0)
         if not (isinstance(temperature, (int, float)) and temperature >= 0):
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        ids = prompt_ids.unsqueeze(0) if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 1 else prompt_ids
+        ids = prompt_ids.unsqueeze(0) if prompt_ids.dim() == 1 else prompt_ids
+        self._embed(ids[:, -self.context :])  # checks ids and vocabulary even when n = 0
         was_training = self.training
         self.eval()
         try:

@@ -1,0 +1,339 @@
+"""Language models: exact causality (logits and per-step block spikes), learning a small
+grammar, generation against an argmax loop, input checks, and reported activity against
+hook counts on every LIF."""
+
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from spiking_moe import LIF
+from spiking_moe.transformer import ANNTransformerLM, DenseSNNLM, SpikingMoELM
+
+V, DM, HEADS, CTX = 32, 16, 2, 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (two threads spin against each other on a busy
+    two-core machine); the previous setting is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ids(B=3, S=CTX, seed=1, vocab=V):
+    return torch.randint(0, vocab, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def _moe_lm(router="rate", **kw):
+    torch.manual_seed(0)
+    args = dict(num_experts=4, k=1, expert_hidden=16, shared_experts=1, num_steps=3)
+    args.update(kw)
+    return SpikingMoELM(V, DM, 2, HEADS, CTX, router=router, capacity_factor=0.5, **args)
+
+
+def _dense_lm():
+    torch.manual_seed(0)
+    return DenseSNNLM(V, DM, 2, HEADS, CTX, ffn_hidden=32, num_steps=3)
+
+
+def _ann_lm():
+    torch.manual_seed(0)
+    return ANNTransformerLM(
+        V, DM, 2, HEADS, CTX, num_experts=4, k=1, expert_hidden=16, capacity_factor=0.5
+    )
+
+
+MODELS = {
+    "moe_rate": _moe_lm,
+    "moe_spiking_router": lambda: _moe_lm(router="spiking", k=2),
+    "dense_snn": _dense_lm,
+    "ann_routed": _ann_lm,
+}
+
+
+# --- causality --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_changing_token_j_leaves_every_earlier_logit_and_block_spike_unchanged(name):
+    model = MODELS[name]().eval()
+    first_block = []
+    model.blocks[0].register_forward_hook(lambda m, args, out: first_block.append(out[0]))
+    ids = _ids()
+    base = model(ids)
+    base_block = first_block.pop()
+    if name != "dense_snn":
+        assert all(int(r.dropped) > 0 for r in base.routing), "capacity must drop assignments"
+    later_changed = 0
+    for j in (0, 1, 3, 5, CTX - 1):
+        changed = ids.clone()
+        changed[0, j] = (changed[0, j] + 1) % V
+        out = model(changed)
+        block = first_block.pop()
+        assert torch.equal(out.logits[:, :j], base.logits[:, :j]), j
+        # per step: spiking blocks give [T, B, S, D], the ANN block its [B, S, D] stream
+        assert torch.equal(block[..., :j, :], base_block[..., :j, :]), j
+        later_changed += not torch.equal(out.logits[:, j:], base.logits[:, j:])
+    assert later_changed >= 4, "the change must reach the positions that may see it"
+
+
+# --- learning ---------------------------------------------------------------------------
+
+
+def _grammar_corpus(words=("spike", "moe", "gate", "token"), n_words=1200, seed=0):
+    rng = random.Random(seed)
+    return " ".join(rng.choice(words) for _ in range(n_words)) + " "
+
+
+@pytest.mark.slow
+def test_tiny_spiking_moe_lm_learns_a_small_grammar_well_below_its_unigram_entropy():
+    text = _grammar_corpus()
+    counts = Counter(text)
+    unigram_bits = -sum(c / len(text) * math.log2(c / len(text)) for c in counts.values())
+    assert 3.0 < unigram_bits < 3.7  # 12 symbols, far from uniform over 256 bytes
+
+    data = torch.tensor(list(text.encode()), dtype=torch.long)
+    train, held_out = data[: int(0.9 * len(data))], data[int(0.9 * len(data)) :]
+    ctx = 16
+    g = torch.Generator().manual_seed(0)
+
+    def batch(src, size):
+        start = torch.randint(0, len(src) - ctx - 1, (size,), generator=g)
+        x = torch.stack([src[s : s + ctx] for s in start])
+        y = torch.stack([src[s + 1 : s + ctx + 1] for s in start])
+        return x, y
+
+    torch.manual_seed(0)
+    model = SpikingMoELM(256, 32, 1, 2, ctx, num_experts=4, k=1, expert_hidden=32, num_steps=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        x, y = batch(train, 16)
+        out = model(x)
+        loss = nn.functional.cross_entropy(out.logits.reshape(-1, 256), y.reshape(-1))
+        optimizer.zero_grad()
+        (loss + out.aux_loss).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        x, y = batch(held_out, 64)
+        nats = nn.functional.cross_entropy(model(x).logits.reshape(-1, 256), y.reshape(-1))
+    bits = nats.item() / math.log(2)
+    assert bits < 0.6 * unigram_bits, (bits, unigram_bits)
+
+
+# --- generate ---------------------------------------------------------------------------
+
+
+def _argmax_loop(model, ids, n):
+    model.eval()
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(ids[:, -model.context :]).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("name", ["moe_rate", "ann_routed"])
+def test_greedy_generation_equals_an_argmax_loop_and_keeps_the_prompt_rank(name):
+    model = MODELS[name]()
+    prompt = _ids(B=2, S=6, seed=3)
+    n = 5  # 6 + 5 > CTX: the window slides
+    model.train()
+    out = model.generate(prompt, n, temperature=0)
+    assert model.training, "generate must restore training mode"
+    assert out.shape == (2, 6 + n) and out.dtype == prompt.dtype
+    assert torch.equal(out[:, :6], prompt)
+    assert torch.equal(out, _argmax_loop(model, prompt.clone(), n))
+    one = model.generate(prompt[1], n, temperature=0)
+    assert one.shape == (6 + n,)
+    assert torch.equal(one, out[1])
+    assert model.generate(prompt, 0).shape == prompt.shape
+
+
+def test_greedy_generation_ignores_training_noise_and_sampling_follows_the_generator():
+    model = _moe_lm(noise=5.0)  # noisy routing in training mode only
+    prompt = _ids(B=1, S=3, seed=4)
+    model.train()
+    a = model.generate(prompt, 6, temperature=0)
+    b = model.generate(prompt, 6, temperature=0)
+    assert torch.equal(a, b)
+    assert torch.equal(a, _argmax_loop(model, prompt.clone(), 6))
+    s1 = model.generate(prompt, 6, 1.0, generator=torch.Generator().manual_seed(7))
+    s2 = model.generate(prompt, 6, 1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(s1, s2)
+    assert int(s1.min()) >= 0 and int(s1.max()) < V
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
+        (dict(max_new_tokens=1.5), "max_new_tokens must be an int >= 0"),
+        (dict(max_new_tokens=True), "max_new_tokens must be an int >= 0"),
+        (dict(max_new_tokens=2, temperature=-0.5), "temperature must be a number >= 0"),
+        (dict(max_new_tokens=2, temperature="hot"), "temperature must be a number >= 0"),
+        (dict(max_new_tokens=2, temperature=float("nan")), "temperature must be a number >= 0"),
+    ],
+)
+def test_generate_rejects_bad_arguments(kwargs, match):
+    model = _moe_lm()
+    with pytest.raises(ValueError, match=match):
+        model.generate(_ids(B=1, S=2), **kwargs)
+
+
+def test_generate_rejects_a_prompt_that_is_not_a_tensor():
+    model = _moe_lm()
+    for n in (2, 0):
+        with pytest.raises(TypeError, match="torch.Tensor"):
+            model.generate([1, 2, 3], n)
+
+
+def test_generate_rejects_out_of_vocabulary_prompts():
+    model = _moe_lm()
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 32\)"):
+        model.generate(torch.tensor([[1, V]]), 2)
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(
+    "ids, error, match",
+    [
+        (
+            torch.tensor([[0, -1, 2]]),
+            ValueError,
+            r"token ids must lie in \[0, 32\), got values in \[-1, 2\]",
+        ),
+        (
+            torch.tensor([[0, V, 2]]),
+            ValueError,
+            r"token ids must lie in \[0, 32\), got values in \[0, 32\]",
+        ),
+        (torch.tensor([[0.0, 1.0]]), TypeError, "integer token ids, got dtype torch.float32"),
+        (torch.tensor([[True, False]]), TypeError, "integer token ids, got dtype torch.bool"),
+        (torch.tensor([1, 2, 3]), ValueError, r"\[B, S\] token ids, got shape \(3,\)"),
+        (
+            torch.zeros(1, 0, dtype=torch.long),
+            ValueError,
+            r"\[B, S\] token ids, got shape \(1, 0\)",
+        ),
+        (
+            torch.zeros(1, CTX + 1, dtype=torch.long),
+            ValueError,
+            "sequence length 9 exceeds the context 8",
+        ),
+        ([[1, 2]], TypeError, "must be a torch.Tensor of token ids, got list"),
+    ],
+)
+def test_bad_token_ids_are_rejected_naming_the_problem(name, ids, error, match):
+    model = MODELS[name]()
+    with pytest.raises(error, match=match):
+        model(ids)
+
+
+def test_an_empty_batch_is_rejected_naming_its_shape():
+    model = _moe_lm()
+    with pytest.raises(ValueError, match=r"\[B, S\] token ids, got shape \(0, 4\)"):
+        model(torch.zeros(0, 4, dtype=torch.long))
+
+
+def test_bad_model_configurations_are_rejected_naming_the_problem():
+    with pytest.raises(ValueError, match="k must be <= num_experts, got k=5 with num_experts=4"):
+        SpikingMoELM(V, DM, 1, HEADS, CTX, num_experts=4, k=5)
+    with pytest.raises(ValueError, match="k must be <= num_experts"):
+        ANNTransformerLM(V, DM, 1, HEADS, CTX, num_experts=4, k=5)
+    with pytest.raises(ValueError, match=r"d_model \(10\) must be divisible by num_heads \(3\)"):
+        SpikingMoELM(V, 10, 1, 3, CTX, num_experts=4, k=1)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        DenseSNNLM(V, 10, 1, 3, CTX, ffn_hidden=8)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        ANNTransformerLM(V, 10, 1, 3, CTX)
+    with pytest.raises(ValueError, match="context must be an int >= 1"):
+        DenseSNNLM(V, DM, 1, HEADS, 0, ffn_hidden=8)
+    with pytest.raises(ValueError, match="unknown readout 'mean'"):
+        SpikingMoELM(V, DM, 1, HEADS, CTX, num_experts=4, k=1, readout="mean")
+    with pytest.raises(ValueError, match="unknown router 'hash'"):
+        SpikingMoELM(V, DM, 1, HEADS, CTX, num_experts=4, k=1, router="hash")
+
+
+# --- activity ---------------------------------------------------------------------------
+
+
+def _lif_counts(model, ids):
+    """Spikes and updates of every LIF module, counted by forward hooks (0 if it did not run)."""
+    counts = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LIF):
+            counts[path] = [0.0, 0]
+
+            def hook(m, args, out, path=path):
+                counts[path][0] += float(out.detach().sum())
+                counts[path][1] += out.numel()
+
+            module.register_forward_hook(hook)
+    out = model(ids)
+    return out, counts
+
+
+@pytest.mark.parametrize("router", ["rate", "spiking"])
+def test_moe_lm_activity_names_every_lif_and_matches_hook_counts(router):
+    torch.manual_seed(0)
+    model = SpikingMoELM(
+        V,
+        DM,
+        1,
+        HEADS,
+        CTX,
+        num_experts=4,
+        k=1,
+        expert_hidden=16,
+        shared_experts=1,
+        num_steps=3,
+        router=router,
+        capacity_factor=0.5,
+        threshold=0.5,
+    )
+    out, counts = _lif_counts(model, _ids(B=2))
+    names = out.activity.names
+    expected = {
+        "input_neuron",
+        "blocks.0.attn.q_neuron",
+        "blocks.0.attn.k_neuron",
+        "blocks.0.attn.v_neuron",
+        "blocks.0.attn.attn_neuron",
+        "blocks.0.attn_neuron",
+        "blocks.0.ffn.shared_experts.0.net.1",
+        "blocks.0.ffn.neuron",
+        *(f"blocks.0.ffn.experts.{e}.net.1" for e in range(4)),
+    }
+    assert expected <= set(names)
+    assert ("blocks.0.ffn.router.neuron" in names) == (router == "spiking")
+    assert set(names) == set(counts), "every LIF module is reported, and nothing else"
+    spikes = dict(zip(names, out.activity.spikes.tolist(), strict=True))
+    updates = dict(zip(names, out.activity.updates.tolist(), strict=True))
+    assert spikes == {n: c[0] for n, c in counts.items()}
+    assert updates == {n: c[1] for n, c in counts.items()}
+    assert out.activity.spikes.sum().item() == sum(c[0] for c in counts.values()) > 0
+
+
+def test_dense_lm_activity_names_its_ffn_neuron_and_ann_reports_none():
+    model = _dense_lm()
+    out, counts = _lif_counts(model, _ids(B=2))
+    assert {"blocks.0.ffn_neuron", "blocks.0.ffn.net.1", "blocks.1.ffn_neuron"} <= set(
+        out.activity.names
+    )
+    assert set(out.activity.names) == set(counts)
+    assert dict(zip(out.activity.names, out.activity.spikes.tolist(), strict=True)) == {
+        n: c[0] for n, c in counts.items()
+    }
+    assert out.routing == () and out.aux_loss.item() == 0.0
+    ann = _ann_lm()(_ids(B=2))
+    assert len(ann.activity) == 0 and len(ann.routing) == 2
