@@ -7,6 +7,8 @@
   re-count a trained model on its test set under any energy profile.
 - :func:`sweep_main` (``spiking-moe-sweep``, ``experiments/sweep.py``): one experiment per
   (experts, k) pair, one comparison table and plot.
+- :func:`generate_main` (``spiking-moe-generate``, ``experiments/generate.py``): sample text
+  from a trained language model (a ``data.name = "text"`` run).
 
 Every command takes ``--set section.key=value`` (repeatable): TOML values checked exactly like
 the config file's (``--set train.lr=3e-3 --set model.router=spiking``).
@@ -31,6 +33,8 @@ from .experiment import (
     check_experiment,
     evaluate_checkpoint,
     finished_result,
+    generate_text,
+    load_language_model,
     run_experiment,
     run_seeds,
     summary_table,
@@ -40,7 +44,7 @@ from .plotting import plot_sweep
 from .sweep import run_folder, run_sweep, sweep_configs, sweep_table
 from .training import CheckpointError, energy_profile_names, init_distributed
 
-__all__ = ["energy_report_main", "sweep_main", "train_main"]
+__all__ = ["energy_report_main", "generate_main", "sweep_main", "train_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,4 +263,39 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     if stopped_by is not None:
         logger.warning("sweep interrupted after %d of %d runs", len(rows), len(configs))
         return 128 + stopped_by
+    return 0
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    """Sample bytes after a prompt from a trained language model and print them. Exit code."""
+    parser = argparse.ArgumentParser(
+        prog="spiking-moe-generate",
+        description="Continue a prompt with a trained spiking (or ANN) language model.",
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="runs/<name>/checkpoint.pt")
+    parser.add_argument("--prompt", default="def ", help='text to continue (default "def ")')
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to sample")
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature (0: most likely byte)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling stream")
+    _add_device(parser)
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        if not args.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        model, _ = load_language_model(args.checkpoint, device=args.device)
+        text = generate_text(
+            model, args.prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed
+        )
+    except (*_USAGE_ERRORS, CheckpointError) as exc:
+        logger.error("%s", exc)
+        return 2
+    print(text)
     return 0

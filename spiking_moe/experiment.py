@@ -31,7 +31,7 @@ from .config import (
     config_to_dict,
     flatten_config,
 )
-from .data import BatchLoader, DataSplits, build_datasets
+from .data import DATASETS, TEXT_VOCAB, BatchLoader, DataSplits, build_datasets
 from .factory import build_model
 from .plotting import plot_run
 from .training import (
@@ -59,6 +59,8 @@ __all__ = [
     "check_experiment",
     "config_from_checkpoint",
     "evaluate_checkpoint",
+    "generate_text",
+    "load_language_model",
     "finished_result",
     "run_experiment",
     "run_seeds",
@@ -151,10 +153,15 @@ def check_experiment(config: ExperimentConfig, out: Path, *, resume: bool = Fals
         )
 
 
-def _write_energy_files(out: Path, report, samples: int, accuracy: float, name: str) -> None:
-    """``report.json``, ``report.md`` and ``report.png`` (accuracy vs energy, expert load)."""
+def _write_energy_files(
+    out: Path, report, samples: int, accuracy: float, name: str, unit: str = "sample"
+) -> None:
+    """``report.json``, ``report.md`` (headed by the energy per sample, or per token for a
+    language model) and ``report.png`` (accuracy vs energy, expert load)."""
     (out / "report.json").write_text(report.to_json())
-    (out / "report.md").write_text(report.to_markdown())
+    per_unit_uj = report.totals.energy_pj / samples / 1e6
+    head = f"**Energy per {unit}: {per_unit_uj:.4g} uJ** (total over {samples:,} {unit}s counted)\n\n"
+    (out / "report.md").write_text(head + report.to_markdown())
     plot_run(report, accuracy, samples, out / "report.png", title=name)
 
 
@@ -239,7 +246,9 @@ def run_experiment(
     samples = energy_callback.samples if energy_callback is not None else 0
     if dist_info.is_main:
         if report is not None:
-            _write_energy_files(out, report, samples, test["test/accuracy"], config.name)
+            _write_energy_files(
+                out, report, samples, test["test/accuracy"], config.name, energy_callback.unit
+            )
         (out / RESULT_NAME).write_text(
             json.dumps({"metrics": metrics, "wall_time_s": fit.wall_time_s}, indent=2)
         )
@@ -499,3 +508,57 @@ def write_profile_report(out: Path, evaluation: CheckpointEvaluation, profile: s
         write_energy_report(writer, evaluation.report, evaluation.step, f"test_energy_{profile}")
     finally:
         writer.close()
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def load_language_model(
+    checkpoint: str | Path, *, device: str | None = None
+) -> tuple[torch.nn.Module, ExperimentConfig]:
+    """The language model a text run trained, rebuilt from its checkpoint (no corpus read).
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: the checkpoint is damaged.
+        ConfigError: the checkpoint holds no experiment config, or not a text run's.
+    """
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)
+    config = config_from_checkpoint(state, checkpoint)
+    if config.data.name != "text":
+        raise ConfigError(
+            f"{checkpoint} is a {config.data.name!r} run; only data.name = 'text' runs are "
+            "language models"
+        )
+    spec = DATASETS["text"]
+    model = build_model(
+        config.model,
+        in_features=TEXT_VOCAB,
+        num_classes=TEXT_VOCAB,
+        num_steps=config.data.num_steps or spec.default_steps,
+        context=config.data.context,
+    )
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device or config.train.device)), config
+
+
+def generate_text(
+    model: torch.nn.Module,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    seed: int = 0,
+) -> str:
+    """Continue ``prompt`` (encoded as UTF-8 bytes) by ``max_new_tokens`` sampled bytes.
+
+    Bytes that do not form valid UTF-8 (a sample cut inside a character) are shown as U+FFFD.
+    """
+    if not prompt:
+        raise ValueError("the prompt must not be empty (the model needs a byte to start from)")
+    device = next(model.parameters()).device
+    ids = torch.tensor(list(prompt.encode("utf-8")), dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(ids, max_new_tokens, temperature, generator=generator)
+    return bytes(out.tolist()).decode("utf-8", errors="replace")
