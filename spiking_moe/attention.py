@@ -87,7 +87,9 @@ class MatMul(nn.Module):
         if self.matmul_mask == "contraction":
             M, K = a.shape[-2:]
             if M != K:
-                raise ValueError(f"contraction mask needs a square a [.., M, M], got {tuple(a.shape)}")
+                raise ValueError(
+                    f"contraction mask needs a square a [.., M, M], got {tuple(a.shape)}"
+                )
             # Zeroing a's masked entries removes exactly the terms k > m from every sum
             # (masked_fill, not a multiply: 0 * inf would be NaN).
             return a.masked_fill(~_causal_mask(M, a.device), 0) @ b
@@ -182,8 +184,10 @@ class SpikingSelfAttention(nn.Module):
         scores_TBHSS = self.scores(q, k.transpose(-2, -1))
         mixed_TBHSC = self.mix(scores_TBHSS, v)
         C = D // self.num_heads
-        seen_S = torch.arange(1, S + 1, device=x_TBSD.device) if self.causal else torch.full(
-            (S,), S, device=x_TBSD.device
+        seen_S = (
+            torch.arange(1, S + 1, device=x_TBSD.device)
+            if self.causal
+            else torch.full((S,), S, device=x_TBSD.device)
         )
         scale_S1 = (1.0 / (math.sqrt(C) * seen_S.to(mixed_TBHSC.dtype))).unsqueeze(-1)
         y_TBSD = (mixed_TBHSC * scale_S1).transpose(2, 3).reshape(T, B, S, D)

@@ -160,7 +160,9 @@ def _write_energy_files(
     language model) and ``report.png`` (accuracy vs energy, expert load)."""
     (out / "report.json").write_text(report.to_json())
     per_unit_uj = report.totals.energy_pj / samples / 1e6
-    head = f"**Energy per {unit}: {per_unit_uj:.4g} uJ** (total over {samples:,} {unit}s counted)\n\n"
+    head = (
+        f"**Energy per {unit}: {per_unit_uj:.4g} uJ** (total over {samples:,} {unit}s counted)\n\n"
+    )
     (out / "report.md").write_text(head + report.to_markdown())
     plot_run(report, accuracy, samples, out / "report.png", title=name)
 

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import ModelConfig
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 from .models import ANNClassifier, DenseSNNClassifier, SpikingMoEClassifier
 from .transformer import ANNTransformerLM, DenseSNNLM, SpikingMoELM
 
@@ -71,7 +70,9 @@ def _build_lm(config: ModelConfig, vocab_size: int, num_steps: int, context: int
             f"model.num_heads ({config.num_heads})"
         )
     if config.router_window:
-        raise ConfigError("model.router_window must be 0 for language models (routing is per position)")
+        raise ConfigError(
+            "model.router_window must be 0 for language models (routing is per position)"
+        )
     shared_hidden = config.shared_hidden or config.expert_hidden
     ffn_hidden = config.k * config.expert_hidden + config.shared_experts * shared_hidden
     sizes = (vocab_size, config.hidden_features, config.num_moe_layers, config.num_heads, context)

@@ -176,9 +176,9 @@ class SpikingMoE(nn.Module):
                 raise ValueError(
                     f"shared expert {m} has in_features={expert_in}, router has {router.in_features}"
                 )
-        outs = {
-            getattr(expert, "out_features", None) for expert in experts + shared_experts
-        } - {None}
+        outs = {getattr(expert, "out_features", None) for expert in experts + shared_experts} - {
+            None
+        }
         if len(outs) > 1:
             raise ValueError(f"experts disagree on out_features: {sorted(outs)}")
         self.router = router
@@ -285,7 +285,9 @@ class SpikingMoE(nn.Module):
 
 def _position_major(B: int, S: int, device) -> torch.Tensor:
     """``[B S]`` capacity priority of token ``n = b S + s``: ``s B + b`` (position first)."""
-    return (torch.arange(S, device=device) * B + torch.arange(B, device=device).unsqueeze(1)).reshape(-1)
+    return (
+        torch.arange(S, device=device) * B + torch.arange(B, device=device).unsqueeze(1)
+    ).reshape(-1)
 
 
 def _to_windows(x_TND: torch.Tensor, window: int) -> torch.Tensor:

@@ -176,11 +176,15 @@ class _LanguageModel(nn.Module):
         """``[B, S]`` ids -> ``[B, S, D]`` token plus position embedding (after the checks)."""
         name = type(self).__name__
         if not isinstance(ids_BS, torch.Tensor):
-            raise TypeError(f"{name} input must be a torch.Tensor of token ids, got {type(ids_BS).__name__}")
+            raise TypeError(
+                f"{name} input must be a torch.Tensor of token ids, got {type(ids_BS).__name__}"
+            )
         if ids_BS.dtype == torch.bool or ids_BS.is_floating_point() or ids_BS.is_complex():
             raise TypeError(f"{name} input must be integer token ids, got dtype {ids_BS.dtype}")
         if ids_BS.dim() != 2 or 0 in ids_BS.shape:
-            raise ValueError(f"{name} input must be [B, S] token ids, got shape {tuple(ids_BS.shape)}")
+            raise ValueError(
+                f"{name} input must be [B, S] token ids, got shape {tuple(ids_BS.shape)}"
+            )
         S = ids_BS.shape[1]
         if S > self.context:
             raise ValueError(f"{name}: sequence length {S} exceeds the context {self.context}")
