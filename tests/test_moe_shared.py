@@ -216,3 +216,45 @@ def test_flat_token_input_keeps_the_largest_gates():
     assert out.routing.kept[0, :, 0].tolist() == kept
     gates = [_expert_and_gate(r)[1] if keep else 0.0 for r, keep in zip(rates, kept, strict=True)]
     torch.testing.assert_close(out.routing.gates[0, :, 0], torch.tensor(gates))
+
+
+@pytest.mark.parametrize("router_kind", ["rate", "spiking"])
+def test_fine_grained_experts_with_k_8_route_balance_and_respect_capacity(router_kind):
+    """32 small experts, top-8, one shared expert, capacity 1.0: the sparse layer equals the
+    dense-masked one, no expert exceeds its capacity, and (rate router) aux-loss-free
+    balancing evens a skewed load: DeepSeekMoE-style fine-grained routing through the existing
+    parts."""
+    from spiking_moe.router import SpikingRouter
+
+    E_fine, K_fine, N = 32, 8, 48
+    torch.manual_seed(0)
+    make = RateRouter if router_kind == "rate" else SpikingRouter
+    router = make(D, E_fine, K_fine, capacity_factor=1.0, bias_update_rate=0.05)
+    moe = SpikingMoE(
+        router=router,
+        experts=[SpikingExpert(D, 4, D, threshold=0.5) for _ in range(E_fine)],
+        shared_experts=[SpikingExpert(D, 8, D, threshold=0.5)],
+    )
+    x = _spikes((T, N, D), p=0.3, seed=5)
+    sparse = moe(x)
+    capacity = math.ceil(1.0 * N * K_fine / E_fine)
+    assert sparse.routing.capacity == capacity
+    assert int(sparse.routing.tokens_per_expert.max()) <= capacity
+    assert int(sparse.routing.tokens_per_expert.sum() + sparse.routing.dropped) == N * K_fine
+    moe.dense = True
+    assert torch.equal(moe(x).spikes, sparse.spikes)
+    moe.dense = False
+
+    if router_kind == "spiking":
+        return  # its saturated counts are equal for every token: nothing for a bias to split
+
+    def imbalance():
+        load = moe.router(x).selected_load().float()
+        return float(load.max() / load.mean())
+
+    with torch.no_grad():  # skew the router towards the first experts
+        router.proj.bias.copy_(torch.linspace(2.0, -2.0, E_fine))
+    before = imbalance()
+    for _ in range(150):  # +-0.05 per step: room to undo the +-2 skew (+-5 spiking logits)
+        router.update_bias(moe.router(x))
+    assert before >= 2.5 and imbalance() < before / 2
