@@ -247,6 +247,9 @@ class ModelConfig(_Section):
     ``load_balancing_weight`` (Switch loss), ``z_loss_weight`` (router z-loss),
     ``bias_balancing`` (update rate of the auxiliary-loss-free bias, 0 = off),
     ``capacity_factor`` (tokens per expert = factor * N * k / E; unset = no capacity limit).
+    ``router_renormalize``: gates renormalised over the chosen ``k`` (with ``k = 1`` every gate
+    is then 1 and the router learns from the balancing losses only); false gives Switch-style
+    gates ``p`` (the router learns from the task loss too).
 
     With ``data.name = "text"`` the same kinds build language models
     (:mod:`spiking_moe.transformer`): ``hidden_features`` is ``d_model``, ``num_moe_layers``
@@ -268,6 +271,7 @@ class ModelConfig(_Section):
     router: str = _field("rate", choices=ROUTERS)
     router_noise: float = _field(0.0, ge=0.0)
     router_window: int = _field(0, ge=0)
+    router_renormalize: bool = True
     beta: float = _field(0.9, ge=0.0, le=1.0)
     threshold: float = _field(1.0, gt=0.0)
     reset: str = _field("subtract", choices=RESETS)

@@ -50,6 +50,7 @@ def _routing_kwargs(cfg: ModelConfig) -> dict:
         balance_weight=cfg.load_balancing_weight,
         z_loss_weight=cfg.z_loss_weight,
         bias_update_rate=cfg.bias_balancing,
+        renormalize=cfg.router_renormalize,
     )
 
 

@@ -191,7 +191,8 @@ class SpikingMoEClassifier(_SpikingClassifier):
         router: "rate" (:class:`~spiking_moe.router.RateRouter`) or "spiking"
             (:class:`~spiking_moe.router.SpikingRouter`).
         dense: start in dense-MoE mode (every expert on every token).
-        window, capacity_factor, noise, balance_weight, z_loss_weight, bias_update_rate:
+        window, capacity_factor, noise, balance_weight, z_loss_weight, bias_update_rate,
+        renormalize:
             passed to every router.
         **neuron_kwargs: passed to every LIF (``beta``, ``threshold``, ``reset``,
             ``surrogate``, ...); the membrane readout uses the same ``beta`` (a scalar).
@@ -228,6 +229,7 @@ class SpikingMoEClassifier(_SpikingClassifier):
         balance_weight: float = 1e-2,
         z_loss_weight: float = 1e-3,
         bias_update_rate: float = 1e-3,
+        renormalize: bool = True,
         **neuron_kwargs,
     ):
         super().__init__()
@@ -241,6 +243,7 @@ class SpikingMoEClassifier(_SpikingClassifier):
             balance_weight=balance_weight,
             z_loss_weight=z_loss_weight,
             bias_update_rate=bias_update_rate,
+            renormalize=renormalize,
         )
         layers = []
         for _ in range(num_moe_layers):
@@ -324,7 +327,7 @@ class ANNClassifier(_Classifier):
     Args:
         in_features, num_classes, hidden_features, k, num_moe_layers, expert_hidden,
             expert_layers, dense, capacity_factor, noise, balance_weight, z_loss_weight,
-            bias_update_rate: as in :class:`SpikingMoEClassifier`.
+            bias_update_rate, renormalize: as in :class:`SpikingMoEClassifier`.
         num_experts: experts per MoE layer (routed by a
             :class:`~spiking_moe.router.RateRouter` on the activations, ``window=None``), or
             None for the dense ANN whose blocks have width ``k * expert_hidden``.
@@ -358,6 +361,7 @@ class ANNClassifier(_Classifier):
         balance_weight: float = 1e-2,
         z_loss_weight: float = 1e-3,
         bias_update_rate: float = 1e-3,
+        renormalize: bool = True,
     ):
         super().__init__()
         for name, value in (
@@ -391,6 +395,7 @@ class ANNClassifier(_Classifier):
                         balance_weight=balance_weight,
                         z_loss_weight=z_loss_weight,
                         bias_update_rate=bias_update_rate,
+                        renormalize=renormalize,
                     ),
                     experts=[
                         MLPExpert(
