@@ -266,8 +266,8 @@ def _capacity_mask(ids_XNK, key_XNK, num_experts, capacity) -> torch.Tensor:
     ).reshape(-1)
     # Two stable sorts give the order (group, key ascending, flat index ascending) with
     # no host sync; the flat index is token-major, so equal keys favour earlier tokens.
-    by_gate = torch.argsort(key_XNK.reshape(-1), stable=True)
-    order = by_gate[torch.argsort(group_A[by_gate], stable=True)]
+    by_key = torch.argsort(key_XNK.reshape(-1), stable=True)
+    order = by_key[torch.argsort(group_A[by_key], stable=True)]
     counts = torch.bincount(group_A, minlength=W * num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(order.numel(), device=order.device) - starts[group_A[order]]
