@@ -68,6 +68,12 @@ def test_cli_trains_a_spiking_moe_lm_on_text_and_generates(tmp_path, capsys):
     all_bytes = b"".join(p.read_bytes() for p in sorted(corpus.iterdir()))
     assert recorded["sha256"] == hashlib.sha256(all_bytes).hexdigest()
     assert (out / "report.md").read_text().startswith("**Energy per token:")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out)).Reload()
+    for tag in ("val/bpb", "val/energy/uJ_per_token", "test/bpb"):
+        assert events.Scalars(tag), tag  # TensorBoard curves of bits per byte and energy
+    assert [e.step for e in events.Scalars("val/bpb")] == [3, 6]
 
     capsys.readouterr()
     args = ["--checkpoint", str(out / "checkpoint.pt"), "--max-new-tokens", "12"]
