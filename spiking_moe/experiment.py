@@ -323,6 +323,8 @@ def _cell(summary: dict[str, Any], name: str, fmt: str) -> str:
     if summary["runs"] < 2:
         return fmt.format(mean)
     std = summary[f"{name}_std"]
+    if std <= 1e-9 * abs(mean):  # float rounding (identical energies over seeds): no spread
+        std = 0.0
     if fmt.endswith("g}") and std > 0:
         decimals = max(0, 1 - math.floor(math.log10(std)))
         return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
