@@ -5,7 +5,8 @@ One optimizer step (forward, cross-entropy, backward, AdamW step) of the models 
 with ``E`` routed experts (top-k, one shared expert), the dense spiking LM (FFN width
 ``k * expert_hidden + shared``) and the ANN transformer (dense FFN). Routers are balanced
 first with the library's aux-loss-free bias (a fresh router sends most tokens to a few experts,
-which would flatter the MoE). Median of repeats, every model in this one process, side by side.
+which would flatter the MoE). Median of repeats, every model in this one process, side by side,
+one step of each model per round.
 
     PYTHONPATH=. python experiments/benchmarks/lm_step_time.py                # 2 threads, CPU
     PYTHONPATH=. python experiments/benchmarks/lm_step_time.py --threads 1 --repeats 5
@@ -66,23 +67,19 @@ def balance(model, ids, steps: int) -> None:
                 router.update_bias(info)
 
 
-def step_time(model, ids, targets, repeats: int, device) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    times = []
-    for i in range(repeats + 2):  # two warm-up steps
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = model(ids)
-        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), targets.reshape(-1))
-        (loss + out.aux_loss).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return times
+def one_step(model, optimizer, ids, targets, device) -> float:
+    """Seconds for one forward, loss, backward and AdamW step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model(ids)
+    loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB), targets.reshape(-1))
+    (loss + out.aux_loss).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -111,11 +108,19 @@ def main() -> None:
         f"d_model={config.model.hidden_features}, {config.model.num_moe_layers} blocks, "
         f"k={config.model.k}, median of {args.repeats}"
     )
-    medians = {}
+    runs = {}
     for label, model in models(config, experts).items():
         model = model.to(device)
         balance(model, ids, args.balance_steps)
-        times = step_time(model, ids, targets, args.repeats, device)
+        runs[label] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), [])
+    # Interleaved, one step of every model per round, so drifts in machine load hit all alike.
+    for round_ in range(args.repeats + 2):  # two warm-up rounds
+        for model, optimizer, times in runs.values():
+            seconds = one_step(model, optimizer, ids, targets, device)
+            if round_ >= 2:
+                times.append(seconds)
+    medians = {}
+    for label, (_, _, times) in runs.items():
         medians[label] = statistics.median(times)
         tokens = batch * context / medians[label]
         print(
