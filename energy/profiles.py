@@ -6,8 +6,15 @@ A profile prices the operations that :func:`energy.count_operations` counts:
 - ``mac_pj``: one multiply-accumulate, a graded (non-binary) input reaching one synapse;
 - ``neuron_update_pj``: one neuron for one time step;
 - ``spike_pj``: one emitted spike (reset and routing), 0 when a chip folds it into the above;
-- ``memory_read_pj`` / ``memory_write_pj``: one memory access, used only when a report is built
-  with ``include_memory=True`` (0 on chips whose per-op figures already include memory);
+- ``memory_read_pj`` / ``memory_write_pj``: one memory access (the memory term: every report
+  carries a compute-only and a compute + memory total, see :mod:`energy.report`; 0 on chips
+  whose per-op figures already include memory);
+- ``weight_bits`` / ``activation_bits``: the precision the prices hold for. ``weight_bits`` is
+  the width of one stored synaptic weight; ``activation_bits`` that of one input the AC/MAC
+  prices consume (1 on chips that carry binary spikes; graded inputs, MACs, run on a
+  conventional host at fp32 there, see each ``note``). A report compares ``weight_bits`` with
+  the precision the counted model ran at, so an fp32 accuracy is not quoted beside an 8-bit
+  energy without saying so;
 - ``ann_mac_fp32_pj`` / ``ann_mac_int8_pj``: the MAC of the ANN baselines. Every bundled
   profile takes them from ``cmos45`` fp32/int8 (Horowitz 2014) because the ANN baseline is a
   conventional accelerator, not the neuromorphic chip; a user profile may set its own.
@@ -26,6 +33,8 @@ A user profile is a TOML file with the same fields at top level, loaded by
     ac_pj = 1.2
     mac_pj = 3.0
     neuron_update_pj = 2.0
+    weight_bits = 8        # required: bits per stored weight
+    activation_bits = 1    # required: bits per input event (1: binary spikes)
     # optional: spike_pj, memory_read_pj, memory_write_pj, ann_mac_fp32_pj, ann_mac_int8_pj, note
 
 Example:
@@ -33,6 +42,8 @@ Example:
     0.9
     >>> get_profile("cmos45").mac_pj
     4.6
+    >>> get_profile("cmos45_int8").weight_bits, get_profile("loihi").activation_bits
+    (8, 1)
 """
 
 from __future__ import annotations
@@ -54,6 +65,8 @@ _OPTIONAL_NUMBERS = (
     "ann_mac_int8_pj",
 )
 _REQUIRED_TEXT = ("name", "description", "source")
+_REQUIRED_BITS = ("weight_bits", "activation_bits")
+_MAX_BITS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +85,12 @@ class EnergyProfile:
         memory_write_pj: one memory write (memory term only).
         ann_mac_fp32_pj: MAC of the fp32 ANN baselines (default: cmos45 fp32, 4.6 pJ).
         ann_mac_int8_pj: MAC of the int8 ANN baselines (default: cmos45 int8, 0.23 pJ).
+        weight_bits: bits of one stored synaptic weight the prices hold for (1 to 64).
+            Required in TOML and in :meth:`from_dict`; the Python default, 32, is the
+            precision the counting assumes (fp32), kept so that a profile built in code and a
+            report written before profiles stated precision still load.
+        activation_bits: bits of one input an AC/MAC consumes (1: binary spikes; 1 to 64).
+            Required and defaulted like ``weight_bits``.
         note: derivations and caveats.
     """
 
@@ -86,6 +105,8 @@ class EnergyProfile:
     memory_write_pj: float = 0.0
     ann_mac_fp32_pj: float = 4.6
     ann_mac_int8_pj: float = 0.23
+    weight_bits: int = 32
+    activation_bits: int = 32
     note: str = ""
 
     def __post_init__(self):
@@ -114,7 +135,7 @@ def _validate(data: Mapping, where: str) -> None:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields: {known}")
-    for field in _REQUIRED_TEXT + _REQUIRED_NUMBERS:
+    for field in _REQUIRED_TEXT + _REQUIRED_NUMBERS + _REQUIRED_BITS:
         if field not in data:
             raise ValueError(f"{where}: missing required field {field!r}")
     for field in (*_REQUIRED_TEXT, "note"):
@@ -135,6 +156,17 @@ def _validate(data: Mapping, where: str) -> None:
             )
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{where}: field {field!r} must be a finite number >= 0, got {value}")
+    for field in _REQUIRED_BITS:
+        value = data[field]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(
+                f"{where}: field {field!r} must be an integer number of bits, "
+                f"got {type(value).__name__} {value!r}"
+            )
+        if not 1 <= value <= _MAX_BITS:
+            raise ValueError(
+                f"{where}: field {field!r} must be between 1 and {_MAX_BITS} bits, got {value}"
+            )
 
 
 def _toml_load(text: str, where: str) -> dict:
@@ -192,7 +224,8 @@ def load_profile(path: str | Path) -> EnergyProfile:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: invalid TOML, missing/unknown field or a negative energy (names the field).
+        ValueError: invalid TOML, missing/unknown field, a negative energy or a bit width
+            outside 1..64 (names the field).
         TypeError: a field of the wrong type (names the field).
     """
     path = Path(path)

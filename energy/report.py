@@ -8,11 +8,29 @@ Energy of the SNN under a profile ``P`` (picojoules), per layer and in total:
               \; [+\; R \cdot P_{read} + W \cdot P_{write}]
 
 with ``U`` neuron updates, ``S`` spikes, and the bracketed memory term (reads ``R``, writes
-``W``, formula in :mod:`energy.counting`) only when ``include_memory=True``. ``AC`` and ``MAC``
+``W``, formula in :mod:`energy.counting`; after Lemaire et al. 2022). ``AC`` and ``MAC``
 are those of every counted layer: synaptic layers, matrix products (attention's ``Q K^T`` and
 ``scores @ V``: ACs when an operand is spikes, MACs when both are graded) and softmax (3 MACs
 per visible score); all of them make up the "synaptic" share of the totals, and each has its
 row, kind ``matmul`` or ``softmax``, in the per-layer table.
+
+**Two totals, always.** Every report prices the model and each baseline twice: *compute
+only* (``compute_pj``: the terms before the bracket) and *compute + memory traffic*
+(``with_memory_pj``: the whole formula), with a ratio for each (``compute_ratio``,
+``with_memory_ratio``), and the verdict says who wins under both. ``include_memory`` only
+chooses which of the two the historical fields follow: ``Totals.energy_pj``,
+``Baseline.energy_pj``, ``Baseline.ratio``, the per-layer and per-expert energies, the
+break-even rate and the first sentence of the verdict (default: compute only, as before), so
+existing callers keep their meaning. Reports read from JSON written before the two totals
+existed have them as None.
+
+**Precision.** A profile states the weight and activation bits its prices hold for
+(:class:`energy.EnergyProfile`); the report carries ``model_weight_bits`` (the precision the
+counted model ran at, default 32), ``accuracy`` (at that precision) and
+``accuracy_at_profile_precision`` (measured by the caller after quantising the weights to
+``profile.weight_bits``). When the model ran at more bits than the profile prices and no
+accuracy at the profile's precision is given, the verdict says so ("accuracy at 8 bits: not
+measured"), so an fp32 accuracy is never quoted beside an 8-bit energy unqualified.
 
 Baselines, each compared as ``ratio = E_baseline / E_SNN`` (above 1: the SNN saves energy):
 
@@ -71,7 +89,8 @@ __all__ = [
     "estimate",
 ]
 
-_FORMAT = 1
+_FORMAT = 2
+_READABLE_FORMATS = (1, 2)  # 1: before precision and the two totals; read with defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +132,13 @@ class ExpertEnergy:
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """A comparison point: its energy (pJ) and ``ratio = energy / SNN energy``."""
+    """A comparison point: its energy (pJ) and ``ratio = energy / SNN energy``.
+
+    ``energy_pj`` and ``ratio`` follow the report's ``include_memory``; ``compute_pj`` /
+    ``compute_ratio`` (compute only) and ``with_memory_pj`` / ``with_memory_ratio`` (compute +
+    memory traffic) are both always there, each ratio against the SNN total of the same
+    accounting (None only in reports read from format-1 JSON).
+    """
 
     name: str
     description: str
@@ -121,11 +146,20 @@ class Baseline:
     macs: int
     energy_pj: float
     ratio: float
+    compute_pj: float | None = None
+    compute_ratio: float | None = None
+    with_memory_pj: float | None = None
+    with_memory_ratio: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Totals:
-    """Whole-model sums; energies in pJ (``energy_pj`` is their sum)."""
+    """Whole-model sums; energies in pJ (``energy_pj`` is their sum).
+
+    ``energy_pj`` follows the report's ``include_memory`` (and ``memory_energy_pj`` is 0 without
+    it); ``compute_pj`` (synaptic + neuron) and ``with_memory_pj`` (compute + memory traffic)
+    are both always there (None only in reports read from format-1 JSON).
+    """
 
     acs: int
     macs: int
@@ -138,6 +172,8 @@ class Totals:
     neuron_energy_pj: float
     memory_energy_pj: float
     energy_pj: float
+    compute_pj: float | None = None
+    with_memory_pj: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +195,10 @@ class EnergyReport:
         break_even_firing_rate: firing rate at which the SNN would cost as much as the int8
             ANN with the same routing (None: no neurons or no activity-driven energy; 0: the
             int8 ANN wins at any rate).
+        model_weight_bits: weight precision the counted model ran at (default 32).
+        accuracy: the model's accuracy at ``model_weight_bits`` (None: not given).
+        accuracy_at_profile_precision: accuracy after quantising the weights to
+            ``profile.weight_bits`` (None: not measured).
     """
 
     profile: EnergyProfile
@@ -169,6 +209,9 @@ class EnergyReport:
     totals: Totals
     baselines: tuple[Baseline, ...]
     break_even_firing_rate: float | None
+    model_weight_bits: int = 32
+    accuracy: float | None = None
+    accuracy_at_profile_precision: float | None = None
 
     def baseline(self, name: str) -> Baseline:
         """The baseline called ``name`` (KeyError lists the present ones)."""
@@ -183,12 +226,26 @@ class EnergyReport:
 
     @classmethod
     def from_json(cls, text: str) -> EnergyReport:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json`; also reads format 1 (older reports).
+
+        A format-1 report has no precision fields and no compute/with-memory totals: they
+        take their defaults (its profile reads as 32-bit weights and activations, the
+        dataclass default, because it did not record them; the totals are None).
+        """
         data = json.loads(text)
-        if data.pop("format", None) != _FORMAT:
-            raise ValueError(f"not an energy report in format {_FORMAT}")
+        version = data.pop("format", None)
+        if version not in _READABLE_FORMATS:
+            raise ValueError(
+                f"not an energy report in format {' or '.join(map(str, _READABLE_FORMATS))}"
+            )
+        profile = data["profile"]
+        if version == 1:
+            bits = ("weight_bits", "activation_bits")
+            fields = dataclasses.fields(EnergyProfile)
+            profile = {**{f.name: f.default for f in fields if f.name in bits}, **profile}
+        optional = ("model_weight_bits", "accuracy", "accuracy_at_profile_precision")
         return cls(
-            profile=EnergyProfile.from_dict(data["profile"], "report profile"),
+            profile=EnergyProfile.from_dict(profile, "report profile"),
             time_steps=data["time_steps"],
             include_memory=data["include_memory"],
             layers=tuple(LayerEnergy(**row) for row in data["layers"]),
@@ -196,12 +253,20 @@ class EnergyReport:
             totals=Totals(**data["totals"]),
             baselines=tuple(Baseline(**row) for row in data["baselines"]),
             break_even_firing_rate=data["break_even_firing_rate"],
+            **{k: data[k] for k in optional if k in data},
         )
 
     @property
     def verdict(self) -> str:
-        """One sentence: does the SNN beat an int8 ANN with the same routing?"""
+        """Does the SNN beat an int8 ANN with the same routing, compute only and with memory
+        traffic; and at what precision was its accuracy measured?
+
+        The first sentence uses the report's own accounting (``include_memory``) and gives the
+        break-even firing rate; the second the other accounting; the third, when relevant,
+        the accuracy at the profile's weight precision.
+        """
         ann = self.baseline("ann_int8")
+        accounting = "with memory traffic" if self.include_memory else "compute only"
         if ann.ratio >= 1:
             rate = self.break_even_firing_rate
             tail = (
@@ -210,14 +275,51 @@ class EnergyReport:
                 if rate is not None
                 else ""
             )
-            return (
+            first = (
                 f"The SNN uses less energy than an int8 ANN with the same routing "
-                f"({ann.ratio:.2f}x less){tail}."
+                f"({ann.ratio:.2f}x less, {accounting}){tail}."
             )
-        return (
-            f"An int8 ANN with the same routing would use less energy than this SNN "
-            f"({1 / ann.ratio:.2f}x less) under profile {self.profile.name!r}."
-        )
+        else:
+            first = (
+                f"An int8 ANN with the same routing would use less energy than this SNN "
+                f"({_ratio(1.0, ann.ratio):.2f}x less, {accounting}) "
+                f"under profile {self.profile.name!r}."
+            )
+        sentences = [first]
+        other_ratio = ann.compute_ratio if self.include_memory else ann.with_memory_ratio
+        if other_ratio is not None:
+            other = "Compute only" if self.include_memory else "With memory traffic"
+            if other_ratio >= 1:
+                sentences.append(f"{other}: the SNN wins ({other_ratio:.2f}x less energy).")
+            else:
+                sentences.append(
+                    f"{other}: the int8 ANN wins ({_ratio(1.0, other_ratio):.2f}x less energy)."
+                )
+        precision = self.precision_statement
+        if precision:
+            sentences.append(precision)
+        return " ".join(sentences)
+
+    @property
+    def precision_statement(self) -> str:
+        """The accuracy at the priced precision, or that it was not measured ("" if moot)."""
+        wb, mb = self.profile.weight_bits, self.model_weight_bits
+        acc, acc_p = self.accuracy, self.accuracy_at_profile_precision
+        if acc_p is not None:
+            measured = "not given" if acc is None else f"{acc:.4g}"
+            return (
+                f"Accuracy at {mb}-bit weights (as run): {measured}; at {wb} bits "
+                f"(the profile's precision): {acc_p:.4g}."
+            )
+        if mb > wb:
+            given = "" if acc is None else f"; accuracy as run: {acc:.4g}"
+            return (
+                f"Priced at {wb}-bit weights; accuracy at {wb} bits: not measured "
+                f"(the model ran at {mb}-bit weights){given}."
+            )
+        if acc is not None:
+            return f"Accuracy {acc:.4g} at {mb}-bit weights, within the profile's {wb} bits."
+        return ""
 
     def to_markdown(self) -> str:
         """Readable tables: summary, baselines with ratios, per layer, per expert."""
@@ -228,23 +330,34 @@ class EnergyReport:
             f"{p.description}. Source: {p.source}.",
             "",
             f"T = {self.time_steps} time steps; memory traffic "
-            f"{'included' if self.include_memory else 'not included'}.",
+            f"{'included' if self.include_memory else 'not included'} in the SNN total, the "
+            "per-layer and per-expert energies (the baseline table shows both totals).",
+            "",
+            f"Precision: the profile prices {p.weight_bits}-bit weights and "
+            f"{p.activation_bits}-bit activations; the model ran at "
+            f"{self.model_weight_bits}-bit weights.",
             "",
             f"**SNN total: {_energy(t.energy_pj)}** (synaptic {_energy(t.synaptic_energy_pj)}, "
             f"neurons {_energy(t.neuron_energy_pj)}, memory {_energy(t.memory_energy_pj)}); "
             f"{t.acs:,} ACs, {t.macs:,} MACs, {t.neuron_updates:,} neuron updates, "
-            f"{t.spikes:,} spikes, firing rate {t.firing_rate:.2%}.",
+            f"{t.spikes:,} spikes, firing rate {t.firing_rate:.2%}. "
+            f"Compute only: {_maybe_energy(t.compute_pj)}; compute + memory traffic: "
+            f"{_maybe_energy(t.with_memory_pj)}.",
             "",
             self.verdict,
             "",
             "### Baselines",
             "",
-            "| model | ACs | MACs | energy | baseline / SNN |",
-            "| --- | ---: | ---: | ---: | ---: |",
-            f"| SNN (this model) | {t.acs:,} | {t.macs:,} | {_energy(t.energy_pj)} | 1.00x |",
+            "| model | ACs | MACs | compute | baseline / SNN | compute + memory "
+            "| baseline / SNN, with memory |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| SNN (this model) | {t.acs:,} | {t.macs:,} | {_maybe_energy(t.compute_pj)} | 1.00x "
+            f"| {_maybe_energy(t.with_memory_pj)} | 1.00x |",
         ]
         lines += [
-            f"| {b.description} | {b.acs:,} | {b.macs:,} | {_energy(b.energy_pj)} | {b.ratio:.2f}x |"
+            f"| {b.description} | {b.acs:,} | {b.macs:,} | {_maybe_energy(b.compute_pj)} | "
+            f"{_maybe_ratio(b.compute_ratio)} | {_maybe_energy(b.with_memory_pj)} | "
+            f"{_maybe_ratio(b.with_memory_ratio)} |"
             for b in self.baselines
         ]
         lines += [
@@ -298,6 +411,31 @@ def _energy(pj: float) -> str:
     return f"{pj:.3g} pJ"
 
 
+def _maybe_energy(pj: float | None) -> str:
+    return "n/a" if pj is None else _energy(pj)
+
+
+def _maybe_ratio(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
+def _check_bits_and_accuracy(model_weight_bits, accuracy, accuracy_at_profile_precision):
+    if isinstance(model_weight_bits, bool) or not isinstance(model_weight_bits, int):
+        raise TypeError(f"model_weight_bits must be an int, got {type(model_weight_bits).__name__}")
+    if not 1 <= model_weight_bits <= 64:
+        raise ValueError(f"model_weight_bits must be between 1 and 64, got {model_weight_bits}")
+    for name, value in (
+        ("accuracy", accuracy),
+        ("accuracy_at_profile_precision", accuracy_at_profile_precision),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+
+
 def _ratio(num: float, den: float) -> float:
     if den == 0:
         return math.inf if num > 0 else 1.0
@@ -339,6 +477,9 @@ def build_report(
     *,
     dense_counts: OperationCounts | None = None,
     include_memory: bool = False,
+    model_weight_bits: int = 32,
+    accuracy: float | None = None,
+    accuracy_at_profile_precision: float | None = None,
 ) -> EnergyReport:
     """Price counted operations under a profile and compare with the baselines.
 
@@ -348,7 +489,13 @@ def build_report(
         profile: a bundled profile name or an :class:`EnergyProfile`.
         dense_counts: counts of the dense twin on the same inputs, merged over the same
             batches (adds ``dense_snn`` and ``dense_ann_*``; per-expert dense energy).
-        include_memory: add the memory term (formula in :mod:`energy.counting`).
+        include_memory: whether ``energy_pj``, ``ratio``, the per-layer and per-expert
+            energies and the break-even rate include the memory term (formula in
+            :mod:`energy.counting`); both totals are reported either way.
+        model_weight_bits: weight precision the counted model ran at.
+        accuracy: its accuracy at that precision, if known.
+        accuracy_at_profile_precision: its accuracy with weights quantised to
+            ``profile.weight_bits``, if measured.
     """
     p = get_profile(profile)
     if not isinstance(counts, OperationCounts):
@@ -357,6 +504,7 @@ def build_report(
         raise ValueError(
             f"dense_counts has T={dense_counts.time_steps} but counts has T={counts.time_steps}"
         )
+    _check_bits_and_accuracy(model_weight_bits, accuracy, accuracy_at_profile_precision)
     mem = include_memory
     layers = tuple(
         LayerEnergy(
@@ -392,6 +540,8 @@ def build_report(
         else 0.0
     )
     total = activity + fixed
+    compute = sum(_snn_energy(m, p, False) for m in counts.layers)
+    with_memory = sum(_snn_energy(m, p, True) for m in counts.layers)
     totals = Totals(
         acs=counts.total("acs"),
         macs=counts.total("macs"),
@@ -404,16 +554,34 @@ def build_report(
         neuron_energy_pj=neurons,
         memory_energy_pj=memory,
         energy_pj=total,
+        compute_pj=compute,
+        with_memory_pj=with_memory,
     )
 
     def baseline(name, description, c: OperationCounts, mac_pj=None):
-        if mac_pj is None:  # an SNN priced like this one
+        def price(memory: bool) -> float:
+            if mac_pj is None:  # an SNN priced like this one
+                return sum(_snn_energy(m, p, memory) for m in c.layers)
+            return _ann_energy(c, mac_pj, p, memory)
+
+        if mac_pj is None:
             acs, macs = c.total("acs"), c.total("macs")
-            energy = sum(_snn_energy(m, p, mem) for m in c.layers)
         else:
             acs, macs = 0, c.total("ann_macs")
-            energy = _ann_energy(c, mac_pj, p, mem)
-        return Baseline(name, description, acs, macs, energy, _ratio(energy, total))
+        b_compute, b_memory = price(False), price(True)
+        energy = b_memory if mem else b_compute
+        return Baseline(
+            name,
+            description,
+            acs,
+            macs,
+            energy,
+            _ratio(energy, total),
+            compute_pj=b_compute,
+            compute_ratio=_ratio(b_compute, compute),
+            with_memory_pj=b_memory,
+            with_memory_ratio=_ratio(b_memory, with_memory),
+        )
 
     baselines = []
     if dense_counts is not None:
@@ -468,6 +636,9 @@ def build_report(
         totals=totals,
         baselines=tuple(baselines),
         break_even_firing_rate=break_even,
+        model_weight_bits=model_weight_bits,
+        accuracy=accuracy,
+        accuracy_at_profile_precision=accuracy_at_profile_precision,
     )
 
 
@@ -480,6 +651,9 @@ def estimate(
     time_steps: int | None = None,
     include_memory: bool = False,
     neuron_adapters: Sequence[NeuronAdapter] = (),
+    model_weight_bits: int = 32,
+    accuracy: float | None = None,
+    accuracy_at_profile_precision: float | None = None,
 ) -> EnergyReport:
     """Count ``model(*inputs)`` (and its dense twin) and build the :class:`EnergyReport`.
 
@@ -492,8 +666,10 @@ def estimate(
             ``dense = copy.deepcopy(model)`` then set ``dense = True`` on its ``SpikingMoE``
             modules); run on the same inputs for the dense baselines.
         time_steps: ``T``; None takes dim 0 of the first tensor input.
-        include_memory: add the memory term.
+        include_memory: which total the historical fields follow (see :func:`build_report`).
         neuron_adapters: extra neuron adapters.
+        model_weight_bits, accuracy, accuracy_at_profile_precision: as in
+            :func:`build_report`.
 
     Example:
         >>> import torch
@@ -505,4 +681,12 @@ def estimate(
     kwargs = dict(groups=groups, time_steps=time_steps, neuron_adapters=neuron_adapters)
     counts = count_operations(model, *inputs, **kwargs)
     dense = count_operations(dense_model, *inputs, **kwargs) if dense_model is not None else None
-    return build_report(counts, profile, dense_counts=dense, include_memory=include_memory)
+    return build_report(
+        counts,
+        profile,
+        dense_counts=dense,
+        include_memory=include_memory,
+        model_weight_bits=model_weight_bits,
+        accuracy=accuracy,
+        accuracy_at_profile_precision=accuracy_at_profile_precision,
+    )

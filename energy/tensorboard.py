@@ -6,7 +6,10 @@ the same ``add_*`` methods), so importing this module imports no TensorBoard cod
 Tags, all under ``prefix`` (default ``"energy"``):
 
 - scalars: ``total_pJ``, ``synaptic_pJ``, ``neuron_pJ``, ``memory_pJ``, ``firing_rate``,
-  ``ratio/<baseline>`` (baseline energy / SNN energy), ``baseline_pJ/<baseline>``,
+  ``ratio/<baseline>`` (baseline energy / SNN energy), ``baseline_pJ/<baseline>`` (these follow
+  the report's ``include_memory``); both accountings whatever it is: ``compute_pJ``,
+  ``with_memory_pJ``, ``ratio_compute/<baseline>``, ``ratio_with_memory/<baseline>``,
+  ``baseline_with_memory_pJ/<baseline>`` (absent for reports read from format-1 JSON);
   ``expert/<label>/synaptic_ops`` (ACs + MACs), ``expert/<label>/tokens``,
   ``expert/<label>/energy_pJ``;
 - histograms: ``expert_load`` (bucket ``i`` holds the tokens routed to expert ``i``),
@@ -42,6 +45,15 @@ def custom_scalars_layout(report: EnergyReport, prefix: str = "energy") -> dict:
             [f"{prefix}/synaptic_pJ", f"{prefix}/neuron_pJ", f"{prefix}/memory_pJ"],
         ],
         "baseline / SNN energy": ["Multiline", [f"{esc}/ratio/.*"]],
+        "total energy with memory traffic (pJ)": [
+            "Multiline",
+            [f"{prefix}/with_memory_pJ", f"{esc}/baseline_with_memory_pJ/.*"],
+        ],
+        "baseline / SNN energy, compute only": ["Multiline", [f"{esc}/ratio_compute/.*"]],
+        "baseline / SNN energy, with memory traffic": [
+            "Multiline",
+            [f"{esc}/ratio_with_memory/.*"],
+        ],
         "firing rate": ["Multiline", [f"{prefix}/firing_rate"]],
     }
     if report.experts:
@@ -69,11 +81,21 @@ def write_report(writer: Any, report: EnergyReport, step: int, prefix: str = "en
         ("neuron_pJ", t.neuron_energy_pj),
         ("memory_pJ", t.memory_energy_pj),
         ("firing_rate", t.firing_rate),
+        ("compute_pJ", t.compute_pj),
+        ("with_memory_pJ", t.with_memory_pj),
     ):
-        writer.add_scalar(f"{prefix}/{name}", value, step)
+        if value is not None:
+            writer.add_scalar(f"{prefix}/{name}", value, step)
     for b in report.baselines:
         writer.add_scalar(f"{prefix}/ratio/{b.name}", b.ratio, step)
         writer.add_scalar(f"{prefix}/baseline_pJ/{b.name}", b.energy_pj, step)
+        for tag, value in (
+            ("ratio_compute", b.compute_ratio),
+            ("ratio_with_memory", b.with_memory_ratio),
+            ("baseline_with_memory_pJ", b.with_memory_pj),
+        ):
+            if value is not None:
+                writer.add_scalar(f"{prefix}/{tag}/{b.name}", value, step)
     for e in report.experts:
         tag = f"{prefix}/expert/{_safe(e.label)}"
         writer.add_scalar(f"{tag}/synaptic_ops", e.acs + e.macs, step)

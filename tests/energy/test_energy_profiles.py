@@ -15,6 +15,8 @@ ac_pj = 1.5
 mac_pj = 3
 neuron_update_pj = 2.0
 spike_pj = 0.5
+weight_bits = 8
+activation_bits = 1
 """
 
 
@@ -68,6 +70,8 @@ def test_load_valid_user_profile(tmp_path):
         mac_pj=3,
         neuron_update_pj=2.0,
         spike_pj=0.5,
+        weight_bits=8,
+        activation_bits=1,
     )
     assert energy.load_profile is load_profile
 
