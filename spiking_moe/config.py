@@ -305,6 +305,8 @@ class TrainConfig(_Section):
     ``torch.compile`` the model. ``spike_rate_penalty``: weight in the loss of
     ``mean over LIF modules of max(0, firing rate - spike_rate_target)`` (activity
     regularisation: fewer spikes, less energy; 0 = off; logged inside ``train/aux_loss``).
+    ``quantize_bits``: 0 trains in float; 8 or 4 trains with quantization-aware (fake-quantized)
+    weights of that width (:func:`spiking_moe.quantization.prepare_qat`).
     """
 
     section: ClassVar[str] = "train"
@@ -330,6 +332,7 @@ class TrainConfig(_Section):
     log_every: int = _field(10, ge=1)
     progress: bool = True
     find_unused_parameters: bool = True
+    quantize_bits: int = _field(0, choices=(0, 8, 4))
 
     def _check(self) -> None:
         import torch

@@ -60,6 +60,7 @@ from torch import nn
 
 from ..activity import Activity
 from ..config import TrainConfig
+from ..quantization import prepare_qat
 from .callbacks import Callback, check_callback
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -230,6 +231,9 @@ class Trainer:
                 "train.amp is bf16 autocast on CUDA only; training in fp32 on %s", self.device
             )
 
+        if config.quantize_bits:
+            # In place, so the caller's model is the one trained and its state_dict keys stay.
+            model = prepare_qat(model, config.quantize_bits, inplace=True)
         self.model = model.to(self.device)
         self._ddp: nn.parallel.DistributedDataParallel | None = None
         forward_module: nn.Module = self.model
