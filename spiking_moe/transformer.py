@@ -172,8 +172,9 @@ class _LanguageModel(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.position_embedding = nn.Embedding(context, d_model)
 
-    def _embed(self, ids_BS: torch.Tensor) -> torch.Tensor:
-        """``[B, S]`` ids -> ``[B, S, D]`` token plus position embedding (after the checks)."""
+    def _check_ids(self, ids_BS: torch.Tensor) -> None:
+        """Raise naming the problem unless ``ids_BS`` is ``[B, S]`` integer ids in the
+        vocabulary with ``S <= context`` (one host sync, for the value range)."""
         name = type(self).__name__
         if not isinstance(ids_BS, torch.Tensor):
             raise TypeError(
@@ -188,12 +189,16 @@ class _LanguageModel(nn.Module):
         S = ids_BS.shape[1]
         if S > self.context:
             raise ValueError(f"{name}: sequence length {S} exceeds the context {self.context}")
-        low, high = int(ids_BS.min()), int(ids_BS.max())
+        low, high = torch.stack(torch.aminmax(ids_BS)).tolist()
         if low < 0 or high >= self.vocab_size:
             raise ValueError(
                 f"{name}: token ids must lie in [0, {self.vocab_size}), got values in [{low}, {high}]"
             )
-        positions = torch.arange(S, device=ids_BS.device)
+
+    def _embed(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` ids -> ``[B, S, D]`` token plus position embedding (after the checks)."""
+        self._check_ids(ids_BS)
+        positions = torch.arange(ids_BS.shape[1], device=ids_BS.device)
         return self.token_embedding(ids_BS.long()) + self.position_embedding(positions)
 
     @torch.no_grad()
@@ -229,7 +234,7 @@ class _LanguageModel(nn.Module):
         if not (isinstance(temperature, (int, float)) and temperature >= 0):
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         ids = prompt_ids.unsqueeze(0) if prompt_ids.dim() == 1 else prompt_ids
-        self._embed(ids[:, -self.context :])  # checks ids and vocabulary even when n = 0
+        self._check_ids(ids[:, -self.context :])  # a bad prompt fails even when n = 0
         was_training = self.training
         self.eval()
         try:
@@ -285,6 +290,21 @@ class _SpikingLM(_LanguageModel):
             beta = self.input_neuron.beta.clamp(0, 1)
             logits = _leaky_mean(current_TBSV.reshape(T, B * S, V), beta).reshape(B, S, V)
         return LMOutput(logits, aux, tuple(routing), Activity.concat(activity))
+
+
+def _moe_ffn(
+    router, make_expert, num_experts, expert_hidden, shared_experts, shared_hidden, neuron
+):
+    """A :class:`~spiking_moe.moe.SpikingMoE` FFN: ``num_experts`` routed experts and
+    ``shared_experts`` shared ones, built by ``make_expert(hidden)``; its input is spikes (or
+    the ANN's activations) by construction, so the per-call binary check is skipped."""
+    return SpikingMoE(
+        router=router,
+        experts=[make_expert(expert_hidden) for _ in range(num_experts)],
+        shared_experts=[make_expert(shared_hidden) for _ in range(shared_experts)],
+        neuron=neuron,
+        check_spikes=False,
+    )
 
 
 class SpikingMoELM(_SpikingLM):
@@ -371,12 +391,14 @@ class SpikingMoELM(_SpikingLM):
             SpikingTransformerBlock(
                 d_model,
                 num_heads,
-                SpikingMoE(
-                    router=make_router(),
-                    experts=[make_expert(expert_hidden) for _ in range(num_experts)],
-                    shared_experts=[make_expert(shared_hidden) for _ in range(shared_experts)],
-                    neuron=LIF(**neuron_kwargs),
-                    check_spikes=False,  # spikes by construction: skip a host sync per layer
+                _moe_ffn(
+                    make_router(),
+                    make_expert,
+                    num_experts,
+                    expert_hidden,
+                    shared_experts,
+                    shared_hidden,
+                    LIF(**neuron_kwargs),
                 ),
                 **neuron_kwargs,
             )
@@ -494,24 +516,25 @@ class ANNTransformerLM(_LanguageModel):
         def make_ffn():
             if num_experts is None:
                 return MLPExpert(d_model, ffn_hidden, d_model)
-            return SpikingMoE(
-                router=RateRouter(
-                    d_model,
-                    num_experts,
-                    k,
-                    capacity_factor=capacity_factor,
-                    noise=noise,
-                    balance_weight=balance_weight,
-                    z_loss_weight=z_loss_weight,
-                    bias_update_rate=bias_update_rate,
-                    renormalize=renormalize,
-                ),
-                experts=[MLPExpert(d_model, expert_hidden, d_model) for _ in range(num_experts)],
-                shared_experts=[
-                    MLPExpert(d_model, shared_hidden, d_model) for _ in range(shared_experts)
-                ],
-                neuron=nn.Identity(),  # the FFN returns its current to the residual stream
-                check_spikes=False,
+            router = RateRouter(
+                d_model,
+                num_experts,
+                k,
+                capacity_factor=capacity_factor,
+                noise=noise,
+                balance_weight=balance_weight,
+                z_loss_weight=z_loss_weight,
+                bias_update_rate=bias_update_rate,
+                renormalize=renormalize,
+            )
+            return _moe_ffn(
+                router,
+                lambda hidden: MLPExpert(d_model, hidden, d_model),
+                num_experts,
+                expert_hidden,
+                shared_experts,
+                shared_hidden,
+                nn.Identity(),  # the FFN returns its current to the residual stream
             )
 
         self.blocks = nn.ModuleList(

@@ -3,6 +3,7 @@
 
 import pytest
 import tiny
+import torch
 
 
 @pytest.fixture
@@ -27,3 +28,13 @@ def tiny_moe():
 def train_config():
     """``train_config(**overrides)``: a short CPU TrainConfig for tests."""
     return tiny.train_config
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread, then restore the setting: tiny tensors run fastest
+    on one thread (two spin against each other on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tiny import random_spikes
 from torch import nn
 
 from spiking_moe.attention import MatMul, SoftmaxAttention, SpikingSelfAttention
@@ -13,18 +14,7 @@ T, B, S, D, H = 3, 2, 5, 8, 2
 C = D // H
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors run fastest on one thread; the previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _spikes(shape, p=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(torch.full(shape, p), generator=g)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(*shape, seed=0):
@@ -135,7 +125,7 @@ def _ssa_reference(attn, x):
 def test_spiking_self_attention_equals_a_loop_over_the_docstring_formula(causal):
     torch.manual_seed(0)
     attn = SpikingSelfAttention(D, H, causal=causal, threshold=0.4).double()
-    x = _spikes((T, B, S, D), seed=1).double()
+    x = random_spikes((T, B, S, D), seed=1).double()
     drive = {}
     attn.attn_neuron.register_forward_pre_hook(lambda m, args: drive.setdefault("y", args[0]))
     out = attn(x)
@@ -153,7 +143,7 @@ def test_spiking_self_attention_equals_a_loop_over_the_docstring_formula(causal)
 def test_changing_position_j_leaves_earlier_positions_unchanged_at_every_step():
     torch.manual_seed(0)
     attn = SpikingSelfAttention(D, H, threshold=0.2)
-    x = _spikes((T, B, S, D), seed=2)
+    x = random_spikes((T, B, S, D), seed=2)
     base = attn(x)
     assert base.activity.spikes[-1] > 0, "the attention neurons must fire"
     later_changed = 0
@@ -169,7 +159,7 @@ def test_changing_position_j_leaves_earlier_positions_unchanged_at_every_step():
 def test_non_causal_attention_sees_later_positions():
     torch.manual_seed(0)
     attn = SpikingSelfAttention(D, H, causal=False, threshold=0.2)
-    x = _spikes((T, B, S, D), seed=2)
+    x = random_spikes((T, B, S, D), seed=2)
     changed = x.clone()
     changed[:, :, S - 1] = 1 - changed[:, :, S - 1]
     assert not torch.equal(attn(x).current[:, :, : S - 1], attn(changed).current[:, :, : S - 1])

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tiny import random_spikes
 from torch import nn
 
 from spiking_moe import LIF
@@ -15,18 +16,7 @@ from spiking_moe.router import RateRouter
 T, B, S, D, E, K = 3, 2, 4, 8, 4, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors run fastest on one thread; the previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _spikes(shape, p=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(torch.full(shape, p), generator=g)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _parts(seed=0, shared=2, capacity_factor=None):
@@ -54,7 +44,7 @@ def test_shared_experts_see_every_token_and_routed_experts_only_their_own(capaci
     router, experts, shared = _parts(capacity_factor=capacity_factor)
     moe = SpikingMoE(router=router, experts=experts, shared_experts=shared)
     routed_rows, shared_rows = _count_rows(experts), _count_rows(shared)
-    out = moe(_spikes((T, B, S, D), p=0.3))
+    out = moe(random_spikes((T, B, S, D), p=0.3))
     N = B * S
     assert shared_rows == {0: N, 1: N}
     per_expert = out.routing.tokens_per_expert.tolist()
@@ -71,7 +61,7 @@ def test_output_with_shared_experts_is_routed_current_plus_shared_current(capaci
         router=router, experts=experts, shared_experts=shared, neuron=nn.Identity()
     )
     routed_only = SpikingMoE(router=router, experts=experts, neuron=nn.Identity())
-    x = _spikes((T, B, S, D), p=0.4, seed=1)
+    x = random_spikes((T, B, S, D), p=0.4, seed=1)
     out = with_shared(x)
 
     # Oracle: a loop over tokens through the chosen experts and every shared expert.
@@ -104,8 +94,8 @@ def test_residual_is_added_to_the_current_before_the_neuron():
     firing = SpikingMoE(
         router=router, experts=experts, shared_experts=shared, neuron=LIF(beta=0.8, threshold=0.7)
     )
-    x = _spikes((T, B, S, D), p=0.4, seed=2)
-    r = _spikes((T, B, S, D), p=0.5, seed=3)
+    x = random_spikes((T, B, S, D), p=0.4, seed=2)
+    r = random_spikes((T, B, S, D), p=0.5, seed=3)
     current = identity(x).spikes
     assert torch.equal(identity(x, residual=r).spikes, current + r)
     expected = LIF(beta=0.8, threshold=0.7)(current + r)
@@ -125,7 +115,7 @@ def test_residual_of_the_wrong_shape_is_rejected(shape):
     router, experts, shared = _parts(shared=1)
     moe = SpikingMoE(router=router, experts=experts, shared_experts=shared)
     with pytest.raises(ValueError, match=r"residual must have shape \(3, 2, 4, 8\)"):
-        moe(_spikes((T, B, S, D)), residual=torch.zeros(shape))
+        moe(random_spikes((T, B, S, D)), residual=torch.zeros(shape))
 
 
 # --- capacity in position order ---------------------------------------------------------
@@ -156,7 +146,7 @@ def _capacity_layer():
 
 
 def _capacity_input():
-    x = _spikes((2, PB, PS, 4), p=0.5, seed=4)
+    x = random_spikes((2, PB, PS, 4), p=0.5, seed=4)
     steps = {0.0: [0.0, 0.0], 0.5: [1.0, 0.0], 1.0: [1.0, 1.0]}
     for (b, s), rate in RATE.items():
         x[:, b, s, 0] = torch.tensor(steps[rate])
@@ -235,7 +225,7 @@ def test_fine_grained_experts_with_k_8_route_balance_and_respect_capacity(router
         experts=[SpikingExpert(D, 4, D, threshold=0.5) for _ in range(E_fine)],
         shared_experts=[SpikingExpert(D, 8, D, threshold=0.5)],
     )
-    x = _spikes((T, N, D), p=0.3, seed=5)
+    x = random_spikes((T, N, D), p=0.3, seed=5)
     sparse = moe(x)
     capacity = math.ceil(1.0 * N * K_fine / E_fine)
     assert sparse.routing.capacity == capacity

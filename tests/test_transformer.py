@@ -16,14 +16,7 @@ from spiking_moe.transformer import ANNTransformerLM, DenseSNNLM, SpikingMoELM
 V, DM, HEADS, CTX = 32, 16, 2, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads spin against each other on a busy
-    two-core machine); the previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(B=3, S=CTX, seed=1, vocab=V):

@@ -74,3 +74,8 @@ def train_config(**overrides):
     )
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def random_spikes(shape, p=0.5, seed=0):
+    """Bernoulli(p) spikes of ``shape`` from their own seeded generator."""
+    return torch.bernoulli(torch.full(shape, p), generator=torch.Generator().manual_seed(seed))
