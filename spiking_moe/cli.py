@@ -7,6 +7,9 @@
   re-count a trained model on its test set under any energy profile.
 - :func:`sweep_main` (``spiking-moe-sweep``, ``experiments/sweep.py``): one experiment per
   (experts, k) pair, one comparison table and plot.
+- :func:`compare_main` (``spiking-moe-compare``, ``experiments/compare.py``): the spiking MoE,
+  dense SNN and ANN twin of one config at fp32, int8 and int4 (PTQ and QAT), accuracy and
+  energy compute only and with memory traffic.
 - :func:`generate_main` (``spiking-moe-generate``, ``experiments/generate.py``): sample text
   from a trained language model (a ``data.name = "text"`` run).
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch.distributed
 
+from .compare import KINDS, run_comparison
 from .config import ConfigError, apply_overrides, load_config
 from .experiment import (
     check_experiment,
@@ -44,7 +48,7 @@ from .plotting import plot_sweep
 from .sweep import run_folder, run_sweep, sweep_configs, sweep_table
 from .training import CheckpointError, energy_profile_names, init_distributed
 
-__all__ = ["energy_report_main", "generate_main", "sweep_main", "train_main"]
+__all__ = ["compare_main", "energy_report_main", "generate_main", "sweep_main", "train_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +185,12 @@ def energy_report_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--num-batches", type=int, default=0, help="test batches to count (default 0: all)"
     )
+    parser.add_argument(
+        "--quantize",
+        action="store_true",
+        help="also quantize the model to the profile's weight bits (e.g. 8 for cmos45_int8), "
+        "evaluate it, count its energy, and report both accuracies",
+    )
     _add_device(parser)
     _add_set(parser)
     args = parser.parse_args(argv)
@@ -189,16 +199,27 @@ def energy_report_main(argv: Sequence[str] | None = None) -> int:
         if args.num_batches < 0:
             raise ValueError(f"--num-batches must be >= 0, got {args.num_batches}")
         evaluation = evaluate_checkpoint(
-            args.checkpoint, args.profile, num_batches=args.num_batches, overrides=_overrides(args)
+            args.checkpoint,
+            args.profile,
+            num_batches=args.num_batches,
+            overrides=_overrides(args),
+            quantize=args.quantize,
         )
     except _USAGE_ERRORS as exc:
         logger.error("%s", exc)
         return 2
     out = args.out or args.checkpoint.parent
     write_profile_report(out, evaluation, args.profile)
+    report = evaluation.report
+    at_profile = report.accuracy_at_profile_precision
     logger.info(
-        "test accuracy %.4f; energy counted on %d samples; report_%s.json/.md in %s",
+        "test accuracy %.4f at %d-bit weights%s; energy counted on %d samples; "
+        "report_%s.json/.md in %s",
         evaluation.metrics["test/accuracy"],
+        evaluation.weight_bits,
+        ""
+        if at_profile is None
+        else f", {at_profile:.4f} at {report.profile.weight_bits} bits (counted)",
         evaluation.samples,
         args.profile,
         out,
@@ -263,6 +284,79 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     if stopped_by is not None:
         logger.warning("sweep interrupted after %d of %d runs", len(rows), len(configs))
         return 128 + stopped_by
+    return 0
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """Spiking MoE vs dense SNN vs ANN twin at every precision; ``comparison.md``/``.json``/
+    ``.png`` and TensorBoard. Exit code."""
+    parser = argparse.ArgumentParser(
+        prog="spiking-moe-compare",
+        description="Train the spiking MoE, the dense SNN and the ANN twin of one config (or "
+        "take checkpoints), quantize each to 8 and 4 bits, and compare accuracy and energy "
+        "(compute only and with memory traffic) at equal precision.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="the experiment's TOML config")
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        help="evaluate this run instead of training (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, help="folder (default: runs/compare_<name>)")
+    parser.add_argument("--seeds", default="0,1,2", help="train.seed values (default 0,1,2)")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"models to train (default {','.join(KINDS)})"
+    )
+    parser.add_argument("--bits", default="8,4", help="post-training widths (default 8,4)")
+    parser.add_argument(
+        "--qat", default="4", help="widths to train with QAT, '' for none (default 4)"
+    )
+    parser.add_argument(
+        "--profiles",
+        default="cmos45,cmos45_int8",
+        help=f"energy profiles, comma-separated (default cmos45,cmos45_int8; known: "
+        f"{energy_profile_names()})",
+    )
+    parser.add_argument(
+        "--reuse-finished",
+        action="store_true",
+        help="read back runs already finished in <out>/runs instead of training them again",
+    )
+    _add_device(parser)
+    _add_set(parser)
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        config = load_config(args.config) if args.config else None
+        default_name = config.name if config else args.checkpoint[0].parent.name
+        out = args.out or Path("runs") / f"compare_{default_name}"
+        comparison, stopped_by = run_comparison(
+            config,
+            out,
+            seeds=_int_list(args.seeds, "--seeds"),
+            kinds=[k for k in args.kinds.split(",") if k],
+            bits=_int_list(args.bits, "--bits"),
+            qat_bits=_int_list(args.qat, "--qat") if args.qat else (),
+            profiles=[p for p in args.profiles.split(",") if p],
+            checkpoints=args.checkpoint or (),
+            overrides=_overrides(args),
+            reuse_finished=args.reuse_finished,
+        )
+    except _USAGE_ERRORS as exc:
+        logger.error("%s", exc)
+        return 2
+    except CheckpointError as exc:
+        logger.error("%s", exc)
+        return 2
+    if comparison is None:
+        logger.warning("comparison interrupted while training; rerun with --reuse-finished")
+        return 128 + (stopped_by or 0)
+    print(comparison.to_markdown())
     return 0
 
 

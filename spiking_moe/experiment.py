@@ -13,6 +13,8 @@ exit codes; everything they run is here (and in :mod:`spiking_moe.sweep`).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -24,6 +26,8 @@ from typing import Any
 
 import torch
 
+import energy
+
 from .config import (
     ConfigError,
     ExperimentConfig,
@@ -34,6 +38,7 @@ from .config import (
 from .data import DATASETS, TEXT_VOCAB, BatchLoader, DataSplits, build_datasets
 from .factory import build_model
 from .plotting import plot_run
+from .quantization import SUPPORTED_BITS, is_spiking, quantize_model
 from .training import (
     CHECKPOINT_NAME,
     DistInfo,
@@ -55,12 +60,15 @@ __all__ = [
     "ExperimentResult",
     "SUMMARY_METRICS",
     "build_loaders",
+    "CALIBRATION_BATCHES",
     "build_model_for",
     "check_experiment",
     "config_from_checkpoint",
     "evaluate_checkpoint",
     "generate_text",
     "load_language_model",
+    "model_weight_bits",
+    "quantize_trained",
     "finished_result",
     "run_experiment",
     "run_seeds",
@@ -244,7 +252,13 @@ def run_experiment(
         test = trainer.evaluate(test_loader, "test")
     # The last validation beside the test metrics (val bits/byte is what the LM study reads).
     metrics = {**{k: v for k, v in fit.metrics.items() if k.startswith("val/")}, **test}
-    report = energy_callback.report if energy_callback is not None else None
+    report = None
+    if energy_callback is not None:
+        report = dataclasses.replace(
+            energy_callback.report,
+            model_weight_bits=model_weight_bits(config),
+            accuracy=test["test/accuracy"],
+        )
     samples = energy_callback.samples if energy_callback is not None else 0
     if dist_info.is_main:
         if report is not None:
@@ -423,8 +437,13 @@ class CheckpointEvaluation:
         step: the checkpoint's optimizer step.
         metrics: the test evaluation's metrics (``test/accuracy``, ``test/loss``,
             ``test/energy/...``), computed exactly as :func:`run_experiment` computed them.
-        report: the :class:`energy.EnergyReport` of the counted test inputs.
+        report: the :class:`energy.EnergyReport` of the counted test inputs, with the
+            accuracy (and, when quantized, the accuracy at the profile's precision).
         samples: test samples counted.
+        weight_bits: the precision the run's model computes at (32, or its QAT bits).
+        quantized_metrics: the test metrics after quantizing to the profile's weight bits
+            (``quantize=True``; None otherwise or when there was nothing to quantize). The
+            energy entries of ``metrics`` are then those of the quantized model.
     """
 
     config: ExperimentConfig
@@ -432,6 +451,8 @@ class CheckpointEvaluation:
     metrics: dict[str, float]
     report: Any
     samples: int
+    weight_bits: int = 32
+    quantized_metrics: dict[str, float] | None = None
 
 
 def config_from_checkpoint(state: dict, path: Path) -> ExperimentConfig:
@@ -448,6 +469,65 @@ def config_from_checkpoint(state: dict, path: Path) -> ExperimentConfig:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+#: Training batches an ANN's activation ranges are calibrated on before post-training
+#: quantization (the first batches of epoch 0 in the run's shuffled order).
+CALIBRATION_BATCHES = 8
+
+
+def model_weight_bits(config: ExperimentConfig) -> int:
+    """The weight precision a run's model computes at: ``train.quantize_bits`` (QAT) or 32."""
+    return config.train.quantize_bits or 32
+
+
+def quantize_trained(
+    model: torch.nn.Module,
+    bits: int,
+    train_loader,
+    *,
+    activation_bits: int = 8,
+) -> torch.nn.Module:
+    """:func:`~spiking_moe.quantization.quantize_model` of a trained model (a copy): spiking
+    models get integer weights; an ANN also integer inputs to every Linear
+    (``activation_bits``, default 8 at either weight width: 4-bit weights with 8-bit
+    activations, "W4A8", is the usual integer deployment, and 8 bits is the narrowest graded
+    activation any bundled profile prices), its ranges calibrated on the first
+    :data:`CALIBRATION_BATCHES` batches of ``train_loader``, never on test data.
+
+    A QAT run's float weights (prepared by :func:`~spiking_moe.quantization.prepare_qat`)
+    quantized to its ``train.quantize_bits`` give exactly the model its training forward used
+    (:func:`~spiking_moe.quantization.convert_qat` is this on the prepared model).
+    """
+    if is_spiking(model):
+        return quantize_model(model, bits)
+    device = next(model.parameters()).device
+    batches = (x.to(device) for x, _ in itertools.islice(train_loader, CALIBRATION_BATCHES))
+    return quantize_model(model, bits, activation_bits=activation_bits, calibration=batches)
+
+
+def _evaluate_test(
+    model: torch.nn.Module,
+    config: ExperimentConfig,
+    train_loader,
+    test_loader,
+    *,
+    step: int,
+    profile: str | None,
+    num_batches: int = 0,
+) -> tuple[dict[str, float], EnergyReportCallback | None]:
+    """Test metrics of ``model`` (and its energy counts under ``profile`` unless None)."""
+    callbacks = []
+    if profile is not None:
+        callbacks.append(EnergyReportCallback(profile, num_batches=num_batches, prefixes=("test",)))
+    # The Trainer's evaluation (device, AMP, batches) is the one that logged the run's test
+    # accuracy, so the numbers match; it needs a train loader but never trains here. QAT is
+    # off: the model given is the one evaluated (already quantized where it should be).
+    train_config = dataclasses.replace(config.train, quantize_bits=0)
+    with Trainer(model, train_loader, train_config, sinks=[], callbacks=callbacks) as trainer:
+        trainer.step = step  # for the log line
+        metrics = trainer.evaluate(test_loader, "test")
+    return metrics, (callbacks[0] if callbacks else None)
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     profile: str,
@@ -455,9 +535,18 @@ def evaluate_checkpoint(
     device: str | None = None,
     num_batches: int = 0,
     overrides: Sequence[str] = (),
+    quantize: bool = False,
 ) -> CheckpointEvaluation:
     """Rebuild a run's data and model from its checkpoint, evaluate it on the test set and
     count its energy there under ``profile``.
+
+    A QAT run (``train.quantize_bits``) is evaluated as the integer model its training
+    prepared. With ``quantize`` and a profile that prices narrower weights than the model
+    has (``cmos45_int8``, ``loihi``: 8 bits, for an fp32 model), the model is also quantized
+    to the profile's ``weight_bits`` (:func:`quantize_trained`; an ANN's activations to the
+    profile's ``activation_bits``) and evaluated again: the report then holds both accuracies,
+    and its energy is that of the quantized model, the one the profile prices. Without
+    ``quantize`` such a report says the accuracy at the profile's precision was not measured.
 
     Args:
         checkpoint: ``runs/<name>/checkpoint.pt`` (loaded with ``weights_only=True``).
@@ -466,37 +555,98 @@ def evaluate_checkpoint(
         num_batches: test batches to count (0: all); accuracy is always on the whole set.
         overrides: ``section.key=value`` applied to the stored config (e.g. a moved
             ``data.root`` or another ``train.eval_batch_size``).
+        quantize: also measure the accuracy at the profile's weight precision.
 
     The test batches are those of a single-process run; a run trained under ``torchrun`` drew
     its rate-code noise per rank, so its logged accuracy may differ slightly on rate-coded data.
 
     Raises:
-        ValueError: unknown profile (the message lists the known ones).
+        ValueError: unknown profile (the message lists the known ones); ``quantize`` under a
+            profile whose precision :mod:`spiking_moe.quantization` does not provide (the
+            message names the bits).
         FileNotFoundError: no checkpoint at ``checkpoint``.
         CheckpointError: the checkpoint is damaged.
         ConfigError: the checkpoint holds no (or an invalid) experiment config, or a bad
             override.
     """
     check_energy_profile(profile)
+    priced = energy.get_profile(profile)
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
     overrides = [*overrides, *([f"train.device={device}"] if device else [])]
     config = apply_overrides(config_from_checkpoint(state, checkpoint), overrides)
+    bits = model_weight_bits(config)
+    to_quantize = quantize and priced.weight_bits < bits
+    if to_quantize:
+        _check_profile_precision(priced, config)
     config.data.check_files()
     resolve_device(config.train.device)
     data = build_datasets(config.data)
     train_loader, _, test_loader = build_loaders(config, data)
-    model = build_model_for(config, data)
-    model.load_state_dict(state["model"])
-    energy_callback = EnergyReportCallback(profile, num_batches=num_batches, prefixes=("test",))
-    # The Trainer's evaluation (device, AMP, batches) is the one that logged the run's test
-    # accuracy, so the numbers match; it needs a train loader but never trains here.
-    with Trainer(model, train_loader, config.train, sinks=[], callbacks=[energy_callback]) as t:
-        t.step = int(state["step"])  # for the log line
-        metrics = t.evaluate(test_loader, "test")
-    return CheckpointEvaluation(
-        config, int(state["step"]), metrics, energy_callback.report, energy_callback.samples
+    trained = build_model_for(config, data)
+    trained.load_state_dict(state["model"])
+    model = quantize_trained(trained, bits, train_loader) if bits < 32 else trained
+    step = int(state["step"])
+    metrics, counted = _evaluate_test(
+        model,
+        config,
+        train_loader,
+        test_loader,
+        step=step,
+        profile=None if to_quantize else profile,
+        num_batches=num_batches,
     )
+    quantized_metrics = None
+    if to_quantize:
+        activation_bits = 8 if is_spiking(trained) else priced.activation_bits
+        quantized = quantize_trained(
+            trained, priced.weight_bits, train_loader, activation_bits=activation_bits
+        )
+        quantized_metrics, counted = _evaluate_test(
+            quantized,
+            config,
+            train_loader,
+            test_loader,
+            step=step,
+            profile=profile,
+            num_batches=num_batches,
+        )
+        energy_keys = {k: v for k, v in quantized_metrics.items() if "/energy/" in k}
+        metrics.update(energy_keys)
+    elif quantize:
+        logger.info(
+            "--quantize: the model's %d-bit weights are within profile %r's %d bits; "
+            "nothing to quantize",
+            bits,
+            profile,
+            priced.weight_bits,
+        )
+    report = dataclasses.replace(
+        counted.report,
+        model_weight_bits=bits,
+        accuracy=metrics["test/accuracy"],
+        accuracy_at_profile_precision=(
+            quantized_metrics["test/accuracy"] if quantized_metrics else None
+        ),
+    )
+    return CheckpointEvaluation(
+        config, step, metrics, report, counted.samples, bits, quantized_metrics
+    )
+
+
+def _check_profile_precision(priced, config: ExperimentConfig) -> None:
+    """Fail before any work when the profile's precision is one quantization cannot give."""
+    if priced.weight_bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"--quantize: profile {priced.name!r} prices {priced.weight_bits}-bit weights; "
+            f"quantization provides {list(SUPPORTED_BITS)} bits"
+        )
+    if config.model.kind == "ann" and priced.activation_bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"--quantize: profile {priced.name!r} prices {priced.activation_bits}-bit "
+            f"activations (spikes), which an ANN ({config.model.kind!r}) cannot run at; "
+            f"quantization provides {list(SUPPORTED_BITS)}-bit activations"
+        )
 
 
 def write_profile_report(out: Path, evaluation: CheckpointEvaluation, profile: str) -> None:

@@ -89,6 +89,7 @@ __all__ = [
     "QuantizedLinear",
     "convert_qat",
     "fake_quantize",
+    "is_spiking",
     "prepare_qat",
     "quantize_model",
     "quantize_weights",
@@ -324,6 +325,12 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(x, fake_quantize(self.weight, self.bits), self.bias)
 
 
+def is_spiking(model: nn.Module) -> bool:
+    """Whether ``model`` contains a :class:`~spiking_moe.neurons.LIF`: then
+    :func:`quantize_model` quantizes its weights only (spikes are exact at any width)."""
+    return any(isinstance(m, LIF) for m in model.modules())
+
+
 def _is_float_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and not isinstance(module, QuantizedLinear)
 
@@ -421,7 +428,7 @@ def quantize_model(
     if not any(_is_float_linear(m) for m in model.modules()):
         raise _no_layer_error(model)
     quantized = copy.deepcopy(model)
-    spiking = any(isinstance(m, LIF) for m in quantized.modules())
+    spiking = is_spiking(quantized)
     ranges: dict[int, tuple[float, float]] = {}
     if spiking:
         if activation_bits is not None or calibration is not None:

@@ -344,6 +344,9 @@ class EnergyReportCallback(Callback):
 
     Attributes:
         report: the last evaluation's :class:`energy.EnergyReport` (None before the first).
+        counts, dense_counts: the merged :class:`energy.OperationCounts` behind ``report`` (of
+            the model and its dense twin; ``dense_counts`` None without MoE layers), to price
+            the same activity under other profiles with :func:`energy.build_report`.
         samples: the number of predictions that report counted: samples, or, for a sequence
             model (targets ``[B, S]``), tokens.
         unit: "sample" or "token", what ``samples`` counts (energy is logged per unit).
@@ -357,6 +360,7 @@ class EnergyReportCallback(Callback):
         self.num_batches = num_batches
         self.prefixes = tuple(prefixes)
         self.report = None
+        self.counts = self.dense_counts = None
         self.samples = 0
         self.unit = "sample"
         self._counts = self._dense = None
@@ -389,6 +393,7 @@ class EnergyReportCallback(Callback):
             return None
         dense = _merge([d for _, d, _ in shards])
         self.report = energy.build_report(counts, self.profile, dense_counts=dense)
+        self.counts, self.dense_counts = counts, dense
         self.samples = sum(n for _, _, n in shards)
         writer = trainer.tensorboard_writer
         if writer is not None:
