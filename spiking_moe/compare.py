@@ -36,8 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import energy
-
 from .config import ConfigError, ExperimentConfig, apply_overrides
 from .data import DATASETS, build_datasets
 from .experiment import (
@@ -52,7 +50,13 @@ from .experiment import (
     run_seeds,
 )
 from .quantization import SUPPORTED_BITS
-from .training import CHECKPOINT_NAME, check_energy_profile, load_checkpoint, resolve_device
+from .training import (
+    CHECKPOINT_NAME,
+    check_energy_profile,
+    load_checkpoint,
+    profile_precision,
+    resolve_device,
+)
 
 __all__ = [
     "KINDS",
@@ -160,7 +164,7 @@ def evaluate_precisions(
             raise ValueError(f"{checkpoint}: the test set counted no samples")
         energy_uj = {}
         for profile in profiles:
-            report = energy.build_report(counted.counts, profile, dense_counts=counted.dense_counts)
+            report = counted.report_under(profile)
             energy_uj[profile] = {
                 "compute": report.totals.compute_pj / counted.samples / 1e6,
                 "with_memory": report.totals.with_memory_pj / counted.samples / 1e6,
@@ -265,7 +269,7 @@ class Comparison:
         rows = self.summary()
         sentences = []
         for profile in self.profiles:
-            bits = energy.get_profile(profile).weight_bits
+            bits = profile_precision(profile)[0]
             at = [
                 r for r in rows if r["weight_bits"] == bits and not r["precision"].endswith("QAT")
             ]
@@ -333,7 +337,7 @@ class Comparison:
                 f"{row['firing_rate']:.2%}" if row["kind"] != "ann" else "",
             ]
             for profile in self.profiles:
-                mark = "†" if row["weight_bits"] > energy.get_profile(profile).weight_bits else ""
+                mark = "†" if row["weight_bits"] > profile_precision(profile)[0] else ""
                 cells += [
                     f"{row[f'{profile}/compute']:.4g}{mark}",
                     f"{row[f'{profile}/with_memory']:.4g}{mark}",

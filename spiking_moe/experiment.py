@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-import energy
-
 from .config import (
     ConfigError,
     ExperimentConfig,
@@ -50,6 +48,7 @@ from .training import (
     check_energy_profile,
     init_distributed,
     load_checkpoint,
+    profile_precision,
     resolve_device,
     seed_everything,
     write_energy_report,
@@ -254,8 +253,8 @@ def run_experiment(
     metrics = {**{k: v for k, v in fit.metrics.items() if k.startswith("val/")}, **test}
     report = None
     if energy_callback is not None:
-        report = dataclasses.replace(
-            energy_callback.report,
+        report = energy_callback.report_under(
+            config.energy.profile,
             model_weight_bits=model_weight_bits(config),
             accuracy=test["test/accuracy"],
         )
@@ -569,16 +568,15 @@ def evaluate_checkpoint(
         ConfigError: the checkpoint holds no (or an invalid) experiment config, or a bad
             override.
     """
-    check_energy_profile(profile)
-    priced = energy.get_profile(profile)
+    weight_bits, activation_bits = profile_precision(profile)  # checks the name
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
     overrides = [*overrides, *([f"train.device={device}"] if device else [])]
     config = apply_overrides(config_from_checkpoint(state, checkpoint), overrides)
     bits = model_weight_bits(config)
-    to_quantize = quantize and priced.weight_bits < bits
+    to_quantize = quantize and weight_bits < bits
     if to_quantize:
-        _check_profile_precision(priced, config)
+        _check_profile_precision(profile, config)
     config.data.check_files()
     resolve_device(config.train.device)
     data = build_datasets(config.data)
@@ -598,9 +596,11 @@ def evaluate_checkpoint(
     )
     quantized_metrics = None
     if to_quantize:
-        activation_bits = 8 if is_spiking(trained) else priced.activation_bits
         quantized = quantize_trained(
-            trained, priced.weight_bits, train_loader, activation_bits=activation_bits
+            trained,
+            weight_bits,
+            train_loader,
+            activation_bits=8 if is_spiking(trained) else activation_bits,
         )
         quantized_metrics, counted = _evaluate_test(
             quantized,
@@ -619,10 +619,10 @@ def evaluate_checkpoint(
             "nothing to quantize",
             bits,
             profile,
-            priced.weight_bits,
+            weight_bits,
         )
-    report = dataclasses.replace(
-        counted.report,
+    report = counted.report_under(
+        profile,
         model_weight_bits=bits,
         accuracy=metrics["test/accuracy"],
         accuracy_at_profile_precision=(
@@ -634,16 +634,17 @@ def evaluate_checkpoint(
     )
 
 
-def _check_profile_precision(priced, config: ExperimentConfig) -> None:
+def _check_profile_precision(profile: str, config: ExperimentConfig) -> None:
     """Fail before any work when the profile's precision is one quantization cannot give."""
-    if priced.weight_bits not in SUPPORTED_BITS:
+    weight_bits, activation_bits = profile_precision(profile)
+    if weight_bits not in SUPPORTED_BITS:
         raise ValueError(
-            f"--quantize: profile {priced.name!r} prices {priced.weight_bits}-bit weights; "
+            f"--quantize: profile {profile!r} prices {weight_bits}-bit weights; "
             f"quantization provides {list(SUPPORTED_BITS)} bits"
         )
-    if config.model.kind == "ann" and priced.activation_bits not in SUPPORTED_BITS:
+    if config.model.kind == "ann" and activation_bits not in SUPPORTED_BITS:
         raise ValueError(
-            f"--quantize: profile {priced.name!r} prices {priced.activation_bits}-bit "
+            f"--quantize: profile {profile!r} prices {activation_bits}-bit "
             f"activations (spikes), which an ANN ({config.model.kind!r}) cannot run at; "
             f"quantization provides {list(SUPPORTED_BITS)}-bit activations"
         )

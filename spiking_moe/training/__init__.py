@@ -25,6 +25,7 @@ from .callbacks import (
     energy_metrics,
     energy_profile_names,
     measure_energy,
+    profile_precision,
     write_energy_report,
 )
 from .checkpoint import (
@@ -72,6 +73,7 @@ __all__ = [
     "init_distributed",
     "load_checkpoint",
     "measure_energy",
+    "profile_precision",
     "previous_checkpoint",
     "resolve_device",
     "rng_state",

@@ -253,6 +253,12 @@ def check_energy_profile(name: str) -> None:
     energy.get_profile(name)
 
 
+def profile_precision(name: str) -> tuple[int, int]:
+    """``(weight_bits, activation_bits)`` the profile's prices assume (ValueError if unknown)."""
+    profile = energy.get_profile(name)
+    return profile.weight_bits, profile.activation_bits
+
+
 def write_energy_report(writer, report, step: int, prefix: str) -> None:
     """Log an :class:`energy.EnergyReport` to a TensorBoard ``SummaryWriter`` under ``prefix``."""
     energy.tensorboard.write_report(writer, report, step, prefix=prefix)
@@ -345,8 +351,8 @@ class EnergyReportCallback(Callback):
     Attributes:
         report: the last evaluation's :class:`energy.EnergyReport` (None before the first).
         counts, dense_counts: the merged :class:`energy.OperationCounts` behind ``report`` (of
-            the model and its dense twin; ``dense_counts`` None without MoE layers), to price
-            the same activity under other profiles with :func:`energy.build_report`.
+            the model and its dense twin; ``dense_counts`` None without MoE layers);
+            :meth:`report_under` prices them under any profile.
         samples: the number of predictions that report counted: samples, or, for a sequence
             model (targets ``[B, S]``), tokens.
         unit: "sample" or "token", what ``samples`` counts (energy is logged per unit).
@@ -365,6 +371,14 @@ class EnergyReportCallback(Callback):
         self.unit = "sample"
         self._counts = self._dense = None
         self._counted = self._batches = 0
+
+    def report_under(self, profile: str, **kwargs):
+        """The last evaluation's activity priced under ``profile``: an
+        :class:`energy.EnergyReport`; ``kwargs`` go to :func:`energy.build_report`
+        (``model_weight_bits``, ``accuracy``, ``accuracy_at_profile_precision``, ...)."""
+        if self.counts is None:
+            raise RuntimeError("no evaluation counted yet: nothing to price")
+        return energy.build_report(self.counts, profile, dense_counts=self.dense_counts, **kwargs)
 
     def on_eval_start(self, trainer, prefix):
         self._counts = self._dense = None
