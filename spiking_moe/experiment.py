@@ -36,7 +36,7 @@ from .config import (
 from .data import DATASETS, TEXT_VOCAB, BatchLoader, DataSplits, build_datasets
 from .factory import build_model
 from .plotting import plot_run
-from .quantization import SUPPORTED_BITS, is_spiking, quantize_model
+from .quantization import SUPPORTED_BITS, CalibrationError, is_spiking, quantize_model
 from .training import (
     CHECKPOINT_NAME,
     DistInfo,
@@ -490,17 +490,35 @@ def quantize_trained(
     (``activation_bits``, default 8 at either weight width: 4-bit weights with 8-bit
     activations, "W4A8", is the usual integer deployment, and 8 bits is the narrowest graded
     activation any bundled profile prices), its ranges calibrated on the first
-    :data:`CALIBRATION_BATCHES` batches of ``train_loader``, never on test data.
+    :data:`CALIBRATION_BATCHES` batches of ``train_loader`` (the whole training set when an
+    expert received no token there), never on test data.
 
     A QAT run's float weights (prepared by :func:`~spiking_moe.quantization.prepare_qat`)
-    quantized to its ``train.quantize_bits`` give exactly the model its training forward used
-    (:func:`~spiking_moe.quantization.convert_qat` is this on the prepared model).
+    quantized to its ``train.quantize_bits`` give exactly the integer weights its training
+    forward used (:func:`~spiking_moe.quantization.convert_qat` is this on the prepared
+    model); an ANN's activations, which QAT leaves float, are calibrated here.
     """
     if is_spiking(model):
         return quantize_model(model, bits)
     device = next(model.parameters()).device
-    batches = (x.to(device) for x, _ in itertools.islice(train_loader, CALIBRATION_BATCHES))
-    return quantize_model(model, bits, activation_bits=activation_bits, calibration=batches)
+    batches = itertools.islice(train_loader, CALIBRATION_BATCHES)
+    try:
+        return quantize_model(
+            model,
+            bits,
+            activation_bits=activation_bits,
+            calibration=(x.to(device) for x, _ in batches),
+        )
+    except CalibrationError as exc:
+        # An expert that none of the first batches' tokens reached: widen to the whole
+        # training set rather than guess its range.
+        logger.info("%s; calibrating on the whole training set instead", exc)
+    return quantize_model(
+        model,
+        bits,
+        activation_bits=activation_bits,
+        calibration=(x.to(device) for x, _ in train_loader),
+    )
 
 
 def _evaluate_test(

@@ -85,6 +85,7 @@ from .neurons import LIF
 
 __all__ = [
     "SUPPORTED_BITS",
+    "CalibrationError",
     "FakeQuantLinear",
     "QuantizedLinear",
     "convert_qat",
@@ -354,6 +355,22 @@ def _no_layer_error(model: nn.Module) -> ValueError:
     return ValueError(f"no quantizable layer: {type(model).__name__} contains no float nn.Linear")
 
 
+class CalibrationError(ValueError):
+    """Calibration never ran some Linear layers (e.g. an expert no calibration token was
+    routed to), so their input ranges are unknown.
+
+    Attributes:
+        unseen: the layers' module names.
+    """
+
+    def __init__(self, unseen: list[str]):
+        self.unseen = unseen
+        super().__init__(
+            f"calibration never ran these layers, so their input ranges are unknown: {unseen} "
+            "(give calibration inputs that reach every expert)"
+        )
+
+
 def _calibrate(model: nn.Module, calibration: Iterable) -> dict[int, tuple[float, float]]:
     """``(min, max)`` of the input of every float Linear over the calibration inputs."""
     ranges: dict[int, list[torch.Tensor]] = {}
@@ -387,10 +404,7 @@ def _calibrate(model: nn.Module, calibration: Iterable) -> dict[int, tuple[float
     names = {id(m): n for n, m in model.named_modules() if _is_float_linear(m)}
     unseen = [names[i] for i in linears if i not in ranges]
     if unseen:
-        raise ValueError(
-            f"calibration never ran these layers, so their input ranges are unknown: {unseen} "
-            "(give calibration inputs that reach every expert)"
-        )
+        raise CalibrationError(unseen)
     logger.info("calibrated %d layers on %d batches", len(ranges), batches)
     return {i: (float(low), float(high)) for i, (low, high) in ranges.items()}
 
@@ -422,7 +436,8 @@ def quantize_model(
 
     Raises:
         ValueError: unsupported ``bits`` / ``activation_bits``; no float Linear in ``model``;
-            an ANN without ``calibration``, an empty ``calibration``, or a Linear it never ran.
+            an ANN without ``calibration``, an empty ``calibration``; :class:`CalibrationError`
+            (a ValueError) for Linear layers it never ran.
     """
     _check_bits("bits", bits)
     if not any(_is_float_linear(m) for m in model.modules()):
