@@ -104,6 +104,7 @@ class Evaluation:
         firing_rate: the counted spikes per neuron update (0 for the ANN).
         unit: what energy is per: "sample" (or "token" for a language model).
         energy_uj: ``{profile: {"compute": uJ per unit, "with_memory": uJ per unit}}``.
+        bpb: test bits per byte of a language model (None for a classifier).
     """
 
     kind: str
@@ -115,6 +116,7 @@ class Evaluation:
     firing_rate: float
     unit: str
     energy_uj: dict[str, dict[str, float]]
+    bpb: float | None = None
 
 
 def _precision_label(bits: int, qat: bool) -> str:
@@ -180,6 +182,7 @@ def evaluate_precisions(
                 firing_rate=counted.report.totals.firing_rate,
                 unit=counted.unit,
                 energy_uj=energy_uj,
+                bpb=metrics.get("test/bpb"),
             )
         )
         logger.info(
@@ -253,6 +256,8 @@ class Comparison:
                 "accuracy_std": accuracy_std,
                 "firing_rate": statistics.fmean(e.firing_rate for e in evals),
             }
+            if all(e.bpb is not None for e in evals):
+                row["bpb"], row["bpb_std"] = _mean_std([e.bpb for e in evals])
             if precision != "fp32" and len(drops) == len(evals):
                 row["drop"], row["drop_std"] = _mean_std(drops)
             for profile in self.profiles:
@@ -312,7 +317,10 @@ class Comparison:
     def to_markdown(self) -> str:
         rows = self.summary()
         unit = rows[0]["unit"] if rows else "sample"
-        headers = ["model", "precision", "accuracy (%)", "lost (points)", "firing rate"]
+        lm = any("bpb" in row for row in rows)
+        headers = ["model", "precision", "accuracy (%)", "lost (points)"]
+        headers += ["bits per byte"] if lm else []
+        headers.append("firing rate")
         for profile in self.profiles:
             headers += [f"{profile} compute (uJ/{unit})", f"{profile} + memory (uJ/{unit})"]
         headers.append("seeds")
@@ -334,8 +342,10 @@ class Comparison:
                 row["precision"],
                 f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_std']:.2f}",
                 f"{100 * row['drop']:+.2f} ± {100 * row['drop_std']:.2f}" if "drop" in row else "",
-                f"{row['firing_rate']:.2%}" if row["kind"] != "ann" else "",
             ]
+            if lm:
+                cells.append(f"{row['bpb']:.4f} ± {row['bpb_std']:.4f}" if "bpb" in row else "")
+            cells.append(f"{row['firing_rate']:.2%}" if row["kind"] != "ann" else "")
             for profile in self.profiles:
                 mark = "†" if row["weight_bits"] > profile_precision(profile)[0] else ""
                 cells += [
