@@ -26,9 +26,10 @@ existed have them as None.
 
 **Precision.** A profile states the weight and activation bits its prices hold for
 (:class:`energy.EnergyProfile`); the report carries ``model_weight_bits`` (the precision the
-counted model ran at, default 32), ``accuracy`` (at that precision) and
+model was trained and ran at, default 32), ``accuracy`` (at that precision) and
 ``accuracy_at_profile_precision`` (measured by the caller after quantising the weights to
-``profile.weight_bits``). When the model ran at more bits than the profile prices and no
+``profile.weight_bits``; a caller that gives it counts the quantized model's activity, the
+one the profile prices, and the Markdown says so). When the model ran at more bits than the profile prices and no
 accuracy at the profile's precision is given, the verdict says so ("accuracy at 8 bits: not
 measured"), so an fp32 accuracy is never quoted beside an 8-bit energy unqualified.
 
@@ -195,10 +196,11 @@ class EnergyReport:
         break_even_firing_rate: firing rate at which the SNN would cost as much as the int8
             ANN with the same routing (None: no neurons or no activity-driven energy; 0: the
             int8 ANN wins at any rate).
-        model_weight_bits: weight precision the counted model ran at (default 32).
+        model_weight_bits: weight precision the model was trained and ran at (default 32).
         accuracy: the model's accuracy at ``model_weight_bits`` (None: not given).
         accuracy_at_profile_precision: accuracy after quantising the weights to
-            ``profile.weight_bits`` (None: not measured).
+            ``profile.weight_bits`` (None: not measured); when given, the counts are those
+            of the quantized model.
     """
 
     profile: EnergyProfile
@@ -321,6 +323,15 @@ class EnergyReport:
             return f"Accuracy {acc:.4g} at {mb}-bit weights, within the profile's {wb} bits."
         return ""
 
+    @property
+    def _model_precision(self) -> str:
+        if self.accuracy_at_profile_precision is None:
+            return f"the model ran at {self.model_weight_bits}-bit weights"
+        return (
+            f"the model was trained at {self.model_weight_bits}-bit weights and counted after "
+            f"quantizing them to the profile's {self.profile.weight_bits} bits"
+        )
+
     def to_markdown(self) -> str:
         """Readable tables: summary, baselines with ratios, per layer, per expert."""
         p, t = self.profile, self.totals
@@ -334,8 +345,7 @@ class EnergyReport:
             "per-layer and per-expert energies (the baseline table shows both totals).",
             "",
             f"Precision: the profile prices {p.weight_bits}-bit weights and "
-            f"{p.activation_bits}-bit activations; the model ran at "
-            f"{self.model_weight_bits}-bit weights.",
+            f"{p.activation_bits}-bit activations; {self._model_precision}.",
             "",
             f"**SNN total: {_energy(t.energy_pj)}** (synaptic {_energy(t.synaptic_energy_pj)}, "
             f"neurons {_energy(t.neuron_energy_pj)}, memory {_energy(t.memory_energy_pj)}); "
@@ -492,10 +502,11 @@ def build_report(
         include_memory: whether ``energy_pj``, ``ratio``, the per-layer and per-expert
             energies and the break-even rate include the memory term (formula in
             :mod:`energy.counting`); both totals are reported either way.
-        model_weight_bits: weight precision the counted model ran at.
+        model_weight_bits: weight precision the model was trained and ran at.
         accuracy: its accuracy at that precision, if known.
         accuracy_at_profile_precision: its accuracy with weights quantised to
-            ``profile.weight_bits``, if measured.
+            ``profile.weight_bits``, if measured; give it with the counts of that quantized
+            model (the one the profile prices).
     """
     p = get_profile(profile)
     if not isinstance(counts, OperationCounts):

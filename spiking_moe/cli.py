@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch.distributed
 
-from .compare import KINDS, run_comparison
+from .compare import KINDS, comparison_name, run_comparison
 from .config import ConfigError, apply_overrides, load_config
 from .experiment import (
     check_experiment,
@@ -333,17 +333,20 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         config = load_config(args.config) if args.config else None
-        default_name = config.name if config else args.checkpoint[0].parent.name
-        out = args.out or Path("runs") / f"compare_{default_name}"
+        checkpoints = args.checkpoint or ()
+        missing = [str(c) for c in checkpoints if not c.is_file()]
+        if missing:
+            raise FileNotFoundError(f"no checkpoint at {missing}")
+        out = args.out or Path("runs") / f"compare_{comparison_name(config, checkpoints)}"
         comparison, stopped_by = run_comparison(
             config,
             out,
-            seeds=_int_list(args.seeds, "--seeds"),
+            seeds=_int_list(args.seeds, "--seeds") if config else (),
             kinds=[k for k in args.kinds.split(",") if k],
             bits=_int_list(args.bits, "--bits"),
             qat_bits=_int_list(args.qat, "--qat") if args.qat else (),
             profiles=[p for p in args.profiles.split(",") if p],
-            checkpoints=args.checkpoint or (),
+            checkpoints=checkpoints,
             overrides=_overrides(args),
             reuse_finished=args.reuse_finished,
         )

@@ -62,6 +62,7 @@ __all__ = [
     "KINDS",
     "Comparison",
     "Evaluation",
+    "comparison_name",
     "evaluate_precisions",
     "run_comparison",
     "twin_config",
@@ -438,6 +439,18 @@ class Comparison:
         return Path(path)
 
 
+def comparison_name(config: ExperimentConfig | None, checkpoints: Sequence[str | Path] = ()) -> str:
+    """The config's name, or, for checkpoints, the first one's stored config name without the
+    ``_<kind>`` suffix :func:`twin_config` adds (``default_moe`` -> ``default``)."""
+    if config is not None:
+        return config.name
+    path = Path(checkpoints[0])
+    name = config_from_checkpoint(load_checkpoint(path), path).name
+    for kind in KINDS:
+        name = name.removesuffix(f"_{kind}")
+    return name
+
+
 def _check_widths(name: str, values: Sequence[int]) -> None:
     bad = [b for b in values if b not in SUPPORTED_BITS]
     if bad:
@@ -496,15 +509,19 @@ def run_comparison(
         if missing:
             raise FileNotFoundError(f"no checkpoint at {missing}")
         runs = [Path(c) for c in checkpoints]
-        name = config.name if config is not None else Path(checkpoints[0]).parent.name
+        name = comparison_name(config, checkpoints)
     else:
         if config is None:
             raise ValueError("give a config to train, or checkpoints to evaluate")
-        if not seeds:
-            raise ValueError("seeds must name at least one seed")
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must name at least one seed, each once; got {list(seeds)}")
         bad = [k for k in kinds if k not in KINDS]
         if bad:
             raise ConfigError(f"unknown model kinds {bad}; valid: {list(KINDS)}")
+        if not kinds or len(set(kinds)) != len(kinds):
+            raise ValueError(f"kinds must name at least one model, each once; got {list(kinds)}")
+        if len(set(qat_bits)) != len(qat_bits):
+            raise ValueError(f"qat_bits must name each width once; got {list(qat_bits)}")
         plan = [(twin_config(config, kind), kind, 0) for kind in kinds]
         plan += [
             (apply_overrides(twin_config(config, kind), [f"train.quantize_bits={b}"]), kind, b)

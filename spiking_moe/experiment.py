@@ -36,7 +36,13 @@ from .config import (
 from .data import DATASETS, TEXT_VOCAB, BatchLoader, DataSplits, build_datasets
 from .factory import build_model
 from .plotting import plot_run
-from .quantization import SUPPORTED_BITS, CalibrationError, is_spiking, quantize_model
+from .quantization import (
+    SUPPORTED_BITS,
+    CalibrationError,
+    is_spiking,
+    prepare_qat,
+    quantize_model,
+)
 from .training import (
     CHECKPOINT_NAME,
     DistInfo,
@@ -557,8 +563,9 @@ def evaluate_checkpoint(
     """Rebuild a run's data and model from its checkpoint, evaluate it on the test set and
     count its energy there under ``profile``.
 
-    A QAT run (``train.quantize_bits``) is evaluated as the integer model its training
-    prepared. With ``quantize`` and a profile that prices narrower weights than the model
+    A QAT run (``train.quantize_bits``) is evaluated as it trained: fake-quantized weights
+    (:func:`~spiking_moe.quantization.prepare_qat`; for a spiking model the same spikes as its
+    integer model, for an ANN float activations, as in training). With ``quantize`` and a profile that prices narrower weights than the model
     has (``cmos45_int8``, ``loihi``: 8 bits, for an fp32 model), the model is also quantized
     to the profile's ``weight_bits`` (:func:`quantize_trained`; an ANN's activations to the
     profile's ``activation_bits``) and evaluated again: the report then holds both accuracies,
@@ -601,7 +608,7 @@ def evaluate_checkpoint(
     train_loader, _, test_loader = build_loaders(config, data)
     trained = build_model_for(config, data)
     trained.load_state_dict(state["model"])
-    model = quantize_trained(trained, bits, train_loader) if bits < 32 else trained
+    model = prepare_qat(trained, bits) if bits < 32 else trained
     step = int(state["step"])
     metrics, counted = _evaluate_test(
         model,

@@ -4,11 +4,24 @@
 import json
 
 import pytest
+import torch
 
 import energy
 from spiking_moe.cli import energy_report_main, train_main
-from spiking_moe.experiment import evaluate_checkpoint
-from spiking_moe.training import load_checkpoint, previous_checkpoint, save_checkpoint
+from spiking_moe.experiment import (
+    build_datasets,
+    build_loaders,
+    build_model_for,
+    config_from_checkpoint,
+    evaluate_checkpoint,
+)
+from spiking_moe.quantization import quantize_model
+from spiking_moe.training import (
+    count_energy,
+    load_checkpoint,
+    previous_checkpoint,
+    save_checkpoint,
+)
 
 # Small enough to train in well under a second, large enough to learn above chance (10%).
 TINY_MOE = (
@@ -238,3 +251,202 @@ def test_seeds_train_one_run_per_seed_and_summarise_mean_and_std(tmp_path, capsy
     table = (out / "seeds.md").read_text()
     assert f"{mean:.2%} ± {std:.2%}" in table and table in capsys.readouterr().out
     assert train_main([*argv[:-2], "--seeds", "0,x"]) == 2
+
+
+# --------------------------------------------------------------------------- --quantize
+
+
+def _logged_test_accuracy(run):
+    """The test accuracy the run logged while training (metrics.jsonl)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(r["test/accuracy"] for r in records if "test/accuracy" in r)
+
+
+def _rebuild(checkpoint):
+    """The run's trained model and test loader, rebuilt by hand from its checkpoint, and the
+    number of test samples."""
+    state = load_checkpoint(checkpoint)
+    config = config_from_checkpoint(state, checkpoint)
+    data = build_datasets(config.data)
+    _, _, test_loader = build_loaders(config, data)
+    model = build_model_for(config, data)
+    model.load_state_dict(state["model"])
+    return model.eval(), test_loader, len(data.test)
+
+
+def _hand_accuracy(model, loader):
+    """argmax == label over the whole loader, in eval mode, without gradients."""
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x).logits.argmax(-1) == y).sum().item()
+            total += y.numel()
+    return correct / total
+
+
+def _hand_totals(model, loader, profile):
+    """The model's activity over the whole loader (one count per batch, summed), priced."""
+    model.eval()
+    counts = energy.merge_counts(*(count_energy(model, x)[0] for x, _ in loader))
+    return energy.build_report(counts, profile).totals
+
+
+@pytest.mark.slow
+def test_energy_report_quantize_measures_the_accuracy_at_the_profile_precision(
+    tmp_path, caplog, one_thread
+):
+    run = tmp_path / "run"
+    assert train_main(["--config", str(_config(tmp_path)), "--out", str(run)]) == 0
+    logged = _logged_test_accuracy(run)
+    assert logged > 0.2  # it learned, so a quantized copy has something to lose
+    checkpoint = run / "checkpoint.pt"
+    argv = ["--checkpoint", str(checkpoint), "--profile", "cmos45_int8"]
+
+    # Without --quantize: the fp32 accuracy, and the report says the 8-bit one is unknown.
+    plain_dir = tmp_path / "plain"
+    assert energy_report_main([*argv, "--out", str(plain_dir)]) == 0
+    plain = energy.EnergyReport.from_json((plain_dir / "report_cmos45_int8.json").read_text())
+    assert plain.accuracy == logged
+    assert plain.accuracy_at_profile_precision is None
+    assert plain.model_weight_bits == 32
+    assert "accuracy at 8 bits: not measured" in plain.verdict
+
+    # The independent oracle: the loaded model with 8-bit weights, evaluated by hand.
+    model, test_loader, test_size = _rebuild(checkpoint)
+    quantized = quantize_model(model, 8)
+    expected = _hand_accuracy(quantized, test_loader)
+    fp32_totals = _hand_totals(model, test_loader, "cmos45_int8")
+    int8_totals = _hand_totals(quantized, test_loader, "cmos45_int8")
+    # 8-bit weights move some membranes across the threshold: the two models spike
+    # differently, so the counts below tell which model a report counted.
+    assert int8_totals.spikes != fp32_totals.spikes
+
+    quantized_dir = tmp_path / "quantized"
+    caplog.clear()
+    assert energy_report_main([*argv, "--quantize", "--out", str(quantized_dir)]) == 0
+    assert "Traceback" not in caplog.text
+    text = (quantized_dir / "report_cmos45_int8.json").read_text()
+    report = energy.EnergyReport.from_json(text)
+    assert report.accuracy == logged
+    assert report.accuracy_at_profile_precision == expected
+    assert "at 8 bits (the profile's precision)" in report.verdict
+    assert f"{logged:.4g}" in report.verdict and f"{expected:.4g}" in report.verdict
+    assert "not measured" not in report.verdict
+    assert (
+        "at 8 bits (the profile's precision)"
+        in (quantized_dir / "report_cmos45_int8.md").read_text()
+    )
+    back = energy.EnergyReport.from_json(report.to_json())
+    assert (back.accuracy, back.accuracy_at_profile_precision) == (logged, expected)
+    assert back == report
+
+    # The energy is the quantized model's (the one the profile prices); without --quantize,
+    # the fp32 model's.
+    assert (report.totals.spikes, report.totals.acs, report.totals.neuron_updates) == (
+        int8_totals.spikes,
+        int8_totals.acs,
+        int8_totals.neuron_updates,
+    )
+    assert (plain.totals.spikes, plain.totals.acs) == (fp32_totals.spikes, fp32_totals.acs)
+
+    evaluation = evaluate_checkpoint(checkpoint, "cmos45_int8", quantize=True)
+    assert evaluation.samples == test_size
+    assert evaluation.weight_bits == 32
+    assert evaluation.metrics["test/accuracy"] == logged
+    assert evaluation.quantized_metrics["test/accuracy"] == expected
+    assert evaluation.metrics["test/energy/uJ_per_sample"] == pytest.approx(
+        int8_totals.energy_pj / test_size / 1e6, rel=1e-9
+    )
+
+
+@pytest.mark.slow
+def test_energy_report_quantize_under_a_32_bit_profile_has_nothing_to_quantize(
+    tmp_path, caplog, one_thread
+):
+    run = tmp_path / "run"
+    assert train_main(["--config", str(_config(tmp_path, steps=10)), "--out", str(run)]) == 0
+    logged = _logged_test_accuracy(run)
+    out = tmp_path / "reports"
+    caplog.set_level("INFO", logger="spiking_moe")
+    argv = ["--checkpoint", str(run / "checkpoint.pt"), "--profile", "cmos45", "--out", str(out)]
+    assert energy_report_main([*argv, "--quantize"]) == 0
+    assert "nothing to quantize" in caplog.text
+    report = energy.EnergyReport.from_json((out / "report_cmos45.json").read_text())
+    assert report.accuracy == logged
+    assert report.accuracy_at_profile_precision is None
+    assert "within the profile's 32 bits" in report.precision_statement
+    # Nothing changed: it is train_main's own report under its profile, to the bit.
+    assert (out / "report_cmos45.json").read_text() == (run / "report.json").read_text()
+
+
+@pytest.mark.slow
+def test_energy_report_quantize_exits_2_for_a_precision_it_cannot_give(
+    tmp_path, caplog, one_thread
+):
+    run = tmp_path / "moe"
+    assert train_main(["--config", str(_config(tmp_path, steps=2)), "--out", str(run)]) == 0
+    out = tmp_path / "reports"
+    argv = ["--checkpoint", str(run / "checkpoint.pt"), "--out", str(out), "--quantize"]
+    assert energy_report_main([*argv, "--profile", "cmos45_fp16"]) == 2
+    assert "16-bit" in caplog.text and "cmos45_fp16" in caplog.text
+    caplog.clear()
+    assert energy_report_main([*argv, "--profile", "truenorth"]) == 2
+    assert "2-bit" in caplog.text
+
+    ann = tmp_path / "ann"
+    config = _config(tmp_path, kind="ann", steps=2)
+    assert train_main(["--config", str(config), "--out", str(ann)]) == 0
+    ann_argv = ["--checkpoint", str(ann / "checkpoint.pt"), "--out", str(out)]
+    caplog.clear()
+    assert energy_report_main([*ann_argv, "--profile", "loihi", "--quantize"]) == 2
+    assert "1-bit activations" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not out.exists()  # every refusal came before any report was written
+    # The refusal is --quantize's: the same ANN under loihi is re-counted without it.
+    assert energy_report_main([*ann_argv, "--profile", "loihi"]) == 0
+    assert (out / "report_loihi.json").exists()
+
+
+@pytest.mark.slow
+def test_a_qat_checkpoint_is_evaluated_as_its_integer_model(tmp_path, one_thread):
+    run = tmp_path / "qat"
+    argv = ["--config", str(_config(tmp_path)), "--out", str(run)]
+    assert train_main([*argv, "--set", "train.quantize_bits=4"]) == 0
+    logged = _logged_test_accuracy(run)
+    checkpoint = run / "checkpoint.pt"
+
+    evaluation = evaluate_checkpoint(checkpoint, "cmos45")
+    assert evaluation.weight_bits == 4
+    # The QAT forward the run was tested with and the integer model agree.
+    assert evaluation.metrics["test/accuracy"] == logged
+    model, test_loader, _ = _rebuild(checkpoint)
+    assert _hand_accuracy(quantize_model(model, 4), test_loader) == logged
+    report = evaluation.report
+    assert report.model_weight_bits == 4
+    assert report.accuracy == logged
+    assert "4-bit" in report.precision_statement
+    trained = energy.EnergyReport.from_json((run / "report.json").read_text())
+    assert trained.model_weight_bits == 4
+    assert report.totals.spikes == trained.totals.spikes
+
+    # Under an 8-bit profile, 4-bit weights are already within its precision.
+    out = tmp_path / "reports"
+    assert (
+        energy_report_main(
+            ["--checkpoint", str(checkpoint), "--profile", "cmos45_int8", "--quantize"]
+            + ["--out", str(out)]
+        )
+        == 0
+    )
+    int8 = energy.EnergyReport.from_json((out / "report_cmos45_int8.json").read_text())
+    assert int8.accuracy == logged and int8.accuracy_at_profile_precision is None
+    assert "at 4-bit weights, within the profile's 8 bits" in int8.precision_statement
+
+    # An ANN's QAT forward has float activations; the re-count evaluates it as it trained.
+    ann_run = tmp_path / "ann_qat"
+    ann_argv = ["--config", str(_config(tmp_path, kind="ann")), "--out", str(ann_run)]
+    assert train_main([*ann_argv, "--set", "train.quantize_bits=4"]) == 0
+    ann = evaluate_checkpoint(ann_run / "checkpoint.pt", "cmos45")
+    assert ann.weight_bits == 4
+    assert ann.metrics["test/accuracy"] == _logged_test_accuracy(ann_run)
