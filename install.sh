@@ -21,7 +21,10 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 printf 'torch==%s\ntorchvision==0.%s.*\n' "$TORCH_VERSION" "$((TORCH_MINOR + 15))" >"$constraints"
 
-pip_install -c "$constraints" -e ".[dev]"
+# "events": tonic for event datasets (data.event_reader = "tonic"; it pulls librosa), so CI
+# tests that path. tonic declares no torch (only its own "torch" extra does); the constraints
+# keep the installed torch regardless.
+pip_install -c "$constraints" -e ".[dev,events]"
 # Optional peers for adapters, tests and benchmarks. SpikingJelly declares torchvision and
 # torchaudio (no CPU builds here), so it goes in without its dependencies.
 pip_install --no-deps "spikingjelly>=0.0.0.0.14"

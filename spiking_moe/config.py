@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .data import DATASETS
+from .data import DATASETS, EVENT_READERS
 from .functional.lif import RESETS
 from .functional.surrogate import SURROGATES
 
@@ -172,6 +172,9 @@ class DataConfig(_Section):
     :class:`~spiking_moe.data.DatasetSpec` (:data:`spiking_moe.data.DATASETS`). ``root`` is the folder with the local
     files of shd (``shd_train.h5``, ``shd_test.h5``) or nmnist (``Train/``, ``Test/``).
     ``test_fraction`` applies to digits only (the others ship a test set).
+    ``event_reader`` (shd, nmnist): "native" (default) or "tonic", which bins with the optional
+    tonic package (``pip install "spiking-moe[events]"``) into the same frames; see
+    :mod:`spiking_moe.data`.
 
     Text only (``name = "text"``, see :func:`spiking_moe.data.load_text_corpus`):
     ``text_paths`` lists text files or folders (read recursively; empty: the Python standard
@@ -188,6 +191,7 @@ class DataConfig(_Section):
     test_fraction: float = _field(0.2, gt=0.0, lt=1.0)
     seed: int = 0
     max_time_s: float = _field(0.0, ge=0.0)
+    event_reader: str = _field("native", choices=EVENT_READERS)
     mnist1d_num_samples: int = _field(5000, ge=100)
     mnist1d_seed: int = 42
     # A tuple, not a list: the config is frozen and hashable; TOML arrays are accepted.
@@ -209,6 +213,11 @@ class DataConfig(_Section):
             raise ConfigError(
                 f"data.num_steps must be {fixed} (or 0) for {self.name!r} encoding "
                 f"{encoding!r}, got {self.num_steps}"
+            )
+        if self.event_reader not in spec.event_readers:
+            raise ConfigError(
+                f"data.event_reader must be one of {list(spec.event_readers)} for dataset "
+                f"{self.name!r} (the readers apply to event files), got {self.event_reader!r}"
             )
         if spec.files and not self.root:
             raise ConfigError(f"data.root must name the folder with the local {self.name} files")
