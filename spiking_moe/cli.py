@@ -10,6 +10,8 @@
 - :func:`compare_main` (``spiking-moe-compare``, ``experiments/compare.py``): the spiking MoE,
   dense SNN and ANN twin of one config at fp32, int8 and int4 (PTQ and QAT), accuracy and
   energy compute only and with memory traffic.
+- :func:`export_main` (``spiking-moe-export``, ``experiments/export.py``): a trained model as a
+  NIR deployment bundle (one NIR graph per part and the routing rule).
 - :func:`generate_main` (``spiking-moe-generate``, ``experiments/generate.py``): sample text
   from a trained language model (a ``data.name = "text"`` run).
 
@@ -39,6 +41,7 @@ from .experiment import (
     finished_result,
     generate_text,
     load_language_model,
+    load_trained_model,
     run_experiment,
     run_seeds,
     summary_table,
@@ -48,7 +51,14 @@ from .plotting import plot_sweep
 from .sweep import run_folder, run_sweep, sweep_configs, sweep_table
 from .training import CheckpointError, energy_profile_names, init_distributed
 
-__all__ = ["compare_main", "energy_report_main", "generate_main", "sweep_main", "train_main"]
+__all__ = [
+    "compare_main",
+    "energy_report_main",
+    "export_main",
+    "generate_main",
+    "sweep_main",
+    "train_main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -360,6 +370,46 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         logger.warning("comparison interrupted while training; rerun with --reuse-finished")
         return 128 + (stopped_by or 0)
     print(comparison.to_markdown())
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """Export a trained model as a NIR bundle; print each part's size. Exit code."""
+    from .nir import DEFAULT_DT, export_bundle
+
+    parser = argparse.ArgumentParser(
+        prog="spiking-moe-export",
+        description="Export a trained spiking model as a NIR deployment bundle: one NIR graph "
+        "per part (input, experts, router projection, output neurons, readout) and "
+        "manifest.json with the routing rule.",
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="runs/<name>/checkpoint.pt")
+    parser.add_argument("--out", required=True, type=Path, help="bundle folder, e.g. runs/x/nir")
+    parser.add_argument(
+        "--dt",
+        type=float,
+        default=DEFAULT_DT,
+        help=f"time step the NIR time constants are written for (default {DEFAULT_DT}, "
+        "what snnTorch's import_from_nir assumes)",
+    )
+    _add_set(parser)
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        model, _ = load_trained_model(args.checkpoint, overrides=_overrides(args))
+        summaries = export_bundle(model, args.out, dt=args.dt)
+    except (*_USAGE_ERRORS, CheckpointError) as exc:
+        logger.error("%s", exc)
+        return 2
+    lines = ["| part | neurons | synapses | largest fan-in |", "| --- | ---: | ---: | ---: |"]
+    lines += [
+        f"| {s.name} | {s.neurons:,} | {s.synapses:,} | {s.max_fan_in:,} |" for s in summaries
+    ]
+    print("\n".join(lines))
+    logger.info("bundle written to %s (manifest.json and %d NIR files)", args.out, len(summaries))
     return 0
 
 

@@ -72,6 +72,7 @@ __all__ = [
     "evaluate_checkpoint",
     "generate_text",
     "load_language_model",
+    "load_trained_model",
     "model_weight_bits",
     "quantize_trained",
     "finished_result",
@@ -691,6 +692,27 @@ def write_profile_report(out: Path, evaluation: CheckpointEvaluation, profile: s
 
 
 # --------------------------------------------------------------------------- generation
+
+
+def load_trained_model(
+    checkpoint: str | Path, *, overrides: Sequence[str] = ()
+) -> tuple[torch.nn.Module, ExperimentConfig]:
+    """The model a run trained, rebuilt from its checkpoint on the CPU in eval mode (the
+    dataset is built for its shapes; ``overrides`` apply to the stored config, e.g. a moved
+    ``data.root``).
+
+    Raises:
+        FileNotFoundError: no checkpoint (or no data files) there.
+        CheckpointError: the checkpoint is damaged.
+        ConfigError: the checkpoint holds no (or an invalid) experiment config.
+    """
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)
+    config = apply_overrides(config_from_checkpoint(state, checkpoint), overrides)
+    config.data.check_files()
+    model = build_model_for(config, build_datasets(config.data))
+    model.load_state_dict(state["model"])
+    return model.eval(), config
 
 
 def load_language_model(
