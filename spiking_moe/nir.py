@@ -76,6 +76,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -786,20 +787,24 @@ def export_bundle(
 
     Raises:
         ValueError: an unsupported model (an ANN, a language model), shared experts.
-        FileExistsError: ``folder`` already holds a manifest.
+        FileExistsError: ``folder`` exists and is not empty.
     """
     folder = Path(folder)
-    if (folder / MANIFEST_NAME).exists():
-        raise FileExistsError(f"{folder / MANIFEST_NAME} exists; choose another folder")
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} exists and is not empty; choose another folder")
     description = _model_description(model)
-    folder.mkdir(parents=True, exist_ok=True)
+    # Written into a sibling folder and renamed at the end, so a failed export leaves nothing
+    # that looks like a bundle.
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     parts, summaries = [], []
     for name, module, width in _parts(model):
         features = width if isinstance(module, LIF) else None
         graph = export_nir(module, dt=dt, features=features, subtract_reset="zero")
         graph.metadata["part"] = name
         file = f"{name}.nir"
-        nir.write(str(folder / file), graph)
+        nir.write(str(staging / file), graph)
         summary = summarize_graph(graph, name)
         summaries.append(summary)
         parts.append({"name": name, "file": file, "in_features": width, **_counts(summary)})
@@ -823,6 +828,7 @@ def export_bundle(
             }
         )
     readout_beta = model.input_neuron.beta.detach().clamp(0, 1)
+    readout_beta = readout_beta.item() if readout_beta.dim() == 0 else readout_beta.tolist()
     manifest = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "model": description,
@@ -832,13 +838,14 @@ def export_bundle(
         "connections": _CONNECTIONS,
         "decode": {
             "readout": model.readout_mode,
-            "beta": float(readout_beta),
+            "beta": readout_beta,
             "rule": _DECODE_RULE,
         },
     }
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(folder / MANIFEST_NAME)
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    if folder.exists():
+        folder.rmdir()  # empty (checked above)
+    staging.rename(folder)
     return summaries
 
 
