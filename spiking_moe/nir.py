@@ -220,6 +220,14 @@ class _Chain:
                     f"{name!r} takes {module.in_features} inputs but receives {self.width}"
                 )
             self.add(name, _affine(module), module.out_features)
+        elif isinstance(module, nn.Embedding):
+            # A lookup is a product with a one-hot input: row i of the table is column i.
+            if self.width is not None and module.num_embeddings != self.width:
+                raise ValueError(
+                    f"{name!r} has {module.num_embeddings} entries but receives {self.width}"
+                )
+            weight = module.weight.detach().cpu().numpy().astype(np.float32).T.copy()
+            self.add(name, nir.Linear(weight=weight), module.embedding_dim)
         elif isinstance(module, LIF):
             if self.width is None:
                 raise ValueError(
@@ -252,8 +260,9 @@ class _Chain:
         else:
             raise ValueError(
                 f"{name or 'module'!r} ({type(module).__name__}) has no NIR mapping here; "
-                "supported: nn.Linear, LIF, SpikingExpert, nn.Sequential of those, "
-                "DenseSNNClassifier (and SpikingMoE models through export_bundle)"
+                "supported: nn.Linear, nn.Embedding (on one-hot inputs), LIF, SpikingExpert, "
+                "nn.Sequential of those, DenseSNNClassifier (and SpikingMoE models through "
+                "export_bundle)"
             )
 
     def classifier(self, model: DenseSNNClassifier, name: str) -> None:
@@ -302,8 +311,10 @@ def export_nir(
     """A NIR graph of a feed-forward spiking module (module docstring for the mapping).
 
     Args:
-        module: ``nn.Linear``, :class:`~spiking_moe.neurons.LIF`, a
-            :class:`~spiking_moe.experts.SpikingExpert`, an ``nn.Sequential`` of those, or a
+        module: ``nn.Linear``, ``nn.Embedding`` (a ``Linear`` node on one-hot inputs: a
+            language model's token table), :class:`~spiking_moe.neurons.LIF`, a
+            :class:`~spiking_moe.experts.SpikingExpert`, an ``nn.Sequential`` of those
+            (e.g. a language model's ``readout``), or a
             :class:`~spiking_moe.models.DenseSNNClassifier` (input layer, blocks, readout and,
             for ``readout="membrane"``, its integrator).
         dt: the time step the time constants are written for (> 0; stored in the graph).
@@ -328,6 +339,8 @@ def export_nir(
             f"unknown subtract_reset {subtract_reset!r}; valid: {list(SUBTRACT_RESETS)}"
         )
     first = _first_linear(module)
+    if features is None and isinstance(first, nn.Embedding):
+        features = first.num_embeddings
     in_width = features if features is not None else (first.in_features if first else None)
     if in_width is None:
         raise ValueError(
@@ -346,11 +359,11 @@ def export_nir(
     return _graph(chain, in_width, metadata)
 
 
-def _first_linear(module: nn.Module) -> nn.Linear | None:
+def _first_linear(module: nn.Module) -> nn.Linear | nn.Embedding | None:
     for child in module.modules():
         if isinstance(child, LIF):
             return None
-        if isinstance(child, nn.Linear):
+        if isinstance(child, (nn.Linear, nn.Embedding)):
             return child
     return None
 

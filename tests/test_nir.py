@@ -928,3 +928,20 @@ def test_export_cli_writes_a_bundle_equal_to_the_checkpoint(tmp_path, capsys, ca
     assert export_main(["--checkpoint", str(ann), "--out", str(tmp_path / "b3")]) == 2
     assert "ANNClassifier" in caplog.text and "Traceback" not in caplog.text
     assert not (tmp_path / "b3").exists() and not (tmp_path / ".b3.partial").exists()
+
+
+def test_language_model_dense_parts_export_token_table_and_readout():
+    """An LM's token table is a Linear on one-hot inputs; its readout a plain Affine."""
+    from spiking_moe import SpikingMoELM
+
+    torch.manual_seed(0)
+    lm = SpikingMoELM(32, 16, 1, 2, 8, num_experts=4, k=1, expert_hidden=8)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    one_hot = torch.nn.functional.one_hot(ids, 32).float()  # [B, S, V]
+    table = import_nir(export_nir(lm.token_embedding))
+    assert torch.equal(table(one_hot), lm.token_embedding(ids))
+    x = (torch.rand(4, 2, 16) < 0.4).float()
+    readout = import_nir(export_nir(lm.readout))
+    assert torch.equal(readout(x), lm.readout(x))
+    with pytest.raises(ValueError, match="SpikingMoE"):
+        export_nir(lm.blocks[0].ffn)
