@@ -9,10 +9,11 @@ evaluated as its integer model. Every evaluation counts its own activity (a quan
 can spike differently), and the counts are priced under every profile in ``profiles``.
 
 Precision of the rows: ``fp32`` is the trained model; ``int8``/``int4`` its PTQ copy with
-integer weights per output channel (:mod:`spiking_moe.quantization`); the spiking models'
-activations are spikes, and the ANN twin's inputs to every Linear are quantized to 8 bits at
-either weight width (W8A8, W4A8), calibrated on training batches. ``int4 QAT`` rows come from
-their own training runs.
+integer weights per output channel (:mod:`spiking_moe.quantization`); inputs to every Linear
+are quantized to 8 bits at either weight width (W8A8, W4A8), calibrated on training batches,
+where they are graded: every Linear of the ANN twin and a spiking model's analog input layer
+(spikes and spike counts are exact as they are). ``int4 QAT`` rows come from their own
+training runs.
 
 An energy cell is marked ``†`` when the row's weights are wider than the profile prices
 (an fp32 model priced at 8-bit arithmetic): that energy belongs to a model whose accuracy was

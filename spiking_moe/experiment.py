@@ -492,21 +492,19 @@ def quantize_trained(
     *,
     activation_bits: int = 8,
 ) -> torch.nn.Module:
-    """:func:`~spiking_moe.quantization.quantize_model` of a trained model (a copy): spiking
-    models get integer weights; an ANN also integer inputs to every Linear
-    (``activation_bits``, default 8 at either weight width: 4-bit weights with 8-bit
-    activations, "W4A8", is the usual integer deployment, and 8 bits is the narrowest graded
-    activation any bundled profile prices), its ranges calibrated on the first
-    :data:`CALIBRATION_BATCHES` batches of ``train_loader`` (the whole training set when an
-    expert received no token there), never on test data.
+    """:func:`~spiking_moe.quantization.quantize_model` of a trained model (a copy): integer
+    weights, and integer inputs (``activation_bits``, default 8 at either weight width: 4-bit
+    weights with 8-bit activations, "W4A8", is the usual integer deployment, and 8 bits is the
+    narrowest graded activation any bundled profile prices) to every Linear of an ANN and to
+    a spiking model's Linears fed graded values (an analog input layer), their ranges
+    calibrated on the first :data:`CALIBRATION_BATCHES` batches of ``train_loader`` (the
+    whole training set when an ANN expert received no token there), never on test data.
 
     A QAT run's float weights (prepared by :func:`~spiking_moe.quantization.prepare_qat`)
     quantized to its ``train.quantize_bits`` give exactly the integer weights its training
     forward used (:func:`~spiking_moe.quantization.convert_qat` is this on the prepared
     model); an ANN's activations, which QAT leaves float, are calibrated here.
     """
-    if is_spiking(model):
-        return quantize_model(model, bits)
     device = next(model.parameters()).device
     batches = itertools.islice(train_loader, CALIBRATION_BATCHES)
     try:

@@ -40,12 +40,14 @@ in hardware). In exact arithmetic the two neurons are identical; in floating poi
 differ only where ``h_t`` ties ``theta`` to the last bit, and not at all when the scales are
 powers of two (division by them is exact), which is what the tests use.
 
-**Activations.** Spiking models (any :class:`~spiking_moe.neurons.LIF` inside) get weight-only
-quantization: a Linear fed spikes sees 0/1, exact at any width. Two inputs of a spiking model
-are not spikes and stay as they are: the input layer's input is the encoder's output (spikes for
-the rate/latency/event encodings; for an analog-current encoding it is the data itself), and a
-:class:`~spiking_moe.router.RateRouter` projects firing rates ``count / T``, i.e. integer counts
-with a per-tensor scale ``1 / T``. ANN models (no LIF) also quantize the input of every Linear
+**Activations.** In a spiking model (any :class:`~spiking_moe.neurons.LIF` inside) a Linear
+fed spikes sees 0/1, exact at any width: its input stays as it is. Two inputs of a spiking
+model are not spikes: the input layer's input is the encoder's output (spikes for the
+rate/latency/event encodings; for an analog-current encoding it is the data itself), and a
+:class:`~spiking_moe.router.RateRouter` and a ``"count"`` readout take firing rates
+``count / T``, i.e. integer counts at the scale ``1 / T`` (exact as they are). Given calibration inputs, a spiking model's Linears
+whose inputs were not all 0 or 1 (the analog input layer) get quantized inputs like an ANN's
+(below); without calibration they keep float inputs (weights only). ANN models (no LIF) quantize the input of every Linear
 to ``activation_bits``, per tensor, from ranges calibrated with forward pre-hooks (removed
 afterwards). A Linear whose calibration inputs were all ``>= 0`` (ReLU outputs) gets an
 unsigned grid ``a = max x / (2^bits - 1)``, codes ``0 .. 2^bits - 1``; others a symmetric grid
@@ -82,6 +84,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .neurons import LIF
+from .router import RateRouter
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -371,13 +374,23 @@ class CalibrationError(ValueError):
         )
 
 
-def _calibrate(model: nn.Module, calibration: Iterable) -> dict[int, tuple[float, float]]:
-    """``(min, max)`` of the input of every float Linear over the calibration inputs."""
+def _calibrate(
+    model: nn.Module, calibration: Iterable, *, require_all: bool = True
+) -> tuple[dict[int, tuple[float, float]], set[int]]:
+    """``(min, max)`` of the input of every float Linear over the calibration inputs, and the
+    ids of the Linears whose inputs were all exactly 0 or 1 (spikes).
+
+    With ``require_all`` a Linear the calibration never ran raises :class:`CalibrationError`;
+    otherwise it is left out.
+    """
     ranges: dict[int, list[torch.Tensor]] = {}
+    graded: set[int] = set()
 
     def observe(module, args):
         x = args[0].detach()
         low, high = x.amin(), x.amax()
+        if bool(((x != 0) & (x != 1)).any()):
+            graded.add(id(module))
         seen = ranges.get(id(module))
         ranges[id(module)] = (
             [low, high]
@@ -403,10 +416,22 @@ def _calibrate(model: nn.Module, calibration: Iterable) -> dict[int, tuple[float
         raise ValueError("calibration is empty: activation ranges need at least one input batch")
     names = {id(m): n for n, m in model.named_modules() if _is_float_linear(m)}
     unseen = [names[i] for i in linears if i not in ranges]
-    if unseen:
+    if unseen and require_all:
         raise CalibrationError(unseen)
     logger.info("calibrated %d layers on %d batches", len(ranges), batches)
-    return {i: (float(low), float(high)) for i, (low, high) in ranges.items()}
+    binary = {i for i in ranges if i not in graded}
+    return {i: (float(low), float(high)) for i, (low, high) in ranges.items()}, binary
+
+
+def _rate_fed(model: nn.Module) -> set[int]:
+    """Linears fed spike rates ``count / T`` (integer counts at the scale ``1 / T``, exact as
+    they are): a :class:`~spiking_moe.router.RateRouter`'s ``proj`` and a ``"count"`` readout."""
+    rate_fed = {id(m.proj) for m in model.modules() if isinstance(m, RateRouter)}
+    for module in model.modules():
+        readout = getattr(module, "readout", None)
+        if getattr(module, "readout_mode", None) == "count" and isinstance(readout, nn.Linear):
+            rate_fed.add(id(readout))
+    return rate_fed
 
 
 def quantize_model(
@@ -420,55 +445,63 @@ def quantize_model(
     (experts, routers' ``proj``, attention projections, input layers, readouts) replaced by a
     :class:`QuantizedLinear`; ``model`` is left untouched.
 
-    A model is spiking when it contains a :class:`~spiking_moe.neurons.LIF`: then only the
-    weights are quantized (spikes are exact; module docstring) and ``activation_bits`` and
-    ``calibration`` are ignored. Otherwise (an ANN) the input of every Linear is quantized
-    too, with ranges calibrated on ``calibration``.
+    A model is spiking when it contains a :class:`~spiking_moe.neurons.LIF`. Its Linears fed
+    spikes keep their inputs (0/1 is exact at any width). Without ``calibration`` only weights
+    are quantized; with it, a Linear whose calibration inputs were not all 0 or 1 (the input
+    layer of an analog-current encoding) also gets ``activation_bits`` inputs, except those fed
+    spike rates ``count / T`` (integers at the scale ``1 / T``): a
+    :class:`~spiking_moe.router.RateRouter`'s ``proj`` and a ``"count"`` readout. Otherwise (an ANN) the input of every Linear is quantized,
+    with ranges calibrated on ``calibration``.
 
     Args:
         model: any module containing ``nn.Linear`` layers (a :class:`FakeQuantLinear`
             counts as one; layers already quantized are kept).
         bits: weight width, 8 or 4.
-        activation_bits: ANN activation width, 8 or 4; None: ``bits``.
-        calibration: ANN only: an iterable of model inputs, each passed as ``model(x)`` in
-            eval mode under ``no_grad`` (for a loader of ``(x, y)`` pairs pass
-            ``(x for x, _ in loader)``). Every Linear must run at least once.
+        activation_bits: width of the quantized inputs, 8 or 4; None: ``bits``.
+        calibration: an iterable of model inputs, each passed as ``model(x)`` in eval mode
+            under ``no_grad`` (for a loader of ``(x, y)`` pairs pass ``(x for x, _ in
+            loader)``). Required for an ANN, where every Linear must run at least once;
+            optional for a spiking model (Linears it never ran keep float inputs).
 
     Raises:
         ValueError: unsupported ``bits`` / ``activation_bits``; no float Linear in ``model``;
             an ANN without ``calibration``, an empty ``calibration``; :class:`CalibrationError`
-            (a ValueError) for Linear layers it never ran.
+            (a ValueError) for an ANN's Linear layers it never ran.
     """
     _check_bits("bits", bits)
     if not any(_is_float_linear(m) for m in model.modules()):
         raise _no_layer_error(model)
     quantized = copy.deepcopy(model)
     spiking = is_spiking(quantized)
+    activation_bits = bits if activation_bits is None else activation_bits
+    _check_bits("activation_bits", activation_bits)
     ranges: dict[int, tuple[float, float]] = {}
     if spiking:
-        if activation_bits is not None or calibration is not None:
-            logger.info("spiking model: weights only; activation_bits and calibration ignored")
-        activation_bits = None
+        if calibration is not None:
+            ranges, binary = _calibrate(quantized, calibration, require_all=False)
+            ranges = {i: r for i, r in ranges.items() if i not in binary | _rate_fed(quantized)}
+    elif calibration is None:
+        raise ValueError(
+            "calibration is required for an ANN (a model without LIF): it sets the "
+            "activation ranges"
+        )
     else:
-        activation_bits = bits if activation_bits is None else activation_bits
-        _check_bits("activation_bits", activation_bits)
-        if calibration is None:
-            raise ValueError(
-                "calibration is required for an ANN (a model without LIF): it sets the "
-                "activation ranges"
-            )
-        ranges = _calibrate(quantized, calibration)
+        ranges, _ = _calibrate(quantized, calibration)
     count = _replace(
         quantized,
         lambda name, m: QuantizedLinear.from_linear(
-            m, bits, activation_range=ranges.get(id(m)), activation_bits=activation_bits
+            m,
+            bits,
+            activation_range=ranges.get(id(m)),
+            activation_bits=activation_bits if id(m) in ranges else None,
         ),
     )
     logger.info(
-        "quantized %d Linear layers to %d-bit weights%s",
+        "quantized %d Linear layers to %d-bit weights (%d of them with %d-bit inputs)",
         count,
         bits,
-        f" and {activation_bits}-bit activations" if activation_bits else "",
+        len(ranges),
+        activation_bits,
     )
     return quantized
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from energy import count_operations
-from spiking_moe import LIF, ANNClassifier
+from spiking_moe import LIF, ANNClassifier, SpikingMoEClassifier
 from spiking_moe.config import ConfigError, TrainConfig
 from spiking_moe.data import BatchLoader
 from spiking_moe.quantization import (
@@ -352,3 +352,22 @@ def test_trainer_with_quantize_bits_4_trains_qat_and_converts(
     x, y = two_class_data(40, seed=2).get_batch(torch.arange(40), torch.Generator().manual_seed(0))
     torch.testing.assert_close(converted(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
     assert (converted(x).logits.argmax(1) == y).float().mean() > 0.8
+
+
+def test_spiking_model_with_an_analog_input_layer_quantizes_only_that_layers_inputs():
+    """Calibrated PTQ of a spiking model: the analog input layer gets 8-bit inputs; the layers
+    fed spikes and those fed rates (router, count readout: integer counts over T) keep theirs."""
+    torch.manual_seed(0)
+    model = SpikingMoEClassifier(
+        6, 3, hidden_features=16, num_experts=2, k=2, expert_hidden=8, threshold=0.3
+    ).eval()
+    batches = [torch.randn(5, 32, 6) for _ in range(3)]  # analog current [T, B, F]
+    quantized = quantize_model(model, 4, activation_bits=8, calibration=batches)
+    assert quantized.input_layer.activation_bits == 8
+    by_hand = max(float(x.abs().max()) for x in batches) / 127  # symmetric 8-bit grid
+    assert quantized.input_layer.act_scale.item() == pytest.approx(by_hand, rel=1e-6)
+    spike_fed = [quantized.readout, *quantized.layers[0].experts[0].net[::2]]
+    assert all(m.activation_bits is None for m in spike_fed)
+    assert quantized.layers[0].router.proj.activation_bits is None
+    # Without calibration the same model is quantized weights only.
+    assert quantize_model(model, 4).input_layer.activation_bits is None

@@ -1,0 +1,282 @@
+r"""Event-driven synaptic product: a linear layer that reads only the weights of active inputs.
+
+Legend: ``R`` rows (all leading dimensions of the input folded together, e.g. ``T B``), ``I``
+input features, ``O`` output features, ``A`` active (nonzero) input entries.
+
+For inputs :math:`x \in \mathbb{R}^{R \times I}`, weight :math:`W \in \mathbb{R}^{O \times I}`
+(``nn.Linear``'s layout) and bias :math:`b`,
+
+.. math::
+
+    y_r = b + W x_r = b + \sum_{i:\, x_{r,i} \neq 0} x_{r,i}\, W_{:,i}
+        \;\overset{x \in \{0,1\}}{=}\; b + \sum_{i:\, x_{r,i} = 1} W_{:,i}.
+
+For spikes the product is a sum of the weight columns of the active inputs: no multiplies, and
+at spike rate :math:`p` a fraction :math:`p` of the dense product's work. The kernels keep
+:math:`W^\top` (``weight_t``, ``[I, O]``, contiguous) so that the column of one input is one
+contiguous row in memory: per row of ``x`` they list the active inputs, then add up their rows of
+``weight_t``, starting from the bias.
+
+**Inputs that are not binary.** Binary input is the fast case, not a requirement: an active
+input whose value is not exactly 1 is multiplied in (:math:`x_{r,i} W_{:,i}`), so the result is
+``F.linear(x, weight, bias)`` up to float rounding for *any* input, and its cost is set by the
+number of nonzeros. (The C++ kernel checks per row whether every nonzero is 1 and only then takes
+the multiply-free loop.) One difference from the dense product: zeros are skipped, so a zero
+input times an infinite or NaN weight contributes nothing instead of NaN. NaN or infinite inputs
+propagate as in ``F.linear``.
+
+**Implementations** (``implementation=``):
+
+* ``"cpp"``: a C++ kernel with OpenMP (:mod:`.kernels.event_cpu`), CPU, float32/float64; built
+  on first use like the fused LIF kernel (``SPIKING_MOE_NO_CPP=1`` disables it);
+* ``"triton"``: a Triton kernel (:mod:`.kernels.triton_event`), CUDA (or CPU tensors through
+  Triton's interpreter, ``TRITON_INTERPRET=1``), float32/float64;
+* ``"torch"``: an event-driven reference in plain PyTorch (``index_select`` of the active rows
+  of ``weight_t``, ``index_add_`` into the output), any device and dtype; slow, for tests;
+* ``"dense"``: ``F.linear``, the reference and the fallback;
+* ``"auto"`` (default): ``"cpp"`` on CPU and ``"triton"`` on CUDA when they can run and the
+  input is sparse enough (at most :data:`AUTO_DENSE_ABOVE` of its entries nonzero, a figure per
+  device type), else ``"dense"``; each fallback is logged at debug level. Above the break-even
+  rate the dense product is faster, so ``"auto"`` is never much slower than it (the density
+  test costs one pass over ``x``). An explicitly named implementation that cannot run raises.
+
+All paths are differentiable: backward is the dense product's (``grad_x = grad_y W``,
+``grad_W = grad_y^T x``, ``grad_b = sum grad_y``), and gradients flow to ``weight``, never to
+``weight_t``.
+
+Example:
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from spiking_moe.functional import event_linear
+    >>> x = torch.tensor([[0.0, 1.0, 0.0, 1.0]])   # spikes of inputs 1 and 3
+    >>> w = torch.arange(8.0).view(2, 4)           # [O=2, I=4]
+    >>> event_linear(x, w, implementation="torch")  # columns 1 + 3 of w
+    tensor([[ 4., 12.]])
+    >>> torch.equal(event_linear(x, w), F.linear(x, w))
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AUTO_DENSE_ABOVE", "IMPLEMENTATIONS", "event_linear"]
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = ("auto", "cpp", "triton", "torch", "dense")
+
+#: Device type -> fraction of nonzero inputs above which ``implementation="auto"`` runs the dense
+#: product instead of the event-driven kernel. CPU: the break-even rate measured by
+#: ``experiments/benchmarks/event_driven.py`` (in = out = 1024, 1024 rows, float32) on a 2-core
+#: AMD EPYC (Zen 4, AVX-512) with 2 threads, rounded down; see ``experiments/benchmarks/RESULTS.md``.
+#: CUDA: unmeasured (no GPU when this was written): a guess that cuBLAS wins above a few percent;
+#: measure with ``event_driven.py --device cuda`` and set it.
+AUTO_DENSE_ABOVE = MappingProxyType({"cpu": 0.3, "cuda": 0.05})
+
+# The reference materialises at most this many weight elements at a time (64 MiB in float32).
+_TORCH_CHUNK_ELEMENTS = 1 << 24
+
+
+def event_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    weight_t: torch.Tensor | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed from the nonzero entries of ``x`` only.
+
+    Args:
+        x: ``[..., I]`` floating point, usually binary spikes (0.0/1.0): the fast case. Any other
+            value is multiplied in, so the result equals ``F.linear`` for any input (up to float
+            rounding, and zeros times inf/NaN weights give 0, not NaN; see the module docstring).
+            A non-contiguous ``x`` is copied to a contiguous one.
+        weight: ``[O, I]``, like ``nn.Linear.weight``, same dtype and device as ``x``.
+        bias: ``[O]`` or None.
+        weight_t: optionally ``weight.T`` as a contiguous ``[I, O]`` tensor, cached by the
+            caller so that it is not transposed again on every call (an ``I x O`` copy). The
+            caller must refresh it whenever ``weight`` changes (after every optimiser step): it
+            is trusted, not compared with ``weight``. It receives no gradient.
+        implementation: one of :data:`IMPLEMENTATIONS` (see the module docstring).
+
+    Returns:
+        ``[..., O]`` in ``x``'s dtype.
+
+    Raises:
+        TypeError: ``x`` or ``weight`` not a floating-point tensor, or dtypes that differ.
+        ValueError: mismatched shapes or devices, or an unknown ``implementation``.
+        RuntimeError: an explicitly named implementation that cannot run these arguments here.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown implementation {implementation!r}; valid: {list(IMPLEMENTATIONS)}"
+        )
+    _check_arguments(x, weight, bias, weight_t)
+    kernel, max_density = _choose_kernel(x, implementation)
+    n_in, n_out = weight.shape[1], weight.shape[0]
+    if kernel is None or x.numel() == 0 or n_out == 0:
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    x_RI = x.reshape(-1, n_in).contiguous()
+    if weight_t is None:
+        weight_t_IO = weight.detach().t().contiguous()
+    else:
+        weight_t_IO = weight_t.detach()
+        if not weight_t_IO.is_contiguous():
+            logger.debug("weight_t is not contiguous: copying it (cache a contiguous one)")
+            weight_t_IO = weight_t_IO.contiguous()
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad:
+        out_RO = _EventLinearFunction.apply(x_RI, weight, bias, weight_t_IO, kernel, max_density)
+    else:
+        out_RO = _forward(kernel, x_RI, weight, bias, weight_t_IO, max_density)
+    return out_RO.view(*lead, n_out)
+
+
+def _check_arguments(x, weight, bias, weight_t) -> None:
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor (spikes as 0.0/1.0), got dtype {t.dtype}"
+            )
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., in], got a scalar")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has dtype {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    n_out, n_in = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(
+            f"x has {x.shape[-1]} input features (its last dimension, shape {tuple(x.shape)}) "
+            f"but weight {tuple(weight.shape)} expects {n_in}"
+        )
+    for name, t, shape in (("bias", bias, (n_out,)), ("weight_t", weight_t, (n_in, n_out))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(
+                f"{name} is {t.dtype} on {t.device}, expected {x.dtype} on {x.device} like x"
+            )
+
+
+def _choose_kernel(x: torch.Tensor, implementation: str):
+    """(kernel provider or None for the dense product, the density above which it gives up)."""
+    if implementation == "dense":
+        return None, 1.0
+    if implementation == "torch":
+        return TORCH, 1.0
+    if implementation == "auto":
+        if x.device.type not in ("cpu", "cuda"):
+            logger.debug("event_linear: no event-driven kernel for %s: dense product", x.device)
+            return None, 1.0
+        kernel = _triton_provider() if x.is_cuda else _cpp_provider()
+        reason = kernel.unavailable_reason(x)
+        if reason is not None:
+            logger.debug("event_linear: %s kernel unavailable (%s): dense", kernel.name, reason)
+            return None, 1.0
+        return kernel, AUTO_DENSE_ABOVE.get(x.device.type, 1.0)
+    kernel = _cpp_provider() if implementation == "cpp" else _triton_provider()
+    reason = kernel.unavailable_reason(x)
+    if reason is not None:
+        raise RuntimeError(
+            f'implementation="{implementation}" cannot run here: {reason}. '
+            'Use implementation="auto" to fall back to a path that can.'
+        )
+    return kernel, 1.0
+
+
+def _cpp_provider():
+    from .kernels import event_cpu
+
+    return event_cpu.CPP
+
+
+def _triton_provider():
+    from .kernels import triton_event
+
+    return triton_event.TRITON
+
+
+def _forward(kernel, x_RI, weight_OI, bias_O, weight_t_IO, max_density) -> torch.Tensor:
+    bias_O = None if bias_O is None else bias_O.detach().contiguous()
+    out_RO = kernel.forward(x_RI.detach(), weight_t_IO, bias_O, max_density)
+    if out_RO is None:  # denser than max_density: the kernel computed nothing
+        out_RO = F.linear(x_RI.detach(), weight_OI.detach(), bias_O)
+    return out_RO
+
+
+class _EventLinearFunction(torch.autograd.Function):
+    """Event-driven forward, the dense product's backward."""
+
+    @staticmethod
+    def forward(x_RI, weight_OI, bias_O, weight_t_IO, kernel, max_density):
+        return _forward(kernel, x_RI, weight_OI, bias_O, weight_t_IO, max_density)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x_RI, weight_OI = inputs[:2]
+        ctx.save_for_backward(
+            x_RI if ctx.needs_input_grad[1] else None,
+            weight_OI if ctx.needs_input_grad[0] else None,
+        )
+
+    @staticmethod
+    def backward(ctx, grad_RO):
+        x_RI, weight_OI = ctx.saved_tensors
+        grad_x = grad_RO @ weight_OI if ctx.needs_input_grad[0] else None
+        grad_w = grad_RO.t() @ x_RI if ctx.needs_input_grad[1] else None
+        grad_b = grad_RO.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class _TorchProvider:
+    """The event-driven sum in plain PyTorch: any device and dtype; the kernels' reference."""
+
+    name = "torch"
+
+    def unavailable_reason(self, x: torch.Tensor) -> str | None:
+        return None
+
+    def forward(
+        self,
+        x_RI: torch.Tensor,
+        weight_t_IO: torch.Tensor,
+        bias_O: torch.Tensor | None,
+        max_density: float = 1.0,
+    ) -> torch.Tensor | None:
+        rows_A, cols_A = x_RI.nonzero(as_tuple=True)  # row-major: each row's inputs in order
+        if rows_A.numel() > max_density * x_RI.numel():
+            return None
+        n_rows, n_out = x_RI.shape[0], weight_t_IO.shape[1]
+        if bias_O is None:
+            out_RO = x_RI.new_zeros(n_rows, n_out)
+        else:
+            out_RO = bias_O.expand(n_rows, n_out).clone()
+        values_A = x_RI[rows_A, cols_A]
+        step = max(1, _TORCH_CHUNK_ELEMENTS // max(n_out, 1))
+        for start in range(0, rows_A.numel(), step):
+            part = slice(start, start + step)
+            rows_O = weight_t_IO.index_select(0, cols_A[part]) * values_A[part, None]
+            out_RO.index_add_(0, rows_A[part], rows_O)
+        return out_RO
+
+
+TORCH = _TorchProvider()

@@ -1,0 +1,139 @@
+"""The C++ event-driven linear kernel (``event_cpu.cpp``) for :func:`~spiking_moe.functional.event.event_linear`.
+
+Built and loaded like the fused LIF kernel (:mod:`.cpu_fused`): JIT-compiled with
+:func:`torch.utils.cpp_extension.load` on first use (about 30-60 s once, then cached in the
+torch extensions directory, ``TORCH_EXTENSIONS_DIR``, in a folder named by a hash of the source,
+the flags and the torch and Python versions). If the build fails (no compiler, no ninja) a
+warning is logged once and ``event_linear`` falls back to the dense product. Set
+``SPIKING_MOE_NO_CPP=1`` to skip the build altogether.
+
+The extension is compiled without ``-march`` (the cache folder may be shared between machines);
+its accumulation loop is compiled for generic x86-64 (SSE2), AVX2 and AVX-512 and picked at run
+time (:func:`available_isas`). All of them sum in the same order, so they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["CPP", "available_isas", "cpp_available", "load_cpp_extension"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("event_cpu.cpp")
+# -ffp-contract=off: x * w + acc stays a rounded multiply then add in every instruction set,
+# so the generic, AVX2 and AVX-512 loops (and the PyTorch reference) agree exactly.
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+_DTYPES = (torch.float32, torch.float64)
+
+_lock = threading.Lock()
+# "module": the loaded extension, or None after a failure or when disabled; "reason": why not.
+_state: dict[str, object] = {}
+
+
+def load_cpp_extension():
+    """Build (first call) and return the C++ extension, or None if it cannot be built."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module = None
+        reason = None
+        if os.environ.get("SPIKING_MOE_NO_CPP", "") not in ("", "0"):
+            reason = "disabled by SPIKING_MOE_NO_CPP"
+            logger.debug("SPIKING_MOE_NO_CPP is set: event_linear uses the dense product")
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+
+                name, source = _stable_source()
+                logger.info(
+                    "loading the event-driven linear C++ kernel (the first build takes ~30 s)"
+                )
+                module = load(
+                    name=name,
+                    sources=[str(source)],
+                    build_directory=str(source.parent),
+                    extra_cflags=_CFLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as error:  # any build failure must leave a working fallback
+                last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+                reason = f"the build failed ({type(error).__name__}: {last_line})"
+                logger.warning(
+                    "could not build the event-driven linear C++ kernel (%s: %s); event_linear "
+                    "uses the dense product instead. Install a C++ compiler and ninja to enable it.",
+                    type(error).__name__,
+                    last_line,
+                )
+        _state["module"] = module
+        _state["reason"] = reason
+        return module
+
+
+def _stable_source() -> tuple[str, Path]:
+    """The extension's name and a copy of its source in its own build folder (see
+    :func:`.cpu_fused._stable_source`: one build per source, flags, torch and Python)."""
+    text = _SOURCE.read_bytes()
+    build_inputs = " ".join([*_CFLAGS, torch.__version__, sys.version]).encode()
+    digest = hashlib.sha256(text + build_inputs).hexdigest()[:16]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions"
+    )
+    folder = Path(root) / f"spiking_moe_event_cpu_{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / _SOURCE.name
+    if not source.exists() or source.read_bytes() != text:
+        partial = source.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(text)
+        os.replace(partial, source)  # atomic: concurrent first builds see a whole file
+    return folder.name, source
+
+
+def cpp_available() -> bool:
+    """Whether the C++ kernel is (or can be) built here."""
+    return load_cpp_extension() is not None
+
+
+def available_isas() -> list[str]:
+    """Instruction sets of the accumulation loop this CPU runs (best last); [] without the build."""
+    module = load_cpp_extension()
+    return list(module.available_isas()) if module is not None else []
+
+
+class _CppProvider:
+    """The C++ kernel: CPU, float32/float64, once it is built."""
+
+    name = "cpp"
+
+    def unavailable_reason(self, x: torch.Tensor) -> str | None:
+        if x.device.type != "cpu":
+            return f"needs a CPU tensor, got one on {x.device}"
+        if x.dtype not in _DTYPES:
+            return f"dtype {x.dtype} not supported (float32, float64)"
+        if load_cpp_extension() is None:  # checked last: the first call builds the kernel
+            return f"the C++ kernel is unavailable: {_state.get('reason') or 'not built'}"
+        return None
+
+    def forward(
+        self,
+        x_RI: torch.Tensor,
+        weight_t_IO: torch.Tensor,
+        bias_O: torch.Tensor | None,
+        max_density: float = 1.0,
+        isa: str = "auto",
+    ) -> torch.Tensor | None:
+        """``x_RI @ weight_t_IO + bias_O``, or None (nothing computed) if more than
+        ``max_density`` of ``x_RI`` is nonzero. All arguments contiguous, one dtype, on the CPU."""
+        module = load_cpp_extension()
+        return module.event_linear_forward(x_RI, weight_t_IO, bias_O, float(max_density), isa)
+
+
+CPP = _CppProvider()
