@@ -404,6 +404,8 @@ class Comparison:
     def plot(self, path: str | Path) -> Path:
         """Accuracy against energy per unit, one panel per profile; filled markers with
         memory traffic, hollow compute only; error bars the std over seeds."""
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
         from .plotting import _pyplot
 
         plt = _pyplot()
@@ -429,12 +431,18 @@ class Comparison:
                         else None,
                     )
             ax.set_xscale("log")
+            # Ticks at 1, 2, 5 per decade, plainly labelled (default labels overlap or vanish
+            # when the values span less than two decades).
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(f"energy per {rows[0]['unit'] if rows else 'sample'} (uJ, {profile})")
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"{profile}: filled = with memory, hollow = compute only", fontsize=9)
-        axes[0][0].legend(fontsize=7, loc="lower left")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="center right")
         fig.suptitle(f"{self.name}: accuracy vs energy at each precision")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.82, 1))
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return Path(path)
