@@ -40,6 +40,10 @@ propagate as in ``F.linear``.
   rate the dense product is faster, so ``"auto"`` is never much slower than it (the density
   test costs one pass over ``x``). An explicitly named implementation that cannot run raises.
 
+Every output is summed over its active inputs in increasing index order, starting from the bias,
+so the C++ kernel's results are bitwise identical for any thread count and instruction set (the
+PyTorch reference adds in the same order); they differ from ``F.linear``'s in rounding only.
+
 All paths are differentiable: backward is the dense product's (``grad_x = grad_y W``,
 ``grad_W = grad_y^T x``, ``grad_b = sum grad_y``), and gradients flow to ``weight``, never to
 ``weight_t``.
@@ -72,12 +76,13 @@ logger = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("auto", "cpp", "triton", "torch", "dense")
 
 #: Device type -> fraction of nonzero inputs above which ``implementation="auto"`` runs the dense
-#: product instead of the event-driven kernel. CPU: the break-even rate measured by
-#: ``experiments/benchmarks/event_driven.py`` (in = out = 1024, 1024 rows, float32) on a 2-core
-#: AMD EPYC (Zen 4, AVX-512) with 2 threads, rounded down; see ``experiments/benchmarks/RESULTS.md``.
-#: CUDA: unmeasured (no GPU when this was written): a guess that cuBLAS wins above a few percent;
-#: measure with ``event_driven.py --device cuda`` and set it.
-AUTO_DENSE_ABOVE = MappingProxyType({"cpu": 0.3, "cuda": 0.05})
+#: product instead of the event-driven kernel. CPU: below the break-even rate, which
+#: ``experiments/benchmarks/event_driven.py`` measured at 45-55% (float32, 1 and 2 threads,
+#: 2-core AMD EPYC Zen 4 with AVX-512, torch 2.13 CPU, 2026-12-02) for in x out = 1024 x 1024,
+#: 256 x 256, 512 x 128, 128 x 512 and 4096 x 1024; at 40% the event-driven kernel was 1.1-1.5x
+#: faster in all of them. CUDA: unmeasured (no GPU when this was written): a guess that cuBLAS
+#: wins above a few percent; measure with ``event_driven.py --device cuda`` and set it.
+AUTO_DENSE_ABOVE = MappingProxyType({"cpu": 0.4, "cuda": 0.05})
 
 # The reference materialises at most this many weight elements at a time (64 MiB in float32).
 _TORCH_CHUNK_ELEMENTS = 1 << 24

@@ -287,11 +287,13 @@ def test_threads_give_bitwise_identical_results():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_instruction_set_and_the_reference_agree(dtype):
+@pytest.mark.parametrize("n_in", [200, 4099])
+def test_every_instruction_set_and_the_reference_agree(dtype, n_in):
+    # 4099 inputs: split into chunks (one output block's weight slice stays in L2) in every ISA.
     needs_cpp()
-    x = spikes((150, 200), 0.07, seed=15, dtype=dtype)
+    x = spikes((150, n_in), 0.07, seed=15, dtype=dtype)
     x[::4] *= 0.5  # some rows take the multiply loop
-    weight, bias = linear_parts(200, 301, dtype)  # 301: full blocks and a partial one
+    weight, bias = linear_parts(n_in, 301, dtype)  # 301: full blocks and a partial one
     weight_t = weight.t().contiguous()
     results = {
         isa: event_cpu.CPP.forward(x, weight_t, bias, 1.0, isa)
@@ -301,6 +303,11 @@ def test_every_instruction_set_and_the_reference_agree(dtype):
         assert torch.equal(y, results["generic"]), isa
     reference = event_linear(x, weight, bias, implementation="torch")
     torch.testing.assert_close(results["generic"], reference, rtol=1e-6, atol=1e-6)
+    weight, bias = linear_parts(n_in, 301, dtype, integer=True)
+    x = spikes((150, n_in), 0.3, seed=16, dtype=dtype)
+    for isa in event_cpu.available_isas():
+        y = event_cpu.CPP.forward(x, weight.t().contiguous(), bias, 1.0, isa)
+        assert torch.equal(y, F.linear(x, weight, bias)), isa
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -327,6 +334,16 @@ def test_every_instruction_set_scans_special_values_and_tails(dtype):
         torch.testing.assert_close(y[-1], expected[-1], equal_nan=True, msg=isa)
 
 
+def test_very_wide_inputs():
+    # 2^19 inputs: tiles shrink to 8 rows (index lists bounded), and many input chunks.
+    needs_cpp()
+    n_in = 1 << 19
+    x = spikes((20, n_in), 0.02, seed=17)
+    weight, bias = linear_parts(n_in, 5, torch.float32, integer=True)
+    y = event_linear(x, weight, bias, implementation="cpp")
+    assert torch.equal(y, F.linear(x, weight, bias))
+
+
 def test_density_above_max_density_computes_nothing():
     needs_cpp()
     weight, _ = linear_parts(100, 20, torch.float32)
@@ -334,6 +351,13 @@ def test_density_above_max_density_computes_nothing():
     assert event_cpu.CPP.forward(spikes((50, 100), 0.3), weight_t, None, 0.25) is None
     y = event_cpu.CPP.forward(spikes((50, 100), 0.2), weight_t, None, 0.25)
     assert_matches_dense(y, spikes((50, 100), 0.2), weight, None)
+    # Negative zeros are silent; NaNs count.
+    x = spikes((50, 100), 0.2)
+    x[(spikes((50, 100), 0.5, seed=1) == 1) & (x == 0)] = -0.0
+    assert (x.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).sum() > 0.3 * x.numel()
+    assert_matches_dense(event_cpu.CPP.forward(x, weight_t, None, 0.25), x, weight, None)
+    x = torch.full((50, 100), float("nan"))
+    assert event_cpu.CPP.forward(x, weight_t, None, 0.99) is None
 
 
 def test_auto_is_dense_above_the_threshold_and_event_driven_below(monkeypatch):
@@ -422,7 +446,8 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         # 300 outputs: three programs of 128, the last masked; 40 inputs at density 1: three
         # chunks of 16 active entries, the last masked; rows with no spikes at density 0.
         for i, (lead, n_in, n_out, density) in enumerate(
-            [((5,), 40, 300, 0.2), ((2, 3), 40, 300, 1.0), ((4,), 17, 7, 0.0), ((9,), 33, 128, 0.05)]
+            [((5,), 40, 300, 0.2), ((2, 3), 40, 300, 1.0), ((4,), 17, 7, 0.0),
+             ((9,), 33, 128, 0.05)]
         ):
             g = torch.Generator().manual_seed(i)
             x = (torch.rand((*lead, n_in), generator=g) < density).to(dtype)
@@ -439,7 +464,8 @@ INTERPRETER_SCRIPT = textwrap.dedent(
             y = event_linear(x.transpose(0, -1).contiguous().transpose(0, -1), w, bias.to(dtype),
                              implementation="triton")
             torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
-    assert event_linear(torch.zeros(0, 5), torch.ones(3, 5), implementation="triton").shape == (0, 3)
+    y = event_linear(torch.zeros(0, 5), torch.ones(3, 5), implementation="triton")
+    assert y.shape == (0, 3)
     print("checked", count)
     """
 )

@@ -12,10 +12,11 @@
 // Per tile:
 //  1. scan: for each row, the increasing list of its nonzero inputs, and whether every nonzero is
 //     exactly 1 (a binary row, accumulated without multiplies);
-//  2. accumulate: for each block of NB outputs, for each row of the tile: NB accumulators held in
-//     vector registers start from the bias (or 0), add the block of each active input's weight
-//     row in increasing index order, and are stored once. Blocks outer, rows inner: the [I, NB]
-//     slice of wt that a tile reads stays in L2 across its rows.
+//  2. accumulate: for each chunk of inputs, for each block of NB outputs, for each row of the
+//     tile: NB accumulators held in vector registers start from the bias (or 0, or the output so
+//     far in a later chunk), add the block of the weight row of each of the row's active inputs
+//     in the chunk, in increasing index order, and are stored. Rows innermost: the [chunk, NB]
+//     slice of wt they read (at most kSliceBytes) stays in L2 across the tile's rows.
 // Every output is summed in the same order whatever the thread count or the instruction set
 // (additions in separate vector lanes; -ffp-contract=off keeps x * w + acc as a rounded multiply
 // then add), so results are bitwise identical across torch.get_num_threads() and the
@@ -31,6 +32,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -45,7 +47,12 @@ namespace {
 // weight row it touches once per output block; more rows per tile, fewer re-reads from L3.
 constexpr int64_t kMinRowTile = 16;
 constexpr int64_t kMaxRowTile = 256;
-constexpr int kVectors = 8;        // accumulator vectors per output block
+// ... and fewer for very wide inputs: a tile's index lists can hold up to tile_rows * I entries.
+constexpr int64_t kMaxTileEntries = int64_t(1) << 22;
+constexpr int kVectors = 8;  // accumulator vectors per output block
+// The [inputs, block] slice of wt that one output block reads is kept within this many bytes (half
+// of a 1 MiB L2) by splitting the inputs into chunks; a later chunk adds to the stored output.
+constexpr int64_t kSliceBytes = int64_t(512) << 10;
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define SPIKING_MOE_X86 1
@@ -67,6 +74,7 @@ struct TileLists {
   std::vector<int32_t> idx;
   std::vector<int64_t> offs;
   std::vector<uint8_t> binary;
+  std::vector<int64_t> lo, hi;  // row r's entries in the current input chunk: idx[lo[r] .. hi[r])
 };
 
 // The scan of one row: appends the indices of its nonzero inputs (NaN counts as nonzero, +0 and -0
@@ -95,7 +103,9 @@ SPIKING_MOE_INLINE int64_t scan_scalar(const T* __restrict__ xr, int64_t k, int6
 #if SPIKING_MOE_X86
 // Appends k + (index of each set bit of mask), lowest first.
 SPIKING_MOE_INLINE int64_t append_bits(uint32_t mask, int64_t k, int32_t* idx, int64_t count) {
-  for (; mask != 0; mask &= mask - 1) idx[count++] = static_cast<int32_t>(k + __builtin_ctz(mask));
+  for (; mask != 0; mask &= mask - 1) {
+    idx[count++] = static_cast<int32_t>(k + __builtin_ctz(mask));
+  }
   return count;
 }
 
@@ -204,10 +214,10 @@ SPIKING_MOE_INLINE int64_t scan_row(const T* xr, int64_t n_in, int32_t* idx, boo
 
 // One full block of NB = kVectors * BYTES / sizeof(T) outputs of one row, accumulated in
 // registers (GCC/Clang vector extensions: compiled to the enclosing function's instruction set).
+// init: the bias, the output itself (a later input chunk), or null (zeros).
 template <typename T, int BYTES, bool BINARY>
 SPIKING_MOE_INLINE void block_full(const T* __restrict__ wt, int64_t n_out, const int32_t* idx,
-                                   int64_t count, const T* __restrict__ xr,
-                                   const T* __restrict__ init, T* __restrict__ out) {
+                                   int64_t count, const T* __restrict__ xr, const T* init, T* out) {
   typedef T V __attribute__((vector_size(BYTES)));
   typedef T VU __attribute__((vector_size(BYTES), aligned(alignof(T))));  // unaligned access
   constexpr int kLanes = BYTES / sizeof(T);
@@ -237,8 +247,10 @@ SPIKING_MOE_INLINE void block_full(const T* __restrict__ wt, int64_t n_out, cons
 template <typename T, int BYTES>
 SPIKING_MOE_INLINE void block_tail(const T* __restrict__ wt, int64_t n_out, const int32_t* idx,
                                    int64_t count, const T* __restrict__ xr, bool binary,
-                                   const T* __restrict__ init, T* __restrict__ out, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) out[j] = init ? init[j] : T(0);
+                                   const T* init, T* out, int64_t len) {
+  if (init != out) {
+    for (int64_t j = 0; j < len; ++j) out[j] = init ? init[j] : T(0);
+  }
   for (int64_t a = 0; a < count; ++a) {
     const T* __restrict__ w = wt + static_cast<int64_t>(idx[a]) * n_out;
     if (binary) {
@@ -256,6 +268,7 @@ SPIKING_MOE_INLINE void tiles_impl(const T* x, const T* wt, const T* bias, T* ou
                                    int64_t n_in, int64_t n_out, int64_t t_begin, int64_t t_end,
                                    TileLists& lists) {
   constexpr int64_t kBlock = kVectors * BYTES / sizeof(T);
+  constexpr int64_t chunk = std::max<int64_t>(1, kSliceBytes / (kBlock * sizeof(T)));
   const int64_t full_end = n_out / kBlock * kBlock;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t r0 = t * lists.tile_rows;
@@ -263,35 +276,45 @@ SPIKING_MOE_INLINE void tiles_impl(const T* x, const T* wt, const T* bias, T* ou
     int64_t* offs = lists.offs.data();
     offs[0] = 0;
     for (int64_t r = 0; r < n_rows; ++r) {
-      // Room for a whole row (+16: the scan may write past the last index);
-      // grows by doubling, so a sparse tile never holds tile_rows * I slots.
+      // Room for a whole row (+16: the scan may write past the last index); grows by
+      // doubling, so a sparse tile never holds tile_rows * I slots.
       const size_t need = static_cast<size_t>(offs[r] + n_in + 16);
       if (lists.idx.size() < need) lists.idx.resize(std::max(need, 2 * lists.idx.size()));
       bool binary = true;
-      offs[r + 1] =
-          offs[r] + scan_row<T, BYTES>(x + (r0 + r) * n_in, n_in, lists.idx.data() + offs[r], &binary);
+      const int64_t count =
+          scan_row<T, BYTES>(x + (r0 + r) * n_in, n_in, lists.idx.data() + offs[r], &binary);
+      offs[r + 1] = offs[r] + count;
       lists.binary[r] = binary;
     }
     const int32_t* idx = lists.idx.data();
-    for (int64_t n0 = 0; n0 < full_end; n0 += kBlock) {
+    int64_t* lo = lists.lo.data();
+    int64_t* hi = lists.hi.data();
+    for (int64_t r = 0; r < n_rows; ++r) hi[r] = offs[r];
+    for (int64_t i0 = 0; i0 < std::max<int64_t>(n_in, 1); i0 += chunk) {
+      const int64_t i1 = std::min(n_in, i0 + chunk);
       for (int64_t r = 0; r < n_rows; ++r) {
-        const T* xr = x + (r0 + r) * n_in;
-        T* o = out + (r0 + r) * n_out + n0;
-        const T* init = bias ? bias + n0 : nullptr;
-        if (lists.binary[r]) {
-          block_full<T, BYTES, true>(wt + n0, n_out, idx + offs[r], offs[r + 1] - offs[r], xr,
-                                     init, o);
-        } else {
-          block_full<T, BYTES, false>(wt + n0, n_out, idx + offs[r], offs[r + 1] - offs[r], xr,
-                                      init, o);
+        lo[r] = hi[r];
+        while (hi[r] < offs[r + 1] && idx[hi[r]] < i1) ++hi[r];
+      }
+      for (int64_t n0 = 0; n0 < full_end; n0 += kBlock) {
+        for (int64_t r = 0; r < n_rows; ++r) {
+          T* o = out + (r0 + r) * n_out + n0;
+          const T* init = i0 > 0 ? o : (bias ? bias + n0 : nullptr);
+          const T* xr = x + (r0 + r) * n_in;
+          if (lists.binary[r]) {
+            block_full<T, BYTES, true>(wt + n0, n_out, idx + lo[r], hi[r] - lo[r], xr, init, o);
+          } else {
+            block_full<T, BYTES, false>(wt + n0, n_out, idx + lo[r], hi[r] - lo[r], xr, init, o);
+          }
         }
       }
-    }
-    if (full_end < n_out) {
-      for (int64_t r = 0; r < n_rows; ++r) {
-        block_tail<T, BYTES>(wt + full_end, n_out, idx + offs[r], offs[r + 1] - offs[r],
-                             x + (r0 + r) * n_in, lists.binary[r], bias ? bias + full_end : nullptr,
-                             out + (r0 + r) * n_out + full_end, n_out - full_end);
+      if (full_end < n_out) {
+        for (int64_t r = 0; r < n_rows; ++r) {
+          T* o = out + (r0 + r) * n_out + full_end;
+          const T* init = i0 > 0 ? o : (bias ? bias + full_end : nullptr);
+          block_tail<T, BYTES>(wt + full_end, n_out, idx + lo[r], hi[r] - lo[r],
+                               x + (r0 + r) * n_in, lists.binary[r], init, o, n_out - full_end);
+        }
       }
     }
   }
@@ -348,16 +371,27 @@ TilesFn<T> tiles_for(const std::string& isa) {
   return &tiles_generic<T>;
 }
 
-// Number of nonzero entries of x (+0 and -0 count as zero), for the density test.
+// Number of nonzero entries of x (+0 and -0 count as zero, NaN as nonzero), for the density
+// test: a test on the bits without the sign, counted in 32-bit lanes, which vectorises.
 template <typename T>
 int64_t count_nonzero(const T* x, int64_t numel) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr U kMagnitude = ~U(0) >> 1;
   constexpr int64_t kGrain = int64_t(1) << 16;
   return at::parallel_reduce(
       0, numel, kGrain, int64_t(0),
       [&](int64_t begin, int64_t end, int64_t partial) {
-        int64_t count = 0;
-        for (int64_t i = begin; i < end; ++i) count += x[i] != T(0);
-        return partial + count;
+        for (int64_t lo = begin; lo < end; lo += kGrain) {
+          const int64_t hi = std::min(end, lo + kGrain);
+          uint32_t count = 0;
+          for (int64_t i = lo; i < hi; ++i) {
+            U u;
+            std::memcpy(&u, x + i, sizeof(U));
+            count += static_cast<uint32_t>((u & kMagnitude) != 0);
+          }
+          partial += count;
+        }
+        return partial;
       },
       [](int64_t a, int64_t b) { return a + b; });
 }
@@ -411,14 +445,18 @@ c10::optional<torch::Tensor> event_linear_forward(const torch::Tensor& x,
     scalar_t* op = out.data_ptr<scalar_t>();
     const TilesFn<scalar_t> tiles = tiles_for<scalar_t>(chosen);
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t max_tile =
+        std::clamp(kMaxTileEntries / std::max<int64_t>(n_in, 1), int64_t(1), kMaxRowTile);
     const int64_t tile_rows =
-        std::clamp((rows + threads - 1) / threads, kMinRowTile, kMaxRowTile);
+        std::clamp((rows + threads - 1) / threads, std::min(kMinRowTile, max_tile), max_tile);
     const int64_t n_tiles = (rows + tile_rows - 1) / tile_rows;
     at::parallel_for(0, n_tiles, 1, [&](int64_t t_begin, int64_t t_end) {
       TileLists lists;
       lists.tile_rows = tile_rows;
       lists.offs.resize(tile_rows + 1);
       lists.binary.resize(tile_rows);
+      lists.lo.resize(tile_rows);
+      lists.hi.resize(tile_rows);
       tiles(xp, wp, bp, op, rows, n_in, n_out, t_begin, t_end, lists);
     });
     result = out;
@@ -429,6 +467,7 @@ c10::optional<torch::Tensor> event_linear_forward(const torch::Tensor& x,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("event_linear_forward", &event_linear_forward,
         "event-driven x @ weight_t + bias for sparse x (CPU); None above max_density");
-  m.def("available_isas", &available_isas, "instruction sets of the accumulation loop this CPU runs");
+  m.def("available_isas", &available_isas,
+        "instruction sets of the accumulation loop this CPU runs, best last");
   m.def("best_isa", &best_isa, "the instruction set used by isa='auto'");
 }

@@ -1,4 +1,4 @@
-"""The C++ event-driven linear kernel (``event_cpu.cpp``) for :func:`~spiking_moe.functional.event.event_linear`.
+"""The C++ kernel of :func:`~spiking_moe.functional.event.event_linear` (``event_cpu.cpp``).
 
 Built and loaded like the fused LIF kernel (:mod:`.cpu_fused`): JIT-compiled with
 :func:`torch.utils.cpp_extension.load` on first use (about 30-60 s once, then cached in the
@@ -69,7 +69,8 @@ def load_cpp_extension():
                 reason = f"the build failed ({type(error).__name__}: {last_line})"
                 logger.warning(
                     "could not build the event-driven linear C++ kernel (%s: %s); event_linear "
-                    "uses the dense product instead. Install a C++ compiler and ninja to enable it.",
+                    "uses the dense product instead. Install a C++ compiler and ninja to enable "
+                    "it.",
                     type(error).__name__,
                     last_line,
                 )

@@ -1,0 +1,224 @@
+"""Event-driven vs dense synaptic product of one layer, side by side in one process.
+
+One ``Linear(1024, 1024)`` with bias, float32, applied to ``R = T * B = 1024`` rows of binary
+input at exact spike rates (by default 1, 2, 5, 10, 20 and 50%: ``round(rate * R * I)`` ones
+at random places). Forward only, under ``torch.no_grad()``. Per rate, every implementation runs
+once per repeat, in an order that cycles through all permutations (drift, load and the cache
+state each one leaves behind spread evenly). Reported: medians (and minima), the ratio dense /
+event-driven of the medians, and the break-even rate, interpolated linearly between the two
+rates where the ratio crosses 1.
+
+Implementations: ``dense`` is ``F.linear(x, weight, bias)`` (MKL/oneDNN on CPU, cuBLAS on
+CUDA); ``event`` is ``event_linear(..., implementation="cpp")`` on CPU or ``"triton"`` on CUDA,
+with the transposed weight cached as a layer would cache it; ``auto`` is
+``event_linear(..., implementation="auto")`` with the same cache (event-driven below
+``AUTO_DENSE_ABOVE``, dense above; it pays one pass over ``x`` to count the spikes).
+
+Usage::
+
+    PYTHONPATH=. python experiments/benchmarks/event_driven.py [--threads 2] [--repeats 31]
+        [--rates 0.01,0.02,0.05,0.1,0.2,0.5] [--device cpu|cuda] [--json out.json]
+
+Only the one-layer half of the issue's benchmark is here; the whole-model half (the default
+experiment's test-set evaluation, dense vs event-driven, at its real firing rate) needs the
+``EventLinear`` module and comes with it.
+
+Shapes: ``R`` rows, ``I`` input features, ``O`` output features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from spiking_moe.functional.event import AUTO_DENSE_ABOVE, event_linear
+
+ROWS = IN_FEATURES = OUT_FEATURES = 1024
+RATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+def exact_spikes(rows: int, n_in: int, rate: float, generator, device) -> torch.Tensor:
+    """``[R, I]`` float32 with exactly ``round(rate * R * I)`` ones at random places."""
+    numel = rows * n_in
+    flat = torch.zeros(numel)
+    flat[torch.randperm(numel, generator=generator)[: round(rate * numel)]] = 1.0
+    return flat.view(rows, n_in).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_rate(rate, weight_OI, bias_O, weight_t_IO, event_name, repeats, warmup, generator):
+    device = weight_OI.device
+    x_RI = exact_spikes(ROWS, weight_OI.shape[1], rate, generator, device)
+    runs = {
+        "dense": lambda: F.linear(x_RI, weight_OI, bias_O),
+        "event": lambda: event_linear(
+            x_RI, weight_OI, bias_O, weight_t=weight_t_IO, implementation=event_name
+        ),
+        "auto": lambda: event_linear(x_RI, weight_OI, bias_O, weight_t=weight_t_IO),
+    }
+    dense = runs["dense"]()
+    error = max((run() - dense).abs().max().item() for run in runs.values())
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    sync(device)
+    orders = list(itertools.permutations(runs))
+    times = {name: [] for name in runs}
+    for repeat in range(repeats):
+        for name in orders[repeat % len(orders)]:
+            start = time.perf_counter()
+            runs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "rate": rate,
+        "measured_rate": x_RI.count_nonzero().item() / x_RI.numel(),
+        "median_ms": {name: 1e3 * m for name, m in medians.items()},
+        "min_ms": {name: 1e3 * min(t) for name, t in times.items()},
+        "dense_over_event": medians["dense"] / medians["event"],
+        "dense_over_auto": medians["dense"] / medians["auto"],
+        "max_abs_error": error,
+    }
+
+
+def break_even(rows) -> float | None:
+    """Rate where dense / event crosses 1 (linear interpolation), or None if it never does."""
+    for a, b in zip(rows, rows[1:], strict=False):
+        ra, rb = a["dense_over_event"], b["dense_over_event"]
+        if ra >= 1.0 > rb:
+            return a["rate"] + (ra - 1.0) * (b["rate"] - a["rate"]) / (ra - rb)
+    return None
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "L2 cache", "L3 cache"):
+                info[key.strip()] = value.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["Model name"] = platform.processor()
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        from spiking_moe.functional.kernels import event_cpu
+
+        isas = event_cpu.available_isas()
+        info["event_isa"] = isas[-1] if isas else "none (C++ kernel unavailable)"
+    return info
+
+
+def to_markdown(rows, info) -> str:
+    lines = [
+        f"Linear({IN_FEATURES}, {OUT_FEATURES}), {ROWS} rows, float32, bias, forward in no_grad; "
+        f"{info['device']}, {info['threads']} threads; auto goes dense above "
+        f"{AUTO_DENSE_ABOVE.get(torch.device(info['device']).type, 1.0):.0%}",
+        "",
+        "| spike rate | dense ms | event ms | auto ms | dense / event | dense / auto |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        m = r["median_ms"]
+        lines.append(
+            f"| {r['rate']:.0%} | {m['dense']:.3f} | {m['event']:.3f} | {m['auto']:.3f} "
+            f"| {r['dense_over_event']:.2f}x | {r['dense_over_auto']:.2f}x |"
+        )
+    rate = break_even(rows)
+    lines.append("")
+    if rate is not None:
+        lines.append(f"Break-even spike rate (dense / event = 1): {rate:.1%}")
+    elif rows and rows[-1]["dense_over_event"] >= 1.0:
+        lines.append(f"Break-even spike rate: above {rows[-1]['rate']:.0%} (event always faster)")
+    else:
+        lines.append("Break-even spike rate: below the lowest rate measured (dense always faster)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=31)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--rates",
+        default=",".join(str(r) for r in RATES),
+        help="comma-separated spike rates in (0, 1], increasing",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write machine-readable results here")
+    args = parser.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    if not rates or any(not 0.0 < r <= 1.0 for r in rates) or rates != sorted(rates):
+        parser.error(f"--rates must be increasing values in (0, 1], got {args.rates}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    event_name = "triton" if device.type == "cuda" else "cpp"
+
+    generator = torch.Generator().manual_seed(args.seed)
+    weight_OI = (torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator) / 32).to(device)
+    bias_O = torch.randn(OUT_FEATURES, generator=generator).to(device)
+    weight_t_IO = weight_OI.t().contiguous()
+    info = machine_info(device)
+    rows = []
+    with torch.no_grad():
+        for rate in rates:
+            row = bench_rate(
+                rate,
+                weight_OI,
+                bias_O,
+                weight_t_IO,
+                event_name,
+                args.repeats,
+                args.warmup,
+                generator,
+            )
+            print(json.dumps(row), file=sys.stderr)
+            rows.append(row)
+    print(to_markdown(rows, info))
+    if args.json:
+        result = {
+            "machine": info,
+            "command": " ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])]),
+            "repeats": args.repeats,
+            "rows": rows,
+            "break_even_rate": break_even(rows),
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
