@@ -27,6 +27,7 @@ from .models import (
 from .moe import MoEOutput, SpikingMoE, set_dense, update_router_biases
 from .neurons import LIF
 from .router import RateRouter, RoutingInfo, SpikingRouter, route
+from .synapses import EventLinear
 from .training import Trainer
 from .transformer import (
     ANNTransformerLM,
@@ -86,6 +87,8 @@ __all__ = [
     "SpikingMoELM",
     "SpikingSelfAttention",
     "SpikingTransformerBlock",
+    # event-driven synaptic products (issue 14)
+    "EventLinear",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -45,6 +45,7 @@ from torch import nn
 
 from .activity import Activity
 from .neurons import LIF
+from .synapses import EventLinear
 
 __all__ = ["AttentionOutput", "MatMul", "SoftmaxAttention", "SpikingSelfAttention"]
 
@@ -152,16 +153,17 @@ class SpikingSelfAttention(nn.Module):
         super().__init__()
         _check_heads(d_model, num_heads)
         self.d_model, self.num_heads, self.causal = d_model, num_heads, bool(causal)
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
+        # Fed spikes: event-driven products when gradients are off.
+        self.q_proj = EventLinear(d_model, d_model)
+        self.k_proj = EventLinear(d_model, d_model)
+        self.v_proj = EventLinear(d_model, d_model)
         self.q_neuron = LIF(**neuron_kwargs)
         self.k_neuron = LIF(**neuron_kwargs)
         self.v_neuron = LIF(**neuron_kwargs)
         self.scores = MatMul("output" if causal else None, ann_softmax=True)
         self.mix = MatMul("contraction" if causal else None)
         self.attn_neuron = LIF(**neuron_kwargs)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.out_proj = EventLinear(d_model, d_model)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, causal={self.causal}"

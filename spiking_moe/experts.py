@@ -34,6 +34,7 @@ from torch import nn
 
 from .activity import Activity
 from .neurons import LIF
+from .synapses import EventLinear
 
 __all__ = ["ExpertOutput", "MLPExpert", "SpikingExpert"]
 
@@ -79,7 +80,9 @@ class _FeedForwardExpert(nn.Module):
     so energy counting can attribute every operation to ``experts.<e>.net.<i>``.
     """
 
-    def __init__(self, in_features, hidden_features, out_features, num_layers, make_act):
+    def __init__(
+        self, in_features, hidden_features, out_features, num_layers, make_act, linear=nn.Linear
+    ):
         super().__init__()
         _check_sizes(in_features, hidden_features, out_features, num_layers)
         self.in_features = in_features
@@ -89,9 +92,9 @@ class _FeedForwardExpert(nn.Module):
         layers: list[nn.Module] = []
         width = in_features
         for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden_features), make_act()]
+            layers += [linear(width, hidden_features), make_act()]
             width = hidden_features
-        layers.append(nn.Linear(width, out_features))
+        layers.append(linear(width, out_features))
         self.net = nn.Sequential(*layers)
 
     def extra_repr(self) -> str:
@@ -173,6 +176,7 @@ class SpikingExpert(_FeedForwardExpert):
             out_features,
             num_layers,
             lambda: LIF(**neuron_kwargs),
+            linear=EventLinear,
         )
 
 

@@ -39,6 +39,7 @@ from .experts import MLPExpert, SpikingExpert
 from .moe import SpikingMoE
 from .neurons import LIF
 from .router import RateRouter, RoutingInfo, SpikingRouter
+from .synapses import EventLinear
 
 __all__ = [
     "ANNClassifier",
@@ -145,9 +146,11 @@ class _SpikingClassifier(_Classifier):
         self.in_features = in_features
         self.num_classes = num_classes
         self.readout_mode = readout
-        self.input_layer = nn.Linear(in_features, hidden_features)
+        # EventLinear: event-driven products on spikes (and on sparse rates) when gradients
+        # are off; an analog input is dense and takes the dense product.
+        self.input_layer = EventLinear(in_features, hidden_features)
         self.input_neuron = LIF(**neuron_kwargs)
-        self.readout = nn.Linear(hidden_features, num_classes)
+        self.readout = EventLinear(hidden_features, num_classes)
         if readout == "membrane" and self.input_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")
 

@@ -92,6 +92,7 @@ from .models import DenseSNNClassifier, SpikingMoEClassifier, _DenseBlock
 from .moe import SpikingMoE
 from .neurons import LIF
 from .router import SpikingRouter
+from .synapses import EventLinear
 
 __all__ = [
     "BUNDLE_FORMAT_VERSION",
@@ -471,12 +472,13 @@ def _integrator_from_node(name: str, node, dt: float, dialect: str) -> LeakyInte
     return LeakyIntegrator(_scalar_or_vector(beta), _scalar_or_vector(gain))
 
 
-def _linear_from_node(node) -> nn.Linear:
+def _linear_from_node(node) -> EventLinear:
     weight = torch.as_tensor(_numpy(node.weight), dtype=torch.float32)
     if weight.dim() != 2:
         raise ValueError(f"a NIR {type(node).__name__} weight must be 2-D, got {weight.shape}")
     bias = getattr(node, "bias", None)
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    # Event-driven like the package's own spiking layers (a graph's layers are fed spikes).
+    linear = EventLinear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
@@ -498,8 +500,8 @@ def _io_size(types: dict, name: str, dialect: str) -> int:
 class NIRModule(nn.Module):
     """A feed-forward NIR graph as a time-major module of our layers.
 
-    Layers live in ``layers`` (an ``nn.ModuleDict`` keyed by node name): ``nn.Linear`` for
-    ``Affine``/``Linear``, :class:`~spiking_moe.neurons.LIF` for ``LIF``/``IF``,
+    Layers live in ``layers`` (an ``nn.ModuleDict`` keyed by node name):
+    :class:`~spiking_moe.synapses.EventLinear` (an ``nn.Linear``) for ``Affine``/``Linear``, :class:`~spiking_moe.neurons.LIF` for ``LIF``/``IF``,
     :class:`LeakyIntegrator` for ``LI``/``I``; a node with several inputs sums them (NIR's
     rule). ``forward(x)``: ``[T, ..., F]`` -> ``[T, ..., O]`` (one ``Output`` node) or a dict
     of outputs by node name. Energy counting sees ordinary Linear and LIF layers.
@@ -919,10 +921,10 @@ def _copy_into(target: nn.Module, source: NIRModule, part: str) -> None:
     """Copy the imported part's layers into the matching layers of ``target``, in order."""
     wanted = [m for m in target.modules() if isinstance(m, (nn.Linear, LIF))]
     given = [source.layers[name] for name in source.order if name in source.layers]
-    if [type(m) for m in wanted] != [type(m) for m in given]:
+    kinds_wanted, kinds_given = _kinds(wanted), _kinds(given)
+    if kinds_wanted != kinds_given:
         raise ValueError(
-            f"part {part!r}: the file has layers {[type(m).__name__ for m in given]}, the "
-            f"model needs {[type(m).__name__ for m in wanted]}"
+            f"part {part!r}: the file has layers {kinds_given}, the model needs {kinds_wanted}"
         )
     with torch.no_grad():
         for dst, src in zip(wanted, given, strict=True):
@@ -943,6 +945,10 @@ def _copy_into(target: nn.Module, source: NIRModule, part: str) -> None:
                         f"part {part!r}: reset {src.reset!r} in the file, {dst.reset!r} in "
                         "the manifest's model"
                     )
+
+
+def _kinds(layers) -> list[str]:
+    return ["Linear" if isinstance(m, nn.Linear) else type(m).__name__ for m in layers]
 
 
 def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:

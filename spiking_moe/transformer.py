@@ -58,6 +58,7 @@ from .models import READOUTS, ROUTERS, _leaky_mean
 from .moe import SpikingMoE
 from .neurons import LIF
 from .router import RateRouter, RoutingInfo, SpikingRouter
+from .synapses import EventLinear
 
 __all__ = [
     "ANNTransformerLM",
@@ -263,7 +264,7 @@ class _SpikingLM(_LanguageModel):
             raise ValueError(f"unknown readout {readout!r}; valid: {list(READOUTS)}")
         self.num_steps, self.readout_mode = num_steps, readout
         self.input_neuron = LIF(**neuron_kwargs)
-        self.readout = nn.Linear(d_model, vocab_size)
+        self.readout = EventLinear(d_model, vocab_size)
         if readout == "membrane" and self.input_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")
 

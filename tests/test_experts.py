@@ -26,7 +26,16 @@ def test_spiking_expert_matches_a_hand_computed_trace():
 def test_layout_has_num_layers_lif_layers_and_named_linears():
     expert = SpikingExpert(4, 8, 3, num_layers=3, beta=0.8)
     kinds = [type(m).__name__ for m in expert.net]
-    assert kinds == ["Linear", "LIF", "Linear", "LIF", "Linear", "LIF", "Linear"]
+    assert kinds == [
+        "EventLinear",
+        "LIF",
+        "EventLinear",
+        "LIF",
+        "EventLinear",
+        "LIF",
+        "EventLinear",
+    ]
+    assert all(isinstance(m, torch.nn.Linear) for m in expert.net[::2])
     assert expert.net[1].beta.item() == pytest.approx(0.8)
     assert expert(torch.ones(4, 5, 4)).shape == (4, 5, 3)
 
