@@ -19,9 +19,10 @@ Usage::
     PYTHONPATH=. python experiments/benchmarks/event_driven.py [--threads 2] [--repeats 31]
         [--rates 0.01,0.02,0.05,0.1,0.2,0.5] [--device cpu|cuda] [--json out.json]
 
-Only the one-layer half of the issue's benchmark is here; the whole-model half (the default
-experiment's test-set evaluation, dense vs event-driven, at its real firing rate) needs the
-``EventLinear`` module and comes with it.
+With ``--checkpoint runs/default/checkpoint.pt`` (a trained run: the Quickstart's) it then times
+the whole test-set evaluation of that model, every :class:`~spiking_moe.EventLinear` on its
+``"auto"`` path against the same model with them set to ``"dense"``, alternating, and checks that
+the predictions are identical; the firing rate is the model's own, on the test set.
 
 Shapes: ``R`` rows, ``I`` input features, ``O`` output features.
 """
@@ -162,6 +163,88 @@ def to_markdown(rows, info) -> str:
     return "\n".join(lines)
 
 
+def _set_implementation(model, name: str) -> None:
+    from spiking_moe import EventLinear
+
+    for module in model.modules():
+        if isinstance(module, EventLinear):
+            module.implementation = name
+
+
+def bench_model(checkpoint: str, repeats: int, device: torch.device) -> dict:
+    """The whole test-set evaluation of a trained run, dense vs event-driven, alternating."""
+    from spiking_moe import EventLinear
+    from spiking_moe.data import build_datasets
+    from spiking_moe.experiment import build_loaders, load_trained_model
+
+    model, config = load_trained_model(checkpoint)
+    model = model.to(device)
+    _, _, test_loader = build_loaders(config, build_datasets(config.data))
+    batches = [(x.to(device), y) for x, y in test_loader]  # encoding noise drawn once
+    layers = sum(isinstance(m, EventLinear) for m in model.modules())
+
+    def evaluate(name: str):
+        _set_implementation(model, name)
+        sync(device)
+        start = time.perf_counter()
+        outputs = [model(x) for x, _ in batches]
+        sync(device)
+        return time.perf_counter() - start, outputs
+
+    times: dict[str, list[float]] = {"dense": [], "auto": []}
+    with torch.no_grad():
+        _, dense_out = evaluate("dense")  # warm-up (and the kernel build)
+        _, event_out = evaluate("auto")
+        for i in range(repeats):
+            for name in ("dense", "auto") if i % 2 == 0 else ("auto", "dense"):
+                times[name].append(evaluate(name)[0])
+    predictions_equal = all(
+        torch.equal(d.logits.argmax(-1), e.logits.argmax(-1))
+        for d, e in zip(dense_out, event_out, strict=True)
+    )
+    spikes = sum(float(o.activity.spikes.sum()) for o in event_out)
+    updates = sum(float(o.activity.updates.sum()) for o in event_out)
+    correct = sum(
+        int((o.logits.argmax(-1) == y.to(device)).sum())
+        for o, (_, y) in zip(event_out, batches, strict=True)
+    )
+    samples = sum(len(y) for _, y in batches)
+    dense_ms = 1000 * statistics.median(times["dense"])
+    event_ms = 1000 * statistics.median(times["auto"])
+    return {
+        "samples": samples,
+        "event_linear_layers": layers,
+        "firing_rate": spikes / updates if updates else 0.0,
+        "accuracy": correct / samples,
+        "predictions_identical": predictions_equal,
+        "max_abs_logit_difference": max(
+            float((d.logits - e.logits).abs().max())
+            for d, e in zip(dense_out, event_out, strict=True)
+        ),
+        "dense_ms": dense_ms,
+        "event_ms": event_ms,
+        "ratio": dense_ms / event_ms,
+        "repeats": repeats,
+    }
+
+
+def model_markdown(result: dict, checkpoint: str) -> str:
+    return "\n".join(
+        [
+            f"Whole test-set evaluation of `{checkpoint}` ({result['samples']} samples, "
+            f"{result['event_linear_layers']} EventLinear layers, firing rate "
+            f"{result['firing_rate']:.1%}, accuracy {result['accuracy']:.2%}), medians of "
+            f"{result['repeats']} alternating repeats:",
+            "",
+            "| dense ms | event-driven (auto) ms | dense / event | identical predictions | "
+            "max logit difference |",
+            "| ---: | ---: | ---: | --- | ---: |",
+            f"| {result['dense_ms']:.1f} | {result['event_ms']:.1f} | {result['ratio']:.2f}x | "
+            f"{result['predictions_identical']} | {result['max_abs_logit_difference']:.2g} |",
+        ]
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -175,6 +258,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write machine-readable results here")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="also time this run's whole test-set evaluation, dense vs event-driven",
+    )
+    parser.add_argument("--model-repeats", type=int, default=7)
+    parser.add_argument("--skip-layer", action="store_true", help="only the whole-model part")
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     if not rates or any(not 0.0 < r <= 1.0 for r in rates) or rates != sorted(rates):
@@ -193,7 +283,7 @@ def main(argv=None) -> int:
     info = machine_info(device)
     rows = []
     with torch.no_grad():
-        for rate in rates:
+        for rate in [] if args.skip_layer else rates:
             row = bench_rate(
                 rate,
                 weight_OI,
@@ -206,14 +296,20 @@ def main(argv=None) -> int:
             )
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
-    print(to_markdown(rows, info))
+    if rows:
+        print(to_markdown(rows, info))
+    model_result = None
+    if args.checkpoint:
+        model_result = bench_model(args.checkpoint, args.model_repeats, device)
+        print(model_markdown(model_result, args.checkpoint))
     if args.json:
         result = {
             "machine": info,
             "command": " ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])]),
             "repeats": args.repeats,
             "rows": rows,
-            "break_even_rate": break_even(rows),
+            "break_even_rate": break_even(rows) if rows else None,
+            "model": model_result,
         }
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
