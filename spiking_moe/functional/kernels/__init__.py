@@ -91,8 +91,11 @@ class FusedLIF(torch.autograd.Function):
         beta_N = _per_neuron(beta, step_shape, x)
         theta_N = _per_neuron(threshold, step_shape, x)
         v0_N = None if v0 is None else v0.reshape(n).contiguous()
+        # Without a gradient to any input no backward runs: h (kept only for it) need not
+        # be written.
+        keep_h = any(ctx.needs_input_grad[:4])
         outputs = config.provider.forward(
-            x_TN, v0_N, beta_N, theta_N, config.zero_reset, config.return_membrane
+            x_TN, v0_N, beta_N, theta_N, config.zero_reset, config.return_membrane, keep_h
         )
         spikes_TN, h_TN, v_N = outputs[:3]
         param_grads = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])

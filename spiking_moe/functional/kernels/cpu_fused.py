@@ -180,9 +180,12 @@ class _CppProvider:
         theta_N: torch.Tensor,
         zero_reset: bool,
         return_membrane: bool,
+        keep_h: bool = True,
     ) -> tuple[torch.Tensor, ...]:
         module = load_cpp_extension()
-        return tuple(module.lif_forward(x_TN, beta_N, theta_N, v0_N, zero_reset, return_membrane))
+        return tuple(
+            module.lif_forward(x_TN, beta_N, theta_N, v0_N, zero_reset, return_membrane, keep_h)
+        )
 
     def backward(
         self,
@@ -239,6 +242,7 @@ class _TorchProvider:
         theta_N: torch.Tensor,
         zero_reset: bool,
         return_membrane: bool,
+        keep_h: bool = True,
     ) -> tuple[torch.Tensor, ...]:
         h_TN = torch.empty_like(x_TN)
         spikes_TN = torch.empty_like(x_TN)

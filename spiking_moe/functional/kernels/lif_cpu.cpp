@@ -66,7 +66,7 @@ inline T surrogate_grad(T x, T alpha) {
   }
 }
 
-template <typename T, bool ZERO, bool MEM>
+template <typename T, bool ZERO, bool MEM, bool KEEP_H>
 void forward_impl(const T* x, const T* beta, const T* theta, const T* v0, T* s, T* h, T* mem,
                   T* v_final, int64_t steps, int64_t n) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -82,7 +82,7 @@ void forward_impl(const T* x, const T* beta, const T* theta, const T* v0, T* s, 
         const int64_t off = t * n + lo;
         const T* xt = x + off;
         T* st = s + off;
-        T* ht = h + off;
+        T* ht = KEEP_H ? h + off : nullptr;
         T* mt = MEM ? mem + off : nullptr;
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
@@ -90,7 +90,7 @@ void forward_impl(const T* x, const T* beta, const T* theta, const T* v0, T* s, 
           const T sv = static_cast<T>((hv - th[i]) > T(0));
           const T vv = ZERO ? hv * (T(1) - sv) : hv - th[i] * sv;
           v[i] = vv;
-          ht[i] = hv;
+          if constexpr (KEEP_H) ht[i] = hv;
           st[i] = sv;
           if constexpr (MEM) mt[i] = vv;
         }
@@ -293,7 +293,7 @@ void with_bool(bool value, F&& f) {
 std::vector<torch::Tensor> lif_forward(const torch::Tensor& x, const torch::Tensor& beta,
                                        const torch::Tensor& theta,
                                        const c10::optional<torch::Tensor>& v0, bool zero_reset,
-                                       bool return_membrane) {
+                                       bool return_membrane, bool keep_h) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous CPU tensor [T, N]");
   const int64_t steps = x.size(0);
@@ -303,17 +303,21 @@ std::vector<torch::Tensor> lif_forward(const torch::Tensor& x, const torch::Tens
   check_tn(theta, step, "theta");
   if (v0.has_value() && v0->defined()) check_tn(*v0, step, "v0");
   auto s = empty_output(x.sizes(), x.options());
-  auto h = empty_output(x.sizes(), x.options());
+  // h is kept for backward only; inference skips writing it.
+  auto h = keep_h ? empty_output(x.sizes(), x.options()) : torch::empty({0}, x.options());
   auto v_final = torch::empty({n}, x.options());
   torch::Tensor mem = return_membrane ? empty_output(x.sizes(), x.options()) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lif_forward", [&] {
     with_bool(zero_reset, [&](auto zero) {
       with_bool(return_membrane, [&](auto m) {
-        forward_impl<scalar_t, decltype(zero)::value, decltype(m)::value>(
-            x.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), theta.data_ptr<scalar_t>(),
-            ptr_or_null<scalar_t>(v0), s.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-            return_membrane ? mem.data_ptr<scalar_t>() : nullptr, v_final.data_ptr<scalar_t>(),
-            steps, n);
+        with_bool(keep_h, [&](auto kh) {
+          forward_impl<scalar_t, decltype(zero)::value, decltype(m)::value, decltype(kh)::value>(
+              x.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), theta.data_ptr<scalar_t>(),
+              ptr_or_null<scalar_t>(v0), s.data_ptr<scalar_t>(),
+              keep_h ? h.data_ptr<scalar_t>() : nullptr,
+              return_membrane ? mem.data_ptr<scalar_t>() : nullptr, v_final.data_ptr<scalar_t>(),
+              steps, n);
+        });
       });
     });
   });

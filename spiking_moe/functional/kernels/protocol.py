@@ -62,6 +62,7 @@ class LIFKernel(Protocol):
         theta_N: torch.Tensor,
         zero_reset: bool,
         return_membrane: bool,
+        keep_h: bool = True,
     ) -> tuple[torch.Tensor, ...]:
         """Run the recurrence over all steps.
 
@@ -71,6 +72,9 @@ class LIFKernel(Protocol):
             beta_N, theta_N: decay and threshold per neuron.
             zero_reset: hard reset (``v = h (1 - s)``) instead of subtraction.
             return_membrane: also return the post-reset membrane of every step.
+            keep_h: False when no backward will run (no input needs a gradient): a provider
+                may then skip writing ``h_TN`` (one of the three ``[T, N]`` streams of an
+                inference forward) and return an empty tensor in its place.
 
         Returns:
             ``(spikes_TN, h_TN, v_N)``, plus ``membrane_TN`` when ``return_membrane``; ``h_TN``

@@ -245,6 +245,7 @@ class _TritonProvider:
         theta_N: torch.Tensor,
         zero_reset: bool,
         return_membrane: bool,
+        keep_h: bool = True,
     ) -> tuple[torch.Tensor, ...]:
         steps, n = x_TN.shape
         spikes_TN = torch.empty_like(x_TN)
