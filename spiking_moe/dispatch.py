@@ -37,14 +37,19 @@ identically shaped :class:`~spiking_moe.experts.SpikingExpert` (or
 :class:`~spiking_moe.experts.MLPExpert`) with one grouped GEMM per layer
 (``torch._grouped_mm``, rows laid out token-major ``[R T, D]`` so each expert's rows are
 contiguous) and one LIF call over all rows, with each expert's beta and threshold gathered per
-row. It calls the experts' parameters, not their modules, so module hooks do not fire:
-:class:`~spiking_moe.moe.SpikingMoE` only takes it on CUDA, when
-:func:`grouped_supported` says yes and no hook is registered. :func:`run_experts` is its
-reference, and the tests compare the two (``torch._grouped_mm`` also runs on CPU).
+row. Only the experts that received rows are stacked (their ids come from ``plan.splits``, on
+the host already, so no extra sync): an expert with no rows gets no gradient (``grad`` None),
+exactly as with :func:`run_experts`, and reports idle activity. It calls the experts'
+parameters, not their modules, so module hooks do not fire:
+:class:`~spiking_moe.moe.SpikingMoE` takes it by default only on CUDA (on CPU the
+``_grouped_mm`` fallback plus the token-major copies is slower than per-expert calls at small
+``E``), when :func:`grouped_supported` says yes and no hook is registered.
+:func:`run_experts` is its reference, and the tests compare the two (``torch._grouped_mm`` also runs on CPU).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -360,19 +365,32 @@ def run_experts_grouped(
 def _run_grouped(experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: DispatchPlan):
     T, R, _ = x_TRD.shape
     E = len(experts)
+    # Only the experts that got rows take part (their ids are on the host already, in
+    # plan.splits): an expert with no rows must get no gradient at all, as in run_experts,
+    # not the zero gradient that stacking its weights would give it.
+    active = [e for e, n in enumerate(plan.splits) if n]
+    if not active:  # every assignment dropped: the reference's [T, 0, O] and idle activity
+        return run_experts_with_activity(experts, x_TRD, plan)
+    device = x_TRD.device
     counts = plan.tokens_per_expert
-    expert_of_row = torch.repeat_interleave(
-        torch.arange(E, device=counts.device), counts, output_size=R
+    active_A = torch.tensor(active, device=device)
+    # Row r belongs to the local (compacted) expert local_of_row[r], i.e. expert active[...].
+    local_of_row = torch.repeat_interleave(
+        torch.arange(len(active), device=device), counts[active_A], output_size=R
     )
-    offsets = (torch.cumsum(counts, 0) * T).to(torch.int32)
+    expert_of_row = active_A[local_of_row]
+    ends = list(itertools.accumulate(plan.splits[e] * T for e in active))
+    offsets = torch.tensor(ends, dtype=torch.int32, device=device)
     h = x_TRD.transpose(0, 1).reshape(R * T, -1)
-    modules = [list(expert.net) for expert in experts]
+    modules = [list(experts[e].net) for e in active]
     spikes_E, updates_E, names = [], [], []
     for i, layer in enumerate(modules[0]):
         if isinstance(layer, nn.Linear):
             weight = torch.stack([m[i].weight for m in modules]).transpose(1, 2)
-            bias = torch.stack([m[i].bias for m in modules])[expert_of_row]
+            bias = torch.stack([m[i].bias for m in modules])[local_of_row]
             out = torch._grouped_mm(h, weight, offs=offsets)
+            if out.requires_grad:  # its backward refuses an expanded gradient (e.g. of a sum)
+                out.register_hook(torch.Tensor.contiguous)
             h = (out.view(R, T, -1) + bias[:, None, :]).view(R * T, -1)
         elif isinstance(layer, LIF):
             beta = torch.stack([m[i].beta for m in modules]).clamp(0.0, 1.0)
@@ -380,13 +398,14 @@ def _run_grouped(experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: Dispat
             h_TRH = h.view(R, T, -1).transpose(0, 1)
             spikes = lif_multistep(
                 h_TRH,
-                beta=beta[expert_of_row].view(R, 1),
-                threshold=threshold[expert_of_row].view(R, 1),
+                beta=beta[local_of_row].view(R, 1),
+                threshold=threshold[local_of_row].view(R, 1),
                 reset=layer.reset,
                 surrogate=layer.surrogate,
                 detach_reset=layer.detach_reset,
             ).spikes
-            # Each expert's spikes are a segment of the rows: sum them per expert, no sync.
+            # Each expert's spikes are a segment of the rows: sum them per expert (all E, zero
+            # for the idle ones), no sync.
             per_row = spikes.sum((0, 2), dtype=torch.float32)
             spikes_E.append(per_row.new_zeros(E).index_add(0, expert_of_row, per_row))
             updates_E.append(counts * (T * spikes.shape[-1]))
@@ -401,5 +420,5 @@ def _run_grouped(experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: Dispat
             torch.stack(updates_E, 1).reshape(-1),
         )
     else:
-        activity = Activity.empty(x_TRD.device)
+        activity = Activity.empty(device)
     return ExpertsOutput(h.view(R, T, -1).transpose(0, 1), activity)

@@ -116,7 +116,12 @@ class SpikingMoE(nn.Module):
             :func:`~spiking_moe.dispatch.grouped_supported` allows it (same-shaped experts,
             no hooks), else one call per expert; "never" always calls each expert module;
             "always" takes the grouped path on any device when supported (``torch._grouped_mm``
-            has a CPU fallback). Same values either way.
+            has a CPU fallback, float32/bfloat16/float16). Same values and gradients either
+            way: the grouped path stacks only the experts that received rows, so an expert
+            with none gets no gradient (``grad`` stays None) on both paths. "auto" stays
+            per-expert on CPU because there the grouped path is slower at small ``E`` (its
+            token-major layout costs copies that the per-expert calls do not pay; see the MoE
+            scaling benchmark); "always" is the faster choice on CPU for many experts.
 
     Shapes:
         ``forward(x)``: ``x`` ``[T, B, D]`` or ``[T, B, S, D]`` -> :class:`MoEOutput` with

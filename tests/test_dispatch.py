@@ -11,6 +11,7 @@ from spiking_moe.dispatch import (
     grouped_supported,
     run_experts,
     run_experts_grouped,
+    run_experts_with_activity,
 )
 from spiking_moe.experts import MLPExpert, SpikingExpert
 
@@ -186,10 +187,87 @@ def test_grouped_gemm_path_equals_the_per_expert_loop(cls):
     out = combine(run_experts_grouped(experts, grouped, plan), plan)
     torch.testing.assert_close(out, ref)
     for got, want in zip(_grads(out, leaves), _grads(ref, leaves), strict=True):
-        if want is None:
-            assert got is None or got.abs().sum() == 0
+        if want is None:  # experts 1 and 4 got no rows: no gradient, not a zero one
+            assert got is None
         else:
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("cls", [SpikingExpert, MLPExpert])
+def test_grouped_gemm_stacks_only_routed_experts_idle_ones_get_no_gradient(cls):
+    """E=8, k=1, every token on experts 1, 4 or 6: the five idle experts are left out of the
+    grouped GEMM, so their parameters get no gradient (None, as on the per-expert path), while
+    outputs, activity and the routed experts' gradients equal the per-expert path's."""
+    n_tok, n_exp = 10, 8
+    torch.manual_seed(1)
+    experts = nn.ModuleList(cls(GD, 12, 8, num_layers=2) for _ in range(n_exp))
+    if cls is SpikingExpert:
+        for e, expert in enumerate(experts):
+            expert.net[1].beta.fill_(0.5 + 0.05 * e)
+            expert.net[3].threshold.fill_(0.3 + 0.05 * e)
+    assert grouped_supported(experts)
+    ids = torch.tensor([6, 1, 4, 4, 6, 1, 1, 6, 4, 6]).view(n_tok, 1)
+    gates = torch.rand(n_tok, 1)
+    x_ref = torch.bernoulli(torch.full((T, n_tok, GD), 0.5)).requires_grad_()
+    x_grp = x_ref.detach().clone().requires_grad_()
+    g_ref, g_grp = (gates.clone().requires_grad_() for _ in range(2))
+    weight = torch.randn(T, n_tok, 8)
+    results = []
+    for x, g, grouped in ((x_ref, g_ref, False), (x_grp, g_grp, True)):
+        experts.zero_grad(set_to_none=True)
+        rows, plan = dispatch(x, ids, g, n_exp)
+        assert plan.splits == (0, 3, 0, 0, 3, 0, 4, 0)
+        out = run_experts_with_activity(experts, rows, plan, grouped=grouped)
+        y = combine(out.current, plan)
+        (y * weight).sum().backward()
+        grads = [None if p.grad is None else p.grad.clone() for p in experts.parameters()]
+        results.append((y.detach(), out.activity, grads))
+    (y_ref, act_ref, grads_ref), (y_grp, act_grp, grads_grp) = results
+    torch.testing.assert_close(y_grp, y_ref)
+    torch.testing.assert_close(x_grp.grad, x_ref.grad)
+    torch.testing.assert_close(g_grp.grad, g_ref.grad)
+    assert act_grp.names == act_ref.names  # every expert, idle ones too, in the same order
+    if cls is SpikingExpert:
+        assert len(act_ref.names) == 2 * n_exp
+        torch.testing.assert_close(act_grp.spikes, act_ref.spikes.to(act_grp.spikes.dtype))
+        torch.testing.assert_close(act_grp.updates, act_ref.updates.to(act_grp.updates.dtype))
+        assert act_ref.spikes.sum() > 0
+    names = [name for name, _ in experts.named_parameters()]
+    for name, got, want in zip(names, grads_grp, grads_ref, strict=True):
+        expert = int(name.split(".")[0])
+        if expert in (1, 4, 6):
+            assert want is not None and got is not None, name
+            torch.testing.assert_close(got, want, msg=name)
+        else:
+            assert want is None and got is None, name
+
+
+@pytest.mark.parametrize("cls", [SpikingExpert, MLPExpert])
+def test_grouped_gemm_backward_takes_an_expanded_gradient(cls):
+    """``out.sum().backward()`` hands ``_grouped_mm`` an expanded (stride 0) gradient."""
+    experts, ids = _grouped_case(cls)
+    x = torch.bernoulli(torch.full((T, N, GD), 0.5))
+    rows, plan = dispatch(x, ids, torch.rand(N, K), E)
+    run_experts_grouped(experts, rows, plan).sum().backward()
+    got = [p.grad for p in experts.parameters()]
+    experts.zero_grad(set_to_none=True)
+    run_experts(experts, rows, plan).sum().backward()
+    for g, p in zip(got, experts.parameters(), strict=True):
+        if p.grad is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, p.grad)
+
+
+def test_grouped_gemm_with_every_assignment_dropped_matches_the_per_expert_path():
+    experts, ids = _grouped_case(SpikingExpert)
+    x = torch.bernoulli(torch.full((T, N, GD), 0.5))
+    rows, plan = dispatch(x, ids, torch.rand(N, K), E, kept_NK=torch.zeros(N, K, dtype=bool))
+    ref = run_experts_with_activity(experts, rows, plan)
+    out = run_experts_with_activity(experts, rows, plan, grouped=True)
+    assert out.current.shape == ref.current.shape == (T, 0, 8)
+    assert out.activity.names == ref.activity.names
+    assert out.activity.spikes.sum() == 0
 
 
 def test_grouped_gemm_is_refused_when_it_could_not_be_exact():

@@ -222,6 +222,56 @@ def test_grouped_gemm_layer_equals_the_per_expert_calls():
         SpikingMoE(router=router, experts=_experts(), grouped_gemm="sometimes")
 
 
+def test_grouped_gemm_layer_gives_unrouted_experts_no_gradient():
+    """Tokens routed (k=1) to 3 of 8 experts: on the grouped path the 5 idle experts' parameters
+    keep ``grad`` None, as with one call per expert, and everything else matches."""
+    n_exp, n_tok = 8, 12
+    router = StubRouter(n_tok, num_experts=n_exp, k=1)
+    with torch.no_grad():  # only experts 0, 3 and 5 can win
+        router.logits.copy_(torch.randn(n_tok, n_exp) - 20)
+        for n in range(n_tok):
+            router.logits[n, (0, 3, 5)[n % 3]] = 5.0
+    x = _spikes((T, n_tok, D), p=0.4)
+    results = []
+    for mode in ("never", "always"):
+        moe = SpikingMoE(router=router, experts=_experts(n_exp), grouped_gemm=mode)
+        router.zero_grad(set_to_none=True)
+        out = moe(x)
+        assert out.routing.tokens_per_expert.tolist() == [4, 0, 0, 4, 0, 4, 0, 0]
+        (out.spikes * torch.linspace(0.5, 1.5, D)).sum().backward()
+        grads = {n: p.grad for n, p in moe.named_parameters()}
+        results.append((out, grads))
+    (ref, ref_grads), (got, got_grads) = results
+    assert torch.equal(got.spikes, ref.spikes) and ref.spikes.sum() > 0
+    assert got.activity.names == ref.activity.names
+    torch.testing.assert_close(got.activity.spikes, ref.activity.spikes)
+    for name, want in ref_grads.items():
+        if name.startswith("experts.") and int(name.split(".")[1]) not in (0, 3, 5):
+            assert want is None and got_grads[name] is None, name
+        else:
+            assert want is not None, name
+            torch.testing.assert_close(got_grads[name], want, msg=name)
+
+
+@pytest.mark.parametrize(("mode", "grouped"), [("auto", False), ("never", False), ("always", True)])
+def test_grouped_gemm_mode_choice_on_cpu(monkeypatch, mode, grouped):
+    """On CPU "auto" calls each expert (the grouped path is slower there at small E)."""
+    import spiking_moe.moe as moe_module
+
+    calls = []
+    real = moe_module.run_experts_with_activity
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("grouped", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "run_experts_with_activity", spy)
+    torch.manual_seed(0)
+    moe = SpikingMoE(router=RateRouter(D, E, K), experts=_experts(), grouped_gemm=mode)
+    moe(_spikes((T, 5, D)))
+    assert calls == [grouped]
+
+
 def test_submodule_names_follow_the_contract():
     moe = SpikingMoE(router=RateRouter(D, 2, 1), experts=_experts(2))
     names = {n for n, _ in moe.named_modules()}
