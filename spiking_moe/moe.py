@@ -53,11 +53,23 @@ from .dispatch import (
 from .neurons import LIF
 from .router import RoutingInfo
 
-__all__ = ["GROUPED_GEMM", "MoEOutput", "SpikingMoE", "set_dense", "update_router_biases"]
+__all__ = [
+    "CPU_GROUPED_MIN_EXPERTS",
+    "GROUPED_GEMM",
+    "MoEOutput",
+    "SpikingMoE",
+    "set_dense",
+    "update_router_biases",
+]
 
 logger = logging.getLogger(__name__)
 
 GROUPED_GEMM = ("auto", "never", "always")
+
+#: On CPU, "auto" takes the grouped expert GEMM when at least this many experts received rows:
+#: per-expert calls win below it, the grouped path above (measured crossover between 16 and 64
+#: routed experts on a 2-core AMD EPYC, 2026-12-02; experiments/benchmarks/RESULTS.md).
+CPU_GROUPED_MIN_EXPERTS = 32
 
 
 class MoEOutput(NamedTuple):
@@ -112,16 +124,17 @@ class SpikingMoE(nn.Module):
         check_spikes: check on every call that the input is binary (one reduction and one
             host sync); set False to skip it in training or to feed analog values on purpose.
         grouped_gemm: "auto" computes the experts with one grouped GEMM per layer
-            (:func:`~spiking_moe.dispatch.run_experts_grouped`) on CUDA when
+            (:func:`~spiking_moe.dispatch.run_experts_grouped`) on CUDA, and on CPU when at
+            least :data:`CPU_GROUPED_MIN_EXPERTS` experts received rows, whenever
             :func:`~spiking_moe.dispatch.grouped_supported` allows it (same-shaped experts,
             no hooks), else one call per expert; "never" always calls each expert module;
             "always" takes the grouped path on any device when supported (``torch._grouped_mm``
             has a CPU fallback, float32/bfloat16/float16). Same values and gradients either
             way: the grouped path stacks only the experts that received rows, so an expert
-            with none gets no gradient (``grad`` stays None) on both paths. "auto" stays
-            per-expert on CPU because there the grouped path is slower at small ``E`` (its
-            token-major layout costs copies that the per-expert calls do not pay; see the MoE
-            scaling benchmark); "always" is the faster choice on CPU for many experts.
+            with none gets no gradient (``grad`` stays None) on both paths. On CPU the
+            grouped path is flat in the number of experts but slower for few of them (its
+            token-major layout costs copies the per-expert calls do not pay), hence the
+            threshold (the MoE scaling benchmark in ``experiments/benchmarks/RESULTS.md``).
 
     Shapes:
         ``forward(x)``: ``x`` ``[T, B, D]`` or ``[T, B, S, D]`` -> :class:`MoEOutput` with
@@ -260,7 +273,10 @@ class SpikingMoE(nn.Module):
 
     def _run_experts(self, grouped_TRD: torch.Tensor, plan) -> ExpertsOutput:
         mode = self.grouped_gemm
-        if mode == "always" or (mode == "auto" and grouped_TRD.is_cuda):
+        busy = sum(rows > 0 for rows in plan.splits)  # host ints: no sync
+        if mode == "always" or (
+            mode == "auto" and (grouped_TRD.is_cuda or busy >= CPU_GROUPED_MIN_EXPERTS)
+        ):
             if grouped_supported(self.experts, grouped_TRD.dtype):
                 try:
                     return run_experts_with_activity(self.experts, grouped_TRD, plan, grouped=True)

@@ -255,7 +255,8 @@ def test_grouped_gemm_layer_gives_unrouted_experts_no_gradient():
 
 @pytest.mark.parametrize(("mode", "grouped"), [("auto", False), ("never", False), ("always", True)])
 def test_grouped_gemm_mode_choice_on_cpu(monkeypatch, mode, grouped):
-    """On CPU "auto" calls each expert (the grouped path is slower there at small E)."""
+    """On CPU "auto" calls each expert when few experts have rows (the grouped path is slower
+    there for few of them)."""
     import spiking_moe.moe as moe_module
 
     calls = []
@@ -270,6 +271,33 @@ def test_grouped_gemm_mode_choice_on_cpu(monkeypatch, mode, grouped):
     moe = SpikingMoE(router=RateRouter(D, E, K), experts=_experts(), grouped_gemm=mode)
     moe(_spikes((T, 5, D)))
     assert calls == [grouped]
+
+
+def test_auto_takes_the_grouped_path_on_cpu_when_many_experts_have_rows(monkeypatch):
+    import spiking_moe.moe as moe_module
+
+    calls = []
+    real = moe_module.run_experts_with_activity
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("grouped", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "run_experts_with_activity", spy)
+    monkeypatch.setattr(moe_module, "CPU_GROUPED_MIN_EXPERTS", 3)
+    torch.manual_seed(0)
+    many = SpikingMoE(router=RateRouter(D, 8, 2), experts=_experts(8))
+    x = _spikes((T, 64, D))
+    busy = int((many.router(x.reshape(T, -1, D)).tokens_per_expert > 0).sum())
+    assert busy >= 3  # enough experts received rows for the threshold
+    reference = SpikingMoE(router=RateRouter(D, 8, 2), experts=_experts(8), grouped_gemm="never")
+    reference.load_state_dict(many.state_dict())
+    out = many(x)
+    assert calls[-1] is True
+    torch.testing.assert_close(out.spikes, reference(x).spikes)
+    monkeypatch.setattr(moe_module, "CPU_GROUPED_MIN_EXPERTS", 9)  # more than E: never grouped
+    many(x)
+    assert calls[-1] is False
 
 
 def test_submodule_names_follow_the_contract():
