@@ -17,16 +17,14 @@ part of the build folder's hash.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import sys
 import threading
 from pathlib import Path
 
 import torch
 
 from ..surrogate import Surrogate
+from .jit import build_extension, stable_source
 from .protocol import SURROGATE_IDS
 
 __all__ = [
@@ -42,6 +40,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("lif_cpu.cpp")
+_PREFIX = "spiking_moe_lif_cpu"
 # -ffp-contract=off keeps h = beta * v + x rounded exactly like PyTorch (no FMA), so spikes
 # equal the reference loop bit for bit; the kernel is memory-bound, so FMA would buy nothing.
 _OPT_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
@@ -69,41 +68,14 @@ def _cflags() -> list[str]:
 def load_cpp_extension():
     """Build (first call) and return the C++ extension, or None if it cannot be built."""
     with _lock:
-        if "module" in _state:
-            return _state["module"]
-        module = None
-        reason = None
-        if os.environ.get("SPIKING_MOE_NO_CPP", "") not in ("", "0"):
-            reason = "disabled by SPIKING_MOE_NO_CPP"
-            logger.debug("SPIKING_MOE_NO_CPP is set: fused LIF uses the PyTorch provider")
-        else:
-            try:
-                from torch.utils.cpp_extension import load
-
-                name, source = _stable_source()
-                logger.info("loading the fused LIF C++ kernel (the first build takes ~30 s)")
-                module = load(
-                    name=name,
-                    sources=[str(source)],
-                    build_directory=str(source.parent),
-                    extra_cflags=_cflags(),
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-            except Exception as error:  # any build failure must leave a working fallback
-                last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-                reason = f"the build failed ({type(error).__name__}: {last_line})"
-                logger.warning(
-                    "could not build the fused LIF C++ kernel (%s: %s); using the slower "
-                    "PyTorch fallback. Install a C++ compiler and ninja to enable it.",
-                    type(error).__name__,
-                    last_line,
-                )
-            else:
+        if "module" not in _state:
+            module, reason = build_extension(
+                "fused LIF", _SOURCE, _PREFIX, _cflags(), "the slower PyTorch provider"
+            )
+            if module is not None:
                 _check_surrogate_ids(module)
-        _state["module"] = module
-        _state["reason"] = reason
-        return module
+            _state["module"], _state["reason"] = module, reason
+        return _state["module"]
 
 
 def _check_surrogate_ids(module) -> None:
@@ -119,28 +91,9 @@ def _check_surrogate_ids(module) -> None:
 
 
 def _stable_source() -> tuple[str, Path]:
-    """The extension's name and a copy of its source in its own build folder.
-
-    Named by a hash of the source, the flags (surrogate ids included), torch and Python
-    versions, and compiled from a copy at a fixed path, so every checkout or install of the
-    same source shares one build (torch rebuilds whenever the source path in its build file
-    changes) and an edited source or surrogate table never loads a stale build.
-    """
-    text = _SOURCE.read_bytes()
-    # The binary depends on torch's ABI and Python's too, not only on the source.
-    build_inputs = " ".join([*_cflags(), torch.__version__, sys.version]).encode()
-    digest = hashlib.sha256(text + build_inputs).hexdigest()[:16]
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "torch_extensions"
-    )
-    folder = Path(root) / f"spiking_moe_lif_cpu_{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
-    source = folder / _SOURCE.name
-    if not source.exists() or source.read_bytes() != text:
-        partial = source.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(text)
-        os.replace(partial, source)  # atomic: concurrent first builds see a whole file
-    return folder.name, source
+    """The extension's name and source copy (:func:`.jit.stable_source`; the surrogate ids
+    are in the flags, so a renumbered table builds anew)."""
+    return stable_source(_SOURCE, _PREFIX, _cflags())
 
 
 def empty_cache() -> int:

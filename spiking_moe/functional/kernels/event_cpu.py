@@ -14,20 +14,20 @@ time (:func:`available_isas`). All of them sum in the same order, so they agree 
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import sys
 import threading
 from pathlib import Path
 
 import torch
+
+from .jit import build_extension
 
 __all__ = ["CPP", "available_isas", "cpp_available", "load_cpp_extension"]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("event_cpu.cpp")
+_PREFIX = "spiking_moe_event_cpu"
 # -ffp-contract=off: x * w + acc stays a rounded multiply then add in every instruction set,
 # so the generic, AVX2 and AVX-512 loops (and the PyTorch reference) agree exactly.
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
@@ -41,61 +41,11 @@ _state: dict[str, object] = {}
 def load_cpp_extension():
     """Build (first call) and return the C++ extension, or None if it cannot be built."""
     with _lock:
-        if "module" in _state:
-            return _state["module"]
-        module = None
-        reason = None
-        if os.environ.get("SPIKING_MOE_NO_CPP", "") not in ("", "0"):
-            reason = "disabled by SPIKING_MOE_NO_CPP"
-            logger.debug("SPIKING_MOE_NO_CPP is set: event_linear uses the dense product")
-        else:
-            try:
-                from torch.utils.cpp_extension import load
-
-                name, source = _stable_source()
-                logger.info(
-                    "loading the event-driven linear C++ kernel (the first build takes ~30 s)"
-                )
-                module = load(
-                    name=name,
-                    sources=[str(source)],
-                    build_directory=str(source.parent),
-                    extra_cflags=_CFLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-            except Exception as error:  # any build failure must leave a working fallback
-                last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-                reason = f"the build failed ({type(error).__name__}: {last_line})"
-                logger.warning(
-                    "could not build the event-driven linear C++ kernel (%s: %s); event_linear "
-                    "uses the dense product instead. Install a C++ compiler and ninja to enable "
-                    "it.",
-                    type(error).__name__,
-                    last_line,
-                )
-        _state["module"] = module
-        _state["reason"] = reason
-        return module
-
-
-def _stable_source() -> tuple[str, Path]:
-    """The extension's name and a copy of its source in its own build folder (see
-    :func:`.cpu_fused._stable_source`: one build per source, flags, torch and Python)."""
-    text = _SOURCE.read_bytes()
-    build_inputs = " ".join([*_CFLAGS, torch.__version__, sys.version]).encode()
-    digest = hashlib.sha256(text + build_inputs).hexdigest()[:16]
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "torch_extensions"
-    )
-    folder = Path(root) / f"spiking_moe_event_cpu_{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
-    source = folder / _SOURCE.name
-    if not source.exists() or source.read_bytes() != text:
-        partial = source.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(text)
-        os.replace(partial, source)  # atomic: concurrent first builds see a whole file
-    return folder.name, source
+        if "module" not in _state:
+            _state["module"], _state["reason"] = build_extension(
+                "event-driven linear", _SOURCE, _PREFIX, _CFLAGS, "the dense product"
+            )
+        return _state["module"]
 
 
 def cpp_available() -> bool:
