@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..surrogate import Surrogate
-from .jit import build_extension, stable_source
+from .jit import build_extension, cpu_unavailable_reason, stable_source
 from .protocol import SURROGATE_IDS
 
 __all__ = [
@@ -44,7 +44,6 @@ _PREFIX = "spiking_moe_lif_cpu"
 # -ffp-contract=off keeps h = beta * v + x rounded exactly like PyTorch (no FMA), so spikes
 # equal the reference loop bit for bit; the kernel is memory-bound, so FMA would buy nothing.
 _OPT_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-_DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
 # "module": the loaded extension, or None after a failure or when disabled; "reason": why not.
@@ -114,13 +113,7 @@ class _CppProvider:
     name = "cpp"
 
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
-        if x.device.type != "cpu":
-            return f"needs a CPU tensor, got one on {x.device}"
-        if x.dtype not in _DTYPES:
-            return f"dtype {x.dtype} not supported (float32, float64)"
-        if load_cpp_extension() is None:  # checked last: the first call builds the kernel
-            return f"the C++ kernel is unavailable: {_state.get('reason') or 'not built'}"
-        return None
+        return cpu_unavailable_reason(x, load_cpp_extension, _state)
 
     def supports(self, x: torch.Tensor) -> bool:
         return self.unavailable_reason(x) is None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .jit import build_extension
+from .jit import build_extension, cpu_unavailable_reason
 
 __all__ = ["CPP", "available_isas", "cpp_available", "load_cpp_extension"]
 
@@ -31,7 +31,6 @@ _PREFIX = "spiking_moe_event_cpu"
 # -ffp-contract=off: x * w + acc stays a rounded multiply then add in every instruction set,
 # so the generic, AVX2 and AVX-512 loops (and the PyTorch reference) agree exactly.
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-_DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
 # "module": the loaded extension, or None after a failure or when disabled; "reason": why not.
@@ -65,13 +64,7 @@ class _CppProvider:
     name = "cpp"
 
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
-        if x.device.type != "cpu":
-            return f"needs a CPU tensor, got one on {x.device}"
-        if x.dtype not in _DTYPES:
-            return f"dtype {x.dtype} not supported (float32, float64)"
-        if load_cpp_extension() is None:  # checked last: the first call builds the kernel
-            return f"the C++ kernel is unavailable: {_state.get('reason') or 'not built'}"
-        return None
+        return cpu_unavailable_reason(x, load_cpp_extension, _state)
 
     def forward(
         self,

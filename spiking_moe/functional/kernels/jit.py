@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_extension", "stable_source"]
+__all__ = ["CPU_DTYPES", "build_extension", "cpu_unavailable_reason", "stable_source"]
+
+#: What the C++ kernels compute in.
+CPU_DTYPES = (torch.float32, torch.float64)
 
 logger = logging.getLogger(__name__)
 
@@ -86,3 +89,15 @@ def build_extension(
         )
         return None, f"the build failed ({type(error).__name__}: {last_line})"
     return module, None
+
+
+def cpu_unavailable_reason(x: torch.Tensor, load, state: dict) -> str | None:
+    """Why a C++ kernel cannot run on ``x`` (None if it can); ``load`` builds it on first use
+    and ``state["reason"]`` says why a build is missing."""
+    if x.device.type != "cpu":
+        return f"needs a CPU tensor, got one on {x.device}"
+    if x.dtype not in CPU_DTYPES:
+        return f"dtype {x.dtype} not supported (float32, float64)"
+    if load() is None:  # checked last: the first call builds the kernel
+        return f"the C++ kernel is unavailable: {state.get('reason') or 'not built'}"
+    return None

@@ -21,29 +21,17 @@ Legend: ``R`` rows, ``I`` input features, ``O`` output features, ``A`` active en
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+# One Triton import and one availability rule for both Triton kernels: the LIF module's.
+from .triton_lif import tl, triton
+from .triton_lif import unavailable_reason as _triton_unavailable_reason
 
 __all__ = ["TRITON"]
 
-try:
-    import triton
-    import triton.language as tl
-except Exception as error:  # ImportError, or a broken install failing at import
-    triton = None
-    _IMPORT_ERROR: str | None = f"{type(error).__name__}: {error}"
-else:
-    _IMPORT_ERROR = None
-
-_DTYPES = (torch.float32, torch.float64)
 _BLOCK_O = 128
 _BLOCK_A = 16
 _NUM_WARPS = 4
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 if triton is not None:
@@ -90,16 +78,7 @@ class _TritonProvider:
     name = "triton"
 
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
-        if triton is None:
-            return f"triton is not importable ({_IMPORT_ERROR})"
-        if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
-            return (
-                f"needs a CUDA tensor, got one on {x.device} (set TRITON_INTERPRET=1 before "
-                "importing triton to run CPU tensors through its interpreter)"
-            )
-        if x.dtype not in _DTYPES:
-            return f"dtype {x.dtype} not supported (float32, float64)"
-        return None
+        return _triton_unavailable_reason(x)
 
     def forward(
         self,
