@@ -51,10 +51,12 @@ Counting rules, per call of a synaptic layer on input ``x``:
 - Neuron: ``updates = numel(spikes)`` (one per neuron per time step, whether the module is
   called once on ``[T, B, ...]`` or once per step) and ``spikes = nnz(spikes)``.
 
-Every count is an exact int64 accumulated on the device; the host reads them once, at the end
-(with the NaN screen of the outputs; inputs are screened for NaN/Inf before the pass). Each
-tensor is scanned once: a synaptic layer fed a neuron's output reuses the neuron's scan unless
-the tensor was modified in place in between.
+Every count is exact. Counts of CPU tensors are Python ints (reading a CPU scalar costs no
+synchronisation); those of accelerator tensors are int64 accumulated on the device, which the host
+reads once, at the end (with the NaN screen of the outputs; inputs are screened for NaN/Inf
+before the pass). Each tensor is scanned once, in one pass (``energy/value_counts.cpp`` on the
+CPU, built on first use; PyTorch on other devices or without a compiler): a synaptic layer fed
+a neuron's output reuses the neuron's scan unless the tensor was modified in place in between.
 
 **ANN equivalent** (for the baselines in :mod:`energy.report`): the same layers run once per
 token instead of once per time step, every input graded. A product with ``ann_softmax = True``
@@ -138,6 +140,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _native
+
 __all__ = [
     "BUILTIN_ADAPTERS",
     "GroupCounts",
@@ -159,6 +163,20 @@ _SOFTMAX_MACS = 3
 # Device accumulators of a _Tally. Softmax MACs depend on values (finite inputs), so their
 # dense and ANN counts live on the device too, split by the ANN rule (time-major or not).
 _SLOTS = ("acs", "macs", "input_events", "binary_calls", "spikes", "tm_macs", "flat_macs")
+_SLOT_INDEX = {slot: i for i, slot in enumerate(_SLOTS)}
+
+
+def _host_or_device(count: torch.Tensor) -> int | torch.Tensor:
+    """A CPU count as an int (free to read), an accelerator's as a tensor (read at the end)."""
+    return int(count) if count.device.type == "cpu" else count
+
+
+def _where(condition: bool | torch.Tensor, a, b):
+    """``a if condition else b`` for ints and bools, ``torch.where`` on the device otherwise."""
+    if isinstance(condition, torch.Tensor):
+        zero = torch.zeros((), dtype=torch.int64, device=condition.device)
+        return torch.where(condition, zero + a, zero + b)
+    return a if condition else b
 
 
 # --------------------------------------------------------------------------- neuron adapters
@@ -420,15 +438,23 @@ class _Tally:
         # ANN equivalent: time-major calls are divided by T, the others averaged per call.
         self.tm_ann_macs = self.tm_rows = self.tm_outputs = 0
         self.flat_calls = self.flat_ann_macs = self.flat_rows = self.flat_outputs = 0
-        # Device accumulators, one per _SLOTS entry, created on the first call so they live
-        # where the activations live.
+        # One accumulator per _SLOTS entry: Python ints for counts read on the CPU (reading
+        # them there costs nothing), int64 device tensors for counts that live on an
+        # accelerator (created on the first such call, read once at the end).
+        self.host_counts = [0] * len(_SLOTS)
         self.device_counts: torch.Tensor | None = None
 
-    def add(self, **values: torch.Tensor) -> None:
-        """Add int64 device scalars by slot name (:data:`_SLOTS`); absent slots add 0."""
-        device = next(iter(values.values())).device
+    def add(self, **values: int | torch.Tensor) -> None:
+        """Add counts by slot name (:data:`_SLOTS`): ints, or int64 device scalars."""
+        on_device = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+        for slot, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                self.host_counts[_SLOT_INDEX[slot]] += value
+        if not on_device:
+            return
+        device = next(iter(on_device.values())).device
         zero = torch.zeros((), dtype=torch.int64, device=device)
-        stacked = torch.stack([values.get(slot, zero) for slot in _SLOTS])
+        stacked = torch.stack([on_device.get(slot, zero) for slot in _SLOTS])
         if self.device_counts is None:
             self.device_counts = torch.zeros(len(_SLOTS), dtype=torch.int64, device=device)
         self.device_counts += stacked.to(self.device_counts.device)
@@ -459,8 +485,9 @@ class _Counter:
         root = x if x._base is None else x._base
         return self.time_major.get(id(root)) is root and x.shape[0] % self.time_steps == 0
 
-    def value_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(nnz(x), #(x == 1))`` as int64 device scalars; ``x`` is binary iff they are equal.
+    def value_counts(self, x: torch.Tensor) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+        """``(nnz(x), #(x == 1))`` (ints on the CPU, int64 device scalars elsewhere); ``x`` is
+        binary iff they are equal.
 
         Cached by identity: a synaptic layer fed a neuron's output (or a reshape of all of
         it) reuses the counts the neuron hook already took, so spikes are scanned once.
@@ -471,8 +498,7 @@ class _Counter:
             version, result = self.scan_results[key]
             if version == root._version:  # not modified in place since the scan
                 return result
-        # x.bool() is x != 0 (NaN included), and much faster than count_nonzero on floats.
-        result = (torch.count_nonzero(x.bool()), torch.count_nonzero(x == 1))
+        result = tuple(_host_or_device(count) for count in _native.value_counts(x))
         self.scanned[key] = root
         self.scan_results[key] = (root._version, result)
         return result
@@ -504,13 +530,13 @@ class _Counter:
     ) -> None:
         nnz, ones = self.value_counts(x)
         is_binary = nnz == ones
-        zero = torch.zeros((), dtype=torch.int64, device=x.device)
-        # Both branches are computed and one is selected on the device: no host sync.
+        # On an accelerator both branches are computed and one is selected on the device: no
+        # host sync.
         tally.add(
-            acs=torch.where(is_binary, synapse_events(nnz), zero),
-            macs=torch.where(is_binary, zero, zero + dense_macs),
-            input_events=torch.where(is_binary, nnz, zero),
-            binary_calls=is_binary.to(torch.int64),
+            acs=_where(is_binary, synapse_events(nnz), 0),
+            macs=_where(is_binary, 0, dense_macs),
+            input_events=_where(is_binary, nnz, 0),
+            binary_calls=_where(is_binary, 1, 0),
         )
         self._account(tally, time_major, rows, dense_macs, output)
 
@@ -575,7 +601,7 @@ class _Counter:
                 rows=x.shape[0],
                 dense_macs=output.numel() * per_output,
                 output=output,
-                synapse_events=lambda nnz: _conv_synapse_events(module, x, nd),
+                synapse_events=lambda nnz: _host_or_device(_conv_synapse_events(module, x, nd)),
             )
 
         return hook
@@ -607,13 +633,16 @@ class _Counter:
             nnz_a, ones_a = self.value_counts(a)
             nnz_b, ones_b = self.value_counts(b)
             a_binary = nnz_a == ones_a
-            b_binary = (nnz_b == ones_b) & ~a_binary
+            if isinstance(a_binary, torch.Tensor):
+                b_binary = (nnz_b == ones_b) & ~a_binary
+            else:
+                b_binary = nnz_b == ones_b and not a_binary
             if mask is None:
                 acs_a, acs_b = nnz_a * N, nnz_b * M
             else:
                 reach_a, reach_b = _product_reach(mask, M, K, N, a.device)
-                acs_a = (_events_per_cell(a, L) * reach_a).sum()
-                acs_b = (_events_per_cell(b, L) * reach_b).sum()
+                acs_a = _host_or_device((_events_per_cell(a, L) * reach_a).sum())
+                acs_b = _host_or_device((_events_per_cell(b, L) * reach_b).sum())
             terms, outputs = _product_size(mask, M, K, N)
             dense_macs = L * terms
             ann_macs, ann_outputs = dense_macs, output.numel()
@@ -621,12 +650,11 @@ class _Counter:
                 ann_macs += _SOFTMAX_MACS * L * outputs
                 ann_outputs += output.numel()
             counted = a_binary | b_binary
-            zero = torch.zeros((), dtype=torch.int64, device=a.device)
             tally.add(
-                acs=torch.where(a_binary, acs_a, torch.where(b_binary, acs_b, zero)),
-                macs=torch.where(counted, zero, zero + dense_macs),
-                input_events=torch.where(a_binary, nnz_a, torch.where(b_binary, nnz_b, zero)),
-                binary_calls=counted.to(torch.int64),
+                acs=_where(a_binary, acs_a, _where(b_binary, acs_b, 0)),
+                macs=_where(counted, 0, dense_macs),
+                input_events=_where(a_binary, nnz_a, _where(b_binary, nnz_b, 0)),
+                binary_calls=_where(counted, 1, 0),
             )
             self._account(tally, time_major, L * M, dense_macs, output, ann_macs, ann_outputs)
 
@@ -637,7 +665,7 @@ class _Counter:
             self._start(tally)
             x = args[0] if args else kwargs["input"]
             time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == self.time_steps)
-            macs = torch.count_nonzero(torch.isfinite(x)) * _SOFTMAX_MACS
+            macs = _host_or_device(torch.count_nonzero(torch.isfinite(x)) * _SOFTMAX_MACS)
             # Known only on the device: its dense and ANN shares go to device slots as well.
             tally.add(macs=macs, **{"tm_macs" if time_major else "flat_macs": macs})
             dim = -1 if module.dim is None else module.dim
@@ -895,18 +923,24 @@ def count_operations(
     for t in idle:
         t.order = counter.next_order
         counter.next_order += 1
-    device = ran[0].device_counts.device
+    on_device = [t.device_counts for t in ran if t.device_counts is not None]
+    device = on_device[0].device if on_device else torch.device("cpu")
+    zeros = torch.zeros(len(_SLOTS), dtype=torch.int64, device=device)
     out_tensors = [t for t in _tensors(output) if t.is_floating_point() and t.numel()]
     # A sum is NaN whenever an element is: a cheap screen, read with the counts below.
     screen = torch.zeros((), dtype=torch.bool, device=device)
     for t in out_tensors:
         screen = screen | torch.isnan(t.sum()).to(device)
-    # The one host synchronisation of the pass: every count and the NaN screen together.
-    rows = [t.device_counts.to(device) for t in ran]
+    # The one host synchronisation of the pass: every device count and the NaN screen together.
+    rows = [zeros if t.device_counts is None else t.device_counts.to(device) for t in ran]
     rows.append(screen.to(torch.int64).expand(len(_SLOTS)))
-    *stacked, (nan_seen, *_) = torch.stack(rows).tolist()
+    *device_values, (nan_seen, *_) = torch.stack(rows).tolist()
     if nan_seen and any(bool(torch.isnan(t).any()) for t in out_tensors):
         raise ValueError("the model's output contains NaN: the counts would not be meaningful")
+    stacked = [
+        [host + dev for host, dev in zip(t.host_counts, values, strict=True)]
+        for t, values in zip(ran, device_values, strict=True)
+    ]
     stacked += [[0] * len(_SLOTS) for _ in idle]
     layers = tuple(
         _finish(t, values, time_steps) for t, values in zip(ran + idle, stacked, strict=True)

@@ -298,7 +298,9 @@ def test_the_cpu_guard_catches_a_host_read():
     "make, x",
     [(SpikingAttention, spikes(2, 3, 4, 2, seed=5)), (AnnAttention, graded(1, 3, 4, 2))],
 )
-def test_attention_hooks_read_nothing_on_the_host(make, x):
+def test_attention_hooks_read_nothing_on_the_host(make, x, accelerator_accumulation):
+    # On the CPU itself counts are read as ints (free there); what must not read anything is
+    # the accelerator path, run here on CPU tensors.
     counts = energy.count_operations(
         Guarded(make(), host_reads_forbidden), x, neuron_adapters=[THRESHOLD]
     )
