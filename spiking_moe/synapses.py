@@ -9,7 +9,7 @@ models' input layers and readouts, attention projections).
 
 When it runs event-driven: with gradients off (evaluation, inference), by default. The kernel
 itself checks each call's density and hands anything denser than the measured break-even to the
-dense product (:data:`~spiking_moe.functional.event.AUTO_DENSE_ABOVE`), so an analog input or a
+dense product (:func:`~spiking_moe.functional.event.auto_dense_above`), so an analog input or a
 busy layer costs one extra pass over the input at most. In training the dense product runs
 (``train_events=False``): ``experiments/benchmarks/event_driven.py`` measures whether the
 event-driven forward pays there too (``RESULTS.md``).

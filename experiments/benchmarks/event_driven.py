@@ -11,8 +11,9 @@ rates where the ratio crosses 1.
 Implementations: ``dense`` is ``F.linear(x, weight, bias)`` (MKL/oneDNN on CPU, cuBLAS on
 CUDA); ``event`` is ``event_linear(..., implementation="cpp")`` on CPU or ``"triton"`` on CUDA,
 with the transposed weight cached as a layer would cache it; ``auto`` is
-``event_linear(..., implementation="auto")`` with the same cache (event-driven below
-``AUTO_DENSE_ABOVE``, dense above; it pays one pass over ``x`` to count the spikes).
+``event_linear(..., implementation="auto")`` with the same cache (event-driven below the
+threshold ``auto_dense_above`` calibrates for this machine and shape, dense above; it pays one
+pass over ``x`` to count the spikes).
 
 Usage::
 
@@ -22,7 +23,9 @@ Usage::
 With ``--checkpoint runs/default/checkpoint.pt`` (a trained run: the Quickstart's) it then times
 the whole test-set evaluation of that model, every :class:`~spiking_moe.EventLinear` on its
 ``"auto"`` path against the same model with them set to ``"dense"``, alternating, and checks that
-the predictions are identical; the firing rate is the model's own, on the test set.
+the predictions are identical; the firing rate is the model's own, on the test set. Then one
+training step (forward and backward) with ``EventLinear(train_events=True)`` against the default
+dense forward.
 
 Shapes: ``R`` rows, ``I`` input features, ``O`` output features.
 """
@@ -43,7 +46,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from spiking_moe.functional.event import AUTO_DENSE_ABOVE, event_linear
+from spiking_moe.functional.event import auto_dense_above, event_linear
 
 ROWS = IN_FEATURES = OUT_FEATURES = 1024
 RATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
@@ -141,7 +144,8 @@ def to_markdown(rows, info) -> str:
     lines = [
         f"Linear({IN_FEATURES}, {OUT_FEATURES}), {ROWS} rows, float32, bias, forward in no_grad; "
         f"{info['device']}, {info['threads']} threads; auto goes dense above "
-        f"{AUTO_DENSE_ABOVE.get(torch.device(info['device']).type, 1.0):.0%}",
+        f"{auto_dense_above(torch.device(info['device']).type, IN_FEATURES, OUT_FEATURES):.1%} "
+        "(calibrated on this machine)",
         "",
         "| spike rate | dense ms | event ms | auto ms | dense / event | dense / auto |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -228,6 +232,55 @@ def bench_model(checkpoint: str, repeats: int, device: torch.device) -> dict:
     }
 
 
+def bench_train_step(checkpoint: str, repeats: int, device: torch.device) -> dict:
+    """One training step (forward, cross-entropy, backward) on a training batch of the run,
+    every ``EventLinear`` with ``train_events`` off (dense forward) vs on (event-driven forward;
+    backward is the dense product's either way), alternating. The optimiser is left out: it
+    costs the same on both sides."""
+    from spiking_moe import EventLinear
+    from spiking_moe.data import build_datasets
+    from spiking_moe.experiment import build_loaders, load_trained_model
+
+    model, config = load_trained_model(checkpoint)
+    model = model.to(device).train()
+    train_loader, _, _ = build_loaders(config, build_datasets(config.data))
+    x, y = (t.to(device) for t in next(iter(train_loader)))
+    layers = [m for m in model.modules() if isinstance(m, EventLinear)]
+
+    def step(train_events: bool) -> float:
+        for layer in layers:
+            layer.train_events = train_events
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        start = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(x).logits, y).backward()
+        sync(device)
+        return time.perf_counter() - start
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    step(False), step(True)  # warm-up
+    for i in range(repeats):
+        for flag in (False, True) if i % 2 == 0 else (True, False):
+            times[flag].append(step(flag))
+    dense_ms, event_ms = (1000 * statistics.median(times[f]) for f in (False, True))
+    return {
+        "batch_shape": list(x.shape),
+        "dense_ms": dense_ms,
+        "event_ms": event_ms,
+        "ratio": dense_ms / event_ms,
+        "repeats": repeats,
+    }
+
+
+def train_markdown(result: dict) -> str:
+    return (
+        f"Training step (forward + backward, batch {tuple(result['batch_shape'])}), medians of "
+        f"{result['repeats']} alternating repeats: dense forward {result['dense_ms']:.1f} ms, "
+        f"event-driven forward (`train_events=True`) {result['event_ms']:.1f} ms, "
+        f"dense / event {result['ratio']:.2f}x"
+    )
+
+
 def model_markdown(result: dict, checkpoint: str) -> str:
     return "\n".join(
         [
@@ -302,6 +355,8 @@ def main(argv=None) -> int:
     if args.checkpoint:
         model_result = bench_model(args.checkpoint, args.model_repeats, device)
         print(model_markdown(model_result, args.checkpoint))
+        model_result["train_step"] = bench_train_step(args.checkpoint, args.model_repeats, device)
+        print(train_markdown(model_result["train_step"]))
     if args.json:
         result = {
             "machine": info,

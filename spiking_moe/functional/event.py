@@ -35,10 +35,19 @@ propagate as in ``F.linear``.
   of ``weight_t``, ``index_add_`` into the output), any device and dtype; slow, for tests;
 * ``"dense"``: ``F.linear``, the reference and the fallback;
 * ``"auto"`` (default): ``"cpp"`` on CPU and ``"triton"`` on CUDA when they can run and the
-  input is sparse enough (at most :data:`AUTO_DENSE_ABOVE` of its entries nonzero, a figure per
-  device type), else ``"dense"``; each fallback is logged at debug level. Above the break-even
-  rate the dense product is faster, so ``"auto"`` is never much slower than it (the density
-  test costs one pass over ``x``). An explicitly named implementation that cannot run raises.
+  input is sparse enough (at most :func:`auto_dense_above` of its entries nonzero), else
+  ``"dense"``; each fallback is logged at debug level. Above the break-even rate the dense
+  product is faster, so ``"auto"`` is never much slower than it (the density test costs one
+  pass over ``x``). An explicitly named implementation that cannot run raises.
+
+**Where the break-even lies** depends on the machine far more than on the layer: the dense
+product runs at the CPU's GEMM throughput, the event-driven one at its memory bandwidth for rows
+of ``weight_t``, and the ratio of the two is the break-even density (to first order the shape
+cancels). Measured with ``experiments/benchmarks/event_driven.py``: 45-57% on a 2-core AMD EPYC
+(Zen 4, AVX-512), 11.7% on a 2-core Intel Xeon with AMX whose oneDNN GEMM is 3x faster; and
+a weight that no longer fits in the cache moves it lower. So on the CPU the threshold is
+calibrated on first use, once per process, thread count and layer shape (a few ms each):
+:func:`auto_dense_above`. ``SPIKING_MOE_EVENT_DENSITY=<fraction>`` sets it instead.
 
 Every output is summed over its active inputs in increasing index order, starting from the bias,
 so the C++ kernel's results are bitwise identical for any thread count and instruction set (the
@@ -64,25 +73,37 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
+import statistics
+import time
 from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AUTO_DENSE_ABOVE", "IMPLEMENTATIONS", "event_linear"]
+__all__ = ["AUTO_DENSE_ABOVE", "IMPLEMENTATIONS", "auto_dense_above", "event_linear"]
 
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "cpp", "triton", "torch", "dense")
 
 #: Device type -> fraction of nonzero inputs above which ``implementation="auto"`` runs the dense
-#: product instead of the event-driven kernel. CPU: below the break-even rate, which
-#: ``experiments/benchmarks/event_driven.py`` measured at 45-55% (float32, 1 and 2 threads,
-#: 2-core AMD EPYC Zen 4 with AVX-512, torch 2.13 CPU, 2026-12-02) for in x out = 1024 x 1024,
-#: 256 x 256, 512 x 128, 128 x 512 and 4096 x 1024; at 40% the event-driven kernel was 1.1-1.5x
-#: faster in all of them. CUDA: unmeasured (no GPU when this was written): a guess that cuBLAS
-#: wins above a few percent; measure with ``event_driven.py --device cuda`` and set it.
+#: product, when nothing was calibrated (:func:`auto_dense_above`). CPU: the ceiling of the
+#: calibration, below the break-even rate that ``experiments/benchmarks/event_driven.py``
+#: measured at 45-55% on a 2-core AMD EPYC Zen 4 (float32, 1 and 2 threads, torch 2.13 CPU,
+#: 2026-12-02) for in x out = 1024 x 1024, 256 x 256, 512 x 128, 128 x 512 and 4096 x 1024.
+#: CUDA: unmeasured (no GPU when this was written): a guess that cuBLAS wins above a few
+#: percent; measure with ``event_driven.py --device cuda`` and set it.
 AUTO_DENSE_ABOVE = MappingProxyType({"cpu": 0.4, "cuda": 0.05})
+
+#: The calibrated CPU threshold is this fraction of the measured break-even (timing noise and
+#: layers whose break-even lies a little lower than the calibration shape's).
+_CALIBRATION_MARGIN = 0.75
+# Rows of the calibration product (both paths' time is linear in them), and the density the
+# event-driven kernel is timed at.
+_CALIBRATION_ROWS = 128
+_CALIBRATION_DENSITY = 0.05
+_calibrated: dict[tuple[int, int, int], float] = {}
 
 # The reference materialises at most this many weight elements at a time (64 MiB in float32).
 _TORCH_CHUNK_ELEMENTS = 1 << 24
@@ -124,7 +145,7 @@ def event_linear(
             f"unknown implementation {implementation!r}; valid: {list(IMPLEMENTATIONS)}"
         )
     _check_arguments(x, weight, bias, weight_t)
-    kernel, max_density = _choose_kernel(x, implementation)
+    kernel, max_density = _choose_kernel(x, implementation, weight.shape[0])
     n_in, n_out = weight.shape[1], weight.shape[0]
     if kernel is None or x.numel() == 0 or n_out == 0:
         return F.linear(x, weight, bias)
@@ -182,7 +203,7 @@ def _check_arguments(x, weight, bias, weight_t) -> None:
             )
 
 
-def _choose_kernel(x: torch.Tensor, implementation: str):
+def _choose_kernel(x: torch.Tensor, implementation: str, n_out: int):
     """(kernel provider or None for the dense product, the density above which it gives up)."""
     if implementation == "dense":
         return None, 1.0
@@ -197,7 +218,7 @@ def _choose_kernel(x: torch.Tensor, implementation: str):
         if reason is not None:
             logger.debug("event_linear: %s kernel unavailable (%s): dense", kernel.name, reason)
             return None, 1.0
-        return kernel, AUTO_DENSE_ABOVE.get(x.device.type, 1.0)
+        return kernel, auto_dense_above(x.device.type, x.shape[-1], n_out)
     kernel = _cpp_provider() if implementation == "cpp" else _triton_provider()
     reason = kernel.unavailable_reason(x)
     if reason is not None:
@@ -206,6 +227,74 @@ def _choose_kernel(x: torch.Tensor, implementation: str):
             'Use implementation="auto" to fall back to a path that can.'
         )
     return kernel, 1.0
+
+
+def auto_dense_above(device_type: str, in_features: int, out_features: int) -> float:
+    """The density above which ``implementation="auto"`` runs the dense product for a layer
+    ``in_features -> out_features`` on ``device_type`` ("cpu", "cuda").
+
+    ``SPIKING_MOE_EVENT_DENSITY`` (a fraction in [0, 1]) wins when set. On the CPU, the first
+    call per thread count and layer shape times the dense product and the C++ kernel side by
+    side on 128 float32 rows at 5% density and returns ``0.75 x`` the break-even density that
+    follows (the kernel's time grows linearly with the density, the dense product's not at
+    all), at most :data:`AUTO_DENSE_ABOVE` ``["cpu"]``; logged at DEBUG. Other devices:
+    :data:`AUTO_DENSE_ABOVE`.
+
+    Raises:
+        ValueError: ``SPIKING_MOE_EVENT_DENSITY`` is not a number in [0, 1].
+    """
+    override = os.environ.get("SPIKING_MOE_EVENT_DENSITY", "")
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            value = float("nan")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"SPIKING_MOE_EVENT_DENSITY must be a fraction in [0, 1], got {override!r}"
+            )
+        return value
+    if device_type != "cpu":
+        return AUTO_DENSE_ABOVE.get(device_type, 1.0)
+    key = (torch.get_num_threads(), in_features, out_features)
+    if key not in _calibrated:
+        _calibrated[key] = _calibrate_cpu(in_features, out_features)
+    return _calibrated[key]
+
+
+def _calibrate_cpu(n_in: int, n_out: int) -> float:
+    ceiling = AUTO_DENSE_ABOVE["cpu"]
+    kernel = _cpp_provider()
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.rand(_CALIBRATION_ROWS, n_in, generator=generator) < _CALIBRATION_DENSITY).float()
+    density = float(x.count_nonzero()) / max(x.numel(), 1)
+    if kernel.unavailable_reason(x) is not None or density == 0.0:
+        return ceiling
+    weight = torch.randn(n_out, n_in, generator=generator)
+    weight_t, bias = weight.t().contiguous(), torch.zeros(n_out)
+    dense_s, event_s = [], []
+    with torch.no_grad():
+        for repeat in range(6):  # alternating; the first of each is a warm-up
+            start = time.perf_counter()
+            F.linear(x, weight, bias)
+            middle = time.perf_counter()
+            kernel.forward(x, weight_t, bias, 1.0)
+            end = time.perf_counter()
+            if repeat:
+                dense_s.append(middle - start)
+                event_s.append(end - middle)
+    break_even = statistics.median(dense_s) / statistics.median(event_s) * density
+    threshold = min(ceiling, _CALIBRATION_MARGIN * break_even)
+    logger.debug(
+        "event_linear: CPU break-even density %.1f%% for %d -> %d at %d threads; auto runs "
+        "the dense product above %.1f%%",
+        100 * break_even,
+        n_in,
+        n_out,
+        torch.get_num_threads(),
+        100 * threshold,
+    )
+    return threshold
 
 
 def _cpp_provider():

@@ -72,9 +72,9 @@ def test_cpp_kernel_builds():
         pytest.skip("no C++ compiler or ninja: event_linear uses the dense product")
     assert event_cpu.cpp_available()
     assert "generic" in event_cpu.available_isas()
-    assert event_module._choose_kernel(torch.zeros(2, 3), "auto") == (
+    assert event_module._choose_kernel(torch.zeros(2, 3), "auto", 4) == (
         event_cpu.CPP,
-        event_module.AUTO_DENSE_ABOVE["cpu"],
+        event_module.auto_dense_above("cpu", 3, 4),
     )
 
 
@@ -362,7 +362,7 @@ def test_density_above_max_density_computes_nothing():
 
 def test_auto_is_dense_above_the_threshold_and_event_driven_below(monkeypatch):
     needs_cpp()
-    monkeypatch.setattr(event_module, "AUTO_DENSE_ABOVE", {"cpu": 0.25})
+    monkeypatch.setenv("SPIKING_MOE_EVENT_DENSITY", "0.25")
     weight, bias = linear_parts(100, 20, torch.float32)
     calls = []
     dense = F.linear
@@ -371,6 +371,28 @@ def test_auto_is_dense_above_the_threshold_and_event_driven_below(monkeypatch):
     assert calls == []
     event_linear(spikes((50, 100), 0.3), weight, bias)
     assert calls == [1]
+
+
+def test_calibrated_threshold_is_cached_per_shape_and_capped(monkeypatch):
+    needs_cpp()
+    monkeypatch.delenv("SPIKING_MOE_EVENT_DENSITY", raising=False)
+    monkeypatch.setattr(event_module, "_calibrated", {})
+    threshold = event_module.auto_dense_above("cpu", 512, 256)
+    assert 0.0 < threshold <= event_module.AUTO_DENSE_ABOVE["cpu"]
+    assert event_module._calibrated == {(torch.get_num_threads(), 512, 256): threshold}
+    assert event_module.auto_dense_above("cpu", 512, 256) == threshold  # cached, not re-timed
+
+
+def test_density_override_and_its_validation(monkeypatch):
+    monkeypatch.setenv("SPIKING_MOE_EVENT_DENSITY", "0.125")
+    assert event_module.auto_dense_above("cpu", 7, 9) == 0.125
+    assert event_module.auto_dense_above("cuda", 7, 9) == 0.125
+    for bad in ("1.5", "-0.1", "often", "nan"):
+        monkeypatch.setenv("SPIKING_MOE_EVENT_DENSITY", bad)
+        with pytest.raises(ValueError, match="SPIKING_MOE_EVENT_DENSITY"):
+            event_module.auto_dense_above("cpu", 7, 9)
+    monkeypatch.delenv("SPIKING_MOE_EVENT_DENSITY")
+    assert event_module.auto_dense_above("cuda", 7, 9) == event_module.AUTO_DENSE_ABOVE["cuda"]
 
 
 def test_kernel_rejects_bad_arguments_without_crashing():
@@ -397,7 +419,7 @@ def test_hidden_cpp_build_falls_back_to_dense(monkeypatch):
     monkeypatch.setitem(event_cpu._state, "reason", "hidden by the test")
     x = spikes((10, 16), 0.1)
     weight, bias = linear_parts(16, 8, torch.float32)
-    assert event_module._choose_kernel(x, "auto") == (None, 1.0)
+    assert event_module._choose_kernel(x, "auto", 8) == (None, 1.0)
     assert torch.equal(event_linear(x, weight, bias), F.linear(x, weight, bias))
     with pytest.raises(RuntimeError, match="hidden by the test"):
         event_linear(x, weight, bias, implementation="cpp")
@@ -439,8 +461,8 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     from spiking_moe.functional.kernels import triton_event
 
     x = torch.zeros(2, 3)
-    assert event._choose_kernel(x, "triton")[0] is triton_event.TRITON
-    assert event._choose_kernel(x, "auto")[0] is not triton_event.TRITON  # CPU: never Triton
+    assert event._choose_kernel(x, "triton", 4)[0] is triton_event.TRITON
+    assert event._choose_kernel(x, "auto", 4)[0] is not triton_event.TRITON  # CPU: never Triton
     count = 0
     for dtype in (torch.float32, torch.float64):
         # 300 outputs: three programs of 128, the last masked; 40 inputs at density 1: three
@@ -502,7 +524,7 @@ def test_triton_kernel_equals_dense_on_cuda(dtype, density):
     from spiking_moe.functional.kernels import triton_event
 
     x = torch.zeros(2, 3, device="cuda", dtype=dtype)
-    assert event_module._choose_kernel(x, "auto")[0] is triton_event.TRITON
+    assert event_module._choose_kernel(x, "auto", 3)[0] is triton_event.TRITON
     for integer in (True, False):
         x = spikes((3, 70, 257), density, seed=16, dtype=dtype).cuda()
         weight, bias = linear_parts(257, 300, dtype, integer=integer)
