@@ -135,6 +135,12 @@ class SpikingMoE(nn.Module):
             grouped path is flat in the number of experts but slower for few of them (its
             token-major layout costs copies the per-expert calls do not pay), hence the
             threshold (the MoE scaling benchmark in ``experiments/benchmarks/RESULTS.md``).
+        expert_parallel: an :class:`~spiking_moe.parallel.ExpertParallel` layout: ``experts``
+            are all ``E`` experts (identical on every process, e.g. built from one seed), of
+            which this process keeps its ``E / P`` and exchanges tokens with the others
+            (:mod:`spiking_moe.parallel`). None (default): one process holds every expert. For a
+            whole model use :func:`~spiking_moe.parallel.shard_experts`, which also makes the
+            processes' weights identical.
 
     Shapes:
         ``forward(x)``: ``x`` ``[T, B, D]`` or ``[T, B, S, D]`` -> :class:`MoEOutput` with
@@ -166,6 +172,7 @@ class SpikingMoE(nn.Module):
         dense: bool = False,
         check_spikes: bool = True,
         grouped_gemm: str = "auto",
+        expert_parallel=None,
     ):
         super().__init__()
         if grouped_gemm not in GROUPED_GEMM:
@@ -208,13 +215,33 @@ class SpikingMoE(nn.Module):
         self.grouped_gemm = grouped_gemm
         self.in_features = router.in_features
         self.out_features = outs.pop() if outs else None
+        self.expert_parallel = None
+        if expert_parallel is not None:
+            self.shard_experts(expert_parallel)
 
     @property
     def num_experts(self) -> int:
-        return len(self.experts)
+        """``E``, all experts of the layer (under expert parallelism, not only the local ones)."""
+        return self.router.num_experts
+
+    def shard_experts(self, expert_parallel) -> None:
+        """Keep only this process's experts (:mod:`spiking_moe.parallel`); not collective."""
+        from .parallel import ExpertShard
+
+        if self.expert_parallel is not None:
+            raise ValueError("this MoE layer is already expert-parallel")
+        if self.num_experts % expert_parallel.size:
+            raise ValueError(
+                f"{self.num_experts} experts are not divisible by expert_parallel = "
+                f"{expert_parallel.size}"
+            )
+        local = expert_parallel.local_experts(self.num_experts)
+        self.experts = ExpertShard({e: self.experts[e] for e in local}, self.num_experts)
+        self.expert_parallel = expert_parallel
 
     def extra_repr(self) -> str:
-        return f"dense={self.dense}, check_spikes={self.check_spikes}"
+        parallel = f", expert_parallel={self.expert_parallel.size}" if self.expert_parallel else ""
+        return f"dense={self.dense}, check_spikes={self.check_spikes}{parallel}"
 
     def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> MoEOutput:
         """Route, compute, combine and fire.
@@ -236,6 +263,11 @@ class SpikingMoE(nn.Module):
         ids_XK = routing.expert_ids.reshape(-1, K)
         gates_XK = routing.gates.reshape(-1, K)
         if self.dense:
+            if self.expert_parallel is not None:
+                raise ValueError(
+                    "the dense-MoE baseline (dense=True) needs every expert in one process; "
+                    "gather an expert-parallel model first (spiking_moe.parallel)"
+                )
             experts = dense_masked_with_activity(
                 self.experts, rows_TXD, ids_XK, gates_XK, self.num_experts
             )
@@ -273,16 +305,23 @@ class SpikingMoE(nn.Module):
 
     def _run_experts(self, grouped_TRD: torch.Tensor, plan) -> ExpertsOutput:
         mode = self.grouped_gemm
+        experts = list(self.experts)
         busy = sum(rows > 0 for rows in plan.splits)  # host ints: no sync
-        if mode == "always" or (
-            mode == "auto" and (grouped_TRD.is_cuda or busy >= CPU_GROUPED_MIN_EXPERTS)
-        ):
-            if grouped_supported(self.experts, grouped_TRD.dtype):
-                try:
-                    return run_experts_with_activity(self.experts, grouped_TRD, plan, grouped=True)
-                except RuntimeError as error:  # e.g. a dtype or GPU the kernel does not take
-                    logger.debug("grouped GEMM unavailable (%s); one call per expert", error)
-        return run_experts_with_activity(self.experts, grouped_TRD, plan)
+        grouped = (
+            mode == "always"
+            or (mode == "auto" and (grouped_TRD.is_cuda or busy >= CPU_GROUPED_MIN_EXPERTS))
+        ) and grouped_supported(experts, grouped_TRD.dtype)
+        if self.expert_parallel is not None:
+            from .parallel import run_experts_parallel
+
+            # No fallback on error here: every process must take part in the same exchanges.
+            return run_experts_parallel(self, grouped_TRD, plan, grouped=grouped)
+        if grouped:
+            try:
+                return run_experts_with_activity(experts, grouped_TRD, plan, grouped=True)
+            except RuntimeError as error:  # e.g. a dtype or GPU the kernel does not take
+                logger.debug("grouped GEMM unavailable (%s); one call per expert", error)
+        return run_experts_with_activity(experts, grouped_TRD, plan)
 
     def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if not isinstance(x, torch.Tensor):

@@ -1,0 +1,398 @@
+r"""Expert parallelism over ``torch.distributed``: each process holds ``E / P`` experts of every
+MoE layer, and tokens travel to their experts' process and back with two all-to-alls.
+
+Legend: ``W`` processes (world), ``P`` expert-parallel size, ``E`` experts per layer,
+``E_l = E / P`` local experts, ``T`` time steps (or window length), ``R`` dispatched rows
+(kept assignments) sent by this process, ``R_in`` rows it receives, ``D``/``O`` features.
+
+**Layout** (GShard, DeepSpeed-MoE, torchtitan). The ``W`` processes form a
+``(W / P) x P`` :class:`~torch.distributed.device_mesh.DeviceMesh` with dimensions
+``"replicate"`` and ``"expert"``: the ``P`` processes of a row (consecutive ranks) split the
+experts of every layer, process ``i`` of the row holding experts ``[i E_l, (i + 1) E_l)``; the
+``W / P`` processes of a column hold the same experts (replicas). Dense parameters
+(embeddings, attention, routers, readout) are on every process.
+
+**Forward** of one :class:`~spiking_moe.moe.SpikingMoE` layer, on every process of a row, with
+its own tokens:
+
+1. route (the router is global: every token may pick any of the ``E`` experts) and
+   :func:`~spiking_moe.dispatch.dispatch` as in one process: rows grouped by expert, so by the
+   process that owns it;
+2. exchange the per-expert row counts (``all_to_all_single`` of ``E`` ints, one host read:
+   the receiving side needs them as split sizes);
+3. send the rows, all ``T`` steps of a token together (token-major ``[R, T D]``), with the
+   autograd-aware ``all_to_all_single``; rows arrive grouped by source process, then by local
+   expert;
+4. run each local expert on the rows each source sent it, one call per (source, expert) block
+   (or the grouped GEMM over the same blocks): the experts are per-row functions, so this equals
+   one call on all the expert's rows, and it gives each source's share of the experts' spiking
+   activity exactly;
+5. send the currents back with the reverse all-to-all (and the activity with a third, small
+   one), and :func:`~spiking_moe.dispatch.combine` as in one process.
+
+Hence each process's outputs, routing (``tokens_per_expert``), losses and activity equal those of
+one process holding all experts, run on that process's tokens; without a capacity limit that is
+the single-process pass over the global batch cut into shards. With a capacity limit the drops
+are decided per process (GShard's "groups": a process's tokens), exactly as one process would
+decide them on that shard.
+
+**Backward** runs through both exchanges (``all_to_all_single_autograd`` returns each source's
+gradient to it), so after ``loss.backward()`` the owner of an expert holds
+``sum_r dL_r / dtheta`` over the processes ``r`` of its row. :func:`reduce_expert_gradients`
+divides by ``W`` and sums over the replicas, which is the data-parallel mean
+``(1 / W) sum_r dL_r / dtheta``, what DDP gives the dense parameters; an expert no process
+routed to keeps ``grad = None`` (as in one process). Dense parameters are left to DDP, which
+must ignore the expert parameters (:func:`expert_parameter_names`).
+
+**Exchange volume** per layer and step, per process, float32: forward sends ``R T D`` and
+``R T O`` values (rows out, currents back), backward the same again; ``R = N k`` (tokens times
+experts per token, fewer with capacity drops), of which the ``R / P`` rows for local experts stay
+on the process in expectation but are still copied by the collective. So
+``bytes = 4 R T (D + O) x 2`` per step, linear in tokens, ``k``, ``T`` and width and
+independent of ``E`` and ``P``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .activity import Activity
+
+__all__ = [
+    "ExpertParallel",
+    "ExpertShard",
+    "clip_grad_norm_",
+    "exchange_bytes",
+    "expert_parameter_names",
+    "init_expert_parallel",
+    "reduce_expert_gradients",
+    "run_experts_parallel",
+    "shard_experts",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertParallel:
+    """Where this process sits in an expert-parallel job (:func:`init_expert_parallel`).
+
+    Attributes:
+        mesh: the ``(W / P, P)`` device mesh, dimensions ``("replicate", "expert")``.
+        size: ``P``, processes that split the experts.
+        rank: this process's index among them (it holds experts ``[rank E_l, (rank + 1) E_l)``).
+        world_size: ``W``.
+    """
+
+    mesh: object
+    size: int
+    rank: int
+    world_size: int
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The ``P`` processes that split the experts (the all-to-all group)."""
+        return self.mesh.get_group("expert")
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup:
+        """The ``W / P`` processes holding the same experts as this one."""
+        return self.mesh.get_group("replicate")
+
+    @property
+    def replicas(self) -> int:
+        return self.world_size // self.size
+
+    @property
+    def replica_rank(self) -> int:
+        """This process's index among the replicas of its experts (0 writes their shard)."""
+        return self.mesh.get_local_rank("replicate")
+
+    def local_experts(self, num_experts: int) -> range:
+        """Global ids of the experts this process holds, for a layer of ``num_experts``."""
+        per = num_experts // self.size
+        return range(self.rank * per, (self.rank + 1) * per)
+
+
+def init_expert_parallel(size: int, device_type: str | None = None) -> ExpertParallel:
+    """The expert-parallel layout of the running ``torch.distributed`` job.
+
+    Args:
+        size: ``P``, processes that split the experts; must divide the world size.
+        device_type: "cpu" or "cuda" for the mesh; default: "cuda" when the process group's
+            backend is nccl, else "cpu".
+
+    Raises:
+        RuntimeError: no process group is initialised.
+        ValueError: ``size`` below 1 or not dividing the world size.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"expert_parallel must be an int >= 1, got {size!r}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "expert parallelism needs a torch.distributed process group: launch with torchrun "
+            "(or call torch.distributed.init_process_group first)"
+        )
+    world = dist.get_world_size()
+    if world % size:
+        raise ValueError(
+            f"expert_parallel = {size} does not divide the world size {world}: each group of "
+            f"{size} processes splits the experts, so the {world} processes must form whole groups"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(
+        device_type, (world // size, size), mesh_dim_names=("replicate", "expert")
+    )
+    return ExpertParallel(mesh, size, mesh.get_local_rank("expert"), world)
+
+
+class ExpertShard(nn.Module):
+    """The experts of one MoE layer that this process holds, named by their global ids.
+
+    Children are registered as ``"<e>"`` for global expert ``e``, so parameter names (and
+    ``state_dict`` keys) are those of the full model: ``layers.0.experts.5.net.0.weight`` on the
+    process that holds expert 5. Indexing takes global ids; iteration and ``len`` cover the local
+    experts, in order.
+    """
+
+    def __init__(self, experts: Mapping[int, nn.Module], num_experts: int):
+        super().__init__()
+        self.num_experts = int(num_experts)
+        for e in sorted(experts):
+            if not 0 <= e < self.num_experts:
+                raise ValueError(f"expert id {e} outside [0, {self.num_experts})")
+            self.add_module(str(e), experts[e])
+        self.global_ids = tuple(sorted(experts))
+
+    def __getitem__(self, e: int) -> nn.Module:
+        if e not in self.global_ids:
+            raise KeyError(
+                f"expert {e} is not held by this process (it holds {list(self.global_ids)})"
+            )
+        return self._modules[str(e)]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def extra_repr(self) -> str:
+        return f"experts {list(self.global_ids)} of {self.num_experts}"
+
+
+def _moe_layers(model: nn.Module) -> list:
+    from .moe import SpikingMoE
+
+    return [m for m in model.modules() if isinstance(m, SpikingMoE)]
+
+
+def shard_experts(model: nn.Module, ep: ExpertParallel) -> nn.Module:
+    """Make ``model`` expert-parallel in place: keep this process's experts of every MoE layer.
+
+    Collective: every process of the job calls it with the same model architecture. First every
+    parameter and buffer is broadcast from rank 0 (so all processes start from rank 0's model,
+    experts included, as DDP does for dense parameters); then each
+    :class:`~spiking_moe.moe.SpikingMoE` keeps experts ``ep.local_experts(E)`` in an
+    :class:`ExpertShard` and exchanges tokens with the other ``P - 1`` processes.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: no MoE layer, ``P`` not dividing a layer's ``E``, a layer already sharded,
+            or processes whose models differ in layers or expert counts (the numbers named).
+    """
+    layers = _moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SpikingMoE layer to make expert-parallel")
+    counts = [layer.num_experts for layer in layers]
+    everyone = [None] * ep.world_size
+    dist.all_gather_object(everyone, counts)
+    for rank, theirs in enumerate(everyone):
+        if theirs != counts:
+            raise ValueError(
+                f"processes disagree on the MoE layers' expert counts: rank {dist.get_rank()} "
+                f"has {counts}, rank {rank} has {theirs}"
+            )
+    for i, layer in enumerate(layers):
+        if layer.expert_parallel is not None:
+            raise ValueError(f"MoE layer {i} is already expert-parallel")
+        if layer.num_experts % ep.size:
+            raise ValueError(
+                f"MoE layer {i} has {layer.num_experts} experts, not divisible by "
+                f"expert_parallel = {ep.size}"
+            )
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+    for layer in layers:
+        layer.shard_experts(ep)
+    logger.info(
+        "expert parallelism: process %d of %d holds experts %s of each of %d MoE layers",
+        ep.rank,
+        ep.size,
+        list(ep.local_experts(counts[0])) if len(set(counts)) == 1 else "(per layer)",
+        len(layers),
+    )
+    return model
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that live in an :class:`ExpertShard` (for DDP to ignore)."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, ExpertShard):
+            names += [f"{prefix}.{name}" for name, _ in module.named_parameters()]
+    return names
+
+
+def _expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, ExpertShard) for p in m.parameters()]
+
+
+def reduce_expert_gradients(model: nn.Module, ep: ExpertParallel) -> None:
+    """Turn the owners' summed expert gradients into the data-parallel mean (module docstring).
+
+    Call after the backward of the last micro-batch of a step, on every process. Gradients are
+    divided by ``W`` and summed over the replicas in one flat all-reduce; a parameter whose
+    gradient is None on every replica stays None.
+    """
+    params = _expert_parameters(model)
+    if not params:
+        return
+    device = params[0].device
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    flat = torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+            for p in params
+        ]
+        + [present]
+    )
+    flat.div_(ep.world_size)
+    if ep.replicas > 1:
+        dist.all_reduce(flat, group=ep.replica_group)
+    offset = 0
+    seen = flat[-len(params) :] > 0
+    for p, any_grad in zip(params, seen.tolist(), strict=True):
+        n = p.numel()
+        if any_grad:
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
+        else:
+            p.grad = None
+        offset += n
+
+
+def clip_grad_norm_(
+    model: nn.Module, max_norm: float, ep: ExpertParallel | None = None
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole expert-parallel model.
+
+    The norm counts every dense parameter once and every expert once (the experts' squared norms
+    are summed over the ``P`` processes of a row; replicas hold equal gradients after
+    :func:`reduce_expert_gradients`), so it is the norm one process would compute. Returns it.
+    """
+    if ep is None:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    expert_ids = {id(p) for p in _expert_parameters(model)}
+    dense = [p for p in model.parameters() if p.grad is not None and id(p) not in expert_ids]
+    experts = [p for p in _expert_parameters(model) if p.grad is not None]
+    device = next(model.parameters()).device
+    zero = torch.zeros((), device=device)
+    dense_sq = sum((p.grad.float().pow(2).sum() for p in dense), zero)
+    expert_sq = sum((p.grad.float().pow(2).sum() for p in experts), zero).reshape(1)
+    dist.all_reduce(expert_sq, group=ep.group)
+    total = (dense_sq + expert_sq[0]).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in dense + experts:
+        p.grad.mul_(scale.to(p.grad.dtype))
+    return total
+
+
+def _a2a(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    from torch.distributed import _functional_collectives as funcol
+
+    # An AsyncCollectiveTensor: it waits for the exchange on first use.
+    return funcol.all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
+
+
+def exchange_bytes(
+    splits: tuple[int, ...],
+    ep: ExpertParallel,
+    steps: int,
+    d_in: int,
+    d_out: int,
+    element_size: int = 4,
+) -> int:
+    """Bytes this process sends in one forward (rows out, currents back) for a layer whose
+    dispatch gave ``splits`` (rows per global expert), counting only rows for other processes."""
+    per = len(splits) // ep.size
+    mine = sum(splits[ep.rank * per : (ep.rank + 1) * per])
+    return (sum(splits) - mine) * steps * (d_in + d_out) * element_size
+
+
+def run_experts_parallel(layer, grouped_TRD: torch.Tensor, plan, *, grouped: bool = False):
+    """Steps 2-5 of the module docstring for one :class:`~spiking_moe.moe.SpikingMoE` layer.
+
+    Args:
+        layer: the expert-parallel layer (its ``experts`` an :class:`ExpertShard`).
+        grouped_TRD: ``[T, R, D]`` rows from :func:`~spiking_moe.dispatch.dispatch` over all
+            ``E`` global experts.
+        plan: the matching :class:`~spiking_moe.dispatch.DispatchPlan`.
+        grouped: compute the local experts with the grouped GEMM.
+
+    Returns:
+        :class:`~spiking_moe.dispatch.ExpertsOutput`: ``[T, R, O]`` currents in ``grouped_TRD``'s
+        row order, and the activity of all ``E`` experts due to this process's tokens (named
+        ``experts.<e>.<population>``, the single-process layout).
+    """
+    from .dispatch import DispatchPlan, ExpertsOutput, run_experts_with_activity
+
+    ep: ExpertParallel = layer.expert_parallel
+    P, E = ep.size, plan.num_experts
+    per = E // P
+    T, R, D = grouped_TRD.shape
+    device = grouped_TRD.device
+    send_counts = torch.tensor(plan.splits, dtype=torch.int64, device=device)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=ep.group)
+    recv_splits = tuple(recv_counts.tolist())  # rows per (source, local expert), source-major
+    send_rows = [sum(plan.splits[s * per : (s + 1) * per]) for s in range(P)]
+    recv_rows = [sum(recv_splits[s * per : (s + 1) * per]) for s in range(P)]
+    received = _a2a(grouped_TRD.transpose(0, 1).reshape(R, T * D), recv_rows, send_rows, ep.group)
+    R_in = received.shape[0]
+    rows_TRD = received.view(R_in, T, D).transpose(0, 1)
+    local = [layer.experts[e] for e in ep.local_experts(E)]
+    blocks = local * P  # block (source s, local expert j) is "virtual expert" s * per + j
+    block_plan = DispatchPlan(
+        token_index=torch.arange(R_in, device=device),
+        gates=torch.ones(R_in, device=device),
+        tokens_per_expert=recv_counts,
+        splits=recv_splits,
+        num_tokens=R_in,
+    )
+    out = run_experts_with_activity(blocks, rows_TRD, block_plan, grouped=grouped)
+    O = out.current.shape[-1]
+    current = _a2a(out.current.transpose(0, 1).reshape(R_in, T * O), send_rows, recv_rows, ep.group)
+    current_TRO = current.view(R, T, O).transpose(0, 1)
+    names = getattr(local[0], "activity_names", None)
+    if not names or not len(out.activity):
+        return ExpertsOutput(current_TRO, Activity.empty(device))
+    # Activity rows: [P sources, E_l experts x populations] here; each source gets its row, and
+    # receives one from every owner: [P owners, E_l x populations] = the global expert order.
+    width = per * len(names)
+    spikes = _a2a(out.activity.spikes, [width] * P, [width] * P, ep.group)
+    updates = torch.empty_like(out.activity.updates)
+    dist.all_to_all_single(updates, out.activity.updates.contiguous(), group=ep.group)
+    activity = Activity(tuple(f"experts.{e}.{n}" for e in range(E) for n in names), spikes, updates)
+    return ExpertsOutput(current_TRO, activity)

@@ -1,0 +1,338 @@
+"""Expert parallelism (spiking_moe.parallel) in 2 and 4 gloo processes against one process that
+holds every expert: outputs, routing, activity, losses and gradients of a layer; optimizer
+steps of a model; the errors of a bad layout.
+
+The processes are started with ``torch.multiprocessing.spawn``; each writes its results to a
+file that the test (the one process) compares with its own computation. The single-process
+reference runs the same model on each process's shard of the global batch and averages the
+losses (what data parallelism optimises); without a capacity limit that is the pass over the
+global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tiny import tiny_moe
+
+from spiking_moe.experts import SpikingExpert
+from spiking_moe.moe import SpikingMoE
+from spiking_moe.parallel import (
+    ExpertShard,
+    clip_grad_norm_,
+    expert_parameter_names,
+    init_expert_parallel,
+    reduce_expert_gradients,
+    shard_experts,
+)
+from spiking_moe.router import RateRouter
+
+T, B, D, O, E = 4, 6, 16, 16, 8  # B: tokens per process
+
+CASES = {
+    "plain": dict(),
+    "capacity": dict(capacity_factor=0.75),
+    "shared": dict(shared=2),
+    "window": dict(window=2, steps=5),
+    "sequence": dict(sequence=3),
+    "top1": dict(k=1),
+}
+
+
+def make_layer(case: str) -> SpikingMoE:
+    options = CASES[case]
+    torch.manual_seed(0)
+    k = options.get("k", 2)
+    router = RateRouter(
+        D,
+        E,
+        k,
+        window=options.get("window"),
+        capacity_factor=options.get("capacity_factor"),
+        bias_update_rate=0.0,
+    )
+    experts = [SpikingExpert(D, 12, O, threshold=0.3) for _ in range(E)]
+    shared = [SpikingExpert(D, 8, O, threshold=0.3) for _ in range(options.get("shared", 0))]
+    return SpikingMoE(router=router, experts=experts, shared_experts=shared)
+
+
+def shard_input(case: str, world: int, rank: int) -> torch.Tensor:
+    options = CASES[case]
+    generator = torch.Generator().manual_seed(1)
+    steps = options.get("steps", T)
+    if "sequence" in options:
+        x = torch.rand(steps, B * world, options["sequence"], D, generator=generator) < 0.3
+    else:
+        x = torch.rand(steps, B * world, D, generator=generator) < 0.3
+    return x.float()[:, rank * B : (rank + 1) * B]
+
+
+def shard_loss(out, rank: int) -> torch.Tensor:
+    """Depends on every output spike, the aux loss and the activity (each rank its own)."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    weights = torch.randn(out.spikes.shape, generator=generator)
+    return (out.spikes * weights).sum() + out.aux_loss + 0.01 * out.activity.spikes.sum()
+
+
+def _init(rank: int, world: int, folder: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=world
+    )
+
+
+def _entry(rank: int, world: int, folder: str, target, args) -> None:
+    folder = Path(folder)
+    try:
+        _init(rank, world, folder)
+        result = target(rank, world, *args)
+    except Exception as error:  # report it to the test instead of hanging the others
+        result = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
+    torch.save(result, folder / f"rank{rank}.pt")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_processes(tmp_path: Path, world: int, target, *args) -> list[dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_entry, args=(world, str(tmp_path), target, args), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _grads(module) -> dict[str, torch.Tensor | None]:
+    return {
+        name: None if p.grad is None else p.grad.clone() for name, p in module.named_parameters()
+    }
+
+
+# ----------------------------------------------------------------------------- layer workers
+
+
+def layer_worker(rank: int, world: int, size: int, cases: list[str]) -> dict:
+    ep = init_expert_parallel(size)
+    results = {}
+    for case in cases:
+        layer = make_layer(case)
+        shard_experts(layer, ep)
+        out = layer(shard_input(case, world, rank))
+        loss = shard_loss(out, rank)
+        loss.backward()
+        reduce_expert_gradients(layer, ep)
+        expert_names = set(expert_parameter_names(layer))
+        for name, p in layer.named_parameters():  # what DDP does for the dense parameters
+            if name not in expert_names and p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        results[case] = {
+            "spikes": out.spikes.detach(),
+            "tokens_per_expert": out.routing.tokens_per_expert,
+            "dropped": int(out.routing.dropped),
+            "activity": (out.activity.names, out.activity.spikes.detach(), out.activity.updates),
+            "loss": loss.detach(),
+            "grads": _grads(layer),
+            "local": list(layer.experts.global_ids),
+        }
+    return results
+
+
+def reference(case: str, world: int) -> dict:
+    layer = make_layer(case)
+    outs, losses = [], []
+    for rank in range(world):
+        out = layer(shard_input(case, world, rank))
+        loss = shard_loss(out, rank)
+        outs.append(out)
+        losses.append(loss)
+    torch.stack(losses).mean().backward()
+    return {"outs": outs, "losses": losses, "grads": _grads(layer)}
+
+
+def check_layer(results: list[dict], world: int, cases: list[str]) -> None:
+    for result in results:
+        assert "error" not in result, result.get("trace")
+    for case in cases:
+        ref = reference(case, world)
+        if case == "capacity":
+            assert sum(int(o.routing.dropped) for o in ref["outs"]) > 0, "capacity must drop"
+        seen_experts = set()
+        for rank, result in enumerate(results):
+            got, out = result[case], ref["outs"][rank]
+            assert torch.equal(got["spikes"], out.spikes.detach()), (case, rank)
+            assert torch.equal(got["tokens_per_expert"], out.routing.tokens_per_expert)
+            assert got["dropped"] == int(out.routing.dropped)
+            names, spikes, updates = got["activity"]
+            assert names == out.activity.names
+            torch.testing.assert_close(spikes, out.activity.spikes.detach())
+            assert torch.equal(updates, out.activity.updates)
+            torch.testing.assert_close(got["loss"], ref["losses"][rank].detach())
+            for name, grad in got["grads"].items():
+                expected = ref["grads"][name]
+                if expected is None:
+                    assert grad is None, (case, name)
+                else:
+                    assert grad is not None, (case, name)
+                    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+            seen_experts.update(result[case]["local"])
+            # A process holds only its experts: E / P of them, named by their global ids.
+            held = {n.split(".")[1] for n in got["grads"] if n.startswith("experts.")}
+            assert held == {str(e) for e in result[case]["local"]}
+        assert seen_experts == set(range(E))
+
+
+@pytest.mark.parametrize(
+    "world, size, cases",
+    [
+        (2, 2, sorted(CASES)),
+        (4, 4, ["plain", "capacity"]),
+        (4, 2, ["plain", "shared"]),  # two replicas of each expert
+    ],
+)
+def test_expert_parallel_layer_equals_one_process_holding_all_experts(tmp_path, world, size, cases):
+    results = run_processes(tmp_path, world, layer_worker, size, cases)
+    check_layer(results, world, cases)
+
+
+# ----------------------------------------------------------------------------- model training
+
+
+def make_model():
+    return tiny_moe(num_experts=4, k=2, bias_update_rate=0.0)
+
+
+def model_batches(world: int, steps: int):
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x = (torch.rand(T, 4 * world, 8, generator=generator) < 0.4).float()
+        y = torch.randint(0, 2, (4 * world,), generator=generator)
+        yield x, y
+
+
+def model_loss(model, x, y):
+    out = model(x)
+    return torch.nn.functional.cross_entropy(out.logits, y) + out.aux_loss
+
+
+def train_worker(rank: int, world: int, size: int, steps: int, max_norm: float) -> dict:
+    ep = init_expert_parallel(size)
+    torch.manual_seed(rank)  # different inits per process: sharding takes rank 0's model
+    model = make_model()
+    if rank:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    shard_experts(model, ep)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, expert_parameter_names(model)
+    )
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    norms = []
+    for x, y in model_batches(world, steps):
+        shard = slice(rank * 4, (rank + 1) * 4)
+        optimizer.zero_grad(set_to_none=True)
+        model_loss(ddp, x[:, shard], y[shard]).backward()
+        reduce_expert_gradients(model, ep)
+        norms.append(clip_grad_norm_(model, max_norm, ep))
+        optimizer.step()
+    return {"state": model.state_dict(), "norms": torch.stack(norms)}
+
+
+def train_reference(world: int, steps: int, max_norm: float):
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    norms = []
+    for x, y in model_batches(world, steps):
+        optimizer.zero_grad(set_to_none=True)
+        losses = [
+            model_loss(model, x[:, r * 4 : (r + 1) * 4], y[r * 4 : (r + 1) * 4])
+            for r in range(world)
+        ]
+        torch.stack(losses).mean().backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        optimizer.step()
+    return model.state_dict(), torch.stack(norms)
+
+
+@pytest.mark.parametrize("world, size", [(2, 2), (4, 2)])
+def test_optimizer_steps_with_expert_parallelism_match_one_process(tmp_path, world, size):
+    steps, max_norm = 3, 0.04
+    results = run_processes(tmp_path, world, train_worker, size, steps, max_norm)
+    for result in results:
+        assert "error" not in result, result.get("trace")
+    state, norms = train_reference(world, steps, max_norm)
+    assert (norms > max_norm).all(), "the clip must act for the test to check it"
+    held = set()
+    for result in results:
+        torch.testing.assert_close(result["norms"], norms, rtol=1e-4, atol=1e-6)
+        for name, value in result["state"].items():
+            torch.testing.assert_close(value, state[name], rtol=1e-4, atol=1e-6, msg=name)
+            held.add(name)
+    assert held == set(state), "the processes together hold every parameter"
+
+
+# ----------------------------------------------------------------------------- bad layouts
+
+
+def bad_layout_worker(rank: int, world: int) -> dict:
+    errors = {}
+    try:
+        init_expert_parallel(3)
+    except ValueError as error:
+        errors["size"] = str(error)
+    ep = init_expert_parallel(2)
+    torch.manual_seed(0)
+    odd = SpikingMoE(router=RateRouter(D, 3, 1), experts=[SpikingExpert(D, 4, O) for _ in range(3)])
+    try:
+        shard_experts(odd, ep)
+    except ValueError as error:
+        errors["experts"] = str(error)
+    experts = 4 if rank == 0 else 6
+    mismatched = SpikingMoE(
+        router=RateRouter(D, experts, 1),
+        experts=[SpikingExpert(D, 4, O) for _ in range(experts)],
+    )
+    try:
+        shard_experts(mismatched, ep)
+    except ValueError as error:
+        errors["mismatch"] = str(error)
+    return errors
+
+
+def test_bad_layouts_are_clear_errors(tmp_path):
+    results = run_processes(tmp_path, 2, bad_layout_worker)
+    for errors in results:
+        assert "error" not in errors, errors.get("trace")
+        assert "expert_parallel = 3 does not divide the world size 2" in errors["size"]
+        assert "3 experts, not divisible by expert_parallel = 2" in errors["experts"]
+        assert "[4]" in errors["mismatch"] and "[6]" in errors["mismatch"], errors["mismatch"]
+
+
+def test_expert_shard_names_and_indexing():
+    experts = {2: SpikingExpert(4, 3, 4), 3: SpikingExpert(4, 3, 4)}
+    shard = ExpertShard(experts, num_experts=4)
+    assert len(shard) == 2 and list(shard) == [experts[2], experts[3]]
+    assert shard[3] is experts[3]
+    assert {n.split(".")[0] for n, _ in shard.named_parameters()} == {"2", "3"}
+    with pytest.raises(
+        KeyError, match=r"expert 0 is not held by this process \(it holds \[2, 3\]\)"
+    ):
+        shard[0]
+    with pytest.raises(ValueError, match="outside"):
+        ExpertShard({4: SpikingExpert(4, 3, 4)}, num_experts=4)
+
+
+def test_expert_parallelism_needs_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="torchrun"):
+        init_expert_parallel(2)
+
+
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
