@@ -120,7 +120,8 @@ class SpikingMoE(nn.Module):
             :class:`~spiking_moe.neurons.LIF`. (The ANN baseline passes ``nn.ReLU()``.)
         dense: run every expert on every token, masked by the same gates (the dense-MoE
             baseline; same outputs, ``E / K`` times the work). A plain attribute: toggle it
-            any time, or with :func:`set_dense` for a whole model.
+            any time, or with :func:`set_dense` for a whole model. Under expert parallelism
+            every token is sent to every expert's process.
         check_spikes: check on every call that the input is binary (one reduction and one
             host sync); set False to skip it in training or to feed analog values on purpose.
         grouped_gemm: "auto" computes the experts with one grouped GEMM per layer
@@ -262,12 +263,16 @@ class SpikingMoE(nn.Module):
         rows_TXD = x_TND if window is None else _to_windows(x_TND, window)
         ids_XK = routing.expert_ids.reshape(-1, K)
         gates_XK = routing.gates.reshape(-1, K)
-        if self.dense:
-            if self.expert_parallel is not None:
-                raise ValueError(
-                    "the dense-MoE baseline (dense=True) needs every expert in one process; "
-                    "gather an expert-parallel model first (spiking_moe.parallel)"
-                )
+        if self.dense and self.expert_parallel is not None:
+            # The dense baseline across processes: every token dispatched to every expert, its
+            # unchosen experts with gate 0 (dense_masked's mask), through the same exchange.
+            X = ids_XK.shape[0]
+            mask_XE = gates_XK.new_zeros(X, self.num_experts).scatter_add(1, ids_XK, gates_XK)
+            every_XE = torch.arange(self.num_experts, device=x.device).expand(X, -1)
+            grouped_TRD, plan = dispatch(rows_TXD, every_XE, mask_XE, self.num_experts)
+            experts = self._run_experts(grouped_TRD, plan)
+            current = combine(experts.current, plan)
+        elif self.dense:
             experts = dense_masked_with_activity(
                 self.experts, rows_TXD, ids_XK, gates_XK, self.num_experts
             )

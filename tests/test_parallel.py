@@ -42,6 +42,7 @@ CASES = {
     "window": dict(window=2, steps=5),
     "sequence": dict(sequence=3),
     "top1": dict(k=1),
+    "dense": dict(dense=True),
 }
 
 
@@ -59,7 +60,9 @@ def make_layer(case: str) -> SpikingMoE:
     )
     experts = [SpikingExpert(D, 12, O, threshold=0.3) for _ in range(E)]
     shared = [SpikingExpert(D, 8, O, threshold=0.3) for _ in range(options.get("shared", 0))]
-    return SpikingMoE(router=router, experts=experts, shared_experts=shared)
+    layer = SpikingMoE(router=router, experts=experts, shared_experts=shared)
+    layer.dense = options.get("dense", False)
+    return layer
 
 
 def shard_input(case: str, world: int, rank: int) -> torch.Tensor:
