@@ -438,5 +438,6 @@ def active_parameter_count(model: nn.Module) -> int:
             sizes = [sum(p.numel() for p in e.parameters()) for e in layer.experts]
             if len(set(sizes)) > 1:
                 raise ValueError(f"experts differ in size {sizes}: active count is ambiguous")
-            total -= (layer.num_experts - layer.router.k) * sizes[0]
+            # Under expert parallelism this process holds len(sizes) of the E experts.
+            total += (layer.router.k - len(sizes)) * sizes[0]
     return total

@@ -801,12 +801,18 @@ def export_bundle(
         a :class:`PartSummary` per part (neurons, synapses, largest fan-in).
 
     Raises:
-        ValueError: an unsupported model (an ANN, a language model), shared experts.
+        ValueError: an unsupported model (an ANN, a language model), shared experts, an
+            expert-parallel model.
         FileExistsError: ``folder`` exists and is not empty.
     """
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not empty; choose another folder")
+    if any(getattr(m, "expert_parallel", None) is not None for m in model.modules()):
+        raise ValueError(
+            "this model is expert-parallel (each process holds some experts): gather its "
+            "checkpoint into a single-process one first (spiking-moe-gather), then export that"
+        )
     description = _model_description(model)
     # Written into a sibling folder and renamed at the end, so a failed export leaves nothing
     # that looks like a bundle.

@@ -22,7 +22,9 @@ import torch.multiprocessing as mp
 from tiny import tiny_moe
 
 from spiking_moe.experts import SpikingExpert
+from spiking_moe.models import active_parameter_count
 from spiking_moe.moe import SpikingMoE
+from spiking_moe.nir import export_bundle
 from spiking_moe.parallel import (
     ExpertShard,
     clip_grad_norm_,
@@ -243,7 +245,17 @@ def train_worker(rank: int, world: int, size: int, steps: int, max_norm: float) 
         reduce_expert_gradients(model, ep)
         norms.append(clip_grad_norm_(model, max_norm, ep))
         optimizer.step()
-    return {"state": model.state_dict(), "norms": torch.stack(norms)}
+    try:
+        export_bundle(model, Path(os.environ["EP_TEST_DIR"]) / f"bundle{rank}")
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    return {
+        "state": model.state_dict(),
+        "norms": torch.stack(norms),
+        "active": active_parameter_count(model),
+        "export_refused": refused,
+    }
 
 
 def train_reference(world: int, steps: int, max_norm: float):
@@ -264,7 +276,10 @@ def train_reference(world: int, steps: int, max_norm: float):
 
 
 @pytest.mark.parametrize("world, size", [(2, 2), (4, 2)])
-def test_optimizer_steps_with_expert_parallelism_match_one_process(tmp_path, world, size):
+def test_optimizer_steps_with_expert_parallelism_match_one_process(
+    tmp_path, world, size, monkeypatch
+):
+    monkeypatch.setenv("EP_TEST_DIR", str(tmp_path))
     steps, max_norm = 3, 0.04
     results = run_processes(tmp_path, world, train_worker, size, steps, max_norm)
     for result in results:
@@ -272,7 +287,10 @@ def test_optimizer_steps_with_expert_parallelism_match_one_process(tmp_path, wor
     state, norms = train_reference(world, steps, max_norm)
     assert (norms > max_norm).all(), "the clip must act for the test to check it"
     held = set()
+    active = active_parameter_count(make_model())
     for result in results:
+        assert result["active"] == active
+        assert "expert-parallel" in result["export_refused"]
         torch.testing.assert_close(result["norms"], norms, rtol=1e-4, atol=1e-6)
         for name, value in result["state"].items():
             torch.testing.assert_close(value, state[name], rtol=1e-4, atol=1e-6, msg=name)
