@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny import tiny_moe
 
-from spiking_moe.experts import SpikingExpert
+from spiking_moe.experts import MLPExpert, SpikingExpert
 from spiking_moe.models import active_parameter_count
 from spiking_moe.moe import SpikingMoE
 from spiking_moe.nir import export_bundle
@@ -45,6 +45,7 @@ CASES = {
     "sequence": dict(sequence=3),
     "top1": dict(k=1),
     "dense": dict(dense=True),
+    "mlp": dict(mlp=True),  # experts without spiking activity (the ANN twins' MLPExpert)
 }
 
 
@@ -60,7 +61,10 @@ def make_layer(case: str) -> SpikingMoE:
         capacity_factor=options.get("capacity_factor"),
         bias_update_rate=0.0,
     )
-    experts = [SpikingExpert(D, 12, O, threshold=0.3) for _ in range(E)]
+    if options.get("mlp"):
+        experts = [MLPExpert(D, 12, O) for _ in range(E)]
+    else:
+        experts = [SpikingExpert(D, 12, O, threshold=0.3) for _ in range(E)]
     shared = [SpikingExpert(D, 8, O, threshold=0.3) for _ in range(options.get("shared", 0))]
     layer = SpikingMoE(router=router, experts=experts, shared_experts=shared)
     layer.dense = options.get("dense", False)
