@@ -44,12 +44,13 @@ divides by ``W`` and sums over the replicas, which is the data-parallel mean
 routed to keeps ``grad = None`` (as in one process). Dense parameters are left to DDP, which
 must ignore the expert parameters (:func:`expert_parameter_names`).
 
-**Exchange volume** per layer and step, per process, float32: forward sends ``R T D`` and
-``R T O`` values (rows out, currents back), backward the same again; ``R = N k`` (tokens times
-experts per token, fewer with capacity drops), of which the ``R / P`` rows for local experts stay
-on the process in expectation but are still copied by the collective. So
-``bytes = 4 R T (D + O) x 2`` per step, linear in tokens, ``k``, ``T`` and width and
-independent of ``E`` and ``P``.
+**Exchange volume** per layer and step, per process, float32: forward sends its ``R`` rows
+(``R T D`` values) and returns the ``R_in`` currents it computed (``R_in T O``), backward the
+same amounts the other way, so ``4 T (D + O) (R + R_in)`` bytes, about ``8 R T (D + O)`` with
+balanced routing; ``R = N k`` (tokens times experts per token, fewer with capacity drops), of
+which about ``R / P`` stay on the process (still copied by the collective). Linear in tokens,
+``k``, ``T`` and width, independent of ``E``. Measured (to the byte) by
+``experiments/benchmarks/expert_parallel.py``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,6 @@ __all__ = [
     "ExpertParallel",
     "ExpertShard",
     "clip_grad_norm_",
-    "exchange_bytes",
     "expert_parameter_names",
     "init_expert_parallel",
     "reduce_expert_gradients",
@@ -191,9 +191,9 @@ class ExpertShard(nn.Module):
 
 
 def _moe_layers(model: nn.Module) -> list:
-    from .moe import SpikingMoE
-
-    return [m for m in model.modules() if isinstance(m, SpikingMoE)]
+    """The MoE layers of ``model``: modules that can shard their experts (``SpikingMoE``; by
+    that method, so that this module needs no import of ``moe``, which imports it)."""
+    return [m for m in model.modules() if callable(getattr(m, "shard_experts", None))]
 
 
 def shard_experts(model: nn.Module, ep: ExpertParallel) -> nn.Module:
@@ -322,23 +322,11 @@ def clip_grad_norm_(
 def _a2a(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
     from torch.distributed import _functional_collectives as funcol
 
-    # An AsyncCollectiveTensor: it waits for the exchange on first use.
-    return funcol.all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
-
-
-def exchange_bytes(
-    splits: tuple[int, ...],
-    ep: ExpertParallel,
-    steps: int,
-    d_in: int,
-    d_out: int,
-    element_size: int = 4,
-) -> int:
-    """Bytes this process sends in one forward (rows out, currents back) for a layer whose
-    dispatch gave ``splits`` (rows per global expert), counting only rows for other processes."""
-    per = len(splits) // ep.size
-    mine = sum(splits[ep.rank * per : (ep.rank + 1) * per])
-    return (sum(splits) - mine) * steps * (d_in + d_out) * element_size
+    received = funcol.all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
+    # Waited on here (autograd-aware), not lazily on first use: kernels called outside the
+    # dispatcher (the event-driven CPU synapse in evaluation) read the raw data, which an
+    # AsyncCollectiveTensor does not have until waited on.
+    return funcol.wait_tensor(received)
 
 
 def run_experts_parallel(layer, grouped_TRD: torch.Tensor, plan, *, grouped: bool = False):
