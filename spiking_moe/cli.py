@@ -14,6 +14,13 @@
   NIR deployment bundle (one NIR graph per part and the routing rule).
 - :func:`generate_main` (``spiking-moe-generate``, ``experiments/generate.py``): sample text
   from a trained language model (a ``data.name = "text"`` run).
+- :func:`gather_main` (``spiking-moe-gather``, ``experiments/gather.py``): turn an
+  expert-parallel run's sharded checkpoint (``train.expert_parallel > 1``) into a
+  single-process one that the other commands read.
+
+Training under ``torchrun --nproc_per_node=N`` is data-parallel (DDP); with
+``--set train.expert_parallel=P`` (``P`` dividing ``N`` and ``model.num_experts``) each MoE
+layer's experts are split over groups of ``P`` processes as well.
 
 Every command takes ``--set section.key=value`` (repeatable): TOML values checked exactly like
 the config file's (``--set train.lr=3e-3 --set model.router=spiking``).
@@ -39,6 +46,7 @@ from .experiment import (
     check_experiment,
     evaluate_checkpoint,
     finished_result,
+    gather_checkpoint,
     generate_text,
     load_language_model,
     load_trained_model,
@@ -55,6 +63,7 @@ __all__ = [
     "compare_main",
     "energy_report_main",
     "export_main",
+    "gather_main",
     "generate_main",
     "sweep_main",
     "train_main",
@@ -445,4 +454,37 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     print(text)
+    return 0
+
+
+# --------------------------------------------------------------------------- gather
+
+
+def gather_main(argv: Sequence[str] | None = None) -> int:
+    """Gather an expert-parallel checkpoint into a single-process one. Exit code."""
+    parser = argparse.ArgumentParser(
+        prog="spiking-moe-gather",
+        description="Turn the sharded checkpoint of an expert-parallel run (train.expert_parallel "
+        "> 1: an index checkpoint.pt and one checkpoint.expert<i>of<P>.step<s>.pt per expert "
+        "shard) into one single-process checkpoint: every expert, the optimizer state in the "
+        "whole model's order, train.expert_parallel = 1. Evaluation, energy reports, export and "
+        "single-process resume read it.",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="the run's index, runs/<name>/checkpoint.pt"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="folder for the gathered checkpoint.pt (and config.json), e.g. runs/<name>/gathered",
+    )
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        target = gather_checkpoint(args.checkpoint, args.out)
+    except (*_USAGE_ERRORS, CheckpointError) as exc:
+        logger.error("%s", exc)
+        return 2
+    print(target)
     return 0

@@ -316,6 +316,10 @@ class TrainConfig(_Section):
     regularisation: fewer spikes, less energy; 0 = off; logged inside ``train/aux_loss``).
     ``quantize_bits``: 0 trains in float; 8 or 4 trains with quantization-aware (fake-quantized)
     weights of that width (:func:`spiking_moe.quantization.prepare_qat`).
+    ``expert_parallel``: 1 keeps every expert in every process (plain DDP under ``torchrun``);
+    ``P > 1`` splits each MoE layer's experts over groups of ``P`` processes
+    (:mod:`spiking_moe.parallel`): ``P`` must divide the world size and every layer's expert
+    count, and checkpoints are written as one file per expert shard plus an index.
     """
 
     section: ClassVar[str] = "train"
@@ -342,6 +346,7 @@ class TrainConfig(_Section):
     progress: bool = True
     find_unused_parameters: bool = True
     quantize_bits: int = _field(0, choices=(0, 8, 4))
+    expert_parallel: int = _field(1, ge=1)
 
     def _check(self) -> None:
         import torch

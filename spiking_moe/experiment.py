@@ -5,7 +5,9 @@ re-count a trained run's energy from its checkpoint.
 balancing, monitors and energy callbacks) -> test -> ``report.json``/``.md``/``.png``.
 :func:`run_seeds` repeats it over seeds and summarises mean and standard deviation, which is
 how results are reported (float results differ across CPUs, so one seed is not a result).
-:func:`evaluate_checkpoint` rebuilds a run from the config stored in its checkpoint.
+:func:`evaluate_checkpoint` rebuilds a run from the config stored in its checkpoint;
+:func:`gather_checkpoint` turns an expert-parallel run's sharded checkpoint into the
+single-process one that it and the other checkpoint readers take.
 
 The command-line entry points in :mod:`spiking_moe.cli` parse arguments and map errors to
 exit codes; everything they run is here (and in :mod:`spiking_moe.sweep`).
@@ -18,6 +20,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 
 from .config import (
     ConfigError,
@@ -59,6 +63,11 @@ from .training import (
     seed_everything,
     write_energy_report,
 )
+from .training.checkpoint import (
+    check_single_process,
+    gather_expert_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "CheckpointEvaluation",
@@ -70,6 +79,7 @@ __all__ = [
     "check_experiment",
     "config_from_checkpoint",
     "evaluate_checkpoint",
+    "gather_checkpoint",
     "generate_text",
     "load_language_model",
     "load_trained_model",
@@ -165,6 +175,36 @@ def check_experiment(config: ExperimentConfig, out: Path, *, resume: bool = Fals
         raise FileExistsError(
             f"{out} already holds a run; pass --resume to continue it or pick another --out"
         )
+    _check_expert_parallel(config)
+
+
+def _check_expert_parallel(config: ExperimentConfig) -> None:
+    """``train.expert_parallel`` needs MoE layers whose expert count it divides, and a job
+    whose world size (``torchrun``'s ``WORLD_SIZE``) it divides."""
+    size, model = config.train.expert_parallel, config.model
+    if size == 1:
+        return
+    if model.kind == "dense_snn" or (model.kind == "ann" and model.num_experts == 1):
+        raise ConfigError(
+            f"train.expert_parallel = {size} splits MoE experts over processes, but "
+            f"model.kind = {model.kind!r} with model.num_experts = {model.num_experts} has no "
+            "MoE layer"
+        )
+    if model.num_experts % size:
+        raise ConfigError(
+            f"train.expert_parallel = {size} does not divide model.num_experts = "
+            f"{model.num_experts}: each process holds num_experts / expert_parallel experts"
+        )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % size:
+        raise ConfigError(
+            f"train.expert_parallel = {size} does not divide the world size {world}: launch "
+            f"with torchrun --nproc_per_node=<a multiple of {size}> (over all hosts, the "
+            "number of processes must be a multiple too)"
+        )
 
 
 def _write_energy_files(
@@ -191,7 +231,9 @@ def run_experiment(
     resume_from: str | Path | None = None,
 ) -> ExperimentResult:
     """Train ``config`` into the run folder ``out``, evaluate on the test set, write the
-    energy report files. Under ``torchrun`` every rank calls it (DDP; rank 0 writes).
+    energy report files. Under ``torchrun`` every rank calls it (DDP; rank 0 writes; with
+    ``train.expert_parallel = P`` the experts are split over groups of ``P`` processes and the
+    checkpoint is sharded: :func:`gather_checkpoint` makes it a single-process one).
 
     Args:
         config: the experiment.
@@ -462,7 +504,15 @@ class CheckpointEvaluation:
 
 
 def config_from_checkpoint(state: dict, path: Path) -> ExperimentConfig:
-    """The experiment config that :func:`run_experiment` stored in a checkpoint."""
+    """The experiment config that :func:`run_experiment` stored in a checkpoint that holds a
+    whole model.
+
+    Raises:
+        CheckpointLayoutError: an expert-parallel checkpoint (an index or one of its shards);
+            the message says how to gather it (:func:`gather_checkpoint`).
+        ConfigError: no (or an invalid) experiment config.
+    """
+    check_single_process(state, path)
     raw = state.get("extra", {}).get("experiment")
     if raw is None:
         raise ConfigError(
@@ -543,7 +593,7 @@ def _evaluate_test(
     # The Trainer's evaluation (device, AMP, batches) is the one that logged the run's test
     # accuracy, so the numbers match; it needs a train loader but never trains here. QAT is
     # off: the model given is the one evaluated (already quantized where it should be).
-    train_config = dataclasses.replace(config.train, quantize_bits=0)
+    train_config = dataclasses.replace(config.train, quantize_bits=0, expert_parallel=1)
     with Trainer(model, train_loader, train_config, sinks=[], callbacks=callbacks) as trainer:
         trainer.step = step  # for the log line
         metrics = trainer.evaluate(test_loader, "test")
@@ -588,7 +638,8 @@ def evaluate_checkpoint(
             profile whose precision :mod:`spiking_moe.quantization` does not provide (the
             message names the bits).
         FileNotFoundError: no checkpoint at ``checkpoint``.
-        CheckpointError: the checkpoint is damaged.
+        CheckpointError: the checkpoint is damaged (CheckpointLayoutError: it is an
+            expert-parallel one; :func:`gather_checkpoint` it first).
         ConfigError: the checkpoint holds no (or an invalid) experiment config, or a bad
             override.
     """
@@ -687,6 +738,46 @@ def write_profile_report(out: Path, evaluation: CheckpointEvaluation, profile: s
         write_energy_report(writer, evaluation.report, evaluation.step, f"test_energy_{profile}")
     finally:
         writer.close()
+
+
+def gather_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the single-process checkpoint of an expert-parallel run to ``out/checkpoint.pt``
+    (:func:`~spiking_moe.training.gather_expert_checkpoint`: all experts, the optimizer state
+    in the whole model's order, ``train.expert_parallel = 1``), and copy the run's
+    ``config.json`` beside it. :func:`evaluate_checkpoint`, :func:`load_trained_model`, the
+    export and a single-process resume read the result. Returns its path.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``checkpoint``.
+        FileExistsError: ``out`` holds an expert-parallel run (e.g. the source's own folder,
+            whose ``checkpoint.pt`` is the index its shards need).
+        CheckpointLayoutError: ``checkpoint`` is not an expert-parallel index.
+        CheckpointError: a shard is missing, damaged or from another checkpoint.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    target = out / CHECKPOINT_NAME
+    if any(out.glob(f"{target.stem}.expert*of*.step*{target.suffix}")):
+        raise FileExistsError(
+            f"{out} holds an expert-parallel run, whose {CHECKPOINT_NAME} is the index of its "
+            "shards; write the gathered checkpoint to another folder"
+        )
+    state = gather_expert_checkpoint(checkpoint)
+    save_checkpoint(state, target)
+    config_json = checkpoint.parent / "config.json"
+    if config_json.is_file():
+        record = json.loads(config_json.read_text())
+        if isinstance(record.get("train"), dict):
+            record["train"]["expert_parallel"] = 1
+        record["gathered_from"] = state["gathered_from"]
+        (out / "config.json").write_text(json.dumps(record, indent=2))
+    logger.info(
+        "gathered %s (step %d, %d expert shards) into %s",
+        checkpoint,
+        state["step"],
+        state["gathered_from"]["expert_parallel"],
+        target,
+    )
+    return target
 
 
 # --------------------------------------------------------------------------- generation

@@ -27,6 +27,7 @@ Letters: N tokens, W windows, E experts, P neuron populations.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -52,8 +53,10 @@ __all__ = [
     "check_callback",
     "check_energy_profile",
     "count_energy",
+    "count_operations_parallel",
     "energy_metrics",
     "energy_profile_names",
+    "expert_parallel_counts",
     "measure_energy",
     "write_energy_report",
 ]
@@ -264,6 +267,107 @@ def write_energy_report(writer, report, step: int, prefix: str) -> None:
     energy.tensorboard.write_report(writer, report, step, prefix=prefix)
 
 
+_SYNAPTIC_KINDS = ("linear", "conv1d", "conv2d", "conv3d")
+
+
+def expert_parallel_counts(
+    model: nn.Module, counts: energy.OperationCounts
+) -> energy.OperationCounts:
+    """This process's :func:`energy.count_operations` of an expert-parallel ``model``
+    (:mod:`spiking_moe.parallel`), in the form one process gives when it counts each
+    process's shard on its own.
+
+    Merging every process's result (:func:`energy.merge_counts`) then gives the counts of the
+    whole job: shared modules (on every process) are summed over the shards, and each expert
+    appears only on its owner (with replicas, on each of them, for its row's tokens), under
+    its global name. An owner runs each local expert once per source process that sent it
+    rows, where one process counting the shards one by one calls it once per shard that routed
+    to it: the same calls, and every count is a sum over calls, so all of them match as they
+    are, except two things put right here:
+
+    - Experts behind a windowed router (window ``L != T``) run on ``[L, R, D]`` rows, which
+      :mod:`energy.counting` does not see as time-major: it takes the mean over the calls of
+      the ANN-equivalent ``tokens``, ``ann_macs`` and ``ann_outputs`` (its rule for a layer
+      run once per forward, or once per step). Each call here is one source's share, a call
+      of its own in one process, so they are summed instead: ``tokens = rows``,
+      ``ann_macs = dense_macs``, ``ann_outputs = dense_macs / fan_in`` (Linear and ConvNd
+      layers; a product or softmax inside an expert is left as counted).
+    - An owner whose local experts received no row from any process calls its first local
+      expert on an empty batch (:func:`~spiking_moe.dispatch.run_experts_with_activity` always
+      returns a ``[T, 0, O]`` tensor). That expert did nothing: it is listed as idle (no calls,
+      after the modules that ran), as one process lists an expert that no token chose.
+
+    Args:
+        model: the counted model: its expert-parallel :class:`~spiking_moe.moe.SpikingMoE`
+            layers say which modules are experts and whether their router is windowed.
+        counts: :class:`energy.OperationCounts` of one or more passes on this process.
+
+    Returns:
+        :class:`energy.OperationCounts`; ``counts`` itself for a model without expert-parallel
+        layers.
+    """
+    experts, windowed = [], []  # module-name prefixes of each layer's experts
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SpikingMoE) or layer.expert_parallel is None:
+            continue
+        prefix = f"{name}.experts." if name else "experts."
+        experts.append(prefix)
+        window = getattr(layer.router, "window", None)
+        if window is not None and window != counts.time_steps:
+            windowed.append(prefix)
+    if not experts:
+        return counts
+    layers = list(counts.layers)
+    members: dict[str, list[int]] = {}
+    for i, m in enumerate(layers):
+        if m.group is not None and m.name.startswith(tuple(experts)):
+            members.setdefault(m.group, []).append(i)
+    emptied = set()
+    for indices in members.values():
+        group = [layers[i] for i in indices]
+        if any(m.calls for m in group) and not any(m.rows or m.neuron_updates for m in group):
+            emptied.update(indices)
+    for i, m in enumerate(layers):
+        if i in emptied:
+            layers[i] = dataclasses.replace(m, calls=0, binary_calls=0)
+        elif m.kind in _SYNAPTIC_KINDS and m.fan_in and m.name.startswith(tuple(windowed)):
+            layers[i] = dataclasses.replace(
+                m, tokens=m.rows, ann_macs=m.dense_macs, ann_outputs=m.dense_macs // m.fan_in
+            )
+    ran = [m for m in layers if m.calls]
+    idle = [m for m in layers if not m.calls]  # listed last, as count_operations lists them
+    ordered = tuple(dataclasses.replace(m, order=i) for i, m in enumerate(ran + idle))
+    return energy.OperationCounts(layers=ordered, time_steps=counts.time_steps)
+
+
+def count_operations_parallel(model: nn.Module, *inputs, **kwargs) -> energy.OperationCounts:
+    """The operations of one forward pass of the whole job: every process counts its own
+    ``inputs`` (its shard of the global batch) with :func:`energy.count_operations`, puts the
+    counts in single-process form (:func:`expert_parallel_counts`), and all of them are
+    gathered and merged (:func:`energy.merge_counts`).
+
+    Collective: every process of the job calls it (the forward pass exchanges tokens). For an
+    expert-parallel model the result equals one process counting the same model on each shard
+    in turn and merging the counts; without a capacity limit (which each process applies to
+    its own tokens) that is the count of one pass over the global batch, apart from ``calls``
+    and ``binary_calls`` (one call per process, and per source process for an expert, instead
+    of one), on which no energy depends. A model without expert parallelism gets the sum of
+    the shards' counts (data parallelism); in a single process this is
+    :func:`energy.count_operations`.
+
+    Args:
+        model: the model, in the mode to count it in (``model.eval()`` first for noise-free
+            routing).
+        *inputs: this process's inputs of ``model``.
+        **kwargs: passed to :func:`energy.count_operations` (``time_steps``, ``groups``, ...).
+
+    Returns:
+        :class:`energy.OperationCounts` of all processes, the same on every process.
+    """
+    counts = expert_parallel_counts(model, energy.count_operations(model, *inputs, **kwargs))
+    return energy.merge_counts(*all_gather_objects(counts))
+
+
 def count_energy(
     model: nn.Module, x_TBF: torch.Tensor
 ) -> tuple[energy.OperationCounts, energy.OperationCounts | None]:
@@ -278,12 +382,21 @@ def count_energy(
     many steps it runs per token in a ``num_steps`` attribute; otherwise ``T`` is dim 0 of
     ``x_TBF``.
 
+    Under expert parallelism (:mod:`spiking_moe.parallel`) this is collective (both passes
+    exchange tokens: every process calls it, as many times), ``x_TBF`` is this process's shard
+    and the counts are its share, in single-process form (:func:`expert_parallel_counts`):
+    the shared modules on its tokens, its experts on every process's tokens. Merged over the
+    processes (:func:`energy.merge_counts` of every process's counts, as
+    :class:`EnergyReportCallback` does) they are the counts of one process running the same
+    model on each shard in turn (:func:`count_operations_parallel` for one pass).
+
     Returns:
         ``(counts, dense_counts)``; ``dense_counts`` is None for a model without MoE layers.
     """
     time_steps = getattr(model, "num_steps", None)
     with torch.no_grad():
         counts = energy.count_operations(model, x_TBF, time_steps=time_steps)
+        counts = expert_parallel_counts(model, counts)
         layers = [m for m in model.modules() if isinstance(m, SpikingMoE)]
         if not layers:
             return counts, None
@@ -295,15 +408,20 @@ def count_energy(
         finally:
             for layer, mode in zip(layers, modes, strict=True):
                 layer.dense = mode
-    return counts, dense
+    return counts, expert_parallel_counts(model, dense)
 
 
 def measure_energy(model: nn.Module, x_TBF: torch.Tensor, profile: str = "cmos45"):
     """Count one forward pass of ``model`` on ``x_TBF`` (in eval mode) and price it under
     ``profile``, with the dense-MoE baselines counted for real (:func:`count_energy`).
 
+    An expert-parallel model is counted on every process's ``x_TBF`` (collective: every
+    process calls it) and the report is that of all of them, the same on every process: one
+    process's share alone prices its experts on other processes' tokens.
+
     Returns:
-        :class:`energy.EnergyReport`; energy per sample is ``report.totals.energy_pj / B``.
+        :class:`energy.EnergyReport`; energy per sample is ``report.totals.energy_pj / B``
+        (``B`` summed over the processes under expert parallelism).
     """
     was_training = model.training
     model.eval()
@@ -311,7 +429,14 @@ def measure_energy(model: nn.Module, x_TBF: torch.Tensor, profile: str = "cmos45
         counts, dense = count_energy(model, x_TBF)
     finally:
         model.train(was_training)
+    if _is_expert_parallel(model):
+        shards = all_gather_objects((counts, dense))
+        counts, dense = _merge([c for c, _ in shards]), _merge([d for _, d in shards])
     return energy.build_report(counts, profile, dense_counts=dense)
+
+
+def _is_expert_parallel(model: nn.Module) -> bool:
+    return any(getattr(m, "expert_parallel", None) is not None for m in model.modules())
 
 
 def energy_metrics(report, samples: int, prefix: str, unit: str = "sample") -> dict[str, float]:
@@ -338,7 +463,12 @@ class EnergyReportCallback(Callback):
     running sums are kept. (The binary-input check is per call: a layer whose input happens
     to be exactly 0/1 in one batch but not another is charged ACs for that batch only; and a
     capacity limit, which depends on the batch size, routes a batch as that batch.) Under
-    DDP every rank counts its shard and the sums are gathered. After the pass the report goes
+    DDP every rank counts its shard and the sums are gathered. Under expert parallelism too
+    (each process's counts are its share: :func:`count_energy`), and the report, the same on
+    every rank, equals that of one process counting the same model on every process's
+    batches in turn; every process must evaluate as many batches as the others, since the
+    forward passes exchange tokens (``num_batches`` caps each alike). After the pass the
+    report goes
     to TensorBoard (scalars, histograms, Markdown table, custom layout, tag
     ``{prefix}_energy/...``) and energy per sample and the ratios are returned as metrics, so
     energy is logged at every validation beside the accuracy.

@@ -9,6 +9,27 @@ turns a damaged file into a :class:`CheckpointError` that names it and the previ
 
 RNG streams: :func:`rng_state` / :func:`set_rng_state` capture torch (CPU and CUDA), numpy's
 global generator and python ``random`` as tensors and plain types.
+
+**Expert-parallel checkpoints** (``train.expert_parallel = P > 1``, :mod:`spiking_moe.parallel`):
+no process holds the whole model, so a checkpoint is a set of files in one folder::
+
+    checkpoint.pt                          the index: step, epoch, scheduler, every rank's RNG,
+                                           configs, metrics and "expert_parallel":
+                                           {"size": P, "world_size": W, "shards": [names]}
+    checkpoint.expert<i>of<P>.step<s>.pt   shard i (written by the process holding experts
+                                           block i, replica 0): its model state_dict (dense
+                                           parameters and its experts, under their global
+                                           names), its optimizer state, the parameter names in
+                                           optimizer order and which experts it holds
+
+The shards of step ``s`` are written first (each atomically, under names no earlier step
+used), then the index, also atomically: the index is the commit, and a crash at any point
+leaves the previous index pointing at intact shards of its own step. Shards that neither the
+index nor ``checkpoint.prev.pt`` names are deleted after each commit
+(:func:`remove_stale_expert_shards`). :func:`load_expert_shard` reads one shard of an index
+and checks it belongs there; :func:`gather_expert_checkpoint` merges the shards into the
+single-process layout (weights, and the optimizer state in the whole model's parameter order),
+which every single-process tool reads.
 """
 
 from __future__ import annotations
@@ -19,7 +40,7 @@ import pickle
 import random
 import shutil
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +50,14 @@ import torch
 __all__ = [
     "CHECKPOINT_NAME",
     "CheckpointError",
+    "CheckpointLayoutError",
+    "check_single_process",
+    "expert_shard_name",
+    "gather_expert_checkpoint",
     "load_checkpoint",
+    "load_expert_shard",
     "previous_checkpoint",
+    "remove_stale_expert_shards",
     "rng_state",
     "save_checkpoint",
     "seed_everything",
@@ -54,6 +81,15 @@ class CheckpointError(ValueError):
         super().__init__(message)
         self.path = path
         self.previous = previous
+
+
+class CheckpointLayoutError(CheckpointError):
+    """An intact checkpoint written for another process layout: a different expert-parallel
+    size or world size, or an expert-parallel checkpoint (or one of its shards) where a
+    single-process one is needed. The message names both layouts and what to do."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message, path, None)
 
 
 def previous_checkpoint(path: str | Path) -> Path:
@@ -146,6 +182,280 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                     f"it with --resume-from {previous} (Trainer(resume_from=...))"
                 )
         raise CheckpointError(message, path, usable) from None
+
+
+# --------------------------------------------------------------------------- expert parallelism
+
+#: How to turn an expert-parallel checkpoint into one a single process reads.
+_GATHER = "spiking-moe-gather --checkpoint {path} --out <folder>"
+
+
+def expert_shard_name(index: str | Path, shard: int, size: int, step: int) -> str:
+    """File name of shard ``shard`` of ``size`` at ``step``, beside the index ``index``
+    (``checkpoint.pt`` -> ``checkpoint.expert0of2.step00000120.pt``).
+
+    Example:
+        >>> expert_shard_name("runs/x/checkpoint.pt", 1, 4, 120)
+        'checkpoint.expert1of4.step00000120.pt'
+    """
+    index = Path(index)
+    return f"{index.stem}.expert{shard}of{size}.step{step:08d}{index.suffix}"
+
+
+def check_single_process(state: Mapping[str, Any], path: str | Path) -> None:
+    """Raise :class:`CheckpointLayoutError` if ``state`` (read from ``path``) is an
+    expert-parallel index or one of its shards, which hold no whole model."""
+    path = Path(path)
+    layout = state.get("expert_parallel")
+    if layout is not None:
+        raise CheckpointLayoutError(
+            f"{path} is an expert-parallel checkpoint (train.expert_parallel = {layout['size']} "
+            f"over {layout['world_size']} processes): its experts are split over "
+            f"{len(layout['shards'])} shard files and no file holds the whole model. Gather it "
+            f"into a single-process checkpoint first: {_GATHER.format(path=path)} (or resume "
+            f"it under torchrun with {layout['world_size']} processes and "
+            f"--set train.expert_parallel={layout['size']})",
+            path,
+        )
+    shard = state.get("expert_shard")
+    if shard is not None:
+        index = path.parent / CHECKPOINT_NAME
+        raise CheckpointLayoutError(
+            f"{path} is shard {shard['index']} of {shard['size']} of an expert-parallel "
+            f"checkpoint, not a whole model; read its index, or gather the shards into a "
+            f"single-process checkpoint: {_GATHER.format(path=index)}",
+            path,
+        )
+
+
+def _previous_hint(index_path: Path) -> tuple[str, Path | None]:
+    """A sentence naming the previous checkpoint when it and its shards are on disk."""
+    previous = previous_checkpoint(index_path)
+    if not previous.is_file():
+        return "", None
+    try:
+        state = _read(previous)
+    except _DAMAGED:
+        return f"; the previous checkpoint {previous} is damaged too", None
+    shards = state.get("expert_parallel", {}).get("shards", [])
+    missing = [name for name in shards if not (index_path.parent / name).is_file()]
+    if missing:
+        return f"; the previous checkpoint {previous} lacks its shards {missing} too", None
+    return (
+        f"; the previous checkpoint {previous} (step {state.get('step')}) and its shards are "
+        f"on disk: resume from it with --resume-from {previous} (Trainer(resume_from=...))",
+        previous,
+    )
+
+
+def load_expert_shard(
+    index: Mapping[str, Any], index_path: str | Path, shard: int
+) -> dict[str, Any]:
+    """Shard ``shard`` of the expert-parallel checkpoint whose index ``index`` was read from
+    ``index_path`` (the shard files lie beside it).
+
+    Raises:
+        CheckpointError: the shard is missing or damaged, or holds another step or shard
+            than the index names (the message names the previous checkpoint when it is
+            usable).
+    """
+    index_path = Path(index_path)
+    layout = index["expert_parallel"]
+    size, step = int(layout["size"]), int(index["step"])
+    if not 0 <= shard < size:
+        raise ValueError(f"shard must lie in [0, {size}), got {shard}")
+    path = index_path.parent / layout["shards"][shard]
+    try:
+        state = load_checkpoint(path)
+    except (FileNotFoundError, CheckpointError) as error:
+        hint, previous = _previous_hint(index_path)
+        raise CheckpointError(
+            f"checkpoint {index_path} (step {step}) needs its expert shard {path}: {error}{hint}",
+            path,
+            previous,
+        ) from None
+    meta = state.get("expert_shard") or {}
+    expected = {"index": shard, "size": size, "world_size": int(layout["world_size"])}
+    found = {key: meta.get(key) for key in expected}
+    if state.get("step") != step or found != expected:
+        hint, previous = _previous_hint(index_path)
+        raise CheckpointError(
+            f"{path} does not belong to checkpoint {index_path}: it holds step "
+            f"{state.get('step')} and shard {found}, the index names step {step} and shard "
+            f"{expected}{hint}",
+            path,
+            previous,
+        )
+    return state
+
+
+def remove_stale_expert_shards(index_path: str | Path) -> list[Path]:
+    """Delete the shard files beside ``index_path`` that neither it nor its previous
+    checkpoint names (shards of older steps, or of a step whose index was never written).
+    Returns them. Deletes nothing when the index cannot be read."""
+    index_path = Path(index_path)
+    keep: set[str] = set()
+    for i, path in enumerate((index_path, previous_checkpoint(index_path))):
+        try:
+            state = _read(path)
+        except (FileNotFoundError, *_DAMAGED):
+            if i == 0:
+                return []
+            continue
+        keep.update(state.get("expert_parallel", {}).get("shards", []))
+    removed = []
+    for path in sorted(
+        index_path.parent.glob(f"{index_path.stem}.expert*of*.step*{index_path.suffix}")
+    ):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _layer_of(name: str, experts: Mapping[str, Sequence[int]]) -> str | None:
+    """The MoE layer (its experts' module path) whose local expert ``name`` belongs to."""
+    for prefix, ids in experts.items():
+        head = f"{prefix}."
+        if name.startswith(head):
+            expert = name[len(head) :].split(".", 1)[0]
+            if expert.isdigit() and int(expert) in ids:
+                return prefix
+    return None
+
+
+def _splice(lists: Sequence[Sequence[str]], experts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The whole model's names, in its order, from each shard's names in its order.
+
+    A shard's module tree is the whole model's with each layer's experts container holding
+    only that shard's experts, at the same position; so the whole order is shard 0's with each
+    layer's expert block replaced by the blocks of shards 0, 1, ... (experts ascending).
+    """
+    whole: list[str] = []
+    spliced = set()
+    for name in lists[0]:
+        layer = _layer_of(name, experts[0])
+        if layer is None:
+            whole.append(name)
+        elif layer not in spliced:
+            spliced.add(layer)
+            for names, held in zip(lists, experts, strict=True):
+                whole += [n for n in names if _layer_of(n, held) == layer]
+    return whole
+
+
+def _gather_optimizer(
+    shards: Sequence[Mapping[str, Any]], names: Sequence[str], path: Path
+) -> dict[str, Any]:
+    """The optimizer state of the whole model (parameter order ``names``): dense parameters'
+    from shard 0 (every shard holds the same), each expert's from its shard."""
+    position = {name: i for i, name in enumerate(names)}
+    state: dict[int, Any] = {}
+    for s, shard in enumerate(shards):
+        optimizer, local = shard["optimizer"], shard["parameter_names"]
+        groups = optimizer["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(local):
+            raise CheckpointError(
+                f"{path}: shard {s}'s optimizer has {len(groups)} parameter groups over "
+                f"{sum(len(g['params']) for g in groups)} parameters for {len(local)} named "
+                "parameters; the gather maps one group over all parameters (the Trainer's)",
+                path,
+            )
+        for i, name in zip(groups[0]["params"], local, strict=True):
+            if s and _layer_of(name, shard["experts"]) is None:
+                continue
+            if i in optimizer["state"]:
+                state[position[name]] = optimizer["state"][i]
+    group = {**shards[0]["optimizer"]["param_groups"][0], "params": list(range(len(names)))}
+    if "param_names" in group:
+        group["param_names"] = list(names)
+    return {"state": state, "param_groups": [group]}
+
+
+def gather_expert_checkpoint(index_path: str | Path) -> dict[str, Any]:
+    """The single-process checkpoint of an expert-parallel one: every tool that reads a
+    checkpoint (evaluation, energy reports, export, single-process resume) reads it.
+
+    The model state is the union of the shards (dense entries from shard 0, after checking
+    every shard holds the same); the optimizer state is remapped to the whole model's
+    parameter order (``"parameter_names"``), so a single process can resume; the train config
+    (also inside ``extra["experiment"]``) gets ``expert_parallel = 1``; the RNG streams are
+    rank 0's. ``"gathered_from"`` records the source. Resuming it in one process continues
+    from the same weights, optimizer and schedule, but its batches are one process's
+    (``train.batch_size`` is per process), so it is not the expert-parallel run's continuation.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``index_path``.
+        CheckpointLayoutError: it is not an expert-parallel index.
+        CheckpointError: a shard is missing, damaged or from another checkpoint, or the
+            shards disagree on the dense parameters or do not cover every expert.
+    """
+    index_path = Path(index_path)
+    index = load_checkpoint(index_path)
+    layout = index.get("expert_parallel")
+    if layout is None:
+        if "expert_shard" in index:
+            check_single_process(index, index_path)
+        raise CheckpointLayoutError(
+            f"{index_path} is not an expert-parallel checkpoint (no 'expert_parallel' entry): "
+            "it already holds the whole model, nothing to gather",
+            index_path,
+        )
+    shards = [load_expert_shard(index, index_path, i) for i in range(int(layout["size"]))]
+    held = [shard["experts"] for shard in shards]
+    for prefix, info in held[0].items():
+        ids = sorted(e for experts in held for e in experts[prefix]["ids"])
+        if ids != list(range(int(info["num_experts"]))):
+            raise CheckpointError(
+                f"{index_path}: the shards hold experts {ids} of layer {prefix!r}, which has "
+                f"{info['num_experts']}",
+                index_path,
+            )
+    layers = [{prefix: info["ids"] for prefix, info in h.items()} for h in held]
+    models = [shard["model"] for shard in shards]
+    for s in range(1, len(shards)):
+        for key, value in models[0].items():
+            if _layer_of(key, layers[0]) is not None:
+                continue
+            other = models[s].get(key)
+            if other is None or not torch.equal(other, value):
+                raise CheckpointError(
+                    f"{index_path}: shards 0 and {s} disagree on the dense entry {key!r}; "
+                    "they are not one checkpoint",
+                    index_path,
+                )
+    keys = _splice([list(m) for m in models], layers)
+    owner = {}
+    for s, (model, layer) in enumerate(zip(models, layers, strict=True)):
+        for key in model:
+            if s == 0 or _layer_of(key, layer) is not None:
+                owner.setdefault(key, s)
+    model_state = {key: models[owner[key]][key] for key in keys}
+    names = _splice([shard["parameter_names"] for shard in shards], layers)
+    shard_views = [{**shard, "experts": layer} for shard, layer in zip(shards, layers, strict=True)]
+    optimizer = _gather_optimizer(shard_views, names, index_path)
+    extra = dict(index.get("extra", {}))
+    experiment = extra.get("experiment")
+    if isinstance(experiment, Mapping) and isinstance(experiment.get("train"), Mapping):
+        extra["experiment"] = {
+            **experiment,
+            "train": {**experiment["train"], "expert_parallel": 1},
+        }
+    gathered = {key: value for key, value in index.items() if key != "expert_parallel"}
+    gathered.update(
+        model=model_state,
+        optimizer=optimizer,
+        parameter_names=names,
+        rng=list(index["rng"][:1]),
+        train_config={**index.get("train_config", {}), "expert_parallel": 1},
+        extra=extra,
+        gathered_from={
+            "checkpoint": str(index_path),
+            "expert_parallel": int(layout["size"]),
+            "world_size": int(layout["world_size"]),
+        },
+    )
+    return gathered
 
 
 def seed_everything(seed: int) -> None:

@@ -36,6 +36,18 @@ and the configs. Since the data order and encoding noise are functions of
 ``(seed, epoch, batch)`` (:class:`~spiking_moe.data.BatchLoader`), resuming replays exactly
 what an uninterrupted run would have done.
 
+Expert parallelism (``train.expert_parallel = P > 1`` under ``torchrun``,
+:mod:`spiking_moe.parallel`): each MoE layer's experts are split over groups of ``P``
+processes before DDP is built, and DDP ignores them; after the backward of a step's last
+micro-batch the expert gradients are reduced to the same data-parallel mean DDP gives the
+dense ones, and clipping takes the norm of the whole model. Every forward then exchanges
+tokens between the processes of a group, so all processes make the same number of forward
+calls: training batches are equal in number on every rank (checked), and evaluation splits
+batches of the ranks that have fewer so that every rank makes as many calls as the rank with
+the most, each sample still evaluated once (:meth:`Trainer.evaluate`). Checkpoints are one
+shard per expert group plus an index (:mod:`~spiking_moe.training.checkpoint`); resuming
+needs the same ``P`` and world size.
+
 Steps are counted from 1: "step 7" is the 7th optimizer step, and ``trainer.step`` is the number
 of steps completed. An epoch is ``len(train_loader) // grad_accum_steps`` steps.
 """
@@ -60,11 +72,24 @@ from torch import nn
 
 from ..activity import Activity
 from ..config import TrainConfig
+from ..parallel import (
+    ExpertParallel,
+    ExpertShard,
+    clip_grad_norm_,
+    init_expert_parallel,
+    reduce_expert_gradients,
+    shard_experts,
+)
 from ..quantization import prepare_qat
 from .callbacks import Callback, check_callback
 from .checkpoint import (
     CHECKPOINT_NAME,
+    CheckpointError,
+    CheckpointLayoutError,
+    expert_shard_name,
     load_checkpoint,
+    load_expert_shard,
+    remove_stale_expert_shards,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -235,9 +260,15 @@ class Trainer:
             # In place, so the caller's model is the one trained and its state_dict keys stay.
             model = prepare_qat(model, config.quantize_bits, inplace=True)
         self.model = model.to(self.device)
+        # Before DDP: it must see only the parameters that every process holds.
+        self.expert_parallel = self._init_expert_parallel(config.expert_parallel)
         self._ddp: nn.parallel.DistributedDataParallel | None = None
         forward_module: nn.Module = self.model
         if self.dist.world_size > 1:
+            if self.expert_parallel is not None:
+                nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self.model, _expert_state_names(self.model)
+                )
             self._ddp = nn.parallel.DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -251,6 +282,8 @@ class Trainer:
             self._eval_forward = torch.compile(self.model)
 
         batches = len(train_loader)  # type: ignore[arg-type]
+        if self.expert_parallel is not None:
+            self._check_equal_lengths(batches)
         accum = config.grad_accum_steps
         self.steps_per_epoch = batches // accum
         if self.steps_per_epoch < 1:
@@ -296,6 +329,42 @@ class Trainer:
                     JSONLinesSink(self.out_dir / "metrics.jsonl"),
                 ]
         self.sinks = list(sinks) if self.dist.is_main else []
+
+    def _init_expert_parallel(self, size: int) -> ExpertParallel | None:
+        """Split the model's experts over groups of ``size`` processes (None for 1)."""
+        if any(getattr(m, "expert_parallel", None) is not None for m in self.model.modules()):
+            # DDP would average experts that differ between processes.
+            raise ValueError(
+                "the model is already expert-parallel (its experts were sharded): give the "
+                "Trainer the whole model and set train.expert_parallel instead"
+            )
+        if size == 1:
+            return None
+        world = self.dist.world_size
+        if world == 1:
+            raise ValueError(
+                f"train.expert_parallel = {size} needs a multi-process job of a multiple of "
+                f"{size} processes, but this is a single process: launch with "
+                f"torchrun --nproc_per_node={size}"
+            )
+        if world % size:
+            raise ValueError(
+                f"train.expert_parallel = {size} does not divide the world size {world}: the "
+                f"processes must form whole groups of {size}"
+            )
+        ep = init_expert_parallel(size)
+        shard_experts(self.model, ep)  # ValueError naming a layer whose experts P does not divide
+        return ep
+
+    def _check_equal_lengths(self, batches: int) -> None:
+        """Every rank must take as many training steps (each forward exchanges tokens)."""
+        lengths = all_gather_objects(batches)
+        if len(set(lengths)) > 1:
+            raise ValueError(
+                f"train_loader yields {lengths} batches per epoch on ranks 0..{len(lengths) - 1}; "
+                "under expert parallelism every rank must take the same number of steps "
+                "(shard it with pad=True, as BatchLoader(shuffle=True) does)"
+            )
 
     def _resume_source(self, resume: bool, resume_from: str | Path | None) -> Path | None:
         """The checkpoint to continue from, or None for a fresh start."""
@@ -348,7 +417,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs (collective under DDP: every rank must call it)."""
+        """Everything a resume needs (collective under DDP: every rank must call it).
+
+        Under expert parallelism ``model`` and ``optimizer`` are this process's (the dense
+        parameters and its experts); :meth:`save_checkpoint` writes them as its shard.
+        """
         return {
             "format": _CHECKPOINT_FORMAT,
             "step": self.step,
@@ -364,11 +437,18 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``<out_dir>/checkpoint.pt`` (rank 0; all ranks must call under DDP)."""
+        """Write ``<out_dir>/checkpoint.pt`` (rank 0; all ranks must call under DDP).
+
+        Under expert parallelism the first process of each expert group's replicas writes
+        its shard, then rank 0 writes the index (:mod:`~spiking_moe.training.checkpoint`).
+        Returns the index (or single) checkpoint's path.
+        """
         if self.checkpoint_path is None:
             return None
         state = self.state_dict()
-        if self.dist.is_main:
+        if self.expert_parallel is not None:
+            self._save_sharded(state)
+        elif self.dist.is_main:
             save_checkpoint(state, self.checkpoint_path)
             logger.info("step %d: checkpoint written to %s", self.step, self.checkpoint_path)
         if self.dist.world_size > 1:
@@ -376,11 +456,76 @@ class Trainer:
         self._last_checkpoint_step = self.step
         return self.checkpoint_path
 
+    def _save_sharded(self, state: dict[str, Any]) -> None:
+        """Shards first, then the index that commits them; every rank learns of any failure
+        (a rank left waiting in a collective would hang the job)."""
+        ep, path = self.expert_parallel, self.checkpoint_path
+        names = [expert_shard_name(path, i, ep.size, self.step) for i in range(ep.size)]
+        shard = {
+            "format": _CHECKPOINT_FORMAT,
+            "step": self.step,
+            "expert_shard": {"index": ep.rank, "size": ep.size, "world_size": ep.world_size},
+            "model": state.pop("model"),
+            "optimizer": state.pop("optimizer"),
+            "parameter_names": [name for name, _ in self.model.named_parameters()],
+            "experts": _expert_layout(self.model),
+        }
+        writes_shard = ep.replica_rank == 0
+        self._all_or_none(
+            lambda: save_checkpoint(shard, path.parent / names[ep.rank]) if writes_shard else None,
+            f"writing the expert shards of step {self.step}",
+            "; the last committed checkpoint is unchanged",
+        )
+        state["expert_parallel"] = {
+            "size": ep.size,
+            "world_size": ep.world_size,
+            "shards": names,
+        }
+
+        def commit() -> None:
+            if self.dist.is_main:
+                save_checkpoint(state, path)
+                removed = remove_stale_expert_shards(path)
+                logger.info(
+                    "step %d: checkpoint written to %s (index of %d expert shards; %d stale "
+                    "shard files removed)",
+                    self.step,
+                    path,
+                    ep.size,
+                    len(removed),
+                )
+
+        self._all_or_none(
+            commit,
+            f"writing the index {path} of step {self.step}",
+            "; the last committed checkpoint is unchanged",
+        )
+
+    def _all_or_none(self, action: Callable[[], Any], what: str, consequence: str = "") -> None:
+        """Run ``action`` here, then raise on every rank if it failed on any."""
+        error: BaseException | None = None
+        try:
+            action()
+        except Exception as exc:  # reported to the other ranks, then re-raised
+            error = exc
+        failed = [
+            (rank, message)
+            for rank, message in enumerate(
+                all_gather_objects(None if error is None else repr(error))
+            )
+            if message is not None
+        ]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"{what} failed on rank(s) {failed}{consequence}")
+
     def _load(self, state: Mapping[str, Any], source: Path) -> None:
         if state.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"{source}: unknown checkpoint format {state.get('format')!r}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        model_state, optimizer_state = self._model_and_optimizer_state(state, source)
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
@@ -405,6 +550,75 @@ class Trainer:
         if changed:
             logger.warning("resuming with changed train config fields (saved, now): %s", changed)
         logger.info("resumed from %s at step %d (epoch %d)", source, self.step, self.epoch)
+
+    def _model_and_optimizer_state(
+        self, state: Mapping[str, Any], source: Path
+    ) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+        """This process's model and optimizer state from a checkpoint of this job's layout."""
+        layout = state.get("expert_parallel")
+        ep = self.expert_parallel
+        if "expert_shard" in state:
+            raise CheckpointLayoutError(
+                f"{source} is one shard of an expert-parallel checkpoint; resume from its index "
+                f"({source.parent / CHECKPOINT_NAME})",
+                source,
+            )
+        if layout is None and ep is not None:
+            raise CheckpointLayoutError(
+                f"{source} was written with train.expert_parallel = 1 (every expert in every "
+                f"process) but this run has train.expert_parallel = {ep.size} over "
+                f"{ep.world_size} processes: resume it with expert_parallel = 1",
+                source,
+            )
+        if layout is not None and ep is None:
+            raise CheckpointLayoutError(
+                f"{source} is an expert-parallel checkpoint written with "
+                f"train.expert_parallel = {layout['size']} over {layout['world_size']} "
+                f"processes, but this run has expert_parallel = 1 over {self.dist.world_size}: "
+                f"resume it under torchrun --nproc_per_node={layout['world_size']} with "
+                f"--set train.expert_parallel={layout['size']}, or, for one process, gather it "
+                f"first: spiking-moe-gather --checkpoint {source} --out <folder>",
+                source,
+            )
+        if layout is not None and (layout["size"], layout["world_size"]) != (
+            ep.size,
+            ep.world_size,
+        ):
+            raise CheckpointLayoutError(
+                f"{source} was written with train.expert_parallel = {layout['size']} over "
+                f"{layout['world_size']} processes, but this run has expert_parallel = "
+                f"{ep.size} over {ep.world_size}: resume it with the same layout, or gather it "
+                f"into a single-process checkpoint (spiking-moe-gather --checkpoint {source} "
+                "--out <folder>)",
+                source,
+            )
+        names = [name for name, _ in self.model.named_parameters()]
+        if layout is None:
+            saved = state.get("parameter_names")  # written by the gather; checked when present
+            if saved is not None and list(saved) != names:
+                raise CheckpointError(
+                    f"{source}: its optimizer state is for parameters {_differences(saved, names)}"
+                    " in another order or set than this model's",
+                    source,
+                )
+            return state["model"], state["optimizer"]
+        shard: dict[str, Any] = {}
+
+        def read() -> None:
+            shard.update(load_expert_shard(state, source, ep.rank))
+            if list(shard["parameter_names"]) != names:
+                raise CheckpointError(
+                    f"{source}: shard {ep.rank} holds parameters "
+                    f"{_differences(shard['parameter_names'], names)} other than this model's",
+                    source,
+                )
+
+        # Every rank learns if any shard is unreadable, and all stop with the same error.
+        try:
+            self._all_or_none(read, f"reading the expert shards of {source}")
+        except RuntimeError as error:
+            raise CheckpointError(str(error), source) from None
+        return shard["model"], shard["optimizer"]
 
     # ------------------------------------------------------------------ the loop
 
@@ -437,6 +651,11 @@ class Trainer:
                 callback.on_fit_start(self)
             while self.step < self.total_steps:
                 if batches is None:
+                    if self.batch_in_epoch >= self.steps_per_epoch * accum:
+                        # Stopped (and checkpointed) on an epoch's last step, before the
+                        # epoch's end was counted: the next step opens the next epoch.
+                        self.epoch += 1
+                        self.batch_in_epoch = 0
                     batches = self._epoch_batches(self.epoch, self.batch_in_epoch)
                 outputs, micro_stats = [], []
                 for i, batch in enumerate(self._take(batches, accum)):
@@ -529,7 +748,12 @@ class Trainer:
 
     def _optimizer_step(self) -> torch.Tensor:
         """Clip, step, schedule, clear; returns the gradient norm (0 without clipping)."""
-        if self.config.grad_clip > 0:
+        if self.expert_parallel is not None:
+            # The step's gradients are complete (DDP reduced the dense ones on this backward).
+            reduce_expert_gradients(self.model, self.expert_parallel)
+        if self.config.grad_clip > 0 and self.expert_parallel is not None:
+            grad_norm = clip_grad_norm_(self.model, self.config.grad_clip, self.expert_parallel)
+        elif self.config.grad_clip > 0:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         else:
             grad_norm = torch.zeros((), device=self.device)
@@ -689,13 +913,25 @@ class Trainer:
         """Loss and accuracy on ``loader`` (summed over ranks), plus callbacks' metrics; logged.
 
         Under DDP give each rank its shard (``BatchLoader(..., rank, world_size, pad=False)``).
+
+        Under expert parallelism every forward exchanges tokens, so every rank makes as many
+        forward calls as the rank with the most batches: a rank with fewer (its shard one
+        sample short of filling another batch) cuts its first batches in two, or more parts,
+        until it has as many. Every sample is still evaluated exactly once and the metrics
+        are sums over samples, so they equal one process's evaluation of the whole set; the
+        callbacks see real samples only. A :class:`~spiking_moe.data.BatchLoader` says how
+        many samples it holds; other loaders must yield the same number of batches on every
+        rank. Raises ValueError, on every rank, when a rank has fewer samples than calls to
+        make (an evaluation set smaller than the number of processes, or one sample short
+        with ``train.eval_batch_size = 1``).
         """
+        batches = self._eval_batches(loader)  # collective: agreed before any forward
         was_training = self.model.training
         self.model.eval()
         for callback in self.callbacks:
             callback.on_eval_start(self, prefix)
         totals = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for batch in loader:
+        for batch in batches:
             x, y = self._to_device(batch)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 output = self._eval_forward(x)
@@ -729,6 +965,34 @@ class Trainer:
         )
         self.model.train(was_training)
         return metrics
+
+    def _eval_batches(self, loader: Iterable) -> Iterable:
+        """``loader``, or under expert parallelism its batches cut so that every rank makes
+        the same number of forward calls (:meth:`evaluate`)."""
+        if self.expert_parallel is None:
+            return loader
+        mine = (len(loader) if hasattr(loader, "__len__") else None, _loader_samples(loader))
+        plan = all_gather_objects(mine)
+        if any(batches is None for batches, _ in plan):
+            raise TypeError(
+                "under expert parallelism the evaluation loader needs len() on every rank "
+                "(every rank must make the same number of forward calls)"
+            )
+        calls = max(batches for batches, _ in plan)
+        short = {
+            rank: (batches, samples)
+            for rank, (batches, samples) in enumerate(plan)
+            if batches < calls and (samples is None or samples < calls)
+        }
+        if short:
+            raise ValueError(
+                f"expert-parallel evaluation makes {calls} forward calls on every rank (the most "
+                f"batches of any rank), but rank(s) {sorted(short)} have (batches, samples) "
+                f"{list(short.values())} and cannot be cut into that many: use a larger "
+                "evaluation set or train.eval_batch_size, or fewer processes (loaders other "
+                "than BatchLoader must yield equally many batches on every rank)"
+            )
+        return _with_extra_calls(loader, calls - plan[self.dist.rank][0])
 
     def close(self) -> None:
         """Write hparams with the latest metrics and close the sinks."""
@@ -770,3 +1034,72 @@ def _first_non_finite(first_bad: torch.Tensor, loss: torch.Tensor, step: int) ->
         is_first = ~torch.isfinite(loss) & (first_bad[0] < 0)
         here = torch.stack([torch.full_like(first_bad[0], step), loss.double()])
         return torch.where(is_first, here, first_bad)
+
+
+def _expert_state_names(model: nn.Module) -> list[str]:
+    """Parameters and buffers of the experts this process holds (DDP must neither reduce nor
+    broadcast them: each process of a group holds different experts)."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, ExpertShard):
+            names += [f"{prefix}.{n}" for n, _ in module.named_parameters()]
+            names += [f"{prefix}.{n}" for n, _ in module.named_buffers()]
+    return names
+
+
+def _expert_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{module path of a layer's experts: {"ids": held expert ids, "num_experts": E}}``."""
+    return {
+        prefix: {"ids": list(module.global_ids), "num_experts": module.num_experts}
+        for prefix, module in model.named_modules()
+        if isinstance(module, ExpertShard)
+    }
+
+
+def _differences(saved: Sequence[str], names: Sequence[str]) -> str:
+    """A short account of how two parameter name lists differ."""
+    saved_set, names_set = set(saved), set(names)
+    missing = [n for n in names if n not in saved_set]
+    extra = [n for n in saved if n not in names_set]
+    if not missing and not extra:
+        return "(the same names in another order)"
+    return f"(missing here: {missing[:5]}, not in this model: {extra[:5]})"
+
+
+def _batch_size(batch) -> int:
+    return int(batch[1].shape[0])
+
+
+def _loader_samples(loader) -> int | None:
+    """Samples a :class:`~spiking_moe.data.BatchLoader` yields in one pass (None for other
+    loaders, which do not say)."""
+    if not all(hasattr(loader, a) for a in ("indices", "batch_size", "drop_last", "epoch")):
+        return None
+    if loader.drop_last:
+        return len(loader) * loader.batch_size
+    return len(loader.indices(loader.epoch))
+
+
+def _with_extra_calls(loader: Iterable, extra: int) -> Iterator:
+    """``loader``'s batches, the first ones cut into parts until ``extra`` more batches came
+    out (possible when the loader holds at least ``len(loader) + extra`` samples)."""
+    for batch in loader:
+        parts = min(_batch_size(batch), extra + 1)
+        if parts > 1:
+            extra -= parts - 1
+            yield from _split_batch(batch, parts)
+        else:
+            yield batch
+
+
+def _split_batch(batch, parts: int) -> list:
+    """``batch`` cut into ``parts`` batches of nearly equal size, samples in order.
+
+    Targets are ``[B]`` or ``[B, S]``; inputs are time-major ``[T, B, ...]`` for ``[B]``
+    targets and ``[B, S]`` token ids for ``[B, S]`` targets (the two layouts the trainer takes).
+    """
+    x, y = batch
+    dim = 0 if x.dim() == y.dim() else 1
+    return list(
+        zip(torch.tensor_split(x, parts, dim), torch.tensor_split(y, parts, 0), strict=True)
+    )
