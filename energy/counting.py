@@ -73,7 +73,11 @@ module (pooling, normalisation, reshaping) fed one. Time-major calls contribute
 when such calls contribute their mean per call, ``sum(dense MACs) / #calls``. ``tokens`` (the
 per-step rows a layer saw: the ANN's rows) follows the same rule. Time folded by a plain
 function between modules into a new tensor (e.g. ``F.max_pool2d`` called in a ``forward``)
-cannot be traced: wrap it in a module.
+cannot be traced: wrap it in a module. A module may declare its own step count, an int attribute
+``energy_time_steps = L``: the calls of the countable modules inside it (itself included) whose
+input shows ``L`` in dim 0 are time-major with ``L`` steps and contribute ``dense MACs / L``
+(e.g. experts that run on routing windows of ``L`` steps with fresh state: the ANN runs one
+step per (window, token) row).
 
 **Several passes** (the batches of an evaluation set) add up: :func:`merge_counts` sums the
 counts of each module, matched by name. Every count is a sum over calls, or (``tokens``,
@@ -431,6 +435,9 @@ class _Tally:
         self.name, self.kind, self.group = name, kind, group
         self.fan_in, self.fan_out = fan_in, fan_out
         self.order = -1
+        # Steps in dim 0 of this module's time-major calls: the counter's T unless a module
+        # around it declares its own (``energy_time_steps``, see count_operations).
+        self.time_steps = 0
         self.calls = 0
         self.rows = 0
         self.dense_macs = 0
@@ -571,7 +578,7 @@ class _Counter:
             self._start(tally)
             x = args[0] if args else kwargs["input"]
             rows = x.numel() // module.in_features
-            time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == self.time_steps)
+            time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == tally.time_steps)
             self._record_synaptic(
                 tally,
                 x,
@@ -588,7 +595,7 @@ class _Counter:
         def hook(module: nn.modules.conv._ConvNd, args, kwargs, output):
             self._start(tally)
             x = args[0] if args else kwargs["input"]
-            time_major = self.is_time_major(x, x.dim() == nd + 3 and x.shape[0] == self.time_steps)
+            time_major = self.is_time_major(x, x.dim() == nd + 3 and x.shape[0] == tally.time_steps)
             if x.dim() == nd + 3:  # [T, B, C, *S] (SpikingJelly multi-step): fold T into B
                 x = x.flatten(0, 1)
             elif x.dim() == nd + 1:  # unbatched [C, *S]
@@ -629,7 +636,7 @@ class _Counter:
                     f"{tuple(a.shape)} @ {tuple(b.shape)}"
                 )
             L = math.prod(lead)
-            time_major = self.is_time_major(a, a.dim() >= 3 and a.shape[0] == self.time_steps)
+            time_major = self.is_time_major(a, a.dim() >= 3 and a.shape[0] == tally.time_steps)
             nnz_a, ones_a = self.value_counts(a)
             nnz_b, ones_b = self.value_counts(b)
             a_binary = nnz_a == ones_a
@@ -664,7 +671,7 @@ class _Counter:
         def hook(module: nn.Softmax, args, kwargs, output):
             self._start(tally)
             x = args[0] if args else kwargs["input"]
-            time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == self.time_steps)
+            time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == tally.time_steps)
             macs = _host_or_device(torch.count_nonzero(torch.isfinite(x)) * _SOFTMAX_MACS)
             # Known only on the device: its dense and ANN shares go to device slots as well.
             tally.add(macs=macs, **{"tm_macs" if time_major else "flat_macs": macs})
@@ -679,7 +686,7 @@ class _Counter:
             self._start(tally)
             spikes = adapter.spikes(output)
             x = args[0] if args else next(iter(kwargs.values()), None)
-            explicit = spikes.dim() >= 3 and spikes.shape[0] == self.time_steps
+            explicit = spikes.dim() >= 3 and spikes.shape[0] == tally.time_steps
             if explicit or (
                 isinstance(x, torch.Tensor) and x.dim() > 0 and self.is_time_major(x, False)
             ):
@@ -688,6 +695,23 @@ class _Counter:
             tally.add(spikes=self.value_counts(spikes)[0])
 
         return hook
+
+
+def _declared_time_steps(name: str, modules: Mapping[str, nn.Module]) -> int | None:
+    """``energy_time_steps`` of the innermost module around ``name`` (itself included) that
+    declares one, else None."""
+    parts = name.split(".") if name else []
+    for end in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:end])
+        declared = getattr(modules.get(prefix), "energy_time_steps", None)
+        if declared is None:
+            continue
+        if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+            raise ValueError(
+                f"module {prefix!r}: energy_time_steps must be a positive int, got {declared!r}"
+            )
+        return declared
+    return None
 
 
 def _conv_synapse_events(module: nn.modules.conv._ConvNd, x_BCS: torch.Tensor, nd: int):
@@ -856,6 +880,7 @@ def count_operations(
     adapters = (*neuron_adapters, *BUILTIN_ADAPTERS)
 
     counter = _Counter(time_steps)
+    modules = dict(model.named_modules())
     handles = []
     try:
         for name, module in model.named_modules():
@@ -886,6 +911,7 @@ def count_operations(
                 tally = _Tally(name, "neuron", None, 0, 0)
                 hook = counter.neuron_hook(tally, adapter)
             tally.group = _group_of(name, group_map)
+            tally.time_steps = _declared_time_steps(name, modules) or time_steps
             counter.tallies.append(tally)
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         if not counter.tallies:
@@ -951,6 +977,7 @@ def count_operations(
 
 def _finish(tally: _Tally, values: list[int], time_steps: int) -> LayerCounts:
     acs, macs, events, binary_calls, spikes, tm_macs, flat_macs = values
+    time_steps = tally.time_steps or time_steps
     flat = max(tally.flat_calls, 1)
     ann_macs = (tally.tm_ann_macs + tm_macs) // time_steps + (
         tally.flat_ann_macs + flat_macs

@@ -217,8 +217,16 @@ class SpikingMoE(nn.Module):
         self.in_features = router.in_features
         self.out_features = outs.pop() if outs else None
         self.expert_parallel = None
+        self._declare_expert_steps()
         if expert_parallel is not None:
             self.shard_experts(expert_parallel)
+
+    def _declare_expert_steps(self) -> None:
+        """Tell the energy counter (:mod:`energy.counting`'s ``energy_time_steps``) that a
+        windowed router's experts run on ``L``-step rows: their ANN equivalent is one step per
+        (window, token) row, not one per ``L`` of them."""
+        window = getattr(self.router, "window", None)
+        self.experts.energy_time_steps = window
 
     @property
     def num_experts(self) -> int:
@@ -239,6 +247,7 @@ class SpikingMoE(nn.Module):
         local = expert_parallel.local_experts(self.num_experts)
         self.experts = ExpertShard({e: self.experts[e] for e in local}, self.num_experts)
         self.expert_parallel = expert_parallel
+        self._declare_expert_steps()
 
     def extra_repr(self) -> str:
         parallel = f", expert_parallel={self.expert_parallel.size}" if self.expert_parallel else ""

@@ -267,9 +267,6 @@ def write_energy_report(writer, report, step: int, prefix: str) -> None:
     energy.tensorboard.write_report(writer, report, step, prefix=prefix)
 
 
-_SYNAPTIC_KINDS = ("linear", "conv1d", "conv2d", "conv3d")
-
-
 def expert_parallel_counts(
     model: nn.Module, counts: energy.OperationCounts
 ) -> energy.OperationCounts:
@@ -282,39 +279,28 @@ def expert_parallel_counts(
     appears only on its owner (with replicas, on each of them, for its row's tokens), under
     its global name. An owner runs each local expert once per source process that sent it
     rows, where one process counting the shards one by one calls it once per shard that routed
-    to it: the same calls, and every count is a sum over calls, so all of them match as they
-    are, except two things put right here:
-
-    - Experts behind a windowed router (window ``L != T``) run on ``[L, R, D]`` rows, which
-      :mod:`energy.counting` does not see as time-major: it takes the mean over the calls of
-      the ANN-equivalent ``tokens``, ``ann_macs`` and ``ann_outputs`` (its rule for a layer
-      run once per forward, or once per step). Each call here is one source's share, a call
-      of its own in one process, so they are summed instead: ``tokens = rows``,
-      ``ann_macs = dense_macs``, ``ann_outputs = dense_macs / fan_in`` (Linear and ConvNd
-      layers; a product or softmax inside an expert is left as counted).
-    - An owner whose local experts received no row from any process calls its first local
-      expert on an empty batch (:func:`~spiking_moe.dispatch.run_experts_with_activity` always
-      returns a ``[T, 0, O]`` tensor). That expert did nothing: it is listed as idle (no calls,
-      after the modules that ran), as one process lists an expert that no token chose.
+    to it: the same calls, and every count is a sum over calls (experts' calls are time-major,
+    behind a windowed router too: the layer declares their ``energy_time_steps``), so all of
+    them match as they are, except one thing put right here: an owner whose local experts
+    received no row from any process calls its first local
+    expert on an empty batch (:func:`~spiking_moe.dispatch.run_experts_with_activity` always
+    returns a ``[T, 0, O]`` tensor). That expert did nothing: it is listed as idle (no calls,
+    after the modules that ran), as one process lists an expert that no token chose.
 
     Args:
         model: the counted model: its expert-parallel :class:`~spiking_moe.moe.SpikingMoE`
-            layers say which modules are experts and whether their router is windowed.
+            layers say which modules are experts.
         counts: :class:`energy.OperationCounts` of one or more passes on this process.
 
     Returns:
         :class:`energy.OperationCounts`; ``counts`` itself for a model without expert-parallel
         layers.
     """
-    experts, windowed = [], []  # module-name prefixes of each layer's experts
-    for name, layer in model.named_modules():
-        if not isinstance(layer, SpikingMoE) or layer.expert_parallel is None:
-            continue
-        prefix = f"{name}.experts." if name else "experts."
-        experts.append(prefix)
-        window = getattr(layer.router, "window", None)
-        if window is not None and window != counts.time_steps:
-            windowed.append(prefix)
+    experts = [  # module-name prefixes of each layer's experts
+        f"{name}.experts." if name else "experts."
+        for name, layer in model.named_modules()
+        if isinstance(layer, SpikingMoE) and layer.expert_parallel is not None
+    ]
     if not experts:
         return counts
     layers = list(counts.layers)
@@ -327,13 +313,8 @@ def expert_parallel_counts(
         group = [layers[i] for i in indices]
         if any(m.calls for m in group) and not any(m.rows or m.neuron_updates for m in group):
             emptied.update(indices)
-    for i, m in enumerate(layers):
-        if i in emptied:
-            layers[i] = dataclasses.replace(m, calls=0, binary_calls=0)
-        elif m.kind in _SYNAPTIC_KINDS and m.fan_in and m.name.startswith(tuple(windowed)):
-            layers[i] = dataclasses.replace(
-                m, tokens=m.rows, ann_macs=m.dense_macs, ann_outputs=m.dense_macs // m.fan_in
-            )
+    for i in emptied:
+        layers[i] = dataclasses.replace(layers[i], calls=0, binary_calls=0)
     ran = [m for m in layers if m.calls]
     idle = [m for m in layers if not m.calls]  # listed last, as count_operations lists them
     ordered = tuple(dataclasses.replace(m, order=i) for i, m in enumerate(ran + idle))

@@ -619,3 +619,65 @@ def test_counting_hooks_do_not_synchronise_the_host_on_cuda():
     assert cpu.total("acs") > 0 and cpu.total("spikes") > 0
     for layer in cpu.layers:
         assert same_counts(counts.layer(f"inner.{layer.name}"), layer), layer.name
+
+
+# ----------------------------------------------------------------------------- declared steps
+
+
+class Windows(nn.Module):
+    """Runs its layer on [L, W B, F] windows of a [T, B, F] input (T = W L), fresh per window."""
+
+    def __init__(self, window, declare):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.window = window
+        if declare:
+            self.energy_time_steps = window
+
+    def forward(self, x_TBF):
+        T, B, F = x_TBF.shape
+        W = T // self.window
+        rows = x_TBF.view(W, self.window, B, F).transpose(0, 1).reshape(self.window, W * B, F)
+        return self.fc(rows)
+
+
+def test_declared_time_steps_make_windowed_calls_one_ann_step_per_window_row():
+    T, B, L = 6, 4, 2
+    x = spikes(T, B, 5, p=0.4)
+    declared = energy.count_operations(Windows(L, declare=True), x).layer("fc")
+    # Hand count: W = 3 windows x 4 tokens = 12 rows of 2 steps; the ANN runs each row once.
+    assert (declared.rows, declared.tokens) == (T * B, (T // L) * B)
+    assert declared.ann_macs == (T // L) * B * 5 * 3
+    assert declared.dense_macs == T * B * 5 * 3
+    # Undeclared, the call is taken as once per forward: every one of its rows an ANN step.
+    undeclared = energy.count_operations(Windows(L, declare=False), x).layer("fc")
+    assert (undeclared.tokens, undeclared.ann_macs) == (T * B, T * B * 5 * 3)
+    assert undeclared.acs == declared.acs  # the spiking counts do not depend on it
+
+
+def test_bad_declared_time_steps_are_rejected():
+    model = Windows(2, declare=True)
+    model.energy_time_steps = 0
+    with pytest.raises(ValueError, match=r"module '': energy_time_steps must be a positive int"):
+        energy.count_operations(model, spikes(6, 4, 5))
+
+
+def test_windowed_moe_experts_count_one_ann_step_per_routed_window_row():
+    from spiking_moe.experts import SpikingExpert
+    from spiking_moe.moe import SpikingMoE
+    from spiking_moe.router import RateRouter
+
+    torch.manual_seed(0)
+    T, N, D, E, L = 6, 5, 8, 4, 2
+    moe = SpikingMoE(
+        router=RateRouter(D, E, 2, window=L),
+        experts=[SpikingExpert(D, 12, D, threshold=0.3) for _ in range(E)],
+    )
+    x = spikes(T, N, D, p=0.4)
+    routed = moe(x).routing.tokens_per_expert.tolist()  # (window, token) rows per expert
+    counts = energy.count_operations(moe, x)
+    assert sum(routed) == (T // L) * N * 2
+    for e, rows in enumerate(routed):
+        first = counts.layer(f"experts.{e}.net.0")
+        assert (first.tokens, first.ann_macs) == (rows, rows * D * 12), e
+        assert first.dense_macs == rows * L * D * 12
