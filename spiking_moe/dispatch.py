@@ -254,7 +254,8 @@ def combine(y_TRO: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         )
     weighted = y_TRO * plan.gates.to(y_TRO.dtype).view(1, -1, 1)
     out = y_TRO.new_zeros(y_TRO.shape[0], plan.num_tokens, y_TRO.shape[2])
-    return out.index_add(1, plan.token_index, weighted)
+    # In place on the fresh zeros: the out-of-place index_add copies them first.
+    return out.index_add_(1, plan.token_index, weighted)
 
 
 def dense_masked(
