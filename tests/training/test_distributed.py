@@ -2,9 +2,6 @@
 and bias balancing takes the step of the global batch on every rank."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,35 +15,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import ddp_worker  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.torchrun import torchrun  # noqa: E402
 
 
 def _torchrun(out: Path, kind: str) -> list[dict]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(ROOT / "tests" / "training" / "ddp_worker.py"),
-        str(out),
-        kind,
-    ]
     out.mkdir()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(
+        out / "torchrun.log", 2, str(ROOT / "tests" / "training" / "ddp_worker.py"), str(out), kind
+    )
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

@@ -9,9 +9,6 @@ equal. The workers are tests/training/ep_worker.py and the experiments/train.py 
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from spiking_moe.training import (
 )
 from spiking_moe.training.checkpoint import load_expert_shard, remove_stale_expert_shards
 from tests.tiny import tiny_moe, two_class_data
+from tests.torchrun import torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,45 +43,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ep_worker  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(log: Path, world: int, *args: str) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={world}",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        *args,
-    ]
-    # Output to a file, not a pipe: workers left waiting in a collective (processes out of
-    # step) would hold a pipe open. On a timeout SIGTERM makes torchrun stop its workers.
-    with open(log, "w") as output:
-        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=output, stderr=output)
-        try:
-            proc.wait(timeout=240)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(timeout=60)
-            pytest.fail(f"torchrun timed out (processes out of step?): {log.read_text()[-4000:]}")
-    assert proc.returncode == 0, log.read_text()[-4000:]
-
-
 def _run_worker(out: Path, world: int) -> list[dict]:
     out.mkdir()
-    _torchrun(
+    torchrun(
         out / "torchrun.log", world, str(ROOT / "tests" / "training" / "ep_worker.py"), str(out)
     )
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
@@ -256,7 +218,7 @@ def test_torchrun_trains_a_classifier_expert_parallel_and_the_gathered_checkpoin
     from spiking_moe.cli import energy_report_main, export_main, gather_main
 
     run = tmp_path / "run"
-    _torchrun(
+    torchrun(
         tmp_path / "torchrun.log",
         2,
         *_train_command(
@@ -303,7 +265,7 @@ def test_torchrun_trains_a_classifier_expert_parallel_and_the_gathered_checkpoin
 @pytest.mark.slow
 def test_torchrun_trains_the_language_model_expert_parallel(tmp_path):
     run = tmp_path / "run"
-    _torchrun(
+    torchrun(
         tmp_path / "torchrun.log",
         2,
         *_train_command(
