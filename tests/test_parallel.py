@@ -46,6 +46,7 @@ CASES = {
     "top1": dict(k=1),
     "dense": dict(dense=True),
     "mlp": dict(mlp=True),  # experts without spiking activity (the ANN twins' MLPExpert)
+    "grouped": dict(grouped_gemm="always"),  # one grouped GEMM over the (source, expert) blocks
 }
 
 
@@ -66,7 +67,12 @@ def make_layer(case: str) -> SpikingMoE:
     else:
         experts = [SpikingExpert(D, 12, O, threshold=0.3) for _ in range(E)]
     shared = [SpikingExpert(D, 8, O, threshold=0.3) for _ in range(options.get("shared", 0))]
-    layer = SpikingMoE(router=router, experts=experts, shared_experts=shared)
+    layer = SpikingMoE(
+        router=router,
+        experts=experts,
+        shared_experts=shared,
+        grouped_gemm=options.get("grouped_gemm", "auto"),
+    )
     layer.dense = options.get("dense", False)
     return layer
 
