@@ -56,6 +56,7 @@ from .router import RoutingInfo
 __all__ = [
     "CPU_GROUPED_MIN_EXPERTS",
     "GROUPED_GEMM",
+    "SPIKE_EXCHANGE",
     "MoEOutput",
     "SpikingMoE",
     "set_dense",
@@ -65,6 +66,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GROUPED_GEMM = ("auto", "never", "always")
+SPIKE_EXCHANGE = ("auto", "bits", "float")
 
 #: On CPU, "auto" takes the grouped expert GEMM when at least this many experts received rows:
 #: per-expert calls win below it, the grouped path above (measured crossover between 16 and 64
@@ -136,6 +138,10 @@ class SpikingMoE(nn.Module):
             grouped path is flat in the number of experts but slower for few of them (its
             token-major layout costs copies the per-expert calls do not pay), hence the
             threshold (the MoE scaling benchmark in ``experiments/benchmarks/RESULTS.md``).
+        spike_exchange: how an expert-parallel layer sends its rows to the experts' processes:
+            "bits" (spikes, 8 per byte: 32x fewer bytes than float32), "float", or "auto"
+            (default): bits when ``check_spikes`` verifies on every call that the input is
+            spikes, floats otherwise. "bits" without ``check_spikes`` checks the rows it sends.
         expert_parallel: an :class:`~spiking_moe.parallel.ExpertParallel` layout: ``experts``
             are all ``E`` experts (identical on every process, e.g. built from one seed), of
             which this process keeps its ``E / P`` and exchanges tokens with the others
@@ -173,11 +179,16 @@ class SpikingMoE(nn.Module):
         dense: bool = False,
         check_spikes: bool = True,
         grouped_gemm: str = "auto",
+        spike_exchange: str = "auto",
         expert_parallel=None,
     ):
         super().__init__()
         if grouped_gemm not in GROUPED_GEMM:
             raise ValueError(f"unknown grouped_gemm {grouped_gemm!r}; valid: {list(GROUPED_GEMM)}")
+        if spike_exchange not in SPIKE_EXCHANGE:
+            raise ValueError(
+                f"unknown spike_exchange {spike_exchange!r}; valid: {list(SPIKE_EXCHANGE)}"
+            )
         if not isinstance(router, nn.Module):
             raise TypeError(f"router must be an nn.Module, got {type(router).__name__}")
         experts = list(experts)
@@ -214,6 +225,7 @@ class SpikingMoE(nn.Module):
         self.dense = bool(dense)
         self.check_spikes = bool(check_spikes)
         self.grouped_gemm = grouped_gemm
+        self.spike_exchange = spike_exchange
         self.in_features = router.in_features
         self.out_features = outs.pop() if outs else None
         self.expert_parallel = None
@@ -232,6 +244,13 @@ class SpikingMoE(nn.Module):
     def num_experts(self) -> int:
         """``E``, all experts of the layer (under expert parallelism, not only the local ones)."""
         return self.router.num_experts
+
+    def exchanges_bits(self) -> bool:
+        """Whether, under expert parallelism, this layer sends its rows as bits (the
+        ``spike_exchange`` argument)."""
+        if self.spike_exchange == "float":
+            return False
+        return self.spike_exchange == "bits" or self.check_spikes
 
     def shard_experts(self, expert_parallel) -> None:
         """Keep only this process's experts (:mod:`spiking_moe.parallel`); not collective."""

@@ -22,7 +22,9 @@ its own tokens:
    the receiving side needs them as split sizes);
 3. send the rows, all ``T`` steps of a token together (token-major ``[R, T D]``), with the
    autograd-aware ``all_to_all_single``; rows arrive grouped by source process, then by local
-   expert;
+   expert. Rows of spikes travel as bits, 8 per byte (:func:`pack_spikes`; the layer's
+   ``spike_exchange``: by default whenever its input is checked to be spikes), their gradients
+   as floats;
 4. run each local expert on the rows each source sent it, one call per (source, expert) block
    (or the grouped GEMM over the same blocks): the experts are per-row functions, so this equals
    one call on all the expert's rows, and it gives each source's share of the experts' spiking
@@ -47,7 +49,8 @@ must ignore the expert parameters (:func:`expert_parameter_names`).
 **Exchange volume** per layer and step, per process, float32: forward sends its ``R`` rows
 (``R T D`` values) and returns the ``R_in`` currents it computed (``R_in T O``), backward the
 same amounts the other way, so ``4 T (D + O) (R + R_in)`` bytes, about ``8 R T (D + O)`` with
-balanced routing; ``R = N k`` (tokens times experts per token, fewer with capacity drops), of
+balanced routing; with the rows as bits the forward rows take ``R ceil(T D / 8)`` bytes instead
+of ``4 R T D``; ``R = N k`` (tokens times experts per token, fewer with capacity drops), of
 which about ``R / P`` stay on the process (still copied by the collective). Linear in tokens,
 ``k``, ``T`` and width, independent of ``E``. Measured (to the byte) by
 ``experiments/benchmarks/expert_parallel.py``.
@@ -71,9 +74,11 @@ __all__ = [
     "clip_grad_norm_",
     "expert_parameter_names",
     "init_expert_parallel",
+    "pack_spikes",
     "reduce_expert_gradients",
     "run_experts_parallel",
     "shard_experts",
+    "unpack_spikes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -329,6 +334,46 @@ def _a2a(x: torch.Tensor, output_splits: list[int], input_splits: list[int], gro
     return funcol.wait_tensor(received)
 
 
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_spikes(x_RF: torch.Tensor) -> torch.Tensor:
+    """Binary rows ``[R, F]`` (0.0/1.0) as bits: ``[R, ceil(F / 8)]`` uint8, feature ``f`` in bit
+    ``f % 8`` of byte ``f // 8``. Values other than 0 and 1 are not representable: check first."""
+    R, F = x_RF.shape
+    padded = nn.functional.pad(x_RF.to(torch.uint8), (0, -F % 8))
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=x_RF.device)
+    return (padded.view(R, padded.shape[1] // 8, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_spikes(bits_RB: torch.Tensor, features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`pack_spikes`: ``[R, features]`` of ``dtype``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits_RB.device)
+    bits = (bits_RB.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bits_RB.shape[0], 8 * bits_RB.shape[1])[:, :features].to(dtype)
+
+
+class _BinaryRows(torch.autograd.Function):
+    """The rows' exchange for spikes: sent as bits (32x fewer bytes than float32); their
+    gradients, real numbers, come back as floats."""
+
+    @staticmethod
+    def forward(ctx, x_RF, output_splits, input_splits, group):
+        ctx.splits, ctx.group = (list(output_splits), list(input_splits)), group
+        packed = pack_spikes(x_RF)
+        received = packed.new_empty(sum(output_splits), packed.shape[1])
+        dist.all_to_all_single(received, packed, output_splits, input_splits, group=group)
+        return unpack_spikes(received, x_RF.shape[1], x_RF.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_RF):
+        output_splits, input_splits = ctx.splits
+        grad_RF = grad_RF.contiguous()
+        returned = grad_RF.new_empty(sum(input_splits), grad_RF.shape[1])
+        dist.all_to_all_single(returned, grad_RF, input_splits, output_splits, group=ctx.group)
+        return returned, None, None, None
+
+
 def run_experts_parallel(layer, grouped_TRD: torch.Tensor, plan, *, grouped: bool = False):
     """Steps 2-5 of the module docstring for one :class:`~spiking_moe.moe.SpikingMoE` layer.
 
@@ -357,7 +402,22 @@ def run_experts_parallel(layer, grouped_TRD: torch.Tensor, plan, *, grouped: boo
     recv_splits = tuple(recv_counts.tolist())  # rows per (source, local expert), source-major
     send_rows = [sum(plan.splits[s * per : (s + 1) * per]) for s in range(P)]
     recv_rows = [sum(recv_splits[s * per : (s + 1) * per]) for s in range(P)]
-    received = _a2a(grouped_TRD.transpose(0, 1).reshape(R, T * D), recv_rows, send_rows, ep.group)
+    rows_RF = grouped_TRD.transpose(0, 1).reshape(R, T * D)
+    if layer.spike_exchange == "bits" and not layer.check_spikes:
+        # Bits cannot carry other values; every process must learn of it, or the others
+        # would wait in the exchange.
+        graded = ((rows_RF != 0) & (rows_RF != 1)).any().to(torch.int64).reshape(1)
+        dist.all_reduce(graded, op=dist.ReduceOp.MAX, group=ep.group)
+        if graded.item():
+            raise ValueError(
+                "spike_exchange='bits' but rows that are not spikes (values other than 0 and "
+                "1) reached the exchange on at least one process: use spike_exchange='float' "
+                "or 'auto' for graded inputs"
+            )
+    if layer.exchanges_bits():
+        received = _BinaryRows.apply(rows_RF, recv_rows, send_rows, ep.group)
+    else:
+        received = _a2a(rows_RF, recv_rows, send_rows, ep.group)
     R_in = received.shape[0]
     rows_TRD = received.view(R_in, T, D).transpose(0, 1)
     local = [layer.experts[e] for e in ep.local_experts(E)]

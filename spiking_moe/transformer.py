@@ -305,6 +305,8 @@ def _moe_ffn(
         shared_experts=[make_expert(shared_hidden) for _ in range(shared_experts)],
         neuron=neuron,
         check_spikes=False,
+        # Under expert parallelism the spiking LM's rows travel as bits (checked as they go).
+        spike_exchange="bits" if isinstance(neuron, LIF) else "float",
     )
 
 

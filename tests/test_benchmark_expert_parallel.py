@@ -18,11 +18,12 @@ SCRIPT = ROOT / "experiments" / "benchmarks" / "expert_parallel.py"
 
 
 @pytest.mark.slow
-def test_quick_run_measures_the_bytes_the_exchange_model_predicts(tmp_path):
+@pytest.mark.parametrize("exchange", ["float", "bits"])
+def test_quick_run_measures_the_bytes_the_exchange_model_predicts(tmp_path, exchange):
     out = tmp_path / "expert_parallel.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--exchange", exchange, "--json", str(out)],
         cwd=tmp_path,
         env=env,
         check=True,
@@ -39,18 +40,24 @@ def test_quick_run_measures_the_bytes_the_exchange_model_predicts(tmp_path):
         )
     # One process: nothing is exchanged.
     assert one["tokens_bytes_mean"] == one["metadata_bytes_mean"] == 0
-    # Two processes: every rank's measured bytes equal 4 T (D + O) (R + R_in) exactly, the part
-    # for the other process too; summed over ranks they equal the model's 8 R T (D + O).
+    # Two processes: every rank's measured bytes equal the exchange model exactly, the part for
+    # the other process too. Per own row: its T D spikes out (float32, or bits: T D / 8 bytes)
+    # and its current's gradient (4 T D bytes, O = D); per received row: its current back and
+    # its gradient back (4 T D each). Floats: 4 T (D + O) (R + R_in).
     config = report["config"]
     T, D = config["steps"], config["features"]
+    row_out = 4 * T * D if exchange == "float" else T * D // 8
+    assert T * D % 8 == 0
     assert two["measured_equals_exact_every_rank"]
     assert two["sum_measured_equals_sum_formula"]
     for rank in two["per_rank"]:
         R, R_in, mine = rank["rows_sent"], rank["rows_received"], rank["rows_local"]
         assert R == config["batch"] * config["k"]  # no capacity limit: no drops
-        assert rank["tokens_bytes"] == 4 * T * 2 * D * (R + R_in)
-        assert rank["tokens_bytes_to_others"] == 4 * T * 2 * D * (R + R_in - 2 * mine)
-        assert rank["tokens_bytes_forward"] == rank["tokens_bytes_backward"]
+        sent, received = row_out + 4 * T * D, 8 * T * D
+        assert rank["tokens_bytes"] == R * sent + R_in * received
+        assert rank["tokens_bytes_to_others"] == (R - mine) * sent + (R_in - mine) * received
+        assert rank["tokens_bytes_forward"] == R * row_out + R_in * 4 * T * D
+        assert rank["tokens_bytes_backward"] == (R + R_in) * 4 * T * D
         assert 0 < rank["tokens_bytes_to_others"] < rank["tokens_bytes"]
         assert 0 < rank["metadata_bytes"] < rank["tokens_bytes"] / 100
         assert rank["all_reduce_bytes"] > 0  # the dense gradients' all-reduce

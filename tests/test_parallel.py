@@ -30,8 +30,10 @@ from spiking_moe.parallel import (
     clip_grad_norm_,
     expert_parameter_names,
     init_expert_parallel,
+    pack_spikes,
     reduce_expert_gradients,
     shard_experts,
+    unpack_spikes,
 )
 from spiking_moe.router import RateRouter
 
@@ -47,6 +49,8 @@ CASES = {
     "dense": dict(dense=True),
     "mlp": dict(mlp=True),  # experts without spiking activity (the ANN twins' MLPExpert)
     "grouped": dict(grouped_gemm="always"),  # one grouped GEMM over the (source, expert) blocks
+    "float": dict(spike_exchange="float"),  # rows as float32 instead of bits
+    "unchecked": dict(spike_exchange="bits", check_spikes=False),  # bits, checked as they go
 }
 
 
@@ -72,6 +76,8 @@ def make_layer(case: str) -> SpikingMoE:
         experts=experts,
         shared_experts=shared,
         grouped_gemm=options.get("grouped_gemm", "auto"),
+        spike_exchange=options.get("spike_exchange", "auto"),
+        check_spikes=options.get("check_spikes", True),
     )
     layer.dense = options.get("dense", False)
     return layer
@@ -333,6 +339,15 @@ def bad_layout_worker(rank: int, world: int) -> dict:
         shard_experts(mismatched, ep)
     except ValueError as error:
         errors["mismatch"] = str(error)
+    graded = make_layer("unchecked")
+    shard_experts(graded, ep)
+    x = shard_input("unchecked", world, rank)
+    if rank == 1:
+        x = x * 0.5  # graded values on one process only: both must stop
+    try:
+        graded(x)
+    except ValueError as error:
+        errors["graded"] = str(error)
     return errors
 
 
@@ -343,6 +358,19 @@ def test_bad_layouts_are_clear_errors(tmp_path):
         assert "expert_parallel = 3 does not divide the world size 2" in errors["size"]
         assert "3 experts, not divisible by expert_parallel = 2" in errors["experts"]
         assert "[4]" in errors["mismatch"] and "[6]" in errors["mismatch"], errors["mismatch"]
+        assert "spike_exchange='bits' but rows that are not spikes" in errors["graded"]
+
+
+def test_spikes_pack_eight_to_a_byte_and_unpack_exactly():
+    x = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 1, 1], [0, 1, 0, 0, 0, 0, 0, 0, 0]])
+    packed = pack_spikes(x)
+    # Feature f is bit f % 8 of byte f // 8: 1 + 128, then 1; 2, then 0.
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[129, 1], [2, 0]]
+    assert torch.equal(unpack_spikes(packed, 9, torch.float64), x.double())
+    for features in (1, 8, 13, 64):
+        spikes = (torch.rand(7, features) < 0.5).float()
+        assert torch.equal(unpack_spikes(pack_spikes(spikes), features, torch.float32), spikes)
+    assert pack_spikes(torch.zeros(0, 5)).shape == (0, 1)
 
 
 def test_expert_shard_names_and_indexing():

@@ -15,10 +15,11 @@ Bytes are measured, not computed: one extra (untimed) step runs under a dispatch
 sees every collective the layer issues, forward and backward, and adds up what each process
 hands to the all-to-alls: in total and for *other* processes (the rows for its own experts
 are copied locally by the collective). They are compared with the exchange model of
-:mod:`spiking_moe.parallel` (``8 R T (D + O)`` bytes per step and process, float32) and with
-its exact form ``4 T (D + O) (R + R_in)`` (``R`` rows this process dispatches, ``R_in`` rows
-its experts receive). The same all-to-alls are then replayed alone, without compute, to time
-the exchange by itself.
+:mod:`spiking_moe.parallel`: per process ``R (r + 4 T O) + R_in 4 T (D + O)`` bytes (``R``
+rows this process dispatches, ``R_in`` rows its experts receive, ``r`` the bytes of one row on
+its way out: ``T D / 8`` as bits, the default for spikes, ``4 T D`` with ``--exchange float``,
+which makes it ``4 T (D + O) (R + R_in)``, ``8 R T (D + O)`` when balanced). The same
+all-to-alls are then replayed alone, without compute, to time the exchange by itself.
 
     PYTHONPATH=. python experiments/benchmarks/expert_parallel.py              # gloo, 1 2 4
     PYTHONPATH=. python experiments/benchmarks/expert_parallel.py --quick --json out.json
@@ -89,7 +90,9 @@ def build_layer(args, x_global: torch.Tensor) -> SpikingMoE:
     D = args.features
     router = RateRouter(D, args.experts, args.k)
     experts = [SpikingExpert(D, args.hidden, D) for _ in range(args.experts)]
-    layer = SpikingMoE(router=router, experts=experts).to(x_global.device)
+    layer = SpikingMoE(router=router, experts=experts, spike_exchange=args.exchange).to(
+        x_global.device
+    )
     with torch.no_grad():
         for i in range(args.balance_steps):
             router.bias_update_rate = 0.05 * 0.01 ** (i / max(args.balance_steps - 1, 1))
@@ -253,7 +256,13 @@ def run_process(rank: int, world: int, args) -> dict:
     R = int(load_E.sum())
     R_in = int(loads_PE[:, rank * per : (rank + 1) * per].sum())
     R_self = int(load_E[rank * per : (rank + 1) * per].sum())
-    element = 4  # float32 rows and currents
+    element = 4  # float32 currents and gradients (and rows, unless they travel as bits)
+    # Bytes of one row on its way out: its T D spikes as bits or as float32.
+    row_out = -(-T * D // 8) if args.exchange != "float" else element * T * D
+    # Per own row: it goes out (spikes) and, in backward, its current's gradient goes out; per
+    # received row: its current goes back and, in backward, the row's gradient goes back.
+    per_sent = row_out + element * T * O
+    per_received = element * T * (D + O)
 
     steps = []
     for i in range(args.warmup + args.repeats):
@@ -307,10 +316,10 @@ def run_process(rank: int, world: int, args) -> dict:
         ),
         "metadata_bytes": counter.total("bytes", op="all_to_all", kind="metadata"),
         "all_reduce_bytes": counter.total("bytes", op="all_reduce"),
-        "predicted_formula": element * 2 * R * T * (D + O) if distributed else 0,
-        "predicted_exact": element * T * (D + O) * (R + R_in) if distributed else 0,
+        "predicted_formula": R * (per_sent + per_received) if distributed else 0,
+        "predicted_exact": R * per_sent + R_in * per_received if distributed else 0,
         "predicted_exact_to_others": (
-            element * T * (D + O) * (R + R_in - 2 * R_self) if distributed else 0
+            (R - R_self) * per_sent + (R_in - R_self) * per_received if distributed else 0
         ),
         "expert_flops": 6 * (R_in if distributed else R) * T * H * (D + O),
         "collectives": counter.calls,
@@ -409,7 +418,7 @@ def summarize(results: list[dict], baseline: float | None) -> dict:
 def table(rows: list[dict]) -> str:
     lines = [
         "| processes | step ms (median) | tokens/s per process | tokens/s total | speedup (total) "
-        "| a2a MB/step/process measured (to others) | predicted 8RT(D+O) MB | local fraction "
+        "| a2a MB/step/process measured (to others) | predicted (balanced) MB | local fraction "
         "| exchange alone ms |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -443,6 +452,12 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="cpu: gloo")
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes, 1 and 2 processes (a smoke test)"
+    )
+    p.add_argument(
+        "--exchange",
+        choices=["auto", "bits", "float"],
+        default="auto",
+        help="how rows travel (SpikingMoE spike_exchange; auto: bits, the input is checked spikes)",
     )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
