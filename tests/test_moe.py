@@ -348,3 +348,19 @@ def test_runs_on_cuda_and_matches_cpu():
     torch.testing.assert_close(gpu.spikes.cpu(), cpu.spikes)
     gpu.spikes.sum().backward()
     assert moe.router.proj.weight.grad.is_cuda
+
+
+def test_unknown_dispatch_options_are_named_in_the_error():
+    parts = dict(
+        router=RateRouter(8, 2, 1), experts=[SpikingExpert(8, 4, 8), SpikingExpert(8, 4, 8)]
+    )
+    with pytest.raises(ValueError, match=r"unknown grouped_gemm 'sometimes'"):
+        SpikingMoE(**parts, grouped_gemm="sometimes")
+    with pytest.raises(ValueError, match=r"unknown spike_exchange 'bytes'.*'bits', 'float'"):
+        SpikingMoE(**parts, spike_exchange="bytes")
+    layer = SpikingMoE(**parts)
+    assert layer.exchanges_bits()  # auto: the input is checked to be spikes
+    layer.check_spikes = False
+    assert not layer.exchanges_bits()
+    layer.spike_exchange = "bits"
+    assert layer.exchanges_bits()
