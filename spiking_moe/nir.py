@@ -91,6 +91,7 @@ from .experts import _FeedForwardExpert
 from .models import DenseSNNClassifier, SpikingMoEClassifier, _DenseBlock
 from .moe import SpikingMoE
 from .neurons import LIF
+from .parallel import is_expert_parallel
 from .router import SpikingRouter
 from .synapses import EventLinear
 
@@ -808,7 +809,7 @@ def export_bundle(
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not empty; choose another folder")
-    if any(getattr(m, "expert_parallel", None) is not None for m in model.modules()):
+    if is_expert_parallel(model):
         raise ValueError(
             "this model is expert-parallel (each process holds some experts): gather its "
             "checkpoint into a single-process one first (spiking-moe-gather), then export that"

@@ -44,7 +44,7 @@ gradient to it), so after ``loss.backward()`` the owner of an expert holds
 divides by ``W`` and sums over the replicas, which is the data-parallel mean
 ``(1 / W) sum_r dL_r / dtheta``, what DDP gives the dense parameters; an expert no process
 routed to keeps ``grad = None`` (as in one process). Dense parameters are left to DDP, which
-must ignore the expert parameters (:func:`expert_parameter_names`).
+must ignore the expert parameters and buffers (:func:`expert_parameter_names`).
 
 **Exchange volume** per layer and step, per process, float32: forward sends its ``R`` rows
 (``R T D`` values) and returns the ``R_in`` currents it computed (``R_in T O``), backward the
@@ -74,6 +74,7 @@ __all__ = [
     "clip_grad_norm_",
     "expert_parameter_names",
     "init_expert_parallel",
+    "is_expert_parallel",
     "pack_spikes",
     "reduce_expert_gradients",
     "run_experts_parallel",
@@ -252,12 +253,22 @@ def shard_experts(model: nn.Module, ep: ExpertParallel) -> nn.Module:
     return model
 
 
-def expert_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters that live in an :class:`ExpertShard` (for DDP to ignore)."""
+def is_expert_parallel(model: nn.Module) -> bool:
+    """Whether some layer of ``model`` holds only this process's experts."""
+    return any(isinstance(m, ExpertShard) for m in model.modules())
+
+
+def expert_parameter_names(model: nn.Module, *, buffers: bool = False) -> list[str]:
+    """Names of the parameters (and, with ``buffers``, buffers) that live in an
+    :class:`ExpertShard`. DDP must ignore both (``buffers=True``): each process of a group
+    holds different experts, so it must neither average their gradients nor broadcast their
+    buffers."""
     names = []
     for prefix, module in model.named_modules():
         if isinstance(module, ExpertShard):
             names += [f"{prefix}.{name}" for name, _ in module.named_parameters()]
+            if buffers:
+                names += [f"{prefix}.{name}" for name, _ in module.named_buffers()]
     return names
 
 
@@ -396,24 +407,27 @@ def run_experts_parallel(layer, grouped_TRD: torch.Tensor, plan, *, grouped: boo
     per = E // P
     T, R, D = grouped_TRD.shape
     device = grouped_TRD.device
-    send_counts = torch.tensor(plan.splits, dtype=torch.int64, device=device)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=ep.group)
-    recv_splits = tuple(recv_counts.tolist())  # rows per (source, local expert), source-major
-    send_rows = [sum(plan.splits[s * per : (s + 1) * per]) for s in range(P)]
-    recv_rows = [sum(recv_splits[s * per : (s + 1) * per]) for s in range(P)]
     rows_RF = grouped_TRD.transpose(0, 1).reshape(R, T * D)
-    if layer.spike_exchange == "bits" and not layer.check_spikes:
-        # Bits cannot carry other values; every process must learn of it, or the others
-        # would wait in the exchange.
-        graded = ((rows_RF != 0) & (rows_RF != 1)).any().to(torch.int64).reshape(1)
-        dist.all_reduce(graded, op=dist.ReduceOp.MAX, group=ep.group)
-        if graded.item():
-            raise ValueError(
-                "spike_exchange='bits' but rows that are not spikes (values other than 0 and "
-                "1) reached the exchange on at least one process: use spike_exchange='float' "
-                "or 'auto' for graded inputs"
-            )
+    # Each process gets the counts of the rows it will receive per local expert, and one more
+    # number per source: whether rows that are not spikes are about to travel as bits, which
+    # they cannot (checked when the layer does not check its input; every process must learn
+    # of it, or the others would wait in the exchange). One exchange and one host read.
+    checks_rows = layer.spike_exchange == "bits" and not layer.check_spikes
+    graded = ((rows_RF != 0) & (rows_RF != 1)).any() if checks_rows else torch.tensor(False)
+    send_counts = torch.tensor(plan.splits, dtype=torch.int64, device=device).view(P, per)
+    send_counts = torch.cat([send_counts, graded.to(device, torch.int64).expand(P, 1)], 1)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts.view(-1), send_counts.view(-1), group=ep.group)
+    received_counts = recv_counts.tolist()  # [P sources][local experts..., graded flag]
+    if any(row[per] for row in received_counts):
+        raise ValueError(
+            "spike_exchange='bits' but rows that are not spikes (values other than 0 and 1) "
+            "reached the exchange on at least one process: use spike_exchange='float' or "
+            "'auto' for graded inputs"
+        )
+    recv_splits = tuple(n for row in received_counts for n in row[:per])  # source-major
+    send_rows = [sum(plan.splits[s * per : (s + 1) * per]) for s in range(P)]
+    recv_rows = [sum(row[:per]) for row in received_counts]
     if layer.exchanges_bits():
         received = _BinaryRows.apply(rows_RF, recv_rows, send_rows, ep.group)
     else:
@@ -425,7 +439,7 @@ def run_experts_parallel(layer, grouped_TRD: torch.Tensor, plan, *, grouped: boo
     block_plan = DispatchPlan(
         token_index=torch.arange(R_in, device=device),
         gates=torch.ones(R_in, device=device),
-        tokens_per_expert=recv_counts,
+        tokens_per_expert=recv_counts[:, :per].reshape(-1),
         splits=recv_splits,
         num_tokens=R_in,
     )

@@ -249,7 +249,7 @@ def train_worker(rank: int, world: int, size: int, steps: int, max_norm: float) 
                 p.add_(1.0)
     shard_experts(model, ep)
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, expert_parameter_names(model)
+        model, expert_parameter_names(model, buffers=True)
     )
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)

@@ -39,6 +39,7 @@ import energy
 import energy.tensorboard
 
 from ..moe import SpikingMoE, update_router_biases
+from ..parallel import is_expert_parallel
 from .distributed import all_gather_objects
 
 if TYPE_CHECKING:
@@ -410,14 +411,10 @@ def measure_energy(model: nn.Module, x_TBF: torch.Tensor, profile: str = "cmos45
         counts, dense = count_energy(model, x_TBF)
     finally:
         model.train(was_training)
-    if _is_expert_parallel(model):
+    if is_expert_parallel(model):
         shards = all_gather_objects((counts, dense))
         counts, dense = _merge([c for c, _ in shards]), _merge([d for _, d in shards])
     return energy.build_report(counts, profile, dense_counts=dense)
-
-
-def _is_expert_parallel(model: nn.Module) -> bool:
-    return any(getattr(m, "expert_parallel", None) is not None for m in model.modules())
 
 
 def energy_metrics(report, samples: int, prefix: str, unit: str = "sample") -> dict[str, float]:

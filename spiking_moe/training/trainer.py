@@ -76,7 +76,9 @@ from ..parallel import (
     ExpertParallel,
     ExpertShard,
     clip_grad_norm_,
+    expert_parameter_names,
     init_expert_parallel,
+    is_expert_parallel,
     reduce_expert_gradients,
     shard_experts,
 )
@@ -267,7 +269,7 @@ class Trainer:
         if self.dist.world_size > 1:
             if self.expert_parallel is not None:
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    self.model, _expert_state_names(self.model)
+                    self.model, expert_parameter_names(self.model, buffers=True)
                 )
             self._ddp = nn.parallel.DistributedDataParallel(
                 self.model,
@@ -332,7 +334,7 @@ class Trainer:
 
     def _init_expert_parallel(self, size: int) -> ExpertParallel | None:
         """Split the model's experts over groups of ``size`` processes (None for 1)."""
-        if any(getattr(m, "expert_parallel", None) is not None for m in self.model.modules()):
+        if is_expert_parallel(self.model):
             # DDP would average experts that differ between processes.
             raise ValueError(
                 "the model is already expert-parallel (its experts were sharded): give the "
@@ -1034,17 +1036,6 @@ def _first_non_finite(first_bad: torch.Tensor, loss: torch.Tensor, step: int) ->
         is_first = ~torch.isfinite(loss) & (first_bad[0] < 0)
         here = torch.stack([torch.full_like(first_bad[0], step), loss.double()])
         return torch.where(is_first, here, first_bad)
-
-
-def _expert_state_names(model: nn.Module) -> list[str]:
-    """Parameters and buffers of the experts this process holds (DDP must neither reduce nor
-    broadcast them: each process of a group holds different experts)."""
-    names = []
-    for prefix, module in model.named_modules():
-        if isinstance(module, ExpertShard):
-            names += [f"{prefix}.{n}" for n, _ in module.named_parameters()]
-            names += [f"{prefix}.{n}" for n, _ in module.named_buffers()]
-    return names
 
 
 def _expert_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
