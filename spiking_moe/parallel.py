@@ -276,6 +276,11 @@ def _expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, ExpertShard) for p in m.parameters()]
 
 
+def _reduction_dtype(params) -> torch.dtype:
+    """float64 when any parameter is float64, else float32 (never narrower)."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
 def reduce_expert_gradients(model: nn.Module, ep: ExpertParallel) -> None:
     """Turn the owners' summed expert gradients into the data-parallel mean (module docstring).
 
@@ -287,10 +292,12 @@ def reduce_expert_gradients(model: nn.Module, ep: ExpertParallel) -> None:
     if not params:
         return
     device = params[0].device
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    # At least float32 (half-precision gradients are summed wider), float64 kept as it is.
+    dtype = _reduction_dtype(params)
+    present = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=device)
     flat = torch.cat(
         [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
             for p in params
         ]
         + [present]
@@ -324,9 +331,10 @@ def clip_grad_norm_(
     dense = [p for p in model.parameters() if p.grad is not None and id(p) not in expert_ids]
     experts = [p for p in _expert_parameters(model) if p.grad is not None]
     device = next(model.parameters()).device
-    zero = torch.zeros((), device=device)
-    dense_sq = sum((p.grad.float().pow(2).sum() for p in dense), zero)
-    expert_sq = sum((p.grad.float().pow(2).sum() for p in experts), zero).reshape(1)
+    dtype = _reduction_dtype(dense + experts)
+    zero = torch.zeros((), device=device, dtype=dtype)
+    dense_sq = sum((p.grad.to(dtype).pow(2).sum() for p in dense), zero)
+    expert_sq = sum((p.grad.to(dtype).pow(2).sum() for p in experts), zero).reshape(1)
     dist.all_reduce(expert_sq, group=ep.group)
     total = (dense_sq + expert_sq[0]).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
