@@ -228,15 +228,20 @@ def test_collate_time_major_matches_get_batch():
     assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
 
 
-def test_batch_loader_epochs_are_seeded_permutations():
-    n = 23
-    ds = InMemoryDataset(
+def _numbered(n):
+    """Sample i is the constant current i (one step, one feature): batches show their indices."""
+    return InMemoryDataset(
         torch.arange(n, dtype=torch.float32).unsqueeze(1),
         torch.zeros(n, dtype=torch.long),
         encoding="current",
         num_steps=1,
         num_classes=1,
     )
+
+
+def test_batch_loader_epochs_are_seeded_permutations():
+    n = 23
+    ds = _numbered(n)
     loader = BatchLoader(ds, 5, shuffle=True, seed=0)
     assert len(loader) == 5
     epoch0 = [x[0, :, 0].tolist() for x, _ in loader.iter_epoch(0)]
@@ -253,13 +258,7 @@ def test_batch_loader_epochs_are_seeded_permutations():
 
 def test_batch_loader_shards_cover_the_data():
     n = 23
-    ds = InMemoryDataset(
-        torch.arange(n, dtype=torch.float32).unsqueeze(1),
-        torch.zeros(n, dtype=torch.long),
-        encoding="current",
-        num_steps=1,
-        num_classes=1,
-    )
+    ds = _numbered(n)
     full = [int(v) for x, _ in BatchLoader(ds, 100, shuffle=True, seed=2) for v in x[0, :, 0]]
     # Evaluation shards (no padding): every sample exactly once over the ranks.
     seen = []
