@@ -48,12 +48,7 @@ def _snntorch_run(graph, x):
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its rewrites and warnings
         net = import_from_nir(graph)
     try:
-        state, outs = None, []
-        with torch.no_grad():
-            for x_t in x:
-                out, state = net(x_t, state)
-                outs.append(out)
-        return torch.stack(outs)
+        return _run_steps(net, x)
     finally:
         instances = getattr(snntorch.SpikingNeuron, "instances", None)
         if isinstance(instances, list):
@@ -61,19 +56,14 @@ def _snntorch_run(graph, x):
             instances[:] = [i for i in instances if not any(i is m for m in mine)]
 
 
-def _norse_run(graph, x, dt):
-    net = norse.from_nir(graph, dt=dt, ignore_warnings=True)
-    state, outs = None, []
-    with torch.no_grad():
-        for x_t in x:
-            out, state = net(x_t, state)
-            outs.append(out)
-    return torch.stack(outs)
+def _norse_run(graph, x, dt, ignore_warnings=True):
+    """Norse's reading of ``graph`` run step by step; ``ignore_warnings=False`` lets Norse warn
+    about ``r != 1`` (the default export)."""
+    return _run_steps(norse.from_nir(graph, dt=dt, ignore_warnings=ignore_warnings), x)
 
 
-def _norse_run_warned(graph, x, dt):
-    """As :func:`_norse_run`, but Norse warns about ``r != 1`` (default export)."""
-    net = norse.from_nir(graph, dt=dt)
+def _run_steps(net, x):
+    """Run a peer library's stateful network over ``x``'s time steps, stacking its outputs."""
     state, outs = None, []
     with torch.no_grad():
         for x_t in x:
@@ -146,6 +136,11 @@ def _affine(out_f, in_f, seed=0):
         weight=rng.uniform(-0.6, 0.6, (out_f, in_f)).astype(np.float32),
         bias=rng.uniform(-0.1, 0.1, out_f).astype(np.float32),
     )
+
+
+def _dense_classifier(**kwargs):
+    """A small dense classifier (8 inputs, 3 classes, 12 hidden units, experts of 6), in eval."""
+    return DenseSNNClassifier(8, 3, hidden_features=12, k=2, expert_hidden=6, **kwargs).eval()
 
 
 # ----------------------------------------------------------------------------- 1. mapping
@@ -235,7 +230,7 @@ def test_spiking_expert_graph_runs_the_same_in_snntorch_and_norse(num_layers, se
 
     # Norse ignores r: with the default r = tau / dt its neurons see (1 - beta) times the
     # input, which is why unit_resistance exists.
-    wrong = _norse_run_warned(export_nir(expert), x, dt=1e-4)
+    wrong = _norse_run(export_nir(expert), x, dt=1e-4, ignore_warnings=False)
     assert (wrong - run.current).abs().max() > 1e-2
 
 
@@ -259,17 +254,7 @@ def test_linear_lif_spikes_equal_snntorch_and_norse_exactly(seed, one_thread):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dense_classifier_graph_per_step_outputs_equal_snntorch_and_norse(seed, one_thread):
     torch.manual_seed(seed)
-    model = DenseSNNClassifier(
-        8,
-        3,
-        hidden_features=12,
-        k=2,
-        expert_hidden=6,
-        readout="count",
-        beta=0.8,
-        threshold=0.5,
-        reset="zero",
-    ).eval()
+    model = _dense_classifier(readout="count", beta=0.8, threshold=0.5, reset="zero")
     x = _spikes((9, 4, 8), seed)
     current, logits = _last_block_current(model, x)
     graph = export_nir(model)
@@ -519,17 +504,7 @@ def test_round_trip_of_per_neuron_and_non_leaky_neurons_is_exact(one_thread):
 )
 def test_round_trip_of_a_dense_classifier_gives_its_logits(readout, beta, one_thread):
     torch.manual_seed(4)
-    model = DenseSNNClassifier(
-        8,
-        3,
-        hidden_features=12,
-        k=2,
-        expert_hidden=6,
-        readout=readout,
-        beta=beta,
-        threshold=0.5,
-        expert_layers=2,
-    ).eval()
+    model = _dense_classifier(readout=readout, beta=beta, threshold=0.5, expert_layers=2)
     graph = export_nir(model, subtract_reset="zero")
     imported = import_nir(graph)
     integrators = [m for m in imported.modules() if isinstance(m, LeakyIntegrator)]
@@ -649,16 +624,7 @@ def test_moe_bundle_loads_to_the_same_logits_routing_and_spikes(variant, tmp_pat
 
 def test_dense_bundle_with_pruned_weights_counts_synapses_and_loads_exactly(tmp_path, one_thread):
     torch.manual_seed(1)
-    model = DenseSNNClassifier(
-        8,
-        3,
-        hidden_features=12,
-        k=2,
-        expert_hidden=6,
-        threshold=0.5,
-        learn_beta=True,
-        learn_threshold=True,
-    ).eval()
+    model = _dense_classifier(threshold=0.5, learn_beta=True, learn_threshold=True)
     with torch.no_grad():
         model.input_neuron.beta.fill_(0.7)
         model.input_neuron.threshold.fill_(0.4)
@@ -704,15 +670,7 @@ def test_summarize_graph_counts_by_hand():
 
 def test_dense_bundle_with_per_neuron_beta_round_trips(tmp_path):
     torch.manual_seed(0)
-    model = DenseSNNClassifier(
-        8,
-        3,
-        hidden_features=12,
-        k=2,
-        expert_hidden=6,
-        threshold=0.5,
-        beta=torch.linspace(0.6, 0.9, 12),
-    ).eval()
+    model = _dense_classifier(threshold=0.5, beta=torch.linspace(0.6, 0.9, 12))
     export_bundle(model, tmp_path / "b")
     _compare_models(model, load_bundle(tmp_path / "b"), _spikes((6, 4, 8), 0))
 
@@ -771,49 +729,60 @@ def test_import_names_an_unsupported_conv_node():
         import_nir(graph, dt=1e-4)
 
 
-def test_import_rejects_bad_graphs_with_the_reason():
-    # Mismatched sizes along an edge: both ends named.
-    inp, out = _io(8, 4)
-    sizes = nir.NIRGraph(
-        nodes={"input": inp, "fc": _affine(5, 8), "lif": _lif(4), "output": out},
-        edges=[("input", "fc"), ("fc", "lif"), ("lif", "output")],
+def _fc_lif(n_in, fc_shape, n_lif, *, recurrent=False):
+    """``input -> fc -> lif -> output`` (``fc`` of ``(out, in)`` = ``fc_shape``), unchecked."""
+    inp, out = _io(n_in, n_lif)
+    edges = [("input", "fc"), ("fc", "lif"), ("lif", "output")]
+    return nir.NIRGraph(
+        nodes={"input": inp, "fc": _affine(*fc_shape), "lif": _lif(n_lif), "output": out},
+        edges=edges + ([("lif", "fc")] if recurrent else []),
         type_check=False,
     )
-    with pytest.raises(ValueError, match=r"'fc' -> 'lif'.*4 neurons.*gives 5"):
-        import_nir(sizes, dt=1e-4)
-    inp, out = _io(8, 5)
-    weights = nir.NIRGraph(
-        nodes={"input": inp, "fc": _affine(5, 6), "lif": _lif(5), "output": out},
-        edges=[("input", "fc"), ("fc", "lif"), ("lif", "output")],
-        type_check=False,
-    )
-    with pytest.raises(ValueError, match=r"'input' -> 'fc'.*takes 6 inputs"):
-        import_nir(weights, dt=1e-4)
 
-    # A cycle (a recurrent LIF).
-    inp, out = _io(5, 5)
-    cycle = nir.NIRGraph(
-        nodes={"input": inp, "fc": _affine(5, 5), "lif": _lif(5), "output": out},
-        edges=[("input", "fc"), ("fc", "lif"), ("lif", "fc"), ("lif", "output")],
-    )
-    with pytest.raises(ValueError, match="cycle"):
-        import_nir(cycle, dt=1e-4)
 
-    good = _chain(_lif(5))
-    with pytest.raises(ValueError, match=r"dt"):
-        import_nir(good)
-    with pytest.raises(ValueError, match=r"dt must be > 0"):
-        import_nir(good, dt=0.0)
-    with pytest.raises(ValueError, match=r"unknown dialect 'snntorch'"):
-        import_nir(good, dt=1e-4, dialect="snntorch")
-    with pytest.raises(ValueError, match=r"'bad': v_leak must be 0"):
-        import_nir(_chain(_lif(5, v_leak=np.full(5, 0.1))), dt=1e-4)
-    with pytest.raises(ValueError, match=r"'bad': v_reset must be 0"):
-        import_nir(_chain(_lif(5, v_reset=np.full(5, 0.1))), dt=1e-4)
-    assert isinstance(import_nir(good, dt=1e-4), NIRModule)
-    # A wrong input width at run time.
+@pytest.mark.parametrize(
+    ("graph", "match"),
+    [
+        # Mismatched sizes along an edge: both ends named.
+        (_fc_lif(8, (5, 8), 4), r"'fc' -> 'lif'.*4 neurons.*gives 5"),
+        (_fc_lif(8, (5, 6), 5), r"'input' -> 'fc'.*takes 6 inputs"),
+        # A cycle (a recurrent LIF).
+        (_fc_lif(5, (5, 5), 5, recurrent=True), "cycle"),
+    ],
+    ids=["neurons", "weights", "cycle"],
+)
+def test_import_rejects_a_bad_graph_naming_where(graph, match):
+    with pytest.raises(ValueError, match=match):
+        import_nir(graph, dt=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("node", "kwargs", "match"),
+    [
+        (_lif(5), {}, r"dt"),  # a hand graph states no time step
+        (_lif(5), {"dt": 0.0}, r"dt must be > 0"),
+        (_lif(5), {"dt": 1e-4, "dialect": "snntorch"}, r"unknown dialect 'snntorch'"),
+        (_lif(5, v_leak=np.full(5, 0.1)), {"dt": 1e-4}, r"'bad': v_leak must be 0"),
+        # The integrator's reader shares the LIF's leak check.
+        (
+            nir.LI(tau=np.full(5, 5e-4), r=np.full(5, 5.0), v_leak=np.full(5, 0.1)),
+            {"dt": 1e-4},
+            r"'bad': v_leak must be 0",
+        ),
+        (_lif(5, v_reset=np.full(5, 0.1)), {"dt": 1e-4}, r"'bad': v_reset must be 0"),
+    ],
+    ids=["no-dt", "dt-zero", "dialect", "lif-v-leak", "li-v-leak", "v-reset"],
+)
+def test_import_rejects_bad_arguments_and_parameters(node, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        import_nir(_chain(node), **kwargs)
+
+
+def test_import_checks_the_input_width_at_run_time():
+    good = import_nir(_chain(_lif(5)), dt=1e-4)
+    assert isinstance(good, NIRModule)
     with pytest.raises(ValueError, match="8 features"):
-        import_nir(good, dt=1e-4)(torch.zeros(3, 2, 7))
+        good(torch.zeros(3, 2, 7))
 
 
 def test_export_refuses_modules_without_a_nir_mapping():
@@ -842,7 +811,7 @@ def test_export_refuses_modules_without_a_nir_mapping():
 
 def test_bundle_errors_name_the_file_or_the_version(tmp_path):
     torch.manual_seed(0)
-    model = DenseSNNClassifier(8, 3, hidden_features=12, k=2, expert_hidden=6).eval()
+    model = _dense_classifier()
     folder = tmp_path / "bundle"
     export_bundle(model, folder)
     with pytest.raises(FileExistsError, match="exists and is not empty"):
