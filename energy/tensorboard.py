@@ -9,7 +9,7 @@ Tags, all under ``prefix`` (default ``"energy"``):
   ``ratio/<baseline>`` (baseline energy / SNN energy), ``baseline_pJ/<baseline>`` (these follow
   the report's ``include_memory``); both accountings whatever it is: ``compute_pJ``,
   ``with_memory_pJ``, ``ratio_compute/<baseline>``, ``ratio_with_memory/<baseline>``,
-  ``baseline_with_memory_pJ/<baseline>`` (absent for reports read from format-1 JSON);
+  ``baseline_with_memory_pJ/<baseline>``;
   ``expert/<label>/synaptic_ops`` (ACs + MACs), ``expert/<label>/tokens``,
   ``expert/<label>/energy_pJ``;
 - histograms: ``expert_load`` (bucket ``i`` holds the tokens routed to expert ``i``),
@@ -84,18 +84,16 @@ def write_report(writer: Any, report: EnergyReport, step: int, prefix: str = "en
         ("compute_pJ", t.compute_pj),
         ("with_memory_pJ", t.with_memory_pj),
     ):
-        if value is not None:
-            writer.add_scalar(f"{prefix}/{name}", value, step)
+        writer.add_scalar(f"{prefix}/{name}", value, step)
     for b in report.baselines:
-        writer.add_scalar(f"{prefix}/ratio/{b.name}", b.ratio, step)
-        writer.add_scalar(f"{prefix}/baseline_pJ/{b.name}", b.energy_pj, step)
         for tag, value in (
+            ("ratio", b.ratio),
+            ("baseline_pJ", b.energy_pj),
             ("ratio_compute", b.compute_ratio),
             ("ratio_with_memory", b.with_memory_ratio),
             ("baseline_with_memory_pJ", b.with_memory_pj),
         ):
-            if value is not None:
-                writer.add_scalar(f"{prefix}/{tag}/{b.name}", value, step)
+            writer.add_scalar(f"{prefix}/{tag}/{b.name}", value, step)
     for e in report.experts:
         tag = f"{prefix}/expert/{_safe(e.label)}"
         writer.add_scalar(f"{tag}/synaptic_ops", e.acs + e.macs, step)

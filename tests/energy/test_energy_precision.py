@@ -197,10 +197,10 @@ def test_json_round_trip_keeps_the_new_fields():
     )
 
 
-def test_format_1_json_without_the_new_fields_still_loads():
+def test_format_1_json_is_refused_naming_both_formats():
     report = energy.estimate(small_net(), X, profile="loihi")
     data = json.loads(report.to_json())
-    # Rewrite it as a report written before this change.
+    # Rewrite it as a report written before precision and the two totals existed.
     data["format"] = 1
     for key in ("model_weight_bits", "accuracy", "accuracy_at_profile_precision"):
         del data[key]
@@ -211,21 +211,18 @@ def test_format_1_json_without_the_new_fields_still_loads():
     for row in data["baselines"]:
         for key in ("compute_pj", "compute_ratio", "with_memory_pj", "with_memory_ratio"):
             del row[key]
-    old = energy.EnergyReport.from_json(json.dumps(data))
-    assert old.totals.energy_pj == report.totals.energy_pj
-    assert old.baseline("ann_int8").ratio == report.baseline("ann_int8").ratio
-    assert (old.model_weight_bits, old.accuracy, old.accuracy_at_profile_precision) == (
-        32,
-        None,
-        None,
-    )
-    assert (old.profile.weight_bits, old.profile.activation_bits) == (32, 32)
-    assert old.totals.compute_pj is None and old.baseline("ann_int8").with_memory_pj is None
-    assert "With memory traffic" not in old.verdict
-    assert "| n/a |" in old.to_markdown()
-    # The same file re-tagged as format 2 is missing its required profile bits.
+    with pytest.raises(ValueError, match=r"not an energy report in format 2.*found format 1"):
+        energy.EnergyReport.from_json(json.dumps(data))
+    # The same file re-tagged as format 2 is missing its required fields, named.
     data["format"] = 2
+    with pytest.raises(ValueError, match=r"without the field\(s\) \['model_weight_bits'"):
+        energy.EnergyReport.from_json(json.dumps(data))
+    for key in ("model_weight_bits", "accuracy", "accuracy_at_profile_precision"):
+        data[key] = getattr(report, key)
     with pytest.raises(ValueError, match="weight_bits"):
+        energy.EnergyReport.from_json(json.dumps(data))
+    data["profile"] = report.profile.to_dict()
+    with pytest.raises(TypeError, match="compute_pj"):
         energy.EnergyReport.from_json(json.dumps(data))
 
 
