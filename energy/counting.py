@@ -79,6 +79,18 @@ _EXPERT_RE = re.compile(r"^((?:.*?\.)?(?:shared_)?experts\.\d+)(?:\.|$)")
 # dense and ANN counts live on the device too, split by the ANN rule (time-major or not).
 _SLOTS = ("acs", "macs", "input_events", "binary_calls", "spikes", "tm_macs", "flat_macs")
 _SLOT_INDEX = {slot: i for i, slot in enumerate(_SLOTS)}
+# LayerCounts fields that a _Tally holds as they are.
+_AS_TALLIED = (
+    "name",
+    "kind",
+    "group",
+    "order",
+    "calls",
+    "fan_in",
+    "fan_out",
+    "rows",
+    "neuron_updates",
+)
 
 
 def _host_or_device(count: torch.Tensor) -> int | torch.Tensor:
@@ -572,14 +584,7 @@ def _finish(tally: _Tally, values: list[int], time_steps: int) -> LayerCounts:
         tally.flat_ann_macs + flat_macs
     ) // flat
     return LayerCounts(
-        name=tally.name,
-        kind=tally.kind,
-        group=tally.group,
-        order=tally.order,
-        calls=tally.calls,
-        fan_in=tally.fan_in,
-        fan_out=tally.fan_out,
-        rows=tally.rows,
+        **{field: getattr(tally, field) for field in _AS_TALLIED},
         tokens=tally.tm_rows // time_steps + tally.flat_rows // flat,
         binary_calls=binary_calls,
         input_events=events,
@@ -588,6 +593,5 @@ def _finish(tally: _Tally, values: list[int], time_steps: int) -> LayerCounts:
         dense_macs=tally.dense_macs + tm_macs + flat_macs,
         ann_macs=ann_macs,
         ann_outputs=tally.tm_outputs // time_steps + tally.flat_outputs // flat,
-        neuron_updates=tally.neuron_updates,
         spikes=spikes,
     )

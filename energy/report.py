@@ -441,6 +441,18 @@ def _check_bits_and_accuracy(model_weight_bits, accuracy, accuracy_at_profile_pr
             raise ValueError(f"{name} must be finite, got {value}")
 
 
+# Counts a report's totals sum over the layers.
+_TOTALLED = ("acs", "macs", "neuron_updates", "spikes", "memory_reads", "memory_writes")
+
+
+def _row(cls: type, counts: LayerCounts | GroupCounts, **priced: Any):
+    """A ``cls`` row: ``priced`` fields as given, the others copied from ``counts``."""
+    copied = {
+        f.name: getattr(counts, f.name) for f in dataclasses.fields(cls) if f.name not in priced
+    }
+    return cls(**copied, **priced)
+
+
 def _ratio(num: float, den: float) -> float:
     if den == 0:
         return math.inf if num > 0 else 1.0
@@ -513,22 +525,7 @@ def build_report(
     _check_bits_and_accuracy(model_weight_bits, accuracy, accuracy_at_profile_precision)
     mem = include_memory
     layers = tuple(
-        LayerEnergy(
-            name=m.name,
-            kind=m.kind,
-            group=m.group,
-            calls=m.calls,
-            tokens=m.tokens,
-            input=m.input_kind,
-            acs=m.acs,
-            macs=m.macs,
-            neuron_updates=m.neuron_updates,
-            spikes=m.spikes,
-            firing_rate=m.firing_rate,
-            memory_reads=m.memory_reads,
-            memory_writes=m.memory_writes,
-            energy_pj=_snn_energy(m, p, mem),
-        )
+        _row(LayerEnergy, m, input=m.input_kind, energy_pj=_snn_energy(m, p, mem))
         for m in counts.layers
     )
     activity = sum(_activity_energy(m, p, mem) for m in counts.layers)
@@ -549,13 +546,8 @@ def build_report(
     compute = sum(_snn_energy(m, p, False) for m in counts.layers)
     with_memory = sum(_snn_energy(m, p, True) for m in counts.layers)
     totals = Totals(
-        acs=counts.total("acs"),
-        macs=counts.total("macs"),
-        neuron_updates=counts.total("neuron_updates"),
-        spikes=counts.total("spikes"),
+        **{f: counts.total(f) for f in _TOTALLED},
         firing_rate=counts.firing_rate,
-        memory_reads=counts.total("memory_reads"),
-        memory_writes=counts.total("memory_writes"),
         synaptic_energy_pj=synaptic,
         neuron_energy_pj=neurons,
         memory_energy_pj=memory,
@@ -589,24 +581,18 @@ def build_report(
             with_memory_ratio=_ratio(b_memory, with_memory),
         )
 
-    baselines = []
+    specs = [
+        ("ann_fp32", "ANN, same routing, fp32", counts, p.ann_mac_fp32_pj),
+        ("ann_int8", "ANN, same routing, int8", counts, p.ann_mac_int8_pj),
+    ]
     if dense_counts is not None:
-        baselines.append(
-            baseline("dense_snn", "Dense MoE SNN (every expert on every token)", dense_counts)
-        )
-    baselines.append(baseline("ann_fp32", "ANN, same routing, fp32", counts, p.ann_mac_fp32_pj))
-    baselines.append(baseline("ann_int8", "ANN, same routing, int8", counts, p.ann_mac_int8_pj))
-    if dense_counts is not None:
-        baselines.append(
-            baseline(
-                "dense_ann_fp32", "Dense ANN (every expert), fp32", dense_counts, p.ann_mac_fp32_pj
-            )
-        )
-        baselines.append(
-            baseline(
-                "dense_ann_int8", "Dense ANN (every expert), int8", dense_counts, p.ann_mac_int8_pj
-            )
-        )
+        specs = [
+            ("dense_snn", "Dense MoE SNN (every expert on every token)", dense_counts),
+            *specs,
+            ("dense_ann_fp32", "Dense ANN (every expert), fp32", dense_counts, p.ann_mac_fp32_pj),
+            ("dense_ann_int8", "Dense ANN (every expert), int8", dense_counts, p.ann_mac_int8_pj),
+        ]
+    baselines = [baseline(*spec) for spec in specs]
 
     ann_int8 = _ann_energy(counts, p.ann_mac_int8_pj, p, mem)
     if totals.neuron_updates == 0 or activity == 0:
@@ -616,18 +602,12 @@ def build_report(
 
     dense_groups = dense_counts.groups() if dense_counts is not None else {}
     experts = []
-    for label, g in counts.groups().items():
-        d = dense_groups.get(label)
+    for g in counts.groups().values():
+        d = dense_groups.get(g.label)
         experts.append(
-            ExpertEnergy(
-                label=label,
-                index=g.index,
-                tokens=g.tokens,
-                acs=g.acs,
-                macs=g.macs,
-                neuron_updates=g.neuron_updates,
-                spikes=g.spikes,
-                firing_rate=g.firing_rate,
+            _row(
+                ExpertEnergy,
+                g,
                 energy_pj=_snn_energy(g, p, mem),
                 dense_tokens=None if d is None else d.tokens,
                 dense_energy_pj=None if d is None else _snn_energy(d, p, mem),

@@ -35,6 +35,32 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/]", "_", label)
 
 
+def _scalars(report: EnergyReport) -> dict[str, float]:
+    """Scalar tags (under the prefix) and their values: the list in the module docstring."""
+    t = report.totals
+    scalars = {
+        "total_pJ": t.energy_pj,
+        "synaptic_pJ": t.synaptic_energy_pj,
+        "neuron_pJ": t.neuron_energy_pj,
+        "memory_pJ": t.memory_energy_pj,
+        "firing_rate": t.firing_rate,
+        "compute_pJ": t.compute_pj,
+        "with_memory_pJ": t.with_memory_pj,
+    }
+    for b in report.baselines:
+        scalars[f"ratio/{b.name}"] = b.ratio
+        scalars[f"baseline_pJ/{b.name}"] = b.energy_pj
+        scalars[f"ratio_compute/{b.name}"] = b.compute_ratio
+        scalars[f"ratio_with_memory/{b.name}"] = b.with_memory_ratio
+        scalars[f"baseline_with_memory_pJ/{b.name}"] = b.with_memory_pj
+    for e in report.experts:
+        tag = f"expert/{_safe(e.label)}"
+        scalars[f"{tag}/synaptic_ops"] = e.acs + e.macs
+        scalars[f"{tag}/tokens"] = e.tokens
+        scalars[f"{tag}/energy_pJ"] = e.energy_pj
+    return scalars
+
+
 def custom_scalars_layout(report: EnergyReport, prefix: str = "energy") -> dict:
     """The layout passed to ``SummaryWriter.add_custom_scalars`` (one category, ``prefix``)."""
     esc = re.escape(prefix)
@@ -74,31 +100,8 @@ def write_report(writer: Any, report: EnergyReport, step: int, prefix: str = "en
     """
     if not isinstance(report, EnergyReport):
         raise TypeError(f"report must be an EnergyReport, got {type(report).__name__}")
-    t = report.totals
-    for name, value in (
-        ("total_pJ", t.energy_pj),
-        ("synaptic_pJ", t.synaptic_energy_pj),
-        ("neuron_pJ", t.neuron_energy_pj),
-        ("memory_pJ", t.memory_energy_pj),
-        ("firing_rate", t.firing_rate),
-        ("compute_pJ", t.compute_pj),
-        ("with_memory_pJ", t.with_memory_pj),
-    ):
-        writer.add_scalar(f"{prefix}/{name}", value, step)
-    for b in report.baselines:
-        for tag, value in (
-            ("ratio", b.ratio),
-            ("baseline_pJ", b.energy_pj),
-            ("ratio_compute", b.compute_ratio),
-            ("ratio_with_memory", b.with_memory_ratio),
-            ("baseline_with_memory_pJ", b.with_memory_pj),
-        ):
-            writer.add_scalar(f"{prefix}/{tag}/{b.name}", value, step)
-    for e in report.experts:
-        tag = f"{prefix}/expert/{_safe(e.label)}"
-        writer.add_scalar(f"{tag}/synaptic_ops", e.acs + e.macs, step)
-        writer.add_scalar(f"{tag}/tokens", e.tokens, step)
-        writer.add_scalar(f"{tag}/energy_pJ", e.energy_pj, step)
+    for tag, value in _scalars(report).items():
+        writer.add_scalar(f"{prefix}/{tag}", value, step)
     if report.experts:
         loads = np.array([e.tokens for e in report.experts], dtype=np.float64)
         index = np.arange(len(loads), dtype=np.float64)
