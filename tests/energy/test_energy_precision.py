@@ -4,55 +4,16 @@ import json
 
 import pytest
 import torch
+from energy_cases import TinyMoE, X, small_net, spikes, unit_profile
 from torch import nn
 
 import energy
-from energy.profiles import get_profile, load_profile
+from energy.profiles import get_profile
 from energy.tensorboard import write_report
-from spiking_moe import LIF
-
-X = torch.tensor(
-    [
-        [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]],
-        [[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
-    ]
-)  # [T=2, B=2, 4], 5 events
 
 # Round numbers so that the two accountings disagree: with compute only the int8 ANN wins,
 # with memory traffic the SNN wins (the ANN reads a weight and an activation per MAC).
-UNIT = energy.EnergyProfile(
-    name="unit",
-    description="unit costs",
-    source="test",
-    ac_pj=1.0,
-    mac_pj=0.0,
-    neuron_update_pj=0.0,
-    memory_read_pj=1.0,
-    memory_write_pj=0.0,
-    ann_mac_int8_pj=0.1,
-    weight_bits=8,
-    activation_bits=1,
-)
-
-TOML = """
-name = "my_chip"
-description = "test accelerator"
-source = "bench measurement"
-ac_pj = 1.5
-mac_pj = 3
-neuron_update_pj = 2.0
-weight_bits = 4
-activation_bits = 1
-"""
-
-
-def small_net():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 3), LIF(beta=0.5, threshold=0.2))
-    with torch.no_grad():
-        net[0].weight.fill_(0.3)
-        net[0].bias.zero_()
-    return net
+UNIT = unit_profile(memory_read_pj=1.0, ann_mac_int8_pj=0.1, weight_bits=8, activation_bits=1)
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -69,56 +30,6 @@ def test_bundled_profiles_state_their_precision():
     assert bits["loihi"] == (8, 1)  # Davies 2018: up to 8-bit weights; binary spikes
     assert bits["truenorth"] == (2, 1)  # 1-bit crossbar x 4 axon-type weights
     assert bits["spinnaker2"] == (16, 1)
-
-
-def test_user_profile_reads_its_bits(tmp_path):
-    path = tmp_path / "chip.toml"
-    path.write_text(TOML)
-    p = load_profile(path)
-    assert (p.weight_bits, p.activation_bits) == (4, 1)
-
-
-@pytest.mark.parametrize(
-    "edit, error, message",
-    [
-        (
-            lambda t: t.replace("weight_bits = 4\n", ""),
-            ValueError,
-            "missing required field 'weight_bits'",
-        ),
-        (
-            lambda t: t.replace("activation_bits = 1\n", ""),
-            ValueError,
-            "missing required field 'activation_bits'",
-        ),
-        (
-            lambda t: t.replace("weight_bits = 4", "weight_bits = 4.5"),
-            TypeError,
-            "field 'weight_bits' must be an integer",
-        ),
-        (
-            lambda t: t.replace("weight_bits = 4", "weight_bits = true"),
-            TypeError,
-            "field 'weight_bits' must be an integer",
-        ),
-        (
-            lambda t: t.replace("activation_bits = 1", "activation_bits = 0"),
-            ValueError,
-            "field 'activation_bits' must be between 1 and 64",
-        ),
-        (
-            lambda t: t.replace("weight_bits = 4", "weight_bits = 65"),
-            ValueError,
-            "field 'weight_bits' must be between 1 and 64",
-        ),
-    ],
-)
-def test_bad_or_missing_bits_name_the_field(tmp_path, edit, error, message):
-    path = tmp_path / "bad.toml"
-    path.write_text(edit(TOML))
-    with pytest.raises(error, match=message) as info:
-        load_profile(path)
-    assert "bad.toml" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -297,26 +208,8 @@ def test_verdict_and_markdown_under_both_accountings():
     assert table == other[other.index("### Baselines") : other.index("### Per layer")]
 
 
-class TinyMoE(nn.Module):
-    def __init__(self, dense=False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(4, 6), LIF(threshold=0.2), nn.Linear(6, 4)) for _ in range(3)
-        )
-        self.dense = dense
-        self.ids = [torch.tensor([0, 1]), torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])]
-
-    def forward(self, x):
-        out = torch.zeros_like(x)
-        for expert, ids in zip(self.experts, self.ids, strict=True):
-            ids = torch.arange(x.shape[1]) if self.dense else ids
-            out[:, ids] += expert(x[:, ids])
-        return out
-
-
 def test_every_baseline_has_both_totals():
-    x = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(2)) < 0.5).float()
+    x = spikes(3, 4, 4, p=0.5, seed=2)
     counts = energy.count_operations(TinyMoE(), x)
     dense = energy.count_operations(TinyMoE(dense=True), x)
     report = energy.build_report(counts, "cmos45", dense_counts=dense)
