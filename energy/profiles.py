@@ -111,10 +111,6 @@ class EnergyProfile:
     def __post_init__(self):
         _validate(dataclasses.asdict(self), f"profile {self.name!r}")
 
-    def to_dict(self) -> dict:
-        """Plain dict of every field (JSON/TOML friendly)."""
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: Mapping, where: str = "profile") -> EnergyProfile:
         """Build a profile from a mapping, raising ValueError/TypeError that name the field.

@@ -1,5 +1,6 @@
 """Precision-honest energy: profile bits, accuracy at the priced precision, both totals."""
 
+import dataclasses
 import json
 
 import pytest
@@ -132,7 +133,7 @@ def test_format_1_json_is_refused_naming_both_formats():
         data[key] = getattr(report, key)
     with pytest.raises(ValueError, match="weight_bits"):
         energy.EnergyReport.from_json(json.dumps(data))
-    data["profile"] = report.profile.to_dict()
+    data["profile"] = dataclasses.asdict(report.profile)
     with pytest.raises(TypeError, match="compute_pj"):
         energy.EnergyReport.from_json(json.dumps(data))
 

@@ -149,4 +149,4 @@ def test_malformed_user_profile_names_the_field(tmp_path, edit, error, message):
 
 def test_profile_round_trips_through_a_dict():
     p = get_profile("loihi")
-    assert EnergyProfile.from_dict(p.to_dict()) == p
+    assert EnergyProfile.from_dict(dataclasses.asdict(p)) == p
