@@ -10,7 +10,8 @@ HEAVY = ["spiking_moe", "snntorch", "norse", "spikingjelly", "tensorboard", "tor
 
 def test_import_energy_pulls_in_no_framework():
     code = (
-        "import sys, energy, energy.tensorboard, energy.counting, energy.report, energy.profiles\n"
+        "import sys, energy, energy.tensorboard, energy.counting, energy.counts, energy.rules, "
+        "energy.adapters, energy.report, energy.profiles\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
     )
     out = subprocess.run(
