@@ -241,7 +241,7 @@ class EnergyReport:
         if version != _FORMAT:
             old = (
                 "; format 1 (no precision fields, no compute and with-memory totals) is no "
-                "longer read: count the model again to write format 2"
+                f"longer read: count the model again to write format {_FORMAT}"
                 if version == 1
                 else ""
             )
