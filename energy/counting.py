@@ -1,55 +1,14 @@
-r"""Count synaptic operations, MACs, neuron updates and spikes of any torch spiking model.
+"""Count synaptic operations, MACs, neuron updates and spikes of any torch spiking model.
 
 :func:`count_operations` runs one forward pass with hooks on the synaptic layers
 (``nn.Linear``, ``nn.Conv1d/2d/3d`` and their subclasses, e.g. SpikingJelly's ``layer.Linear``),
-on matrix-product modules (any module with a ``matmul_mask`` attribute, below), on
-``nn.Softmax`` and on the neurons that a :class:`NeuronAdapter` recognises (spiking_moe's
-``LIF``, snnTorch's ``SpikingNeuron`` subclasses, Norse's ``SNN``/``SNNCell`` modules,
-SpikingJelly's ``BaseNode``; matched by class name and module path, so none of those libraries
-is imported here).
+on matrix-product modules (any module with a ``matmul_mask`` attribute), on ``nn.Softmax`` and
+on the neurons that a :class:`~energy.adapters.NeuronAdapter` recognises, and applies the
+counting rules of :mod:`energy.rules` to every call. It returns the counts of
+:mod:`energy.counts` (which also sums passes: :func:`merge_counts`); the names of both, and
+those of :mod:`energy.adapters`, are importable from here.
 
-Letters: ``T`` time steps, ``B`` batch, ``R`` rows (tokens x steps folded), ``F`` features,
-``C`` channels, ``G`` convolution groups, ``S`` spatial dims; for a product ``a @ b``, ``L``
-leading indices (``[T, B, H]`` folded), ``a`` ``[..., M, K]``, ``b`` ``[..., K, N]``.
-
-Counting rules, per call of a synaptic layer on input ``x``:
-
-- ``x`` is **binary** when every element is exactly 0 or 1. It is checked on the device as
-  ``nnz(x) == #(x == 1)`` (a 0-dim bool), and both counts below are folded in with
-  ``torch.where``, so there is no host synchronisation per call or per time step. A two-valued
-  tensor such as {0, 0.37} is graded, not spikes.
-- ``nn.Linear(F_in, F_out)``, ``x`` ``[..., F_in]`` with ``R = x.numel() / F_in``:
-  binary: ``AC = nnz(x) * F_out`` (each event reaches ``F_out`` synapses);
-  graded: ``MAC = R * F_in * F_out``.
-- ``nn.ConvNd(C_in, C_out, k, stride, padding, dilation, groups=G)``, ``x`` ``[B, C_in, *S]``
-  (or ``[T, B, C_in, *S]``, folded): binary: ``AC = (C_out / G) * sum(conv(x_G, 1_k))``
-  where ``x_G`` sums the events of each group's input channels and ``1_k`` is a ones kernel
-  with the layer's stride, padding (mode included) and dilation. That sum is, exactly, the
-  number of (event, output position) pairs, so borders, stride, padding and groups need no
-  approximation. Graded: ``MAC = numel(output) * (C_in / G) * prod(k)``.
-- **Matrix product** (attention's ``Q K^T`` and ``scores @ V``; a plain function cannot be
-  hooked, so models do products in small modules). Protocol, duck-typed because ``energy``
-  imports no model code: a module with an attribute ``matmul_mask`` (class or instance) whose
-  ``forward(a, b)``, ``a`` ``[..., M, K]``, ``b`` ``[..., K, N]`` with the same leading dims
-  (time first when time-major), returns ``a @ b`` ``[..., M, N]`` computing only the terms
-  ``(m, k, n)`` the mask allows:
-  ``None``: all; ``"output"``: ``n <= m`` (causal scores ``Q K^T``: query ``m`` sees keys
-  ``n <= m``; ``M == N``; masked outputs exactly 0); ``"contraction"``: ``k <= m``
-  (``scores @ V``: output row ``m`` sums the values of positions ``k <= m``; ``M == K``).
-  The computed terms, ``L M K N``, ``L K M(M+1)/2`` and ``L N M(M+1)/2`` respectively, are the
-  product's ``dense MACs``. ``a`` binary: each event ``a[m, k]`` is one AC per computed ``n``,
-  ``AC = nnz(a) N``, ``sum_m nnz(a[m, :]) (m + 1)``, ``N #{events with k <= m}``; else ``b``
-  binary: each event ``b[k, n]`` is one AC per computed ``m``, ``AC = nnz(b) M``,
-  ``sum_n nnz(b[:, n]) (M - n)``, ``sum_k nnz(b[k, :]) (M - k)``; else (both graded)
-  ``MAC = dense MACs``. When both are binary ``a``'s events are counted (the queries, or the
-  scores, drive the product; driving it with ``b``'s would be an equally valid schedule).
-  ``input_events`` are the events of the counted operand; the other operand plays the weights.
-- **Softmax** (``nn.Softmax``, e.g. in an ANN twin): ``MAC = 3 * #finite inputs`` (exp, the
-  running sum, the normalising multiply; masked ``-inf`` scores cost nothing). Pricing an exp
-  as one MAC makes this a lower bound that favours the ANN.
-- Bias additions are not counted: they are charged with the neuron update.
-- Neuron: ``updates = numel(spikes)`` (one per neuron per time step, whether the module is
-  called once on ``[T, B, ...]`` or once per step) and ``spikes = nnz(spikes)``.
+``T`` is the number of time steps; other letters as in :mod:`energy.rules`.
 
 Every count is exact. Counts of CPU tensors are Python ints (reading a CPU scalar costs no
 synchronisation); those of accelerator tensors are int64 accumulated on the device, which the host
@@ -59,10 +18,8 @@ CPU, built on first use; PyTorch on other devices or without a compiler): a syna
 a neuron's output reuses the neuron's scan unless the tensor was modified in place in between.
 
 **ANN equivalent** (for the baselines in :mod:`energy.report`): the same layers run once per
-token instead of once per time step, every input graded. A product with ``ann_softmax = True``
-(optional attribute, default False: spiking attention scores, which the ANN would pass through
-a softmax) adds that softmax, 3 MACs per computed output (``L M N``, ``L M(M+1)/2``, ``L M N``
-for the three masks) and one output write per output element. A call is *time-major* when its
+token instead of once per time step, every input graded; each call's ANN counts are those of
+:mod:`energy.rules`. A call is *time-major* when its
 input shows a leading time dimension (Linear: ``[T, N, ..., F]``; ConvNd: ``[T, B, C, *S]``;
 product and softmax: ``a``/input ``[T, ...]`` with at least 3 dims) or
 carries time folded into its rows (``[T*B, ...]``): a view of a time-major tensor (the model's
@@ -79,34 +36,6 @@ input shows ``L`` in dim 0 are time-major with ``L`` steps and contribute ``dens
 (e.g. experts that run on routing windows of ``L`` steps with fresh state: the ANN runs one
 step per (window, token) row).
 
-**Several passes** (the batches of an evaluation set) add up: :func:`merge_counts` sums the
-counts of each module, matched by name. Every count is a sum over calls, or (``tokens``,
-``ann_macs``, ``ann_outputs``) one forward's worth, so for a model that treats each sample on
-its own (eval mode, no capacity limit, no batch statistics) the merged counts of the batches
-equal those of one pass over their concatenation, call order included. Two things depend on
-how the set is cut: ``calls``/``binary_calls`` count module calls (three batches call a layer
-three times, their concatenation once), and the binary check is made per call, so a layer whose
-input is exactly 0/1 in one batch and graded in another is charged ACs for the first and MACs
-for the second (in one pass, MACs for all). Merged counts are plain ints, so accumulating
-``N`` batches keeps ``O(#modules)`` memory, not ``O(N)``.
-
-**Memory traffic** (opt-in in reports; after Lemaire et al., "An Analytical Estimation of
-Spiking Neural Networks Energy Efficiency", ICONIP 2022), per layer:
-
-.. math::
-
-    \text{reads}  &= \underbrace{AC + MAC}_{\text{weights}}
-                    + \underbrace{\text{events} + MAC}_{\text{inputs}}
-                    + \underbrace{\text{updates}}_{\text{membrane}} \\
-    \text{writes} &= \underbrace{\text{updates}}_{\text{membrane}}
-                    + \underbrace{\text{spikes}}_{\text{spikes out}}
-
-i.e. one weight read per synaptic operation, one read per input event (its address) or per
-graded operand, one membrane read and write per neuron update, one write per emitted spike,
-with no reuse from caches (an upper bound for a von Neumann machine). A product reads its
-operands the same way, the non-counted operand standing for the weights; a softmax is priced
-as its 3-per-element MACs in this term too.
-
 Example:
     >>> fc = torch.nn.Linear(3, 2)
     >>> counts = count_operations(fc, torch.tensor([[[1.0, 0.0, 1.0]]]))  # [T=1, B=1, 3]
@@ -115,36 +44,23 @@ Example:
     >>> more = count_operations(fc, torch.tensor([[[0.0, 1.0, 0.0]]]))
     >>> merge_counts(counts, more).layer("").acs
     6
-
-    A product module (causal attention scores):
-
-    >>> class Scores(torch.nn.Module):
-    ...     matmul_mask = "output"
-    ...     def forward(self, a, b):
-    ...         return (a @ b).tril()
-    >>> q = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])  # [T=1, M=2, K=2]: 1 event, then 2
-    >>> scores = count_operations(Scores(), q, torch.ones(1, 2, 2)).layer("")
-    >>> scores.kind, scores.acs  # row 0 sees 1 key, row 1 sees 2: 1 * 1 + 2 * 2
-    ('matmul', 5)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import itertools
 import logging
-import math
 import re
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import _native
+from . import _native, rules
+from .adapters import BUILTIN_ADAPTERS, NeuronAdapter
+from .counts import GroupCounts, LayerCounts, OperationCounts, merge_counts
 
 __all__ = [
     "BUILTIN_ADAPTERS",
@@ -158,16 +74,23 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _EXPERT_RE = re.compile(r"^((?:.*?\.)?(?:shared_)?experts\.\d+)(?:\.|$)")
-_MASKS = (None, "output", "contraction")
-# exp, running sum, normalising multiply: see the module docstring.
-_SOFTMAX_MACS = 3
 # Device accumulators of a _Tally. Softmax MACs depend on values (finite inputs), so their
 # dense and ANN counts live on the device too, split by the ANN rule (time-major or not).
 _SLOTS = ("acs", "macs", "input_events", "binary_calls", "spikes", "tm_macs", "flat_macs")
 _SLOT_INDEX = {slot: i for i, slot in enumerate(_SLOTS)}
+# LayerCounts fields that a _Tally holds as they are.
+_AS_TALLIED = (
+    "name",
+    "kind",
+    "group",
+    "order",
+    "calls",
+    "fan_in",
+    "fan_out",
+    "rows",
+    "neuron_updates",
+)
 
 
 def _host_or_device(count: torch.Tensor) -> int | torch.Tensor:
@@ -181,248 +104,6 @@ def _where(condition: bool | torch.Tensor, a, b):
         zero = torch.zeros((), dtype=torch.int64, device=condition.device)
         return torch.where(condition, zero + a, zero + b)
     return a if condition else b
-
-
-# --------------------------------------------------------------------------- neuron adapters
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    """Spikes from a neuron's output: the tensor itself, or the first element of a tuple.
-
-    snnTorch returns ``spk`` or ``(spk, mem, ...)``, Norse ``(spikes, state)``, SpikingJelly and
-    spiking_moe ``spikes``.
-    """
-    while isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(
-            f"neuron output must be a tensor or a tuple starting with one, got {type(output).__name__}"
-        )
-    return output
-
-
-def _has_base(module: nn.Module, names: Iterable[str], module_prefix: str) -> bool:
-    names = set(names)
-    return any(
-        cls.__name__ in names and cls.__module__.startswith(module_prefix)
-        for cls in type(module).__mro__
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class NeuronAdapter:
-    """How to recognise one family of neuron modules and read spikes from their output.
-
-    Attributes:
-        name: label used in logs.
-        matches: ``module -> bool``. Must not import the framework it recognises: built-ins
-            compare class names and module paths along the MRO, so a model that was built
-            with the framework is recognised and ``import energy`` stays light.
-        spikes: ``forward output -> spike tensor`` (same leading dims as the input).
-    """
-
-    name: str
-    matches: Callable[[nn.Module], bool]
-    spikes: Callable[[Any], torch.Tensor] = _first_tensor
-
-
-BUILTIN_ADAPTERS: tuple[NeuronAdapter, ...] = (
-    NeuronAdapter("spiking_moe", lambda m: _has_base(m, ["LIF"], "spiking_moe.")),
-    NeuronAdapter("snntorch", lambda m: _has_base(m, ["SpikingNeuron"], "snntorch.")),
-    NeuronAdapter(
-        "norse",
-        lambda m: _has_base(
-            m, ["SNN", "SNNCell", "SNNRecurrent", "SNNRecurrentCell"], "norse.torch.module."
-        ),
-    ),
-    NeuronAdapter(
-        "spikingjelly", lambda m: _has_base(m, ["BaseNode"], "spikingjelly.activation_based.")
-    ),
-)
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerCounts:
-    """Exact counts of one module over one counting pass.
-
-    Attributes:
-        name: qualified module name (``""`` for the root).
-        kind: ``"linear"``, ``"conv1d"``/``"conv2d"``/``"conv3d"``, ``"matmul"`` (a product
-            module), ``"softmax"`` or ``"neuron"``.
-        group: expert/group label, or None.
-        order: position of the module's first call in the forward pass (in the merged call
-            order for :func:`merge_counts`).
-        calls: number of calls.
-        fan_in: synapses per output neuron (``F_in`` or ``C_in / G * prod(k)``); 0 for
-            neurons, products and softmax (a product's sizes follow the sequence length,
-            which may change between the passes that :func:`merge_counts` matches).
-        fan_out: ``F_out`` or ``C_out``; 0 for neurons, products and softmax.
-        rows: input rows over all calls (Linear: tokens x steps; ConvNd: images x steps;
-            product: output rows ``L M``; softmax: vectors normalised).
-        tokens: rows of the ANN equivalent (one step; see the module docstring).
-        binary_calls: calls whose input (for a product, either operand) was binary.
-        input_events: nonzero inputs of the binary calls (for a product, of the counted
-            operand).
-        acs: accumulates (binary inputs).
-        macs: multiply-accumulates (graded inputs; softmax: 3 per finite input).
-        dense_macs: MACs had every input been graded (a product: its computed terms).
-        ann_macs: MACs of the ANN equivalent (one step).
-        ann_outputs: output elements of the ANN equivalent (activation writes).
-        neuron_updates: neuron updates (neurons only).
-        spikes: emitted spikes (neurons only).
-    """
-
-    name: str
-    kind: str
-    group: str | None
-    order: int
-    calls: int
-    fan_in: int = 0
-    fan_out: int = 0
-    rows: int = 0
-    tokens: int = 0
-    binary_calls: int = 0
-    input_events: int = 0
-    acs: int = 0
-    macs: int = 0
-    dense_macs: int = 0
-    ann_macs: int = 0
-    ann_outputs: int = 0
-    neuron_updates: int = 0
-    spikes: int = 0
-
-    @property
-    def is_neuron(self) -> bool:
-        return self.kind == "neuron"
-
-    @property
-    def firing_rate(self) -> float:
-        """Spikes per neuron update (0 when there were none)."""
-        return self.spikes / self.neuron_updates if self.neuron_updates else 0.0
-
-    @property
-    def input_kind(self) -> str:
-        """``"spikes"``, ``"graded"``, ``"mixed"`` (per call) or ``""`` for neurons."""
-        if self.is_neuron or self.calls == 0:
-            return ""
-        if self.binary_calls == self.calls:
-            return "spikes"
-        return "graded" if self.binary_calls == 0 else "mixed"
-
-    @property
-    def memory_reads(self) -> int:
-        """Weight, input and membrane reads (formula in the module docstring)."""
-        return self.acs + self.macs + self.input_events + self.macs + self.neuron_updates
-
-    @property
-    def memory_writes(self) -> int:
-        """Membrane and spike writes (formula in the module docstring)."""
-        return self.neuron_updates + self.spikes
-
-
-_SUMMED = (
-    "acs",
-    "macs",
-    "dense_macs",
-    "ann_macs",
-    "ann_outputs",
-    "input_events",
-    "neuron_updates",
-    "spikes",
-    "memory_reads",
-    "memory_writes",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupCounts:
-    """Counts summed over the layers of one group (an expert).
-
-    Attributes:
-        label: group label, e.g. ``"moe.experts.3"``.
-        layers: names of its modules, in call order.
-        tokens: tokens routed to it: rows per step seen by its first synaptic layer.
-        acs, macs, dense_macs, ann_macs, ann_outputs, input_events, neuron_updates, spikes,
-        memory_reads, memory_writes: sums over ``layers``.
-    """
-
-    label: str
-    layers: tuple[str, ...]
-    tokens: int
-    acs: int
-    macs: int
-    dense_macs: int
-    ann_macs: int
-    ann_outputs: int
-    input_events: int
-    neuron_updates: int
-    spikes: int
-    memory_reads: int
-    memory_writes: int
-
-    @property
-    def firing_rate(self) -> float:
-        return self.spikes / self.neuron_updates if self.neuron_updates else 0.0
-
-    @property
-    def index(self) -> int | None:
-        """Trailing integer of the label (``experts.3`` -> 3), or None."""
-        match = re.search(r"(\d+)$", self.label)
-        return int(match.group(1)) if match else None
-
-
-@dataclasses.dataclass(frozen=True)
-class OperationCounts:
-    """Result of :func:`count_operations`: exact per-module counts of one forward pass.
-
-    :func:`merge_counts` sums those of several passes into one of these.
-
-    Attributes:
-        layers: per-module counts, in order of first call; modules that never ran are absent,
-            except those of a group (an idle expert), listed last with zero counts.
-        time_steps: ``T`` used for the ANN equivalent.
-    """
-
-    layers: tuple[LayerCounts, ...]
-    time_steps: int
-
-    def layer(self, name: str) -> LayerCounts:
-        """Counts of the module called ``name`` (KeyError lists the counted names)."""
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(f"no counted module {name!r}; counted: {[m.name for m in self.layers]}")
-
-    def total(self, field: str) -> int:
-        """Sum of one count (e.g. ``"acs"``, ``"memory_reads"``) over all layers."""
-        if field not in _SUMMED:
-            raise ValueError(f"unknown count {field!r}; valid: {list(_SUMMED)}")
-        return sum(getattr(layer, field) for layer in self.layers)
-
-    @property
-    def firing_rate(self) -> float:
-        updates = self.total("neuron_updates")
-        return self.total("spikes") / updates if updates else 0.0
-
-    def groups(self) -> dict[str, GroupCounts]:
-        """Per-group (per-expert) sums, in order of each group's first call."""
-        members: dict[str, list[LayerCounts]] = {}
-        for layer in self.layers:
-            if layer.group is not None:
-                members.setdefault(layer.group, []).append(layer)
-        out = {}
-        for label, layers in members.items():
-            synaptic = [m for m in layers if not m.is_neuron]
-            out[label] = GroupCounts(
-                label=label,
-                layers=tuple(m.name for m in layers),
-                tokens=synaptic[0].tokens if synaptic else 0,
-                **{f: sum(getattr(m, f) for m in layers) for f in _SUMMED},
-            )
-        return out
 
 
 # --------------------------------------------------------------------------- hooks
@@ -600,15 +281,16 @@ class _Counter:
                 x = x.flatten(0, 1)
             elif x.dim() == nd + 1:  # unbatched [C, *S]
                 x = x.unsqueeze(0)
-            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
             self._record_synaptic(
                 tally,
                 x,
                 time_major,
                 rows=x.shape[0],
-                dense_macs=output.numel() * per_output,
+                dense_macs=output.numel() * rules.conv_fan_in(module),
                 output=output,
-                synapse_events=lambda nnz: _host_or_device(_conv_synapse_events(module, x, nd)),
+                synapse_events=lambda nnz: _host_or_device(
+                    rules.conv_synapse_events(module, x, nd)
+                ),
             )
 
         return hook
@@ -616,26 +298,9 @@ class _Counter:
     def product_hook(self, tally: _Tally):
         def hook(module: nn.Module, args, kwargs, output):
             self._start(tally)
-            a, b = _operands(tally.name, args, kwargs)
-            mask = _product_mask(module, tally.name)
-            if a.dim() < 2 or b.dim() != a.dim() or a.shape[:-2] != b.shape[:-2]:
-                raise ValueError(
-                    f"product {tally.name!r}: operands must be [..., M, K] and [..., K, N] with "
-                    f"the same leading dims, got {tuple(a.shape)} and {tuple(b.shape)}"
-                )
-            *lead, M, K = a.shape
-            N = b.shape[-1]
-            if b.shape[-2] != K:
-                raise ValueError(
-                    f"product {tally.name!r}: inner sizes differ, {tuple(a.shape)} @ {tuple(b.shape)}"
-                )
-            if (mask == "output" and M != N) or (mask == "contraction" and M != K):
-                raise ValueError(
-                    f"product {tally.name!r}: matmul_mask={mask!r} needs "
-                    f"{'M == N' if mask == 'output' else 'M == K'}, got "
-                    f"{tuple(a.shape)} @ {tuple(b.shape)}"
-                )
-            L = math.prod(lead)
+            a, b = rules.product_operands(tally.name, args, kwargs)
+            mask = rules.product_mask(module, tally.name)
+            L, M, K, N = rules.product_dims(tally.name, mask, a, b)
             time_major = self.is_time_major(a, a.dim() >= 3 and a.shape[0] == tally.time_steps)
             nnz_a, ones_a = self.value_counts(a)
             nnz_b, ones_b = self.value_counts(b)
@@ -647,14 +312,12 @@ class _Counter:
             if mask is None:
                 acs_a, acs_b = nnz_a * N, nnz_b * M
             else:
-                reach_a, reach_b = _product_reach(mask, M, K, N, a.device)
-                acs_a = _host_or_device((_events_per_cell(a, L) * reach_a).sum())
-                acs_b = _host_or_device((_events_per_cell(b, L) * reach_b).sum())
-            terms, outputs = _product_size(mask, M, K, N)
+                acs_a, acs_b = map(_host_or_device, rules.masked_synapse_events(mask, a, b))
+            terms, outputs = rules.product_size(mask, M, K, N)
             dense_macs = L * terms
             ann_macs, ann_outputs = dense_macs, output.numel()
             if getattr(module, "ann_softmax", False):
-                ann_macs += _SOFTMAX_MACS * L * outputs
+                ann_macs += rules.SOFTMAX_MACS * L * outputs
                 ann_outputs += output.numel()
             counted = a_binary | b_binary
             tally.add(
@@ -672,7 +335,7 @@ class _Counter:
             self._start(tally)
             x = args[0] if args else kwargs["input"]
             time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == tally.time_steps)
-            macs = _host_or_device(torch.count_nonzero(torch.isfinite(x)) * _SOFTMAX_MACS)
+            macs = _host_or_device(rules.softmax_macs(x))
             # Known only on the device: its dense and ANN shares go to device slots as well.
             tally.add(macs=macs, **{"tm_macs" if time_major else "flat_macs": macs})
             dim = -1 if module.dim is None else module.dim
@@ -712,69 +375,6 @@ def _declared_time_steps(name: str, modules: Mapping[str, nn.Module]) -> int | N
             )
         return declared
     return None
-
-
-def _conv_synapse_events(module: nn.modules.conv._ConvNd, x_BCS: torch.Tensor, nd: int):
-    """Exact number of (input event, synapse) pairs of a convolution: see module docstring."""
-    groups = module.groups
-    # Sum each group's input channels first: the kernel is all ones, so only the per-group
-    # event count at each position matters, and the convolution below stays cheap.
-    x_BGS = x_BCS.reshape(x_BCS.shape[0], groups, -1, *x_BCS.shape[2:]).sum(2, dtype=torch.float32)
-    padding = module.padding
-    if module.padding_mode != "zeros":
-        x_BGS = F.pad(x_BGS, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    ones = x_BGS.new_ones((groups, 1, *module.kernel_size))
-    reach = _CONV_FN[nd](x_BGS, ones, None, module.stride, padding, module.dilation, groups)
-    pairs = reach.sum(dtype=torch.float64).round().to(torch.int64)
-    return pairs * (module.out_channels // groups)
-
-
-def _operands(name: str, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)``: the first two tensor arguments of a product's forward call."""
-    found = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    if len(found) < 2:
-        raise TypeError(
-            f"product {name!r} must be called with two tensors (a, b), got {len(found)}"
-        )
-    return found[0], found[1]
-
-
-def _product_mask(module: nn.Module, name: str) -> str | None:
-    mask = module.matmul_mask
-    if mask not in _MASKS:
-        raise ValueError(f"module {name!r}: matmul_mask must be one of {_MASKS}, got {mask!r}")
-    return mask
-
-
-def _product_size(mask: str | None, M: int, K: int, N: int) -> tuple[int, int]:
-    """(computed terms, outputs with at least one term) per leading index: module docstring."""
-    triangle = M * (M + 1) // 2
-    if mask is None:
-        terms, outputs = M * K * N, M * N
-    elif mask == "output":
-        terms, outputs = K * triangle, triangle
-    else:  # every output row m has the term k = 0
-        terms, outputs = N * triangle, M * N
-    return terms, (outputs if K else 0)
-
-
-def _product_reach(mask: str, M: int, K: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Computed terms each operand element enters: ``[M, K]`` for ``a`` (how many ``n``),
-    ``[K, N]`` for ``b`` (how many ``m``), int64 on ``device``."""
-    if mask == "output":  # n <= m
-        reach_a = torch.arange(1, M + 1, device=device).unsqueeze(1).expand(M, K)
-        reach_b = (M - torch.arange(N, device=device)).unsqueeze(0).expand(K, N)
-    else:  # "contraction": k <= m
-        reach_a = torch.ones(M, K, dtype=torch.int64, device=device).tril() * N
-        reach_b = (M - torch.arange(K, device=device)).unsqueeze(1).expand(K, N)
-    return reach_a, reach_b
-
-
-def _events_per_cell(x: torch.Tensor, leading: int) -> torch.Tensor:
-    """Events at each ``[M, K]`` position, summed over the leading dims (int64)."""
-    # Reducing over the leading dims first keeps the weighting by reach a small [M, K] product.
-    return x.bool().reshape(leading, *x.shape[-2:]).sum(0, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -843,7 +443,8 @@ def count_operations(
     """Run ``model(*inputs)`` once under ``torch.no_grad`` and count its operations exactly.
 
     The model runs in its current mode: call ``model.eval()`` first if its routing is noisy
-    in training mode. Rules and formulas: module docstring.
+    in training mode. Rules and formulas: :mod:`energy.rules`; the ANN equivalent: module
+    docstring.
 
     Args:
         model: any ``nn.Module`` containing Linear/ConvNd layers, product modules
@@ -884,11 +485,11 @@ def count_operations(
     handles = []
     try:
         for name, module in model.named_modules():
-            nd = next((n for cls, n in _CONV.items() if isinstance(module, cls)), None)
+            nd = rules.conv_dims(module)
             adapter = None
             # The product protocol is an explicit opt-in, so it wins over the type checks.
             if hasattr(module, "matmul_mask"):
-                _product_mask(module, name)
+                rules.product_mask(module, name)
                 tally = _Tally(name, "matmul", None, 0, 0)
                 hook = counter.product_hook(tally)
             elif isinstance(module, nn.Softmax):
@@ -898,7 +499,7 @@ def count_operations(
                 tally = _Tally(name, "linear", None, module.in_features, module.out_features)
                 hook = counter.linear_hook(tally)
             elif nd is not None:
-                fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+                fan_in = rules.conv_fan_in(module)
                 tally = _Tally(name, f"conv{nd}d", None, fan_in, module.out_channels)
                 hook = counter.conv_hook(tally, nd)
             else:
@@ -983,14 +584,7 @@ def _finish(tally: _Tally, values: list[int], time_steps: int) -> LayerCounts:
         tally.flat_ann_macs + flat_macs
     ) // flat
     return LayerCounts(
-        name=tally.name,
-        kind=tally.kind,
-        group=tally.group,
-        order=tally.order,
-        calls=tally.calls,
-        fan_in=tally.fan_in,
-        fan_out=tally.fan_out,
-        rows=tally.rows,
+        **{field: getattr(tally, field) for field in _AS_TALLIED},
         tokens=tally.tm_rows // time_steps + tally.flat_rows // flat,
         binary_calls=binary_calls,
         input_events=events,
@@ -999,155 +593,5 @@ def _finish(tally: _Tally, values: list[int], time_steps: int) -> LayerCounts:
         dense_macs=tally.dense_macs + tm_macs + flat_macs,
         ann_macs=ann_macs,
         ann_outputs=tally.tm_outputs // time_steps + tally.flat_outputs // flat,
-        neuron_updates=tally.neuron_updates,
         spikes=spikes,
     )
-
-
-# --------------------------------------------------------------------------- several passes
-
-# What identifies a module across passes, and what adds up. ``name`` is the key; ``order`` is
-# recomputed from the call orders of the passes.
-_IDENTITY = ("kind", "group", "fan_in", "fan_out")
-_COUNTS = (
-    "calls",
-    "rows",
-    "tokens",
-    "binary_calls",
-    "input_events",
-    "acs",
-    "macs",
-    "dense_macs",
-    "ann_macs",
-    "ann_outputs",
-    "neuron_updates",
-    "spikes",
-)
-
-
-def merge_counts(*counts: OperationCounts) -> OperationCounts:
-    """Sum the counts of several forward passes of one model, e.g. the batches of a data set.
-
-    The one way to add counts up. A function rather than ``+``: merging validates its inputs
-    and merges call orders, so it is not element-wise addition, and ``merge_counts(*passes)``
-    needs no ``sum`` start value. Accumulate batch by batch with
-    ``total = merge_counts(total, counts)``: the result holds Python ints only.
-
-    Modules are matched by name and every count is summed (``calls`` and ``binary_calls`` too:
-    they count the calls of all passes). A module present in only some passes keeps its
-    counts. Layers come in merged call order: whenever a pass called ``a`` before ``b``, so
-    does the result; modules that no pass ran together (experts that never shared a batch)
-    come in name order, numbers compared as numbers (``experts.2`` before ``experts.10``),
-    which is the order a ModuleList of experts runs in. When every pass is consistent with one call
-    order (the same model, different experts skipped), ``order`` and the layer order are
-    therefore those of one pass over the concatenated inputs. Group members that ran in no
-    pass (idle experts) are listed last with zero counts, as :func:`count_operations` lists
-    them.
-
-    Args:
-        *counts: one or more :class:`OperationCounts`, all with the same ``time_steps``.
-
-    Returns:
-        :class:`OperationCounts` whose counts are the sums; for one argument, equal to it.
-
-    Raises:
-        TypeError: an argument is not an :class:`OperationCounts`.
-        ValueError: no argument; ``time_steps`` differ; a module's kind, group, fan-in or
-            fan-out differs between passes (the passes are of different models); a module
-            name appears twice in one pass.
-
-    Example:
-        >>> fc = torch.nn.Linear(2, 5)
-        >>> passes = [count_operations(fc, torch.ones(3, b, 2)) for b in (1, 4)]
-        >>> total = merge_counts(*passes).layer("")
-        >>> total.acs, total.tokens, total.calls
-        (150, 5, 2)
-    """
-    if not counts:
-        raise ValueError("merge_counts needs at least one OperationCounts")
-    for i, c in enumerate(counts):
-        if not isinstance(c, OperationCounts):
-            raise TypeError(
-                f"merge_counts argument {i} must be OperationCounts, got {type(c).__name__}"
-            )
-    time_steps = counts[0].time_steps
-    for i, c in enumerate(counts[1:], 1):
-        if c.time_steps != time_steps:
-            raise ValueError(
-                f"cannot merge counts over different time steps: argument 0 has "
-                f"time_steps={time_steps}, argument {i} has time_steps={c.time_steps}"
-            )
-    merged: dict[str, LayerCounts] = {}
-    for i, c in enumerate(counts):
-        seen: set[str] = set()
-        for layer in c.layers:
-            if layer.name in seen:
-                raise ValueError(f"argument {i} counts module {layer.name!r} twice")
-            seen.add(layer.name)
-            total = merged.get(layer.name)
-            if total is None:
-                merged[layer.name] = layer
-                continue
-            for field in _IDENTITY:
-                a, b = getattr(total, field), getattr(layer, field)
-                if a != b:
-                    raise ValueError(
-                        f"module {layer.name!r} has {field}={a!r} in an earlier pass but "
-                        f"{field}={b!r} in argument {i}: counts of different models cannot "
-                        "be merged"
-                    )
-            merged[layer.name] = dataclasses.replace(
-                total, **{f: getattr(total, f) + getattr(layer, f) for f in _COUNTS}
-            )
-    in_call_order = [sorted(c.layers, key=lambda m: m.order) for c in counts]
-    ran = _merge_orders([[m.name for m in layers if m.calls] for layers in in_call_order])
-    idle = _merge_orders(
-        [[m.name for m in layers if not merged[m.name].calls] for layers in in_call_order]
-    )
-    return OperationCounts(
-        layers=tuple(
-            dataclasses.replace(merged[name], order=i) for i, name in enumerate(ran + idle)
-        ),
-        time_steps=time_steps,
-    )
-
-
-def _name_key(name: str) -> tuple[str | int, ...]:
-    # re.split with a group alternates text and digits, so positions compare like with like.
-    return tuple(int(s) if i % 2 else s for i, s in enumerate(re.split(r"(\d+)", name)))
-
-
-def _merge_orders(sequences: Sequence[Sequence[str]]) -> list[str]:
-    """One order of the names that keeps every sequence's order (a topological sort).
-
-    Names no sequence orders come by :func:`_name_key`. Sequences that contradict each other
-    (``a`` before ``b`` in one, after it in another) cannot all be kept: the cycle is broken
-    at the name that sorts first, so merging never fails on order alone.
-    """
-    successors: dict[str, set[str]] = {}
-    pending: dict[str, int] = {}  # name -> predecessors not placed yet
-    for seq in sequences:
-        for name in seq:
-            successors.setdefault(name, set())
-            pending.setdefault(name, 0)
-        for a, b in itertools.pairwise(seq):
-            if b not in successors[a]:
-                successors[a].add(b)
-                pending[b] += 1
-    ready = [(_name_key(n), n) for n, before in pending.items() if before == 0]
-    heapq.heapify(ready)
-    out = []
-    while pending:
-        if ready:
-            name = heapq.heappop(ready)[1]
-        else:
-            name = min(pending, key=_name_key)
-            logger.debug("passes called modules in conflicting orders; %r placed first", name)
-        del pending[name]
-        out.append(name)
-        for after in successors[name]:
-            if after in pending:
-                pending[after] -= 1
-                if pending[after] == 0:
-                    heapq.heappush(ready, (_name_key(after), after))
-    return out

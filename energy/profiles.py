@@ -87,8 +87,7 @@ class EnergyProfile:
         ann_mac_int8_pj: MAC of the int8 ANN baselines (default: cmos45 int8, 0.23 pJ).
         weight_bits: bits of one stored synaptic weight the prices hold for (1 to 64).
             Required in TOML and in :meth:`from_dict`; the Python default, 32, is the
-            precision the counting assumes (fp32), kept so that a profile built in code and a
-            report written before profiles stated precision still load.
+            precision the counting assumes (fp32), for profiles built in code.
         activation_bits: bits of one input an AC/MAC consumes (1: binary spikes; 1 to 64).
             Required and defaulted like ``weight_bits``.
         note: derivations and caveats.
@@ -111,10 +110,6 @@ class EnergyProfile:
 
     def __post_init__(self):
         _validate(dataclasses.asdict(self), f"profile {self.name!r}")
-
-    def to_dict(self) -> dict:
-        """Plain dict of every field (JSON/TOML friendly)."""
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping, where: str = "profile") -> EnergyProfile:

@@ -21,8 +21,7 @@ only* (``compute_pj``: the terms before the bracket) and *compute + memory traff
 chooses which of the two the historical fields follow: ``Totals.energy_pj``,
 ``Baseline.energy_pj``, ``Baseline.ratio``, the per-layer and per-expert energies, the
 break-even rate and the first sentence of the verdict (default: compute only, as before), so
-existing callers keep their meaning. Reports read from JSON written before the two totals
-existed have them as None.
+existing callers keep their meaning.
 
 **Precision.** A profile states the weight and activation bits its prices hold for
 (:class:`energy.EnergyProfile`); the report carries ``model_weight_bits`` (the precision the
@@ -90,8 +89,9 @@ __all__ = [
     "estimate",
 ]
 
+# The JSON format written and read. Format 1 (before profiles stated precision and reports
+# carried both totals) is no longer read.
 _FORMAT = 2
-_READABLE_FORMATS = (1, 2)  # 1: before precision and the two totals; read with defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Baseline:
     ``energy_pj`` and ``ratio`` follow the report's ``include_memory``; ``compute_pj`` /
     ``compute_ratio`` (compute only) and ``with_memory_pj`` / ``with_memory_ratio`` (compute +
     memory traffic) are both always there, each ratio against the SNN total of the same
-    accounting (None only in reports read from format-1 JSON).
+    accounting.
     """
 
     name: str
@@ -147,10 +147,10 @@ class Baseline:
     macs: int
     energy_pj: float
     ratio: float
-    compute_pj: float | None = None
-    compute_ratio: float | None = None
-    with_memory_pj: float | None = None
-    with_memory_ratio: float | None = None
+    compute_pj: float
+    compute_ratio: float
+    with_memory_pj: float
+    with_memory_ratio: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +159,7 @@ class Totals:
 
     ``energy_pj`` follows the report's ``include_memory`` (and ``memory_energy_pj`` is 0 without
     it); ``compute_pj`` (synaptic + neuron) and ``with_memory_pj`` (compute + memory traffic)
-    are both always there (None only in reports read from format-1 JSON).
+    are both always there.
     """
 
     acs: int
@@ -173,8 +173,8 @@ class Totals:
     neuron_energy_pj: float
     memory_energy_pj: float
     energy_pj: float
-    compute_pj: float | None = None
-    with_memory_pj: float | None = None
+    compute_pj: float
+    with_memory_pj: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,34 +228,39 @@ class EnergyReport:
 
     @classmethod
     def from_json(cls, text: str) -> EnergyReport:
-        """Inverse of :meth:`to_json`; also reads format 1 (older reports).
+        """Inverse of :meth:`to_json`.
 
-        A format-1 report has no precision fields and no compute/with-memory totals: they
-        take their defaults (its profile reads as 32-bit weights and activations, the
-        dataclass default, because it did not record them; the totals are None).
+        Raises:
+            ValueError: the text is not a report in the format :meth:`to_json` writes (the
+                message names the format found), a field is missing, or the profile is invalid.
+            TypeError: a row (layer, expert, baseline, totals) lacks a field or has an unknown
+                one (names it).
         """
         data = json.loads(text)
-        version = data.pop("format", None)
-        if version not in _READABLE_FORMATS:
-            raise ValueError(
-                f"not an energy report in format {' or '.join(map(str, _READABLE_FORMATS))}"
+        version = data.pop("format", None) if isinstance(data, dict) else None
+        if version != _FORMAT:
+            old = (
+                "; format 1 (no precision fields, no compute and with-memory totals) is no "
+                f"longer read: count the model again to write format {_FORMAT}"
+                if version == 1
+                else ""
             )
-        profile = data["profile"]
-        if version == 1:
-            bits = ("weight_bits", "activation_bits")
-            fields = dataclasses.fields(EnergyProfile)
-            profile = {**{f.name: f.default for f in fields if f.name in bits}, **profile}
-        optional = ("model_weight_bits", "accuracy", "accuracy_at_profile_precision")
+            raise ValueError(
+                f"not an energy report in format {_FORMAT}, the one this version reads: "
+                f"found format {version!r}{old}"
+            )
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"energy report in format {_FORMAT} without the field(s) {missing}")
         return cls(
-            profile=EnergyProfile.from_dict(profile, "report profile"),
-            time_steps=data["time_steps"],
-            include_memory=data["include_memory"],
-            layers=tuple(LayerEnergy(**row) for row in data["layers"]),
-            experts=tuple(ExpertEnergy(**row) for row in data["experts"]),
-            totals=Totals(**data["totals"]),
-            baselines=tuple(Baseline(**row) for row in data["baselines"]),
-            break_even_firing_rate=data["break_even_firing_rate"],
-            **{k: data[k] for k in optional if k in data},
+            **{
+                **data,
+                "profile": EnergyProfile.from_dict(data["profile"], "report profile"),
+                "layers": tuple(LayerEnergy(**row) for row in data["layers"]),
+                "experts": tuple(ExpertEnergy(**row) for row in data["experts"]),
+                "totals": Totals(**data["totals"]),
+                "baselines": tuple(Baseline(**row) for row in data["baselines"]),
+            }
         )
 
     @property
@@ -289,14 +294,13 @@ class EnergyReport:
             )
         sentences = [first]
         other_ratio = ann.compute_ratio if self.include_memory else ann.with_memory_ratio
-        if other_ratio is not None:
-            other = "Compute only" if self.include_memory else "With memory traffic"
-            if other_ratio >= 1:
-                sentences.append(f"{other}: the SNN wins ({other_ratio:.2f}x less energy).")
-            else:
-                sentences.append(
-                    f"{other}: the int8 ANN wins ({_ratio(1.0, other_ratio):.2f}x less energy)."
-                )
+        other = "Compute only" if self.include_memory else "With memory traffic"
+        if other_ratio >= 1:
+            sentences.append(f"{other}: the SNN wins ({other_ratio:.2f}x less energy).")
+        else:
+            sentences.append(
+                f"{other}: the int8 ANN wins ({_ratio(1.0, other_ratio):.2f}x less energy)."
+            )
         precision = self.precision_statement
         if precision:
             sentences.append(precision)
@@ -351,8 +355,8 @@ class EnergyReport:
             f"neurons {_energy(t.neuron_energy_pj)}, memory {_energy(t.memory_energy_pj)}); "
             f"{t.acs:,} ACs, {t.macs:,} MACs, {t.neuron_updates:,} neuron updates, "
             f"{t.spikes:,} spikes, firing rate {t.firing_rate:.2%}. "
-            f"Compute only: {_maybe_energy(t.compute_pj)}; compute + memory traffic: "
-            f"{_maybe_energy(t.with_memory_pj)}.",
+            f"Compute only: {_energy(t.compute_pj)}; compute + memory traffic: "
+            f"{_energy(t.with_memory_pj)}.",
             "",
             self.verdict,
             "",
@@ -361,13 +365,12 @@ class EnergyReport:
             "| model | ACs | MACs | compute | baseline / SNN | compute + memory "
             "| baseline / SNN, with memory |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-            f"| SNN (this model) | {t.acs:,} | {t.macs:,} | {_maybe_energy(t.compute_pj)} | 1.00x "
-            f"| {_maybe_energy(t.with_memory_pj)} | 1.00x |",
+            f"| SNN (this model) | {t.acs:,} | {t.macs:,} | {_energy(t.compute_pj)} | 1.00x "
+            f"| {_energy(t.with_memory_pj)} | 1.00x |",
         ]
         lines += [
-            f"| {b.description} | {b.acs:,} | {b.macs:,} | {_maybe_energy(b.compute_pj)} | "
-            f"{_maybe_ratio(b.compute_ratio)} | {_maybe_energy(b.with_memory_pj)} | "
-            f"{_maybe_ratio(b.with_memory_ratio)} |"
+            f"| {b.description} | {b.acs:,} | {b.macs:,} | {_energy(b.compute_pj)} | "
+            f"{b.compute_ratio:.2f}x | {_energy(b.with_memory_pj)} | {b.with_memory_ratio:.2f}x |"
             for b in self.baselines
         ]
         lines += [
@@ -421,14 +424,6 @@ def _energy(pj: float) -> str:
     return f"{pj:.3g} pJ"
 
 
-def _maybe_energy(pj: float | None) -> str:
-    return "n/a" if pj is None else _energy(pj)
-
-
-def _maybe_ratio(ratio: float | None) -> str:
-    return "n/a" if ratio is None else f"{ratio:.2f}x"
-
-
 def _check_bits_and_accuracy(model_weight_bits, accuracy, accuracy_at_profile_precision):
     if isinstance(model_weight_bits, bool) or not isinstance(model_weight_bits, int):
         raise TypeError(f"model_weight_bits must be an int, got {type(model_weight_bits).__name__}")
@@ -444,6 +439,18 @@ def _check_bits_and_accuracy(model_weight_bits, accuracy, accuracy_at_profile_pr
             raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
+
+
+# Counts a report's totals sum over the layers.
+_TOTALLED = ("acs", "macs", "neuron_updates", "spikes", "memory_reads", "memory_writes")
+
+
+def _row(cls: type, counts: LayerCounts | GroupCounts, **priced: Any):
+    """A ``cls`` row: ``priced`` fields as given, the others copied from ``counts``."""
+    copied = {
+        f.name: getattr(counts, f.name) for f in dataclasses.fields(cls) if f.name not in priced
+    }
+    return cls(**copied, **priced)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -518,22 +525,7 @@ def build_report(
     _check_bits_and_accuracy(model_weight_bits, accuracy, accuracy_at_profile_precision)
     mem = include_memory
     layers = tuple(
-        LayerEnergy(
-            name=m.name,
-            kind=m.kind,
-            group=m.group,
-            calls=m.calls,
-            tokens=m.tokens,
-            input=m.input_kind,
-            acs=m.acs,
-            macs=m.macs,
-            neuron_updates=m.neuron_updates,
-            spikes=m.spikes,
-            firing_rate=m.firing_rate,
-            memory_reads=m.memory_reads,
-            memory_writes=m.memory_writes,
-            energy_pj=_snn_energy(m, p, mem),
-        )
+        _row(LayerEnergy, m, input=m.input_kind, energy_pj=_snn_energy(m, p, mem))
         for m in counts.layers
     )
     activity = sum(_activity_energy(m, p, mem) for m in counts.layers)
@@ -554,13 +546,8 @@ def build_report(
     compute = sum(_snn_energy(m, p, False) for m in counts.layers)
     with_memory = sum(_snn_energy(m, p, True) for m in counts.layers)
     totals = Totals(
-        acs=counts.total("acs"),
-        macs=counts.total("macs"),
-        neuron_updates=counts.total("neuron_updates"),
-        spikes=counts.total("spikes"),
+        **{f: counts.total(f) for f in _TOTALLED},
         firing_rate=counts.firing_rate,
-        memory_reads=counts.total("memory_reads"),
-        memory_writes=counts.total("memory_writes"),
         synaptic_energy_pj=synaptic,
         neuron_energy_pj=neurons,
         memory_energy_pj=memory,
@@ -594,24 +581,18 @@ def build_report(
             with_memory_ratio=_ratio(b_memory, with_memory),
         )
 
-    baselines = []
+    specs = [
+        ("ann_fp32", "ANN, same routing, fp32", counts, p.ann_mac_fp32_pj),
+        ("ann_int8", "ANN, same routing, int8", counts, p.ann_mac_int8_pj),
+    ]
     if dense_counts is not None:
-        baselines.append(
-            baseline("dense_snn", "Dense MoE SNN (every expert on every token)", dense_counts)
-        )
-    baselines.append(baseline("ann_fp32", "ANN, same routing, fp32", counts, p.ann_mac_fp32_pj))
-    baselines.append(baseline("ann_int8", "ANN, same routing, int8", counts, p.ann_mac_int8_pj))
-    if dense_counts is not None:
-        baselines.append(
-            baseline(
-                "dense_ann_fp32", "Dense ANN (every expert), fp32", dense_counts, p.ann_mac_fp32_pj
-            )
-        )
-        baselines.append(
-            baseline(
-                "dense_ann_int8", "Dense ANN (every expert), int8", dense_counts, p.ann_mac_int8_pj
-            )
-        )
+        specs = [
+            ("dense_snn", "Dense MoE SNN (every expert on every token)", dense_counts),
+            *specs,
+            ("dense_ann_fp32", "Dense ANN (every expert), fp32", dense_counts, p.ann_mac_fp32_pj),
+            ("dense_ann_int8", "Dense ANN (every expert), int8", dense_counts, p.ann_mac_int8_pj),
+        ]
+    baselines = [baseline(*spec) for spec in specs]
 
     ann_int8 = _ann_energy(counts, p.ann_mac_int8_pj, p, mem)
     if totals.neuron_updates == 0 or activity == 0:
@@ -621,18 +602,12 @@ def build_report(
 
     dense_groups = dense_counts.groups() if dense_counts is not None else {}
     experts = []
-    for label, g in counts.groups().items():
-        d = dense_groups.get(label)
+    for g in counts.groups().values():
+        d = dense_groups.get(g.label)
         experts.append(
-            ExpertEnergy(
-                label=label,
-                index=g.index,
-                tokens=g.tokens,
-                acs=g.acs,
-                macs=g.macs,
-                neuron_updates=g.neuron_updates,
-                spikes=g.spikes,
-                firing_rate=g.firing_rate,
+            _row(
+                ExpertEnergy,
+                g,
                 energy_pj=_snn_energy(g, p, mem),
                 dense_tokens=None if d is None else d.tokens,
                 dense_energy_pj=None if d is None else _snn_energy(d, p, mem),

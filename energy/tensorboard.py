@@ -9,7 +9,7 @@ Tags, all under ``prefix`` (default ``"energy"``):
   ``ratio/<baseline>`` (baseline energy / SNN energy), ``baseline_pJ/<baseline>`` (these follow
   the report's ``include_memory``); both accountings whatever it is: ``compute_pJ``,
   ``with_memory_pJ``, ``ratio_compute/<baseline>``, ``ratio_with_memory/<baseline>``,
-  ``baseline_with_memory_pJ/<baseline>`` (absent for reports read from format-1 JSON);
+  ``baseline_with_memory_pJ/<baseline>``;
   ``expert/<label>/synaptic_ops`` (ACs + MACs), ``expert/<label>/tokens``,
   ``expert/<label>/energy_pJ``;
 - histograms: ``expert_load`` (bucket ``i`` holds the tokens routed to expert ``i``),
@@ -33,6 +33,32 @@ __all__ = ["custom_scalars_layout", "write_report"]
 
 def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/]", "_", label)
+
+
+def _scalars(report: EnergyReport) -> dict[str, float]:
+    """Scalar tags (under the prefix) and their values: the list in the module docstring."""
+    t = report.totals
+    scalars = {
+        "total_pJ": t.energy_pj,
+        "synaptic_pJ": t.synaptic_energy_pj,
+        "neuron_pJ": t.neuron_energy_pj,
+        "memory_pJ": t.memory_energy_pj,
+        "firing_rate": t.firing_rate,
+        "compute_pJ": t.compute_pj,
+        "with_memory_pJ": t.with_memory_pj,
+    }
+    for b in report.baselines:
+        scalars[f"ratio/{b.name}"] = b.ratio
+        scalars[f"baseline_pJ/{b.name}"] = b.energy_pj
+        scalars[f"ratio_compute/{b.name}"] = b.compute_ratio
+        scalars[f"ratio_with_memory/{b.name}"] = b.with_memory_ratio
+        scalars[f"baseline_with_memory_pJ/{b.name}"] = b.with_memory_pj
+    for e in report.experts:
+        tag = f"expert/{_safe(e.label)}"
+        scalars[f"{tag}/synaptic_ops"] = e.acs + e.macs
+        scalars[f"{tag}/tokens"] = e.tokens
+        scalars[f"{tag}/energy_pJ"] = e.energy_pj
+    return scalars
 
 
 def custom_scalars_layout(report: EnergyReport, prefix: str = "energy") -> dict:
@@ -74,33 +100,8 @@ def write_report(writer: Any, report: EnergyReport, step: int, prefix: str = "en
     """
     if not isinstance(report, EnergyReport):
         raise TypeError(f"report must be an EnergyReport, got {type(report).__name__}")
-    t = report.totals
-    for name, value in (
-        ("total_pJ", t.energy_pj),
-        ("synaptic_pJ", t.synaptic_energy_pj),
-        ("neuron_pJ", t.neuron_energy_pj),
-        ("memory_pJ", t.memory_energy_pj),
-        ("firing_rate", t.firing_rate),
-        ("compute_pJ", t.compute_pj),
-        ("with_memory_pJ", t.with_memory_pj),
-    ):
-        if value is not None:
-            writer.add_scalar(f"{prefix}/{name}", value, step)
-    for b in report.baselines:
-        writer.add_scalar(f"{prefix}/ratio/{b.name}", b.ratio, step)
-        writer.add_scalar(f"{prefix}/baseline_pJ/{b.name}", b.energy_pj, step)
-        for tag, value in (
-            ("ratio_compute", b.compute_ratio),
-            ("ratio_with_memory", b.with_memory_ratio),
-            ("baseline_with_memory_pJ", b.with_memory_pj),
-        ):
-            if value is not None:
-                writer.add_scalar(f"{prefix}/{tag}/{b.name}", value, step)
-    for e in report.experts:
-        tag = f"{prefix}/expert/{_safe(e.label)}"
-        writer.add_scalar(f"{tag}/synaptic_ops", e.acs + e.macs, step)
-        writer.add_scalar(f"{tag}/tokens", e.tokens, step)
-        writer.add_scalar(f"{tag}/energy_pJ", e.energy_pj, step)
+    for tag, value in _scalars(report).items():
+        writer.add_scalar(f"{prefix}/{tag}", value, step)
     if report.experts:
         loads = np.array([e.tokens for e in report.experts], dtype=np.float64)
         index = np.arange(len(loads), dtype=np.float64)

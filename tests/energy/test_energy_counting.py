@@ -4,32 +4,12 @@ import itertools
 
 import pytest
 import torch
+from energy_cases import ADDITIVE, PER_CALL, THRESHOLD, Threshold, make_snn, spikes
 from torch import nn
 
 import energy
 from energy.counting import LayerCounts
 from spiking_moe import LIF
-
-ADDITIVE = (
-    "calls",
-    "rows",
-    "tokens",
-    "binary_calls",
-    "input_events",
-    "acs",
-    "macs",
-    "dense_macs",
-    "ann_macs",
-    "ann_outputs",
-    "neuron_updates",
-    "spikes",
-)
-
-
-def spikes(*shape, p=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(*shape, generator=g) < p).float()
-
 
 # ----------------------------------------------------------------------------- hand counts
 
@@ -264,20 +244,6 @@ def test_time_folded_into_the_batch_is_recognised_for_the_ann_count():
 # ----------------------------------------------------------------------------- invariances
 
 
-def make_snn():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Flatten(0, 1),  # [T, B, C, H, W] -> [T*B, C, H, W] for the conv
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.Unflatten(0, (6, -1)),
-        LIF(beta=0.8, threshold=0.3),
-        nn.Flatten(2),
-        nn.Linear(4 * 5 * 5, 8),
-        LIF(beta=0.8, threshold=0.3),
-        nn.Linear(8, 3),
-    )
-
-
 def test_counts_add_up_when_the_batch_is_split():
     net = make_snn()
     x = spikes(6, 10, 1, 5, 5, p=0.4, seed=3)  # [T, B, C, H, W]
@@ -287,7 +253,7 @@ def test_counts_add_up_when_the_batch_is_split():
     for layer in whole.layers:
         parts = [h.layer(layer.name) for h in halves]
         for field in ADDITIVE:
-            if field in ("calls", "binary_calls"):  # per call, not per token
+            if field in PER_CALL:  # per call, not per token
                 continue
             assert getattr(layer, field) == sum(getattr(p, field) for p in parts), (
                 layer.name,
@@ -574,30 +540,6 @@ def test_hooks_are_removed_after_counting_and_after_an_error():
     assert not fc._forward_hooks
 
 
-class Threshold(nn.Module):
-    """A neuron without host syncs of its own (spiking_moe's LIF checks its input for NaN)."""
-
-    def forward(self, x):
-        return (x > 0.2).to(x.dtype)
-
-
-THRESHOLD = energy.NeuronAdapter("threshold", lambda m: isinstance(m, Threshold))
-
-
-def make_sync_free_snn():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Flatten(0, 1),
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.Unflatten(0, (6, -1)),
-        Threshold(),
-        nn.Flatten(2),
-        nn.Linear(4 * 5 * 5, 8),
-        Threshold(),
-        nn.Linear(8, 3),
-    )
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to detect host syncs")
 def test_counting_hooks_do_not_synchronise_the_host_on_cuda():
     class NoSync(nn.Module):
@@ -613,9 +555,9 @@ def test_counting_hooks_do_not_synchronise_the_host_on_cuda():
                 torch.cuda.set_sync_debug_mode("default")
 
     x = spikes(6, 10, 1, 5, 5, p=0.4, seed=3)
-    net = NoSync(make_sync_free_snn()).cuda()
+    net = NoSync(make_snn(Threshold)).cuda()
     counts = energy.count_operations(net, x.cuda(), neuron_adapters=[THRESHOLD])
-    cpu = energy.count_operations(make_sync_free_snn(), x, neuron_adapters=[THRESHOLD])
+    cpu = energy.count_operations(make_snn(Threshold), x, neuron_adapters=[THRESHOLD])
     assert cpu.total("acs") > 0 and cpu.total("spikes") > 0
     for layer in cpu.layers:
         assert same_counts(counts.layer(f"inner.{layer.name}"), layer), layer.name

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from energy_cases import assert_equal_except_calls, graded, spikes
 from torch import nn
 
 import energy
@@ -14,36 +15,12 @@ from spiking_moe import LIF
 
 T = 5
 BATCHES = (slice(0, 2), slice(2, 5), slice(5, 9))  # uneven on purpose: 2 + 3 + 4 tokens
-PER_CALL = ("calls", "binary_calls")  # count module calls, so depend on how the set is cut
-
-
-def spikes(*shape, p=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(*shape, generator=g) < p).float()
 
 
 def count_batches(model, x):
     """Counts of each batch (``x`` is ``[T, B, ...]``) and of one pass over all of ``x``."""
     passes = [energy.count_operations(model, x[:, b]) for b in BATCHES]
     return passes, energy.count_operations(model, x)
-
-
-def without_calls(counts: OperationCounts):
-    return tuple(dataclasses.replace(m, calls=0, binary_calls=0) for m in counts.layers)
-
-
-def assert_equal_except_calls(merged: OperationCounts, whole: OperationCounts):
-    """Every LayerCounts field (names, order, layer order included) but the per-call ones."""
-    assert merged.time_steps == whole.time_steps
-    assert [m.name for m in merged.layers] == [m.name for m in whole.layers]
-    for got, want in zip(merged.layers, whole.layers, strict=True):
-        for field in dataclasses.fields(want):
-            if field.name not in PER_CALL:
-                assert getattr(got, field.name) == getattr(want, field.name), (
-                    got.name,
-                    field.name,
-                )
-    assert without_calls(merged) == without_calls(whole)
 
 
 def report_without_calls(report: energy.EnergyReport) -> energy.EnergyReport:
@@ -76,10 +53,6 @@ def mlp():
     return nn.Sequential(nn.Linear(6, 10), LIF(beta=0.8, threshold=0.3), nn.Linear(10, 3))
 
 
-def graded(*shape, seed=1):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) + 0.05
-
-
 MODELS = {
     "spiking_mlp": (mlp, lambda: spikes(T, 9, 6, p=0.4, seed=3)),
     "graded_first_layer": (mlp, lambda: graded(T, 9, 6)),
@@ -87,15 +60,19 @@ MODELS = {
 }
 
 
+def merged_and_whole(name):
+    """The batches of a MODELS case, merged, and one pass over all of them."""
+    make, data = MODELS[name]
+    passes, whole = count_batches(make(), data())
+    return energy.merge_counts(*passes), whole
+
+
 # ----------------------------------------------------------------------------- plain models
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_merged_batches_equal_one_pass_over_their_concatenation(name):
-    make, data = MODELS[name]
-    model, x = make(), data()
-    passes, whole = count_batches(model, x)
-    merged = energy.merge_counts(*passes)
+    merged, whole = merged_and_whole(name)
     assert whole.total("spikes") > 0 and whole.total("acs") > 0
     assert_equal_except_calls(merged, whole)
     for layer in merged.layers:  # each batch calls every layer as often as the whole set does
@@ -127,10 +104,7 @@ def test_step_loop_tokens_are_one_forward_worth_per_batch():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_report_of_merged_batches_equals_report_of_the_whole_set(name):
-    make, data = MODELS[name]
-    model, x = make(), data()
-    passes, whole = count_batches(model, x)
-    merged = energy.merge_counts(*passes)
+    merged, whole = merged_and_whole(name)
     got = energy.build_report(merged, "cmos45", include_memory=True)
     want = energy.build_report(whole, "cmos45", include_memory=True)
     assert want.break_even_firing_rate is not None or want.baseline("ann_int8").ratio < 1

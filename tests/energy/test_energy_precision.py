@@ -1,58 +1,20 @@
 """Precision-honest energy: profile bits, accuracy at the priced precision, both totals."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from energy_cases import TinyMoE, X, small_net, spikes, unit_profile
 from torch import nn
 
 import energy
-from energy.profiles import get_profile, load_profile
+from energy.profiles import get_profile
 from energy.tensorboard import write_report
-from spiking_moe import LIF
-
-X = torch.tensor(
-    [
-        [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]],
-        [[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
-    ]
-)  # [T=2, B=2, 4], 5 events
 
 # Round numbers so that the two accountings disagree: with compute only the int8 ANN wins,
 # with memory traffic the SNN wins (the ANN reads a weight and an activation per MAC).
-UNIT = energy.EnergyProfile(
-    name="unit",
-    description="unit costs",
-    source="test",
-    ac_pj=1.0,
-    mac_pj=0.0,
-    neuron_update_pj=0.0,
-    memory_read_pj=1.0,
-    memory_write_pj=0.0,
-    ann_mac_int8_pj=0.1,
-    weight_bits=8,
-    activation_bits=1,
-)
-
-TOML = """
-name = "my_chip"
-description = "test accelerator"
-source = "bench measurement"
-ac_pj = 1.5
-mac_pj = 3
-neuron_update_pj = 2.0
-weight_bits = 4
-activation_bits = 1
-"""
-
-
-def small_net():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 3), LIF(beta=0.5, threshold=0.2))
-    with torch.no_grad():
-        net[0].weight.fill_(0.3)
-        net[0].bias.zero_()
-    return net
+UNIT = unit_profile(memory_read_pj=1.0, ann_mac_int8_pj=0.1, weight_bits=8, activation_bits=1)
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -69,56 +31,6 @@ def test_bundled_profiles_state_their_precision():
     assert bits["loihi"] == (8, 1)  # Davies 2018: up to 8-bit weights; binary spikes
     assert bits["truenorth"] == (2, 1)  # 1-bit crossbar x 4 axon-type weights
     assert bits["spinnaker2"] == (16, 1)
-
-
-def test_user_profile_reads_its_bits(tmp_path):
-    path = tmp_path / "chip.toml"
-    path.write_text(TOML)
-    p = load_profile(path)
-    assert (p.weight_bits, p.activation_bits) == (4, 1)
-
-
-@pytest.mark.parametrize(
-    "edit, error, message",
-    [
-        (
-            lambda t: t.replace("weight_bits = 4\n", ""),
-            ValueError,
-            "missing required field 'weight_bits'",
-        ),
-        (
-            lambda t: t.replace("activation_bits = 1\n", ""),
-            ValueError,
-            "missing required field 'activation_bits'",
-        ),
-        (
-            lambda t: t.replace("weight_bits = 4", "weight_bits = 4.5"),
-            TypeError,
-            "field 'weight_bits' must be an integer",
-        ),
-        (
-            lambda t: t.replace("weight_bits = 4", "weight_bits = true"),
-            TypeError,
-            "field 'weight_bits' must be an integer",
-        ),
-        (
-            lambda t: t.replace("activation_bits = 1", "activation_bits = 0"),
-            ValueError,
-            "field 'activation_bits' must be between 1 and 64",
-        ),
-        (
-            lambda t: t.replace("weight_bits = 4", "weight_bits = 65"),
-            ValueError,
-            "field 'weight_bits' must be between 1 and 64",
-        ),
-    ],
-)
-def test_bad_or_missing_bits_name_the_field(tmp_path, edit, error, message):
-    path = tmp_path / "bad.toml"
-    path.write_text(edit(TOML))
-    with pytest.raises(error, match=message) as info:
-        load_profile(path)
-    assert "bad.toml" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -197,10 +109,10 @@ def test_json_round_trip_keeps_the_new_fields():
     )
 
 
-def test_format_1_json_without_the_new_fields_still_loads():
+def test_format_1_json_is_refused_naming_both_formats():
     report = energy.estimate(small_net(), X, profile="loihi")
     data = json.loads(report.to_json())
-    # Rewrite it as a report written before this change.
+    # Rewrite it as a report written before precision and the two totals existed.
     data["format"] = 1
     for key in ("model_weight_bits", "accuracy", "accuracy_at_profile_precision"):
         del data[key]
@@ -211,21 +123,18 @@ def test_format_1_json_without_the_new_fields_still_loads():
     for row in data["baselines"]:
         for key in ("compute_pj", "compute_ratio", "with_memory_pj", "with_memory_ratio"):
             del row[key]
-    old = energy.EnergyReport.from_json(json.dumps(data))
-    assert old.totals.energy_pj == report.totals.energy_pj
-    assert old.baseline("ann_int8").ratio == report.baseline("ann_int8").ratio
-    assert (old.model_weight_bits, old.accuracy, old.accuracy_at_profile_precision) == (
-        32,
-        None,
-        None,
-    )
-    assert (old.profile.weight_bits, old.profile.activation_bits) == (32, 32)
-    assert old.totals.compute_pj is None and old.baseline("ann_int8").with_memory_pj is None
-    assert "With memory traffic" not in old.verdict
-    assert "| n/a |" in old.to_markdown()
-    # The same file re-tagged as format 2 is missing its required profile bits.
+    with pytest.raises(ValueError, match=r"not an energy report in format 2.*found format 1"):
+        energy.EnergyReport.from_json(json.dumps(data))
+    # The same file re-tagged as format 2 is missing its required fields, named.
     data["format"] = 2
+    with pytest.raises(ValueError, match=r"without the field\(s\) \['model_weight_bits'"):
+        energy.EnergyReport.from_json(json.dumps(data))
+    for key in ("model_weight_bits", "accuracy", "accuracy_at_profile_precision"):
+        data[key] = getattr(report, key)
     with pytest.raises(ValueError, match="weight_bits"):
+        energy.EnergyReport.from_json(json.dumps(data))
+    data["profile"] = dataclasses.asdict(report.profile)
+    with pytest.raises(TypeError, match="compute_pj"):
         energy.EnergyReport.from_json(json.dumps(data))
 
 
@@ -300,26 +209,8 @@ def test_verdict_and_markdown_under_both_accountings():
     assert table == other[other.index("### Baselines") : other.index("### Per layer")]
 
 
-class TinyMoE(nn.Module):
-    def __init__(self, dense=False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(4, 6), LIF(threshold=0.2), nn.Linear(6, 4)) for _ in range(3)
-        )
-        self.dense = dense
-        self.ids = [torch.tensor([0, 1]), torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])]
-
-    def forward(self, x):
-        out = torch.zeros_like(x)
-        for expert, ids in zip(self.experts, self.ids, strict=True):
-            ids = torch.arange(x.shape[1]) if self.dense else ids
-            out[:, ids] += expert(x[:, ids])
-        return out
-
-
 def test_every_baseline_has_both_totals():
-    x = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(2)) < 0.5).float()
+    x = spikes(3, 4, 4, p=0.5, seed=2)
     counts = energy.count_operations(TinyMoE(), x)
     dense = energy.count_operations(TinyMoE(dense=True), x)
     report = energy.build_report(counts, "cmos45", dense_counts=dense)

@@ -107,6 +107,36 @@ def test_load_valid_user_profile(tmp_path):
             "field 'ac_pj' must be a finite",
         ),
         (lambda t: t.replace("ac_pj = 1.5", "ac_pj = "), ValueError, "not valid TOML"),
+        (
+            lambda t: t.replace("weight_bits = 8\n", ""),
+            ValueError,
+            "missing required field 'weight_bits'",
+        ),
+        (
+            lambda t: t.replace("activation_bits = 1\n", ""),
+            ValueError,
+            "missing required field 'activation_bits'",
+        ),
+        (
+            lambda t: t.replace("weight_bits = 8", "weight_bits = 8.5"),
+            TypeError,
+            "field 'weight_bits' must be an integer",
+        ),
+        (
+            lambda t: t.replace("weight_bits = 8", "weight_bits = true"),
+            TypeError,
+            "field 'weight_bits' must be an integer",
+        ),
+        (
+            lambda t: t.replace("activation_bits = 1", "activation_bits = 0"),
+            ValueError,
+            "field 'activation_bits' must be between 1 and 64",
+        ),
+        (
+            lambda t: t.replace("weight_bits = 8", "weight_bits = 65"),
+            ValueError,
+            "field 'weight_bits' must be between 1 and 64",
+        ),
     ],
 )
 def test_malformed_user_profile_names_the_field(tmp_path, edit, error, message):
@@ -119,4 +149,4 @@ def test_malformed_user_profile_names_the_field(tmp_path, edit, error, message):
 
 def test_profile_round_trips_through_a_dict():
     p = get_profile("loihi")
-    assert EnergyProfile.from_dict(p.to_dict()) == p
+    assert EnergyProfile.from_dict(dataclasses.asdict(p)) == p

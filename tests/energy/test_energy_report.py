@@ -4,26 +4,11 @@ import math
 
 import pytest
 import torch
+from energy_cases import TinyMoE, X, small_net, spikes, unit_profile
 from torch import nn
 
 import energy
 from spiking_moe import LIF
-
-X = torch.tensor(
-    [
-        [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]],
-        [[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
-    ]
-)  # [T=2, B=2, 4], 5 events
-
-
-def small_net():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 3), LIF(beta=0.5, threshold=0.2))
-    with torch.no_grad():
-        net[0].weight.fill_(0.3)
-        net[0].bias.zero_()
-    return net
 
 
 def test_snn_energy_priced_by_hand_with_and_without_memory():
@@ -59,9 +44,7 @@ def test_profile_changes_the_price_not_the_counts():
 
 
 def test_user_profile_object_is_accepted():
-    p = energy.EnergyProfile(
-        name="unit", description="unit costs", source="test", ac_pj=1, mac_pj=10, neuron_update_pj=0
-    )
+    p = unit_profile(mac_pj=10)
     report = energy.estimate(nn.Linear(4, 3), X, profile=p)
     assert report.totals.energy_pj == 15 and report.profile == p
 
@@ -105,26 +88,8 @@ def test_silent_network_has_infinite_ratios_that_survive_json():
     assert energy.EnergyReport.from_json(report.to_json()) == report
 
 
-class TinyMoE(nn.Module):
-    def __init__(self, dense=False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(4, 6), LIF(threshold=0.2), nn.Linear(6, 4)) for _ in range(3)
-        )
-        self.dense = dense
-        self.ids = [torch.tensor([0, 1]), torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])]
-
-    def forward(self, x):
-        out = torch.zeros_like(x)
-        for expert, ids in zip(self.experts, self.ids, strict=True):
-            ids = torch.arange(x.shape[1]) if self.dense else ids
-            out[:, ids] += expert(x[:, ids])
-        return out
-
-
 def moe_report(**kwargs):
-    x = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(2)) < 0.5).float()
+    x = spikes(3, 4, 4, p=0.5, seed=2)
     return energy.estimate(TinyMoE(), x, dense_model=TinyMoE(dense=True), **kwargs)
 
 

@@ -2,29 +2,13 @@
 
 import pytest
 import torch
+from energy_cases import TinyMoE, spikes
 from torch import nn
 
 import energy
 from energy.tensorboard import custom_scalars_layout, write_report
-from spiking_moe import LIF
 
 pytest.importorskip("tensorboard")
-
-
-class TinyMoE(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(4, 6), LIF(threshold=0.2), nn.Linear(6, 4)) for _ in range(3)
-        )
-        self.ids = [torch.tensor([0, 1]), torch.tensor([1, 2, 3]), torch.tensor([0, 2])]
-
-    def forward(self, x):
-        out = torch.zeros_like(x)
-        for expert, ids in zip(self.experts, self.ids, strict=True):
-            out[:, ids] += expert(x[:, ids])
-        return out
 
 
 def read_events(logdir):
@@ -39,8 +23,8 @@ def test_written_report_reads_back(tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2
     from torch.utils.tensorboard import SummaryWriter
 
-    x = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.5).float()
-    report = energy.estimate(TinyMoE(), x, profile="loihi")
+    x = spikes(3, 4, 4, p=0.5, seed=0)
+    report = energy.estimate(TinyMoE(ids=((0, 1), (1, 2, 3), (0, 2))), x, profile="loihi")
     writer = SummaryWriter(str(tmp_path))
     write_report(writer, report, step=7)
     writer.close()

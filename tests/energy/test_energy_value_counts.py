@@ -5,9 +5,7 @@ import os
 
 import pytest
 import torch
-from test_energy_attention import THRESHOLD, AnnAttention, SpikingAttention
-from test_energy_attention import spikes as attention_spikes
-from test_energy_counting import ADDITIVE, make_snn, spikes
+from energy_cases import ADDITIVE, THRESHOLD, AnnAttention, SpikingAttention, make_snn, spikes
 from torch import nn
 
 import energy
@@ -70,7 +68,7 @@ CASES = {
     "conv + linear SNN": (make_snn, lambda: (spikes(6, 10, 1, 5, 5, p=0.4, seed=3),)),
     "spiking attention": (
         SpikingAttention,
-        lambda: (attention_spikes(3, 2, 4, 2, seed=1),),
+        lambda: (spikes(3, 2, 4, 2, p=0.5, seed=1),),
     ),
     "ANN attention with softmax": (AnnAttention, lambda: (torch.randn(3, 2, 4, 2),)),
     "binary and graded calls": (MixedInputs, lambda: (spikes(4, 3, 5, p=0.5),)),
