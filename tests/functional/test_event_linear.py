@@ -373,28 +373,6 @@ def test_auto_is_dense_above_the_threshold_and_event_driven_below(monkeypatch):
     assert calls == [1]
 
 
-def test_calibrated_threshold_is_cached_per_shape_and_capped(monkeypatch):
-    needs_cpp()
-    monkeypatch.delenv("SPIKING_MOE_EVENT_DENSITY", raising=False)
-    monkeypatch.setattr(event_module, "_calibrated", {})
-    threshold = event_module.auto_dense_above("cpu", 512, 256)
-    assert 0.0 < threshold <= event_module.AUTO_DENSE_ABOVE["cpu"]
-    assert event_module._calibrated == {(torch.get_num_threads(), 512, 256): threshold}
-    assert event_module.auto_dense_above("cpu", 512, 256) == threshold  # cached, not re-timed
-
-
-def test_density_override_and_its_validation(monkeypatch):
-    monkeypatch.setenv("SPIKING_MOE_EVENT_DENSITY", "0.125")
-    assert event_module.auto_dense_above("cpu", 7, 9) == 0.125
-    assert event_module.auto_dense_above("cuda", 7, 9) == 0.125
-    for bad in ("1.5", "-0.1", "often", "nan"):
-        monkeypatch.setenv("SPIKING_MOE_EVENT_DENSITY", bad)
-        with pytest.raises(ValueError, match="SPIKING_MOE_EVENT_DENSITY"):
-            event_module.auto_dense_above("cpu", 7, 9)
-    monkeypatch.delenv("SPIKING_MOE_EVENT_DENSITY")
-    assert event_module.auto_dense_above("cuda", 7, 9) == event_module.AUTO_DENSE_ABOVE["cuda"]
-
-
 def test_kernel_rejects_bad_arguments_without_crashing():
     needs_cpp()
     module = event_cpu.load_cpp_extension()

@@ -18,12 +18,26 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CPU_DTYPES", "build_extension", "cpu_unavailable_reason", "stable_source"]
+__all__ = [
+    "CPU_DTYPES",
+    "build_extension",
+    "cpu_unavailable_reason",
+    "extensions_root",
+    "stable_source",
+]
 
 #: What the C++ kernels compute in.
 CPU_DTYPES = (torch.float32, torch.float64)
 
 logger = logging.getLogger(__name__)
+
+
+def extensions_root() -> Path:
+    """The folder C++ extensions are built in: ``TORCH_EXTENSIONS_DIR``, else torch's default."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions"
+    )
+    return Path(root)
 
 
 def stable_source(source: Path, prefix: str, cflags: Sequence[str]) -> tuple[str, Path]:
@@ -38,10 +52,7 @@ def stable_source(source: Path, prefix: str, cflags: Sequence[str]) -> tuple[str
     # The binary depends on torch's ABI and Python's too, not only on the source.
     build_inputs = " ".join([*cflags, torch.__version__, sys.version]).encode()
     digest = hashlib.sha256(text + build_inputs).hexdigest()[:16]
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "torch_extensions"
-    )
-    folder = Path(root) / f"{prefix}_{digest}"
+    folder = extensions_root() / f"{prefix}_{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / source.name
     if not copy.exists() or copy.read_bytes() != text:
