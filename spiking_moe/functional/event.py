@@ -88,6 +88,8 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from .kernels.protocol import EventLinearArgs
+
 __all__ = ["AUTO_DENSE_ABOVE", "IMPLEMENTATIONS", "auto_dense_above", "event_linear"]
 
 logger = logging.getLogger(__name__)
@@ -335,14 +337,15 @@ def _measure_break_even(kernel, n_in: int, n_out: int) -> float | None:
     if density == 0.0:
         return None
     weight = torch.randn(n_out, n_in, generator=generator)
-    weight_t, bias = weight.t().contiguous(), torch.zeros(n_out)
+    bias = torch.zeros(n_out)
+    args = EventLinearArgs(x, weight.t().contiguous(), bias)
     dense_s, event_s = [], []
     with torch.no_grad():
         for repeat in range(6):  # alternating; the first of each is a warm-up
             start = time.perf_counter()
             F.linear(x, weight, bias)
             middle = time.perf_counter()
-            kernel.forward(x, weight_t, bias, 1.0)
+            kernel.forward(args)
             end = time.perf_counter()
             if repeat:
                 dense_s.append(middle - start)
@@ -366,7 +369,7 @@ def _triton_provider():
 
 def _forward(kernel, x_RI, weight_OI, bias_O, weight_t_IO, max_density) -> torch.Tensor:
     bias_O = None if bias_O is None else bias_O.detach().contiguous()
-    out_RO = kernel.forward(x_RI.detach(), weight_t_IO, bias_O, max_density)
+    out_RO = kernel.forward(EventLinearArgs(x_RI.detach(), weight_t_IO, bias_O, max_density))
     if out_RO is None:  # denser than max_density: the kernel computed nothing
         out_RO = F.linear(x_RI.detach(), weight_OI.detach(), bias_O)
     return out_RO
@@ -404,15 +407,10 @@ class _TorchProvider:
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
         return None
 
-    def forward(
-        self,
-        x_RI: torch.Tensor,
-        weight_t_IO: torch.Tensor,
-        bias_O: torch.Tensor | None,
-        max_density: float = 1.0,
-    ) -> torch.Tensor | None:
+    def forward(self, args: EventLinearArgs) -> torch.Tensor | None:
+        x_RI, weight_t_IO, bias_O = args.x_RI, args.weight_t_IO, args.bias_O
         rows_A, cols_A = x_RI.nonzero(as_tuple=True)  # row-major: each row's inputs in order
-        if rows_A.numel() > max_density * x_RI.numel():
+        if rows_A.numel() > args.max_density * x_RI.numel():
             return None
         n_rows, n_out = x_RI.shape[0], weight_t_IO.shape[1]
         if bias_O is None:

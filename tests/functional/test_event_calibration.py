@@ -24,7 +24,7 @@ LOGGER = "spiking_moe.functional.event"
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """A process that has calibrated nothing yet, with its calibration file under tmp_path."""
-    if not event_cpu.cpp_available():
+    if event_cpu.EXTENSION.load() is None:
         pytest.skip("the C++ kernel cannot be built here: nothing to calibrate")
     monkeypatch.delenv("SPIKING_MOE_EVENT_DENSITY", raising=False)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # the kernel is loaded already
@@ -74,7 +74,7 @@ PROCESS_SCRIPT = textwrap.dedent(
     # Load the kernel from the shared build first: an empty extensions folder would rebuild it
     # (30-60 s). The calibration file is looked up when it is needed, so it goes to the folder
     # named here.
-    assert event_cpu.cpp_available()
+    assert event_cpu.EXTENSION.load() is not None
     os.environ["TORCH_EXTENSIONS_DIR"] = sys.argv[1]
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     from spiking_moe.functional.event import auto_dense_above
@@ -100,7 +100,7 @@ def _run_fresh_process(folder: Path) -> tuple[float, str]:
 
 
 def test_two_fresh_processes_take_the_same_threshold_and_the_second_times_nothing(tmp_path):
-    if not event_cpu.cpp_available():
+    if event_cpu.EXTENSION.load() is None:
         pytest.skip("the C++ kernel cannot be built here: nothing to calibrate")
     first, first_log = _run_fresh_process(tmp_path)
     assert "measured now; saved to" in first_log, first_log
