@@ -88,7 +88,7 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
-from .kernels.protocol import EventLinearArgs
+from .kernels.protocol import EventKernel, EventLinearArgs
 
 __all__ = ["AUTO_DENSE_ABOVE", "IMPLEMENTATIONS", "auto_dense_above", "event_linear"]
 
@@ -215,7 +215,9 @@ def _check_arguments(x, weight, bias, weight_t) -> None:
             )
 
 
-def _choose_kernel(x: torch.Tensor, implementation: str, n_out: int):
+def _choose_kernel(
+    x: torch.Tensor, implementation: str, n_out: int
+) -> tuple[EventKernel | None, float]:
     """(kernel provider or None for the dense product, the density above which it gives up)."""
     if implementation == "dense":
         return None, 1.0
@@ -328,7 +330,7 @@ def _cpu_threshold(n_in: int, n_out: int) -> float:
     return threshold
 
 
-def _measure_break_even(kernel, n_in: int, n_out: int) -> float | None:
+def _measure_break_even(kernel: EventKernel, n_in: int, n_out: int) -> float | None:
     """The density at which the C++ kernel is as fast as the dense product, for this layer shape
     here and now; None if the calibration input has no active entry to time."""
     generator = torch.Generator().manual_seed(0)
@@ -355,19 +357,21 @@ def _measure_break_even(kernel, n_in: int, n_out: int) -> float | None:
     return max(statistics.median(dense_s), 1e-9) / event_time * density
 
 
-def _cpp_provider():
+def _cpp_provider() -> EventKernel:
     from .kernels import event_cpu
 
     return event_cpu.CPP
 
 
-def _triton_provider():
+def _triton_provider() -> EventKernel:
     from .kernels import triton_event
 
     return triton_event.TRITON
 
 
-def _forward(kernel, x_RI, weight_OI, bias_O, weight_t_IO, max_density) -> torch.Tensor:
+def _forward(
+    kernel: EventKernel, x_RI, weight_OI, bias_O, weight_t_IO, max_density
+) -> torch.Tensor:
     bias_O = None if bias_O is None else bias_O.detach().contiguous()
     out_RO = kernel.forward(EventLinearArgs(x_RI.detach(), weight_t_IO, bias_O, max_density))
     if out_RO is None:  # denser than max_density: the kernel computed nothing

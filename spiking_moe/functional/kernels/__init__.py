@@ -1,8 +1,8 @@
 r"""Accelerated LIF implementations, chosen by :mod:`spiking_moe.functional.lif`; never call directly.
 
 Every fused path is one autograd node over all ``T`` steps (:class:`FusedLIF`); only the
-kernel provider differs. Every provider satisfies :class:`~.protocol.LIFKernel` (the call
-signatures and the ``[T, N]`` layout, written down once in :mod:`.protocol`), and both
+kernel provider differs. Every provider satisfies :class:`~.protocol.LIFKernel` (the
+arguments and the ``[T, N]`` layout, written down once in :mod:`.protocol`), and both
 compiled kernels take their surrogate ids from :data:`~.protocol.SURROGATE_IDS`:
 
 * ``"cpp"`` (:mod:`.cpu_fused`): a C++ kernel JIT-compiled on first use, CPU, float32/64;
