@@ -45,9 +45,16 @@ product runs at the CPU's GEMM throughput, the event-driven one at its memory ba
 of ``weight_t``, and the ratio of the two is the break-even density (to first order the shape
 cancels). Measured with ``experiments/benchmarks/event_driven.py``: 45-57% on a 2-core AMD EPYC
 (Zen 4, AVX-512), 11.7% on a 2-core Intel Xeon with AMX whose oneDNN GEMM is 3x faster; and
-a weight that no longer fits in the cache moves it lower. So on the CPU the threshold is
-calibrated on first use, once per process, thread count and layer shape (a few ms each):
-:func:`auto_dense_above`. ``SPIKING_MOE_EVENT_DENSITY=<fraction>`` sets it instead.
+a weight that no longer fits in the cache moves it lower. So on the CPU the threshold comes
+from a measurement (a few ms): the first use of a layer shape on a machine times both products
+and saves the break-even in a small JSON file next to the C++ builds (the torch extensions
+folder, ``TORCH_EXTENSIONS_DIR``), keyed by CPU model, instruction set, torch version, thread
+count and shape; every later process reads it back, so a layer takes the same path (dense or
+event-driven, which round differently) in every run on that machine
+(:func:`auto_dense_above`, :mod:`.kernels.calibration`). ``SPIKING_MOE_EVENT_DENSITY=<fraction>``
+sets the threshold instead. Each layer shape's threshold and its source (measured now, read
+from the file, the environment override) are logged once at INFO by the logger
+``spiking_moe.functional.event``.
 
 Every output is summed over its active inputs in increasing index order, starting from the bias,
 so the C++ kernel's results are bitwise identical for any thread count and instruction set (the
@@ -81,6 +88,8 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from .kernels.protocol import EventKernel, EventLinearArgs
+
 __all__ = ["AUTO_DENSE_ABOVE", "IMPLEMENTATIONS", "auto_dense_above", "event_linear"]
 
 logger = logging.getLogger(__name__)
@@ -103,7 +112,10 @@ _CALIBRATION_MARGIN = 0.75
 # event-driven kernel is timed at.
 _CALIBRATION_ROWS = 128
 _CALIBRATION_DENSITY = 0.05
+# This process's thresholds, (threads, in, out) -> threshold, so the file is read once per shape.
 _calibrated: dict[tuple[int, int, int], float] = {}
+# (device, threads, in, out, threshold, source) already logged.
+_logged: set[tuple] = set()
 
 # The reference materialises at most this many weight elements at a time (64 MiB in float32).
 _TORCH_CHUNK_ELEMENTS = 1 << 24
@@ -203,7 +215,9 @@ def _check_arguments(x, weight, bias, weight_t) -> None:
             )
 
 
-def _choose_kernel(x: torch.Tensor, implementation: str, n_out: int):
+def _choose_kernel(
+    x: torch.Tensor, implementation: str, n_out: int
+) -> tuple[EventKernel | None, float]:
     """(kernel provider or None for the dense product, the density above which it gives up)."""
     if implementation == "dense":
         return None, 1.0
@@ -233,12 +247,15 @@ def auto_dense_above(device_type: str, in_features: int, out_features: int) -> f
     """The density above which ``implementation="auto"`` runs the dense product for a layer
     ``in_features -> out_features`` on ``device_type`` ("cpu", "cuda").
 
-    ``SPIKING_MOE_EVENT_DENSITY`` (a fraction in [0, 1]) wins when set. On the CPU, the first
-    call per thread count and layer shape times the dense product and the C++ kernel side by
-    side on 128 float32 rows at 5% density and returns ``0.75 x`` the break-even density that
-    follows (the kernel's time grows linearly with the density, the dense product's not at
-    all), at most :data:`AUTO_DENSE_ABOVE` ``["cpu"]``; logged at DEBUG. Other devices:
-    :data:`AUTO_DENSE_ABOVE`.
+    ``SPIKING_MOE_EVENT_DENSITY`` (a fraction in [0, 1]) wins when set. On the CPU the threshold
+    is ``0.75 x`` the layer's break-even density, at most :data:`AUTO_DENSE_ABOVE` ``["cpu"]``.
+    The break-even is read from this machine's calibration file (:mod:`.kernels.calibration`:
+    per CPU model, instruction set, torch version, thread count and layer shape), or, the first
+    time anywhere on this machine, measured (the dense product and the C++ kernel side by side
+    on 128 float32 rows at 5% density; the kernel's time grows linearly with the density, the
+    dense product's not at all) and saved there, so every later process takes the same path.
+    Without the C++ kernel the ceiling applies. Other devices: :data:`AUTO_DENSE_ABOVE`. The
+    threshold of each layer shape and where it came from are logged once, at INFO.
 
     Raises:
         ValueError: ``SPIKING_MOE_EVENT_DENSITY`` is not a number in [0, 1].
@@ -253,65 +270,110 @@ def auto_dense_above(device_type: str, in_features: int, out_features: int) -> f
             raise ValueError(
                 f"SPIKING_MOE_EVENT_DENSITY must be a fraction in [0, 1], got {override!r}"
             )
+        _log_threshold(device_type, in_features, out_features, value, "environment override")
         return value
     if device_type != "cpu":
-        return AUTO_DENSE_ABOVE.get(device_type, 1.0)
+        value = AUTO_DENSE_ABOVE.get(device_type, 1.0)
+        _log_threshold(device_type, in_features, out_features, value, "unmeasured default")
+        return value
     key = (torch.get_num_threads(), in_features, out_features)
     if key not in _calibrated:
-        _calibrated[key] = _calibrate_cpu(in_features, out_features)
+        _calibrated[key] = _cpu_threshold(in_features, out_features)
     return _calibrated[key]
 
 
-def _calibrate_cpu(n_in: int, n_out: int) -> float:
+def _log_threshold(device_type, n_in, n_out, threshold, source) -> None:
+    record = (device_type, torch.get_num_threads(), n_in, n_out, threshold, source)
+    if record not in _logged:
+        _logged.add(record)
+        logger.info(
+            "event_linear %d -> %d on %s (%d threads): the dense product runs above %.1f%% "
+            "nonzero inputs (%s)",
+            n_in,
+            n_out,
+            device_type,
+            torch.get_num_threads(),
+            100 * threshold,
+            source,
+        )
+
+
+def _cpu_threshold(n_in: int, n_out: int) -> float:
     ceiling = AUTO_DENSE_ABOVE["cpu"]
     kernel = _cpp_provider()
+    reason = kernel.unavailable_reason(torch.zeros(0))
+    if reason is not None:
+        _log_threshold("cpu", n_in, n_out, ceiling, f"default: {reason}")
+        return ceiling
+    from .kernels import calibration, event_cpu
+
+    key = calibration.entry_key(
+        event_cpu.available_isas()[-1], torch.get_num_threads(), n_in, n_out
+    )
+    break_even = calibration.read_break_even(key)
+    if break_even is not None:
+        source = f"read from {calibration.cache_path()}"
+    else:
+        measured = _measure_break_even(kernel, n_in, n_out)
+        if measured is None:
+            _log_threshold("cpu", n_in, n_out, ceiling, "default: too few inputs to time")
+            return ceiling
+        break_even = calibration.store_break_even(key, measured)
+        if break_even is None:
+            break_even, source = measured, "measured now; not saved"
+        elif break_even == measured:
+            source = f"measured now; saved to {calibration.cache_path()}"
+        else:
+            source = f"read from {calibration.cache_path()}, where another process saved it first"
+    threshold = min(ceiling, _CALIBRATION_MARGIN * break_even)
+    _log_threshold("cpu", n_in, n_out, threshold, f"break-even {100 * break_even:.1f}%, {source}")
+    return threshold
+
+
+def _measure_break_even(kernel: EventKernel, n_in: int, n_out: int) -> float | None:
+    """The density at which the C++ kernel is as fast as the dense product, for this layer shape
+    here and now; None if the calibration input has no active entry to time."""
     generator = torch.Generator().manual_seed(0)
     x = (torch.rand(_CALIBRATION_ROWS, n_in, generator=generator) < _CALIBRATION_DENSITY).float()
     density = float(x.count_nonzero()) / max(x.numel(), 1)
-    if kernel.unavailable_reason(x) is not None or density == 0.0:
-        return ceiling
+    if density == 0.0:
+        return None
     weight = torch.randn(n_out, n_in, generator=generator)
-    weight_t, bias = weight.t().contiguous(), torch.zeros(n_out)
+    bias = torch.zeros(n_out)
+    args = EventLinearArgs(x, weight.t().contiguous(), bias)
     dense_s, event_s = [], []
     with torch.no_grad():
         for repeat in range(6):  # alternating; the first of each is a warm-up
             start = time.perf_counter()
             F.linear(x, weight, bias)
             middle = time.perf_counter()
-            kernel.forward(x, weight_t, bias, 1.0)
+            kernel.forward(args)
             end = time.perf_counter()
             if repeat:
                 dense_s.append(middle - start)
                 event_s.append(end - middle)
-    break_even = statistics.median(dense_s) / statistics.median(event_s) * density
-    threshold = min(ceiling, _CALIBRATION_MARGIN * break_even)
-    logger.debug(
-        "event_linear: CPU break-even density %.1f%% for %d -> %d at %d threads; auto runs "
-        "the dense product above %.1f%%",
-        100 * break_even,
-        n_in,
-        n_out,
-        torch.get_num_threads(),
-        100 * threshold,
-    )
-    return threshold
+    # A timer too coarse to see the kernel would divide by zero; such a layer is tiny.
+    event_time = max(statistics.median(event_s), 1e-9)
+    return max(statistics.median(dense_s), 1e-9) / event_time * density
 
 
-def _cpp_provider():
+def _cpp_provider() -> EventKernel:
     from .kernels import event_cpu
 
     return event_cpu.CPP
 
 
-def _triton_provider():
+def _triton_provider() -> EventKernel:
     from .kernels import triton_event
 
     return triton_event.TRITON
 
 
-def _forward(kernel, x_RI, weight_OI, bias_O, weight_t_IO, max_density) -> torch.Tensor:
+def _forward(
+    kernel: EventKernel, x_RI, weight_OI, bias_O, weight_t_IO, max_density
+) -> torch.Tensor:
     bias_O = None if bias_O is None else bias_O.detach().contiguous()
-    out_RO = kernel.forward(x_RI.detach(), weight_t_IO, bias_O, max_density)
+    out_RO = kernel.forward(EventLinearArgs(x_RI.detach(), weight_t_IO, bias_O, max_density))
     if out_RO is None:  # denser than max_density: the kernel computed nothing
         out_RO = F.linear(x_RI.detach(), weight_OI.detach(), bias_O)
     return out_RO
@@ -349,15 +411,10 @@ class _TorchProvider:
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
         return None
 
-    def forward(
-        self,
-        x_RI: torch.Tensor,
-        weight_t_IO: torch.Tensor,
-        bias_O: torch.Tensor | None,
-        max_density: float = 1.0,
-    ) -> torch.Tensor | None:
+    def forward(self, args: EventLinearArgs) -> torch.Tensor | None:
+        x_RI, weight_t_IO, bias_O = args.x_RI, args.weight_t_IO, args.bias_O
         rows_A, cols_A = x_RI.nonzero(as_tuple=True)  # row-major: each row's inputs in order
-        if rows_A.numel() > max_density * x_RI.numel():
+        if rows_A.numel() > args.max_density * x_RI.numel():
             return None
         n_rows, n_out = x_RI.shape[0], weight_t_IO.shape[1]
         if bias_O is None:

@@ -105,17 +105,25 @@ def _check_nan(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN (shape {tuple(x.shape)})")
 
 
-def _check_broadcast(name: str, value, step_shape: torch.Size) -> None:
-    if isinstance(value, torch.Tensor) and value.dim() > 0:
-        try:
-            shape = torch.broadcast_shapes(value.shape, step_shape)
-        except RuntimeError:
-            shape = None
-        if shape != step_shape:
-            raise ValueError(
-                f"{name} of shape {tuple(value.shape)} does not broadcast to one time step "
-                f"of shape {tuple(step_shape)}; use a scalar or one value per neuron"
-            )
+def _check_step_shapes(step_shape: torch.Size, beta, threshold, state_name: str, state) -> None:
+    """Raise ValueError unless beta and threshold broadcast to one time step and the state
+    (``v`` or ``v0``, None allowed) has its shape."""
+    for name, value in (("beta", beta), ("threshold", threshold)):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            try:
+                shape = torch.broadcast_shapes(value.shape, step_shape)
+            except RuntimeError:
+                shape = None
+            if shape != step_shape:
+                raise ValueError(
+                    f"{name} of shape {tuple(value.shape)} does not broadcast to one time step "
+                    f"of shape {tuple(step_shape)}; use a scalar or one value per neuron"
+                )
+    if state is not None and state.shape != step_shape:
+        raise ValueError(
+            f"{state_name} has shape {tuple(state.shape)}, expected one time step "
+            f"{tuple(step_shape)}"
+        )
 
 
 def lif_step(
@@ -150,13 +158,10 @@ def lif_step(
     """
     check_lif_parameters(beta, threshold, reset)
     check_lif_input(x, 1)
-    _check_broadcast("beta", beta, x.shape)
-    _check_broadcast("threshold", threshold, x.shape)
+    _check_step_shapes(x.shape, beta, threshold, "state v", v)
     spike_fn = resolve_surrogate(surrogate, alpha)
     if v is None:
         v = torch.zeros_like(x)
-    elif v.shape != x.shape:
-        raise ValueError(f"state v has shape {tuple(v.shape)}, expected {tuple(x.shape)} like x")
     return _step(x, v, beta, threshold, reset, spike_fn, detach_reset)
 
 
@@ -218,13 +223,7 @@ def lif_multistep(
         raise ValueError(
             f"unknown implementation {implementation!r}; valid: {list(IMPLEMENTATIONS)}"
         )
-    step_shape = x.shape[1:]
-    _check_broadcast("beta", beta, step_shape)
-    _check_broadcast("threshold", threshold, step_shape)
-    if v0 is not None and v0.shape != step_shape:
-        raise ValueError(
-            f"v0 has shape {tuple(v0.shape)}, expected one time step {tuple(step_shape)}"
-        )
+    _check_step_shapes(x.shape[1:], beta, threshold, "v0", v0)
     spike_fn = resolve_surrogate(surrogate, alpha)
     provider = _choose_provider(x, v0, beta, threshold, implementation)
     if provider is None:

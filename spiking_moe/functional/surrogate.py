@@ -19,8 +19,10 @@ The first three equal ``snntorch.surrogate.fast_sigmoid(slope)``, ``atan(alpha)`
 gradient is ``+-threshold``), so ``triangle`` here follows the usual definition (Esser et al.
 2016; SpikingJelly's ``PiecewiseLeakyReLU`` family) with unit area.
 
-Each surrogate is a top-level :class:`torch.autograd.Function`, so modules that hold one
-pickle and ``torch.compile`` cleanly; :class:`Surrogate` names one with its ``alpha``.
+Each surrogate is a top-level :class:`torch.autograd.Function` that shares one body
+(:class:`SurrogateFunction`) and adds only its ``derivative`` and ``primitive``, so modules that
+hold one pickle and ``torch.compile`` cleanly; :class:`Surrogate` names one with its ``alpha``
+(the table's default when none is given).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "FastSigmoid",
     "Sigmoid",
     "Surrogate",
+    "SurrogateFunction",
     "Triangle",
     "resolve_surrogate",
     "spike",
@@ -47,8 +50,13 @@ def _heaviside(x: torch.Tensor) -> torch.Tensor:
     return (x > 0).to(x.dtype)
 
 
-class FastSigmoid(torch.autograd.Function):
-    """SuperSpike / fast-sigmoid surrogate (Zenke & Ganguli 2018)."""
+class SurrogateFunction(torch.autograd.Function):
+    """The shared body of every surrogate: Heaviside forward, ``grad * derivative(x)`` backward.
+
+    A subclass supplies only ``derivative(x, alpha)`` (the surrogate :math:`g_\alpha`) and
+    ``primitive(x, alpha)`` (its smooth antiderivative :math:`P_\alpha`, for tests and plots);
+    ``apply(x, alpha)`` returns the spikes.
+    """
 
     @staticmethod
     def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -59,10 +67,31 @@ class FastSigmoid(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
         ctx.alpha = inputs[1]
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        derivative = cls.derivative
+
+        # A plain function per subclass, bound to its derivative: autograd calls backward with
+        # the context only, and torch.compile (compiled autograd included) traces a
+        # staticmethod, not a classmethod.
+        def backward(ctx, grad_spikes):
+            (x,) = ctx.saved_tensors
+            return grad_spikes * derivative(x, ctx.alpha), None
+
+        backward.__qualname__ = f"{cls.__qualname__}.backward"
+        cls.backward = staticmethod(backward)
+
     @staticmethod
-    def backward(ctx, grad_spikes):
-        (x,) = ctx.saved_tensors
-        return grad_spikes * FastSigmoid.derivative(x, ctx.alpha), None
+    def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def primitive(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FastSigmoid(SurrogateFunction):
+    """SuperSpike / fast-sigmoid surrogate (Zenke & Ganguli 2018)."""
 
     @staticmethod
     def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -73,22 +102,8 @@ class FastSigmoid(torch.autograd.Function):
         return x / (1.0 + alpha * x.abs())
 
 
-class Atan(torch.autograd.Function):
+class Atan(SurrogateFunction):
     """Arc-tangent surrogate (Fang et al. 2021)."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return _heaviside(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.alpha = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad_spikes):
-        (x,) = ctx.saved_tensors
-        return grad_spikes * Atan.derivative(x, ctx.alpha), None
 
     @staticmethod
     def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -99,22 +114,8 @@ class Atan(torch.autograd.Function):
         return torch.atan(math.pi / 2.0 * alpha * x) / math.pi + 0.5
 
 
-class Sigmoid(torch.autograd.Function):
+class Sigmoid(SurrogateFunction):
     """Logistic surrogate."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return _heaviside(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.alpha = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad_spikes):
-        (x,) = ctx.saved_tensors
-        return grad_spikes * Sigmoid.derivative(x, ctx.alpha), None
 
     @staticmethod
     def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -126,22 +127,8 @@ class Sigmoid(torch.autograd.Function):
         return torch.sigmoid(alpha * x)
 
 
-class Triangle(torch.autograd.Function):
+class Triangle(SurrogateFunction):
     """Triangular surrogate of unit area and half-width ``1/alpha``."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return _heaviside(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.alpha = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad_spikes):
-        (x,) = ctx.saved_tensors
-        return grad_spikes * Triangle.derivative(x, ctx.alpha), None
 
     @staticmethod
     def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -153,22 +140,8 @@ class Triangle(torch.autograd.Function):
         return 0.5 + u - 0.5 * u * u.abs()
 
 
-class Boxcar(torch.autograd.Function):
+class Boxcar(SurrogateFunction):
     """Rectangular surrogate of unit area and width ``1/alpha``."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, alpha: float) -> torch.Tensor:
-        return _heaviside(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.alpha = inputs[1]
-
-    @staticmethod
-    def backward(ctx, grad_spikes):
-        (x,) = ctx.saved_tensors
-        return grad_spikes * Boxcar.derivative(x, ctx.alpha), None
 
     @staticmethod
     def derivative(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -181,7 +154,7 @@ class Boxcar(torch.autograd.Function):
 
 
 #: name -> (autograd Function, default alpha)
-SURROGATES: dict[str, tuple[type[torch.autograd.Function], float]] = {
+SURROGATES: dict[str, tuple[type[SurrogateFunction], float]] = {
     "fast_sigmoid": (FastSigmoid, 25.0),
     "atan": (Atan, 2.0),
     "sigmoid": (Sigmoid, 25.0),
@@ -197,34 +170,47 @@ class Surrogate:
     Picklable and hashable, so it can be stored on modules and passed to snnTorch as
     ``spike_grad``.
 
+    Args:
+        name: a key of :data:`SURROGATES`.
+        alpha: the sharpness, a finite number > 0; None (the default) takes the name's default
+            from :data:`SURROGATES`.
+
+    Raises:
+        ValueError: an unknown name or an alpha that is not a finite number > 0.
+
     Example:
-        >>> fn = Surrogate("atan", 2.0)
+        >>> fn = Surrogate("atan")
+        >>> fn.alpha
+        2.0
         >>> fn(torch.tensor([-0.5, 0.0, 0.5]))
         tensor([0., 0., 1.])
     """
 
     name: str = "fast_sigmoid"
-    alpha: float = 25.0
+    alpha: float | None = None
 
     def __post_init__(self):
-        if self.name not in SURROGATES:
+        if not isinstance(self.name, str) or self.name not in SURROGATES:
             raise ValueError(f"unknown surrogate {self.name!r}; valid names: {sorted(SURROGATES)}")
+        alpha = SURROGATES[self.name][1] if self.alpha is None else self.alpha
         if (
-            not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha))
-            or self.alpha <= 0
+            isinstance(alpha, bool)
+            or not (isinstance(alpha, (int, float)) and math.isfinite(alpha))
+            or alpha <= 0
         ):
-            raise ValueError(f"surrogate alpha must be a finite number > 0, got {self.alpha!r}")
+            raise ValueError(f"surrogate alpha must be a finite number > 0, got {alpha!r}")
+        object.__setattr__(self, "alpha", float(alpha))  # frozen: set once, here
 
     @property
-    def function(self) -> type[torch.autograd.Function]:
+    def function(self) -> type[SurrogateFunction]:
         return SURROGATES[self.name][0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.function.apply(x, float(self.alpha))
+        return self.function.apply(x, self.alpha)
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
         """The surrogate dH/dx at ``x`` (used by fused backward passes)."""
-        return self.function.derivative(x, float(self.alpha))
+        return self.function.derivative(x, self.alpha)
 
 
 def resolve_surrogate(
@@ -237,9 +223,7 @@ def resolve_surrogate(
                 f"alpha={alpha} conflicts with the Surrogate's own alpha={surrogate.alpha}"
             )
         return surrogate
-    if not isinstance(surrogate, str) or surrogate not in SURROGATES:
-        raise ValueError(f"unknown surrogate {surrogate!r}; valid names: {sorted(SURROGATES)}")
-    return Surrogate(surrogate, float(SURROGATES[surrogate][1] if alpha is None else alpha))
+    return Surrogate(surrogate, alpha)
 
 
 def spike(

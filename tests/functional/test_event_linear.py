@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from spiking_moe.functional import event as event_module
 from spiking_moe.functional import event_linear
 from spiking_moe.functional.kernels import event_cpu
+from spiking_moe.functional.kernels.protocol import EventLinearArgs
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -29,13 +30,13 @@ DTYPES = [torch.float32, torch.float64]
 @pytest.fixture(params=["cpp", "torch"])
 def implementation(request):
     """Each event-driven CPU implementation by name (the C++ one skipped where it cannot build)."""
-    if request.param == "cpp" and not event_cpu.cpp_available():
+    if request.param == "cpp" and event_cpu.EXTENSION.load() is None:
         pytest.skip("the C++ kernel cannot be built here (see test_cpp_kernel_builds)")
     return request.param
 
 
 def needs_cpp():
-    if not event_cpu.cpp_available():
+    if event_cpu.EXTENSION.load() is None:
         pytest.skip("the C++ kernel cannot be built here (see test_cpp_kernel_builds)")
 
 
@@ -70,7 +71,7 @@ def assert_matches_dense(y, x, weight, bias):
 def test_cpp_kernel_builds():
     if shutil.which("c++") is None or shutil.which("ninja") is None:
         pytest.skip("no C++ compiler or ninja: event_linear uses the dense product")
-    assert event_cpu.cpp_available()
+    assert event_cpu.EXTENSION.load() is not None
     assert "generic" in event_cpu.available_isas()
     assert event_module._choose_kernel(torch.zeros(2, 3), "auto", 4) == (
         event_cpu.CPP,
@@ -90,7 +91,7 @@ def test_cpp_kernel_builds():
     name=st.sampled_from(["auto", "cpp", "torch"]),
 )
 def test_equals_dense_on_binary_inputs(seed, lead, n_in, n_out, density, dtype, with_bias, name):
-    if name == "cpp" and not event_cpu.cpp_available():
+    if name == "cpp" and event_cpu.EXTENSION.load() is None:
         return
     x = spikes((*lead, n_in), density, seed, dtype)
     weight, bias = linear_parts(n_in, n_out, dtype, seed + 1, with_bias=with_bias)
@@ -226,7 +227,7 @@ def test_nan_input_propagates_and_zero_inputs_skip_infinite_weights(implementati
 
 @pytest.mark.parametrize("name", ["auto", "cpp", "torch", "dense"])
 def test_bad_input_raises_clear_errors(name):
-    if name == "cpp" and not event_cpu.cpp_available():
+    if name == "cpp" and event_cpu.EXTENSION.load() is None:
         pytest.skip("no C++ kernel")
     weight, bias = linear_parts(8, 5, torch.float32)
     x = spikes((4, 8), 0.5)
@@ -296,7 +297,7 @@ def test_every_instruction_set_and_the_reference_agree(dtype, n_in):
     weight, bias = linear_parts(n_in, 301, dtype)  # 301: full blocks and a partial one
     weight_t = weight.t().contiguous()
     results = {
-        isa: event_cpu.CPP.forward(x, weight_t, bias, 1.0, isa)
+        isa: event_cpu.CPP.forward(EventLinearArgs(x, weight_t, bias, 1.0), isa)
         for isa in event_cpu.available_isas()
     }
     for isa, y in results.items():
@@ -306,7 +307,7 @@ def test_every_instruction_set_and_the_reference_agree(dtype, n_in):
     weight, bias = linear_parts(n_in, 301, dtype, integer=True)
     x = spikes((150, n_in), 0.3, seed=16, dtype=dtype)
     for isa in event_cpu.available_isas():
-        y = event_cpu.CPP.forward(x, weight.t().contiguous(), bias, 1.0, isa)
+        y = event_cpu.CPP.forward(EventLinearArgs(x, weight.t().contiguous(), bias, 1.0), isa)
         assert torch.equal(y, F.linear(x, weight, bias)), isa
 
 
@@ -328,7 +329,7 @@ def test_every_instruction_set_scans_special_values_and_tails(dtype):
     x[-1, 7] = float("inf")
     expected = F.linear(x, weight, bias)
     for isa in event_cpu.available_isas():
-        y = event_cpu.CPP.forward(x, weight_t, bias, 1.0, isa)
+        y = event_cpu.CPP.forward(EventLinearArgs(x, weight_t, bias, 1.0), isa)
         assert torch.equal(y[:-2], expected[:-2]), isa
         assert torch.isnan(y[-2]).all(), isa
         torch.testing.assert_close(y[-1], expected[-1], equal_nan=True, msg=isa)
@@ -348,16 +349,20 @@ def test_density_above_max_density_computes_nothing():
     needs_cpp()
     weight, _ = linear_parts(100, 20, torch.float32)
     weight_t = weight.t().contiguous()
-    assert event_cpu.CPP.forward(spikes((50, 100), 0.3), weight_t, None, 0.25) is None
-    y = event_cpu.CPP.forward(spikes((50, 100), 0.2), weight_t, None, 0.25)
+    assert (
+        event_cpu.CPP.forward(EventLinearArgs(spikes((50, 100), 0.3), weight_t, None, 0.25)) is None
+    )
+    y = event_cpu.CPP.forward(EventLinearArgs(spikes((50, 100), 0.2), weight_t, None, 0.25))
     assert_matches_dense(y, spikes((50, 100), 0.2), weight, None)
     # Negative zeros are silent; NaNs count.
     x = spikes((50, 100), 0.2)
     x[(spikes((50, 100), 0.5, seed=1) == 1) & (x == 0)] = -0.0
     assert (x.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).sum() > 0.3 * x.numel()
-    assert_matches_dense(event_cpu.CPP.forward(x, weight_t, None, 0.25), x, weight, None)
+    assert_matches_dense(
+        event_cpu.CPP.forward(EventLinearArgs(x, weight_t, None, 0.25)), x, weight, None
+    )
     x = torch.full((50, 100), float("nan"))
-    assert event_cpu.CPP.forward(x, weight_t, None, 0.99) is None
+    assert event_cpu.CPP.forward(EventLinearArgs(x, weight_t, None, 0.99)) is None
 
 
 def test_auto_is_dense_above_the_threshold_and_event_driven_below(monkeypatch):
@@ -373,31 +378,9 @@ def test_auto_is_dense_above_the_threshold_and_event_driven_below(monkeypatch):
     assert calls == [1]
 
 
-def test_calibrated_threshold_is_cached_per_shape_and_capped(monkeypatch):
-    needs_cpp()
-    monkeypatch.delenv("SPIKING_MOE_EVENT_DENSITY", raising=False)
-    monkeypatch.setattr(event_module, "_calibrated", {})
-    threshold = event_module.auto_dense_above("cpu", 512, 256)
-    assert 0.0 < threshold <= event_module.AUTO_DENSE_ABOVE["cpu"]
-    assert event_module._calibrated == {(torch.get_num_threads(), 512, 256): threshold}
-    assert event_module.auto_dense_above("cpu", 512, 256) == threshold  # cached, not re-timed
-
-
-def test_density_override_and_its_validation(monkeypatch):
-    monkeypatch.setenv("SPIKING_MOE_EVENT_DENSITY", "0.125")
-    assert event_module.auto_dense_above("cpu", 7, 9) == 0.125
-    assert event_module.auto_dense_above("cuda", 7, 9) == 0.125
-    for bad in ("1.5", "-0.1", "often", "nan"):
-        monkeypatch.setenv("SPIKING_MOE_EVENT_DENSITY", bad)
-        with pytest.raises(ValueError, match="SPIKING_MOE_EVENT_DENSITY"):
-            event_module.auto_dense_above("cpu", 7, 9)
-    monkeypatch.delenv("SPIKING_MOE_EVENT_DENSITY")
-    assert event_module.auto_dense_above("cuda", 7, 9) == event_module.AUTO_DENSE_ABOVE["cuda"]
-
-
 def test_kernel_rejects_bad_arguments_without_crashing():
     needs_cpp()
-    module = event_cpu.load_cpp_extension()
+    module = event_cpu.EXTENSION.load()
     x = spikes((4, 8), 0.5)
     wt = torch.zeros(8, 5)
     with pytest.raises(RuntimeError, match="contiguous"):
@@ -415,8 +398,7 @@ def test_kernel_rejects_bad_arguments_without_crashing():
 
 
 def test_hidden_cpp_build_falls_back_to_dense(monkeypatch):
-    monkeypatch.setitem(event_cpu._state, "module", None)
-    monkeypatch.setitem(event_cpu._state, "reason", "hidden by the test")
+    monkeypatch.setattr(event_cpu.EXTENSION, "outcome", (None, "hidden by the test"))
     x = spikes((10, 16), 0.1)
     weight, bias = linear_parts(16, 8, torch.float32)
     assert event_module._choose_kernel(x, "auto", 8) == (None, 1.0)
@@ -433,7 +415,7 @@ def test_spiking_moe_no_cpp_disables_the_build():
         from spiking_moe.functional.kernels import event_cpu
         x = torch.eye(3)
         assert torch.equal(event_linear(x, 2 * x), 2 * x)
-        assert not event_cpu.cpp_available()
+        assert event_cpu.EXTENSION.load() is None
         try:
             event_linear(x, x, implementation="cpp")
         except RuntimeError as error:

@@ -1,4 +1,4 @@
-"""Every fused LIF provider meets one protocol, and both compiled kernels use one surrogate table."""
+"""Every kernel provider meets its protocol, and both compiled LIF kernels use one surrogate table."""
 
 from __future__ import annotations
 
@@ -10,35 +10,62 @@ from types import MappingProxyType, SimpleNamespace
 import pytest
 import torch
 
-from spiking_moe.functional.kernels import SURROGATE_IDS, LIFKernel, cpu_fused, protocol, triton_lif
+from spiking_moe.functional import event
+from spiking_moe.functional.kernels import (
+    SURROGATE_IDS,
+    LIFKernel,
+    cpu_fused,
+    event_cpu,
+    protocol,
+    triton_event,
+    triton_lif,
+)
+from spiking_moe.functional.kernels.jit import stable_source
 from spiking_moe.functional.surrogate import SURROGATES
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 PROVIDERS = {"cpp": cpu_fused.CPP, "torch": cpu_fused.TORCH, "triton": triton_lif.TRITON}
-PROTOCOL_METHODS = sorted(
-    name
-    for name, value in vars(LIFKernel).items()
-    if inspect.isfunction(value) and not name.startswith("_")
-)
-CPP_SOURCE = cpu_fused._SOURCE.read_text()
+EVENT_PROVIDERS = {"cpp": event_cpu.CPP, "torch": event.TORCH, "triton": triton_event.TRITON}
+CPP_SOURCE = cpu_fused.EXTENSION.source.read_text()
 
 
-def signature_drift(provider) -> list[str]:
+def public_methods(protocol_class) -> list[str]:
+    """The methods a protocol asks for, its own and those of the protocols it extends."""
+    return sorted(
+        {
+            name
+            for cls in protocol_class.__mro__
+            if cls is not object
+            for name, value in vars(cls).items()
+            if inspect.isfunction(value) and not name.startswith("_")
+        }
+    )
+
+
+def signature_drift(provider, protocol_class=LIFKernel) -> list[str]:
     """Every method whose signature (names, order, kinds, defaults, annotations) differs from
-    LIFKernel's, with both signatures; empty when the provider conforms."""
+    the protocol's, with both signatures; empty when the provider conforms. Extra trailing
+    parameters with defaults (the C++ event kernel's ``isa``) still conform."""
     drift = []
-    for method in PROTOCOL_METHODS:
-        expected = inspect.signature(getattr(LIFKernel, method), eval_str=True)
+    for method in public_methods(protocol_class):
+        expected = inspect.signature(getattr(protocol_class, method), eval_str=True)
         expected = expected.replace(parameters=list(expected.parameters.values())[1:])  # self
         implemented = getattr(provider, method, None)
         actual = None if implemented is None else inspect.signature(implemented, eval_str=True)
+        if actual is not None:
+            extra = list(actual.parameters.values())[len(expected.parameters) :]
+            if all(p.default is not inspect.Parameter.empty for p in extra):
+                actual = actual.replace(
+                    parameters=list(actual.parameters.values())[: len(expected.parameters)]
+                )
         if actual != expected:
             drift.append(f"{method}: {actual} != {expected}")
     return drift
 
 
-def test_protocol_names_the_four_kernel_methods():
-    assert PROTOCOL_METHODS == ["backward", "forward", "supports", "unavailable_reason"]
+def test_protocols_name_their_kernel_methods():
+    assert public_methods(LIFKernel) == ["backward", "forward", "unavailable_reason"]
+    assert public_methods(protocol.EventKernel) == ["forward", "unavailable_reason"]
 
 
 @pytest.mark.parametrize("name", sorted(PROVIDERS))
@@ -53,6 +80,14 @@ def test_provider_signatures_equal_the_protocol(name):
     assert signature_drift(PROVIDERS[name]) == []
 
 
+@pytest.mark.parametrize("name", sorted(EVENT_PROVIDERS))
+def test_event_provider_meets_the_event_protocol(name):
+    provider = EVENT_PROVIDERS[name]
+    assert isinstance(provider, protocol.EventKernel)
+    assert provider.name == name
+    assert signature_drift(provider, protocol.EventKernel) == []
+
+
 def test_a_drifted_signature_is_detected():
     class Drifted:
         name = "drifted"
@@ -60,14 +95,11 @@ def test_a_drifted_signature_is_detected():
         def unavailable_reason(self, x: torch.Tensor) -> str | None:
             return None
 
-        def supports(self, x: torch.Tensor) -> bool:
-            return True
-
-        # Arguments swapped: exactly the slip the protocol exists to catch.
-        def forward(self, x_TN, beta_N, v0_N, theta_N, zero_reset, return_membrane):
+        # The arguments one by one instead of the protocol's one bundle.
+        def forward(self, x_TN, v0_N, beta_N, theta_N, zero_reset, return_membrane):
             raise NotImplementedError
 
-        def backward(self, *args):
+        def backward(self, args: protocol.LIFForwardArgs):  # the wrong bundle
             raise NotImplementedError
 
     drift = signature_drift(Drifted())
@@ -85,11 +117,9 @@ def test_a_drifted_signature_is_detected():
     ],
     ids=["cpu-float32", "cpu-float64", "cpu-float16", "meta-float32"],
 )
-def test_supports_is_the_absence_of_a_reason(name, x):
-    provider = PROVIDERS[name]
-    reason = provider.unavailable_reason(x)
+def test_unavailable_reason_is_none_or_a_sentence(name, x):
+    reason = PROVIDERS[name].unavailable_reason(x)
     assert reason is None or (isinstance(reason, str) and reason)
-    assert provider.supports(x) is (reason is None)
 
 
 def test_cpp_provider_says_why_it_cannot_run(monkeypatch):
@@ -97,8 +127,7 @@ def test_cpp_provider_says_why_it_cannot_run(monkeypatch):
     half = torch.zeros(2, 3, dtype=torch.bfloat16)
     assert "bfloat16 not supported" in cpu_fused.CPP.unavailable_reason(half)
     monkeypatch.setenv("SPIKING_MOE_NO_CPP", "1")
-    monkeypatch.delitem(cpu_fused._state, "module", raising=False)
-    monkeypatch.delitem(cpu_fused._state, "reason", raising=False)
+    monkeypatch.setattr(cpu_fused.EXTENSION, "outcome", None)
     assert "SPIKING_MOE_NO_CPP" in cpu_fused.CPP.unavailable_reason(torch.zeros(2, 3))
 
 
@@ -157,15 +186,15 @@ def test_cpp_source_names_each_enumerator_after_its_macro():
 
 
 def test_compiled_cpp_kernel_reports_the_table_ids():
-    if not cpu_fused.cpp_available():
+    if cpu_fused.EXTENSION.load() is None:
         pytest.skip("the C++ kernel cannot be built here")
-    assert cpu_fused.load_cpp_extension().surrogate_ids() == dict(SURROGATE_IDS)
+    assert cpu_fused.EXTENSION.load().surrogate_ids() == dict(SURROGATE_IDS)
 
 
 def test_compiled_cpp_kernel_refuses_an_unknown_surrogate_id():
-    if not cpu_fused.cpp_available():
+    module = cpu_fused.EXTENSION.load()
+    if module is None:
         pytest.skip("the C++ kernel cannot be built here")
-    module = cpu_fused.load_cpp_extension()
     h = torch.rand(3, 4)
     params = torch.full((4,), 0.9), torch.ones(4)
     unknown = max(SURROGATE_IDS.values()) + 1
@@ -183,10 +212,12 @@ def test_loading_a_cpp_kernel_built_with_other_ids_fails_loudly():
 
 def test_cpp_build_folder_changes_with_the_surrogate_table(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    name, _ = cpu_fused._stable_source()
+    extension = cpu_fused.EXTENSION
+    assert extension.cflags == cpu_fused._cflags()  # what the build is given
+    name, _ = stable_source(extension.source, extension.prefix, cpu_fused._cflags())
     renumbered = MappingProxyType({n: len(SURROGATE_IDS) - i for n, i in SURROGATE_IDS.items()})
     monkeypatch.setattr(cpu_fused, "SURROGATE_IDS", renumbered)
-    other, _ = cpu_fused._stable_source()
+    other, _ = stable_source(extension.source, extension.prefix, cpu_fused._cflags())
     assert other != name
     assert f"-D{cpu_fused.surrogate_macro('atan')}={renumbered['atan']}" in cpu_fused._cflags()
 

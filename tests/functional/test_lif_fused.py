@@ -21,8 +21,8 @@ from spiking_moe.functional.lif import lif_multistep
 def provider(request, monkeypatch):
     """Run the test on the C++ kernel and on the PyTorch fallback (by hiding the C++ build)."""
     if request.param == "torch":
-        monkeypatch.setitem(cpu_fused._state, "module", None)
-    elif not cpu_fused.cpp_available():
+        monkeypatch.setattr(cpu_fused.EXTENSION, "outcome", (None, "hidden by the test"))
+    elif cpu_fused.EXTENSION.load() is None:
         pytest.skip("the C++ kernel cannot be built here (see test_cpp_kernel_builds)")
     return request.param
 
@@ -30,7 +30,7 @@ def provider(request, monkeypatch):
 def test_cpp_kernel_builds():
     if shutil.which("c++") is None or shutil.which("ninja") is None:
         pytest.skip("no C++ compiler or ninja: the fused path uses its PyTorch fallback")
-    assert cpu_fused.cpp_available()
+    assert cpu_fused.EXTENSION.load() is not None
     x = torch.zeros(3, 2)
     assert lif_module._choose_provider(x, None, 0.9, 1.0, "auto") is cpu_fused.CPP
 
@@ -169,7 +169,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(cpp_extension, "load", broken_load)
-    monkeypatch.delitem(cpu_fused._state, "module", raising=False)
+    monkeypatch.setattr(cpu_fused.EXTENSION, "outcome", None)
     monkeypatch.delenv("SPIKING_MOE_NO_CPP", raising=False)
     with caplog.at_level(logging.WARNING, logger=cpu_fused.__name__):
         x = torch.rand(8, 2, 5) * 1.5
@@ -183,8 +183,8 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
 
 def test_env_var_disables_the_cpp_build(monkeypatch):
     monkeypatch.setenv("SPIKING_MOE_NO_CPP", "1")
-    monkeypatch.delitem(cpu_fused._state, "module", raising=False)
-    assert not cpu_fused.cpp_available()
+    monkeypatch.setattr(cpu_fused.EXTENSION, "outcome", None)
+    assert cpu_fused.EXTENSION.load() is None
 
 
 def test_fused_raises_on_nan_and_passes_inf_like_the_reference():
@@ -211,9 +211,9 @@ def test_half_precision_runs_the_reference_loop():
 def test_recycled_output_buffers_are_fully_overwritten_and_can_be_released():
     """Freed outputs of 4 MiB or more return to the C++ kernel's cache and are reused; a reused
     buffer must not leak the previous call's values into the next result."""
-    if not cpu_fused.cpp_available():
+    if cpu_fused.EXTENSION.load() is None:
         pytest.skip("the C++ kernel cannot be built here (see test_cpp_kernel_builds)")
-    module = cpu_fused.load_cpp_extension()
+    module = cpu_fused.EXTENSION.load()
     cpu_fused.empty_cache()
     g = torch.Generator().manual_seed(0)
     big = (6, 2, 1 << 18)  # 12 MiB per fp32 output

@@ -105,7 +105,7 @@ def test_triton_module_imports_without_a_gpu():
 
     reason = triton_lif.unavailable_reason(torch.zeros(2, 2))
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        assert reason is not None and not triton_lif.supports(torch.zeros(2, 2))
+        assert reason is not None and "CUDA" in reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

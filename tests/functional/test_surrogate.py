@@ -3,8 +3,15 @@ import pickle
 import pytest
 import snntorch.surrogate as snn_surrogate
 import torch
+from torch import nn
 
-from spiking_moe.functional.surrogate import SURROGATES, Surrogate, resolve_surrogate, spike
+from spiking_moe.functional.surrogate import (
+    SURROGATES,
+    Surrogate,
+    SurrogateFunction,
+    resolve_surrogate,
+    spike,
+)
 
 NAMES = sorted(SURROGATES)
 
@@ -45,6 +52,67 @@ def test_surrogate_pickles_and_still_works(name):
     (g2,) = torch.autograd.grad(clone(x).sum(), x)
     assert torch.equal(g1, g2)
     assert pickle.loads(pickle.dumps(surrogate.function)) is surrogate.function
+
+
+class _Holder(nn.Module):
+    """A module that keeps a surrogate the two ways layers do: by name and alpha, and as a class."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.spike_fn = Surrogate(name, 3.0)
+        self.function = SURROGATES[name][0]
+
+    def forward(self, x):
+        return self.spike_fn(x) + self.function.apply(x, 0.5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_module_holding_a_surrogate_pickles(name):
+    module = _Holder(name)
+    clone = pickle.loads(pickle.dumps(module))
+    assert clone.spike_fn == module.spike_fn
+    assert clone.function is module.function
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    (g1,) = torch.autograd.grad(module(x).sum(), x)
+    (g2,) = torch.autograd.grad(clone(x).sum(), x)
+    assert torch.equal(g1, g2)
+    expected = module.function.derivative(x, 3.0) + module.function.derivative(x, 0.5)
+    torch.testing.assert_close(g1, expected.detach(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_surrogate_shares_the_base_body_and_keeps_its_own_backward(name):
+    function = SURROGATES[name][0]
+    assert issubclass(function, SurrogateFunction)
+    assert function.forward is SurrogateFunction.forward
+    assert function.setup_context is SurrogateFunction.setup_context
+    backwards = {SURROGATES[n][0].backward for n in NAMES}
+    assert len(backwards) == len(NAMES)  # one per subclass, not one overwritten by the last
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_surrogate_without_alpha_takes_the_table_default(name):
+    # Surrogate("atan") had alpha 25 (the dataclass default) while resolve_surrogate("atan")
+    # had the table's 2.0: the same name gave two different gradients.
+    default = SURROGATES[name][1]
+    assert Surrogate(name).alpha == default
+    assert Surrogate(name) == resolve_surrogate(name) == Surrogate(name, default)
+    assert Surrogate().alpha == SURROGATES["fast_sigmoid"][1]
+
+
+def test_compiled_surrogates_match_eager_without_graph_breaks():
+    surrogates = [Surrogate(name, 2.0) for name in NAMES]
+
+    def loss(x):
+        return sum(s(x * 1.5).sum() for s in surrogates)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    (eager_grad,) = torch.autograd.grad(loss(x), x)
+    (compiled_grad,) = torch.autograd.grad(compiled(x), x)
+    assert eager_grad.abs().max() > 0
+    # Same float64 operations in the same order: aot_eager runs the traced ops eagerly.
+    assert torch.equal(compiled_grad, eager_grad)
 
 
 @pytest.mark.parametrize(

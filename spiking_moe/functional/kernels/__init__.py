@@ -1,8 +1,8 @@
 r"""Accelerated LIF implementations, chosen by :mod:`spiking_moe.functional.lif`; never call directly.
 
 Every fused path is one autograd node over all ``T`` steps (:class:`FusedLIF`); only the
-kernel provider differs. Every provider satisfies :class:`~.protocol.LIFKernel` (the call
-signatures and the ``[T, N]`` layout, written down once in :mod:`.protocol`), and both
+kernel provider differs. Every provider satisfies :class:`~.protocol.LIFKernel` (the
+arguments and the ``[T, N]`` layout, written down once in :mod:`.protocol`), and both
 compiled kernels take their surrogate ids from :data:`~.protocol.SURROGATE_IDS`:
 
 * ``"cpp"`` (:mod:`.cpu_fused`): a C++ kernel JIT-compiled on first use, CPU, float32/64;
@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 
 from ..surrogate import Surrogate
-from .protocol import SURROGATE_IDS, LIFKernel
+from .protocol import SURROGATE_IDS, LIFBackwardArgs, LIFForwardArgs, LIFKernel
 
 __all__ = ["FusedLIF", "FusedConfig", "LIFKernel", "SURROGATE_IDS"]
 
@@ -95,7 +95,9 @@ class FusedLIF(torch.autograd.Function):
         # be written.
         keep_h = any(ctx.needs_input_grad[:4])
         outputs = config.provider.forward(
-            x_TN, v0_N, beta_N, theta_N, config.zero_reset, config.return_membrane, keep_h
+            LIFForwardArgs(
+                x_TN, v0_N, beta_N, theta_N, config.zero_reset, config.return_membrane, keep_h
+            )
         )
         spikes_TN, h_TN, v_N = outputs[:3]
         param_grads = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
@@ -132,7 +134,7 @@ class FusedLIF(torch.autograd.Function):
             gs_TN = torch.zeros_like(h_TN)
         beta_p = beta if beta is not None else ctx.beta_value
         theta_p = threshold if threshold is not None else ctx.threshold_value
-        gx_TN, gv0_N, gbeta_N, gtheta_N = config.provider.backward(
+        args = LIFBackwardArgs(
             gs_TN,
             flat(grad_membrane, (steps, n)),
             flat(grad_v, (n,)),
@@ -145,6 +147,7 @@ class FusedLIF(torch.autograd.Function):
             config.detach_reset,
             ctx.param_grads,
         )
+        gx_TN, gv0_N, gbeta_N, gtheta_N = config.provider.backward(args)
         grad_x = gx_TN.view((steps, *step_shape))
         grad_v0 = gv0_N.view(step_shape) if ctx.needs_input_grad[1] else None
         grad_beta = grad_theta = None

@@ -9,7 +9,7 @@ ninja) a warning is logged once and :data:`TORCH` is used instead. Set
 ``TORCH``: the same recurrence as vectorised PyTorch ops: Python loops over T, but no
 per-step autograd graph. Works on every device and dtype.
 
-Both satisfy :class:`~.protocol.LIFKernel`, which gives the signatures and shapes. The C++
+Both satisfy :class:`~.protocol.LIFKernel`, which gives the arguments and shapes. The C++
 source holds no surrogate ids of its own: they are passed to the compiler as ``-D`` flags
 generated from :data:`~.protocol.SURROGATE_IDS` (:func:`surrogate_defines`), and the flags are
 part of the build folder's hash.
@@ -17,37 +17,18 @@ part of the build folder's hash.
 
 from __future__ import annotations
 
-import logging
-import threading
 from pathlib import Path
 
 import torch
 
-from ..surrogate import Surrogate
-from .jit import build_extension, cpu_unavailable_reason, stable_source
-from .protocol import SURROGATE_IDS
+from .jit import CppExtension
+from .protocol import SURROGATE_IDS, LIFBackwardArgs, LIFForwardArgs
 
-__all__ = [
-    "CPP",
-    "TORCH",
-    "cpp_available",
-    "empty_cache",
-    "load_cpp_extension",
-    "surrogate_defines",
-    "surrogate_macro",
-]
+__all__ = ["CPP", "EXTENSION", "TORCH", "empty_cache", "surrogate_defines", "surrogate_macro"]
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("lif_cpu.cpp")
-_PREFIX = "spiking_moe_lif_cpu"
 # -ffp-contract=off keeps h = beta * v + x rounded exactly like PyTorch (no FMA), so spikes
 # equal the reference loop bit for bit; the kernel is memory-bound, so FMA would buy nothing.
 _OPT_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-
-_lock = threading.Lock()
-# "module": the loaded extension, or None after a failure or when disabled; "reason": why not.
-_state: dict[str, object] = {}
 
 
 def surrogate_macro(name: str) -> str:
@@ -61,20 +42,9 @@ def surrogate_defines() -> list[str]:
 
 
 def _cflags() -> list[str]:
+    """The build's flags; the surrogate ids are among them, so a renumbered table builds anew
+    (:func:`.jit.stable_source` hashes the flags into the build folder's name)."""
     return [*_OPT_CFLAGS, *surrogate_defines()]
-
-
-def load_cpp_extension():
-    """Build (first call) and return the C++ extension, or None if it cannot be built."""
-    with _lock:
-        if "module" not in _state:
-            module, reason = build_extension(
-                "fused LIF", _SOURCE, _PREFIX, _cflags(), "the slower PyTorch provider"
-            )
-            if module is not None:
-                _check_surrogate_ids(module)
-            _state["module"], _state["reason"] = module, reason
-        return _state["module"]
 
 
 def _check_surrogate_ids(module) -> None:
@@ -89,22 +59,22 @@ def _check_surrogate_ids(module) -> None:
         )
 
 
-def _stable_source() -> tuple[str, Path]:
-    """The extension's name and source copy (:func:`.jit.stable_source`; the surrogate ids
-    are in the flags, so a renumbered table builds anew)."""
-    return stable_source(_SOURCE, _PREFIX, _cflags())
+#: The C++ kernel's build (:class:`.jit.CppExtension`): ``EXTENSION.load()`` builds it.
+EXTENSION = CppExtension(
+    "fused LIF",
+    Path(__file__).with_name("lif_cpu.cpp"),
+    "spiking_moe_lif_cpu",
+    _cflags(),
+    "the slower PyTorch provider",
+    check=_check_surrogate_ids,
+)
 
 
 def empty_cache() -> int:
     """Free the C++ kernel's cached output buffers (it keeps up to 1 GiB of freed outputs for
     reuse, so that every step does not pay the OS for zeroing fresh pages). Returns bytes freed."""
-    module = _state.get("module")
+    module = EXTENSION.loaded
     return int(module.empty_cache()) if module is not None else 0
-
-
-def cpp_available() -> bool:
-    """Whether the C++ kernel is (or can be) built here."""
-    return load_cpp_extension() is not None
 
 
 class _CppProvider:
@@ -113,56 +83,39 @@ class _CppProvider:
     name = "cpp"
 
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
-        return cpu_unavailable_reason(x, load_cpp_extension, _state)
+        return EXTENSION.unavailable_reason(x)
 
-    def supports(self, x: torch.Tensor) -> bool:
-        return self.unavailable_reason(x) is None
-
-    def forward(
-        self,
-        x_TN: torch.Tensor,
-        v0_N: torch.Tensor | None,
-        beta_N: torch.Tensor,
-        theta_N: torch.Tensor,
-        zero_reset: bool,
-        return_membrane: bool,
-        keep_h: bool = True,
-    ) -> tuple[torch.Tensor, ...]:
-        module = load_cpp_extension()
+    def forward(self, args: LIFForwardArgs) -> tuple[torch.Tensor, ...]:
         return tuple(
-            module.lif_forward(x_TN, beta_N, theta_N, v0_N, zero_reset, return_membrane, keep_h)
+            EXTENSION.load().lif_forward(
+                args.x_TN,
+                args.beta_N,
+                args.theta_N,
+                args.v0_N,
+                args.zero_reset,
+                args.return_membrane,
+                args.keep_h,
+            )
         )
 
     def backward(
-        self,
-        gs_TN: torch.Tensor,
-        gmem_TN: torch.Tensor | None,
-        gv_N: torch.Tensor | None,
-        h_TN: torch.Tensor,
-        beta_N: torch.Tensor,
-        theta_N: torch.Tensor,
-        v0_N: torch.Tensor | None,
-        surrogate: Surrogate,
-        zero_reset: bool,
-        detach_reset: bool,
-        param_grads: bool,
+        self, args: LIFBackwardArgs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        module = load_cpp_extension()
-        out = module.lif_backward(
-            gs_TN,
-            gmem_TN,
-            gv_N,
-            h_TN,
-            beta_N,
-            theta_N,
-            v0_N,
-            SURROGATE_IDS[surrogate.name],
-            float(surrogate.alpha),
-            zero_reset,
-            detach_reset,
-            param_grads,
+        out = EXTENSION.load().lif_backward(
+            args.gs_TN,
+            args.gmem_TN,
+            args.gv_N,
+            args.h_TN,
+            args.beta_N,
+            args.theta_N,
+            args.v0_N,
+            SURROGATE_IDS[args.surrogate.name],
+            float(args.surrogate.alpha),
+            args.zero_reset,
+            args.detach_reset,
+            args.param_grads,
         )
-        return (out[0], out[1], *(out[2:] if param_grads else (None, None)))
+        return (out[0], out[1], *(out[2:] if args.param_grads else (None, None)))
 
 
 def _reset(h, s, theta, zero_reset: bool):
@@ -177,71 +130,49 @@ class _TorchProvider:
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
         return None
 
-    def supports(self, x: torch.Tensor) -> bool:
-        return self.unavailable_reason(x) is None
-
-    def forward(
-        self,
-        x_TN: torch.Tensor,
-        v0_N: torch.Tensor | None,
-        beta_N: torch.Tensor,
-        theta_N: torch.Tensor,
-        zero_reset: bool,
-        return_membrane: bool,
-        keep_h: bool = True,
-    ) -> tuple[torch.Tensor, ...]:
+    def forward(self, args: LIFForwardArgs) -> tuple[torch.Tensor, ...]:
+        x_TN, beta_N, theta_N = args.x_TN, args.beta_N, args.theta_N
         h_TN = torch.empty_like(x_TN)
         spikes_TN = torch.empty_like(x_TN)
-        membrane_TN = torch.empty_like(x_TN) if return_membrane else None
-        v = torch.zeros_like(x_TN[0]) if v0_N is None else v0_N
+        membrane_TN = torch.empty_like(x_TN) if args.return_membrane else None
+        v = torch.zeros_like(x_TN[0]) if args.v0_N is None else args.v0_N
         for t in range(x_TN.shape[0]):
             # Same operation order as the reference loop: spikes must match it exactly.
             h = torch.add(beta_N * v, x_TN[t], out=h_TN[t])
             spikes_TN[t] = (h - theta_N) > 0
-            v = _reset(h, spikes_TN[t], theta_N, zero_reset)
-            if return_membrane:
+            v = _reset(h, spikes_TN[t], theta_N, args.zero_reset)
+            if membrane_TN is not None:
                 membrane_TN[t] = v
         out = (spikes_TN, h_TN, v)
-        return out + ((membrane_TN,) if return_membrane else ())
+        return out + ((membrane_TN,) if membrane_TN is not None else ())
 
     def backward(
-        self,
-        gs_TN: torch.Tensor,
-        gmem_TN: torch.Tensor | None,
-        gv_N: torch.Tensor | None,
-        h_TN: torch.Tensor,
-        beta_N: torch.Tensor,
-        theta_N: torch.Tensor,
-        v0_N: torch.Tensor | None,
-        surrogate: Surrogate,
-        zero_reset: bool,
-        detach_reset: bool,
-        param_grads: bool,
+        self, args: LIFBackwardArgs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        keep = 0.0 if detach_reset else 1.0
+        h_TN, beta_N, theta_N, zero_reset = args.h_TN, args.beta_N, args.theta_N, args.zero_reset
+        keep = 0.0 if args.detach_reset else 1.0
         gx_TN = torch.empty_like(h_TN)
-        a = torch.zeros_like(h_TN[0]) if gv_N is None else gv_N
-        gbeta = torch.zeros_like(a) if param_grads else None
-        gtheta = torch.zeros_like(a) if param_grads else None
+        a = torch.zeros_like(h_TN[0]) if args.gv_N is None else args.gv_N
+        gbeta = torch.zeros_like(a) if args.param_grads else None
+        gtheta = torch.zeros_like(a) if args.param_grads else None
         for t in range(h_TN.shape[0] - 1, -1, -1):
             h = h_TN[t]
             d = h - theta_N
             s = (d > 0).to(h.dtype)
-            g = surrogate.derivative(d)
-            if gmem_TN is not None:
-                a = a + gmem_TN[t]
-            gs = gs_TN[t]
+            g = args.surrogate.derivative(d)
+            if args.gmem_TN is not None:
+                a = a + args.gmem_TN[t]
             if zero_reset:
                 dv_dh = (1.0 - s) - keep * h * g
             else:
                 dv_dh = 1.0 - keep * theta_N * g
-            gh = torch.add(gs * g, a * dv_dh, out=gx_TN[t])
-            if param_grads:
+            gh = torch.add(args.gs_TN[t] * g, a * dv_dh, out=gx_TN[t])
+            if args.param_grads:
                 if t > 0:
                     hp = h_TN[t - 1]
                     v_prev = _reset(hp, ((hp - theta_N) > 0).to(h.dtype), theta_N, zero_reset)
                 else:
-                    v_prev = torch.zeros_like(h) if v0_N is None else v0_N
+                    v_prev = torch.zeros_like(h) if args.v0_N is None else args.v0_N
                 gbeta += gh * v_prev
                 gtheta += a * (1.0 - s) - gh
             a = gh * beta_N

@@ -14,47 +14,32 @@ time (:func:`available_isas`). All of them sum in the same order, so they agree 
 
 from __future__ import annotations
 
-import logging
-import threading
 from pathlib import Path
 
 import torch
 
-from .jit import build_extension, cpu_unavailable_reason
+from .jit import CppExtension
+from .protocol import EventLinearArgs
 
-__all__ = ["CPP", "available_isas", "cpp_available", "load_cpp_extension"]
+__all__ = ["CPP", "EXTENSION", "available_isas"]
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("event_cpu.cpp")
-_PREFIX = "spiking_moe_event_cpu"
 # -ffp-contract=off: x * w + acc stays a rounded multiply then add in every instruction set,
 # so the generic, AVX2 and AVX-512 loops (and the PyTorch reference) agree exactly.
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 
-_lock = threading.Lock()
-# "module": the loaded extension, or None after a failure or when disabled; "reason": why not.
-_state: dict[str, object] = {}
-
-
-def load_cpp_extension():
-    """Build (first call) and return the C++ extension, or None if it cannot be built."""
-    with _lock:
-        if "module" not in _state:
-            _state["module"], _state["reason"] = build_extension(
-                "event-driven linear", _SOURCE, _PREFIX, _CFLAGS, "the dense product"
-            )
-        return _state["module"]
-
-
-def cpp_available() -> bool:
-    """Whether the C++ kernel is (or can be) built here."""
-    return load_cpp_extension() is not None
+#: The C++ kernel's build (:class:`.jit.CppExtension`): ``EXTENSION.load()`` builds it.
+EXTENSION = CppExtension(
+    "event-driven linear",
+    Path(__file__).with_name("event_cpu.cpp"),
+    "spiking_moe_event_cpu",
+    _CFLAGS,
+    "the dense product",
+)
 
 
 def available_isas() -> list[str]:
     """Instruction sets of the accumulation loop this CPU runs (best last); [] without the build."""
-    module = load_cpp_extension()
+    module = EXTENSION.load()
     return list(module.available_isas()) if module is not None else []
 
 
@@ -64,20 +49,14 @@ class _CppProvider:
     name = "cpp"
 
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
-        return cpu_unavailable_reason(x, load_cpp_extension, _state)
+        return EXTENSION.unavailable_reason(x)
 
-    def forward(
-        self,
-        x_RI: torch.Tensor,
-        weight_t_IO: torch.Tensor,
-        bias_O: torch.Tensor | None,
-        max_density: float = 1.0,
-        isa: str = "auto",
-    ) -> torch.Tensor | None:
-        """``x_RI @ weight_t_IO + bias_O``, or None (nothing computed) if more than
-        ``max_density`` of ``x_RI`` is nonzero. All arguments contiguous, one dtype, on the CPU."""
-        module = load_cpp_extension()
-        return module.event_linear_forward(x_RI, weight_t_IO, bias_O, float(max_density), isa)
+    def forward(self, args: EventLinearArgs, isa: str = "auto") -> torch.Tensor | None:
+        """:meth:`~.protocol.EventKernel.forward` with the accumulation loop of ``isa`` ("auto":
+        the best of :func:`available_isas`)."""
+        return EXTENSION.load().event_linear_forward(
+            args.x_RI, args.weight_t_IO, args.bias_O, float(args.max_density), isa
+        )
 
 
 CPP = _CppProvider()

@@ -66,37 +66,51 @@ inline T surrogate_grad(T x, T alpha) {
   }
 }
 
+// The membrane after the reset: h (1 - s) for a hard reset, h - theta s for a soft one.
+template <bool ZERO, typename T>
+inline T reset(T h, T s, T theta) {
+  return ZERO ? h * (T(1) - s) : h - theta * s;
+}
+
+// body(lo, len) for every chunk [lo, lo + len) of kChunk neurons, chunks spread over the
+// threads; chunks are independent (the recurrence runs along T, never across neurons).
+template <typename Body>
+void for_each_chunk(int64_t n, const Body& body) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t lo = c * kChunk;
+      body(lo, std::min(kChunk, n - lo));
+    }
+  });
+}
+
 template <typename T, bool ZERO, bool MEM, bool KEEP_H>
 void forward_impl(const T* x, const T* beta, const T* theta, const T* v0, T* s, T* h, T* mem,
                   T* v_final, int64_t steps, int64_t n) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  for_each_chunk(n, [&](int64_t lo, int64_t len) {
     alignas(64) T v[kChunk];
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const int64_t lo = c * kChunk;
-      const int64_t len = std::min(kChunk, n - lo);
-      const T* b = beta + lo;
-      const T* th = theta + lo;
-      for (int64_t i = 0; i < len; ++i) v[i] = v0 ? v0[lo + i] : T(0);
-      for (int64_t t = 0; t < steps; ++t) {
-        const int64_t off = t * n + lo;
-        const T* xt = x + off;
-        T* st = s + off;
-        T* ht = KEEP_H ? h + off : nullptr;
-        T* mt = MEM ? mem + off : nullptr;
+    const T* b = beta + lo;
+    const T* th = theta + lo;
+    for (int64_t i = 0; i < len; ++i) v[i] = v0 ? v0[lo + i] : T(0);
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t off = t * n + lo;
+      const T* xt = x + off;
+      T* st = s + off;
+      T* ht = KEEP_H ? h + off : nullptr;
+      T* mt = MEM ? mem + off : nullptr;
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const T hv = b[i] * v[i] + xt[i];
-          const T sv = static_cast<T>((hv - th[i]) > T(0));
-          const T vv = ZERO ? hv * (T(1) - sv) : hv - th[i] * sv;
-          v[i] = vv;
-          if constexpr (KEEP_H) ht[i] = hv;
-          st[i] = sv;
-          if constexpr (MEM) mt[i] = vv;
-        }
+      for (int64_t i = 0; i < len; ++i) {
+        const T hv = b[i] * v[i] + xt[i];
+        const T sv = static_cast<T>((hv - th[i]) > T(0));
+        const T vv = reset<ZERO>(hv, sv, th[i]);
+        v[i] = vv;
+        if constexpr (KEEP_H) ht[i] = hv;
+        st[i] = sv;
+        if constexpr (MEM) mt[i] = vv;
       }
-      for (int64_t i = 0; i < len; ++i) v_final[lo + i] = v[i];
     }
+    for (int64_t i = 0; i < len; ++i) v_final[lo + i] = v[i];
   });
 }
 
@@ -105,71 +119,66 @@ template <typename T, int S, bool ZERO, bool HAS_GMEM, bool PGRAD>
 void backward_impl(const T* gs, const T* gmem, const T* gv_final, const T* h, const T* beta,
                    const T* theta, const T* v0, T alpha, T keep, T* gx, T* gv0, T* gbeta,
                    T* gtheta, int64_t steps, int64_t n) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  for_each_chunk(n, [&](int64_t lo, int64_t len) {
     alignas(64) T a[kChunk];
     alignas(64) T gb[kChunk];
     alignas(64) T gt[kChunk];
     alignas(64) T vp[kChunk];
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const int64_t lo = c * kChunk;
-      const int64_t len = std::min(kChunk, n - lo);
-      const T* b = beta + lo;
-      const T* th = theta + lo;
-      for (int64_t i = 0; i < len; ++i) {
-        a[i] = gv_final ? gv_final[lo + i] : T(0);
-        gb[i] = T(0);
-        gt[i] = T(0);
-      }
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        const int64_t off = t * n + lo;
-        const T* ht = h + off;
-        const T* gst = gs + off;
-        const T* gmt = HAS_GMEM ? gmem + off : nullptr;
-        if constexpr (PGRAD) {
-          // v_{t-1} for dL/dbeta: recomputed from h_{t-1}, or v0 (zeros) at t = 0. A separate
-          // simple loop keeps the main loop branch-free, so both vectorise.
-          if (t == 0) {
-            for (int64_t i = 0; i < len; ++i) vp[i] = v0 ? v0[lo + i] : T(0);
-          } else {
-            const T* hp = ht - n;
-#pragma omp simd
-            for (int64_t i = 0; i < len; ++i) {
-              const T spv = static_cast<T>((hp[i] - th[i]) > T(0));
-              vp[i] = ZERO ? hp[i] * (T(1) - spv) : hp[i] - th[i] * spv;
-            }
-          }
-        }
-        T* gxt = gx + off;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const T hv = ht[i];
-          const T d = hv - th[i];
-          const T sv = static_cast<T>(d > T(0));
-          const T sg = surrogate_grad<S, T>(d, alpha);
-          T av = a[i];
-          if constexpr (HAS_GMEM) av += gmt[i];
-          const T gsv = gst[i];
-          T gh;
-          if constexpr (ZERO) {
-            gh = gsv * sg + av * ((T(1) - sv) - keep * hv * sg);
-          } else {
-            gh = gsv * sg + av * (T(1) - keep * th[i] * sg);
-          }
-          gxt[i] = gh;
-          if constexpr (PGRAD) {
-            gb[i] += gh * vp[i];
-            gt[i] += av * (T(1) - sv) - gh;
-          }
-          a[i] = gh * b[i];
-        }
-      }
-      for (int64_t i = 0; i < len; ++i) gv0[lo + i] = a[i];
+    const T* b = beta + lo;
+    const T* th = theta + lo;
+    for (int64_t i = 0; i < len; ++i) {
+      a[i] = gv_final ? gv_final[lo + i] : T(0);
+      gb[i] = T(0);
+      gt[i] = T(0);
+    }
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const int64_t off = t * n + lo;
+      const T* ht = h + off;
+      const T* gst = gs + off;
+      const T* gmt = HAS_GMEM ? gmem + off : nullptr;
       if constexpr (PGRAD) {
-        for (int64_t i = 0; i < len; ++i) {
-          gbeta[lo + i] = gb[i];
-          gtheta[lo + i] = gt[i];
+        // v_{t-1} for dL/dbeta: recomputed from h_{t-1}, or v0 (zeros) at t = 0. A separate
+        // simple loop keeps the main loop branch-free, so both vectorise.
+        if (t == 0) {
+          for (int64_t i = 0; i < len; ++i) vp[i] = v0 ? v0[lo + i] : T(0);
+        } else {
+          const T* hp = ht - n;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) {
+            const T spv = static_cast<T>((hp[i] - th[i]) > T(0));
+            vp[i] = reset<ZERO>(hp[i], spv, th[i]);
+          }
         }
+      }
+      T* gxt = gx + off;
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const T hv = ht[i];
+        const T d = hv - th[i];
+        const T sv = static_cast<T>(d > T(0));
+        const T sg = surrogate_grad<S, T>(d, alpha);
+        T av = a[i];
+        if constexpr (HAS_GMEM) av += gmt[i];
+        const T gsv = gst[i];
+        T gh;
+        if constexpr (ZERO) {
+          gh = gsv * sg + av * ((T(1) - sv) - keep * hv * sg);
+        } else {
+          gh = gsv * sg + av * (T(1) - keep * th[i] * sg);
+        }
+        gxt[i] = gh;
+        if constexpr (PGRAD) {
+          gb[i] += gh * vp[i];
+          gt[i] += av * (T(1) - sv) - gh;
+        }
+        a[i] = gh * b[i];
+      }
+    }
+    for (int64_t i = 0; i < len; ++i) gv0[lo + i] = a[i];
+    if constexpr (PGRAD) {
+      for (int64_t i = 0; i < len; ++i) {
+        gbeta[lo + i] = gb[i];
+        gtheta[lo + i] = gt[i];
       }
     }
   });
@@ -187,6 +196,19 @@ void check_tn(const torch::Tensor& t, const torch::Tensor& like, const char* nam
               ", expected ", like.scalar_type());
   TORCH_CHECK(t.sizes() == like.sizes(), name, " has shape ", t.sizes(), ", expected ",
               like.sizes());
+}
+
+// Checks that seq is a contiguous [T, N] CPU tensor and beta, theta and v0 (if given) are [N] like
+// one of its steps; returns that step, the layout of every per-neuron argument.
+torch::Tensor check_layout(const torch::Tensor& seq, const char* name, const torch::Tensor& beta,
+                           const torch::Tensor& theta, const c10::optional<torch::Tensor>& v0) {
+  TORCH_CHECK(seq.dim() == 2 && seq.is_contiguous() && seq.device().is_cpu(), name,
+              " must be a contiguous CPU tensor [T, N]");
+  auto step = seq[0];
+  check_tn(beta, step, "beta");
+  check_tn(theta, step, "theta");
+  if (v0.has_value() && v0->defined()) check_tn(*v0, step, "v0");
+  return step;
 }
 
 // Large outputs live on transparent huge pages where Linux allows it (THP "madvise" or
@@ -294,14 +316,9 @@ std::vector<torch::Tensor> lif_forward(const torch::Tensor& x, const torch::Tens
                                        const torch::Tensor& theta,
                                        const c10::optional<torch::Tensor>& v0, bool zero_reset,
                                        bool return_membrane, bool keep_h) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous CPU tensor [T, N]");
+  check_layout(x, "x", beta, theta, v0);
   const int64_t steps = x.size(0);
   const int64_t n = x.size(1);
-  auto step = x[0];
-  check_tn(beta, step, "beta");
-  check_tn(theta, step, "theta");
-  if (v0.has_value() && v0->defined()) check_tn(*v0, step, "v0");
   auto s = empty_output(x.sizes(), x.options());
   // h is kept for backward only; inference skips writing it.
   auto h = keep_h ? empty_output(x.sizes(), x.options()) : torch::empty({0}, x.options());
@@ -335,19 +352,14 @@ std::vector<torch::Tensor> lif_backward(const torch::Tensor& grad_spikes,
                                         const c10::optional<torch::Tensor>& v0, int64_t surrogate,
                                         double alpha, bool zero_reset, bool detach_reset,
                                         bool param_grads) {
-  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.device().is_cpu(),
-              "h must be a contiguous CPU tensor [T, N]");
+  const auto step = check_layout(h, "h", beta, theta, v0);
   const int64_t steps = h.size(0);
   const int64_t n = h.size(1);
-  auto step = h[0];
   check_tn(grad_spikes, h, "grad_spikes");
   const bool has_gmem = grad_membrane.has_value() && grad_membrane->defined();
   if (has_gmem) check_tn(*grad_membrane, h, "grad_membrane");
   if (grad_v_final.has_value() && grad_v_final->defined())
     check_tn(*grad_v_final, step, "grad_v_final");
-  check_tn(beta, step, "beta");
-  check_tn(theta, step, "theta");
-  if (v0.has_value() && v0->defined()) check_tn(*v0, step, "v0");
   auto gx = empty_output(h.sizes(), h.options());
   auto gv0 = torch::empty({n}, h.options());
   torch::Tensor gbeta = param_grads ? torch::empty({n}, h.options()) : torch::Tensor();

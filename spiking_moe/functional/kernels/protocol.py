@@ -1,11 +1,16 @@
-"""What every fused LIF kernel provider agrees on: one call signature and one surrogate-id table.
+"""What every kernel provider agrees on: one call signature per kernel and one surrogate-id table.
 
-A provider (:data:`~.cpu_fused.CPP`, :data:`~.cpu_fused.TORCH`, :data:`~.triton_lif.TRITON`) is
-an object that satisfies :class:`LIFKernel`. :class:`~spiking_moe.functional.kernels.FusedLIF`
-flattens the caller's tensors, calls ``forward``/``backward``, and reduces the results back to
-the caller's shapes; the maths of both passes is in :mod:`spiking_moe.functional.kernels`.
+A fused LIF provider (:data:`~.cpu_fused.CPP`, :data:`~.cpu_fused.TORCH`,
+:data:`~.triton_lif.TRITON`) satisfies :class:`LIFKernel`; its arguments travel in one
+:class:`LIFForwardArgs` or :class:`LIFBackwardArgs`, so the argument list is written once, here.
+:class:`~spiking_moe.functional.kernels.FusedLIF` flattens the caller's tensors, calls
+``forward``/``backward``, and reduces the results back to the caller's shapes; the maths of both
+passes is in :mod:`spiking_moe.functional.kernels`. An event-driven product
+(:data:`~.event_cpu.CPP`, :data:`~.triton_event.TRITON`, and the PyTorch reference in
+:mod:`spiking_moe.functional.event`) satisfies :class:`EventKernel` with
+:class:`EventLinearArgs`.
 
-Shapes, for every provider and every call: ``T`` time steps, ``N`` all neuron dimensions of one
+Shapes of the LIF kernels, for every provider and every call: ``T`` time steps, ``N`` all neuron dimensions of one
 step folded together. ``*_TN`` tensors are ``[T, N]`` and ``*_N`` tensors ``[N]``; all are
 contiguous, on one device, in one dtype (the input's), and ``beta_N``/``theta_N`` arrive
 expanded to one value per neuron.
@@ -19,13 +24,21 @@ Triton kernel branches on module constants built from this table.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from ..surrogate import Surrogate
 
-__all__ = ["LIFKernel", "SURROGATE_IDS"]
+__all__ = [
+    "SURROGATE_IDS",
+    "EventKernel",
+    "EventLinearArgs",
+    "KernelProvider",
+    "LIFBackwardArgs",
+    "LIFForwardArgs",
+    "LIFKernel",
+]
 
 #: Surrogate name -> integer id inside the compiled kernels. Read-only: the C++ kernel bakes the
 #: ids in at build time, so a table changed at run time would silently desynchronise it.
@@ -34,9 +47,61 @@ SURROGATE_IDS = MappingProxyType(
 )
 
 
+class LIFForwardArgs(NamedTuple):
+    """The arguments of :meth:`LIFKernel.forward`.
+
+    Attributes:
+        x_TN: input current.
+        v0_N: initial membrane; zeros when None.
+        beta_N, theta_N: decay and threshold per neuron.
+        zero_reset: hard reset (``v = h (1 - s)``) instead of subtraction.
+        return_membrane: also return the post-reset membrane of every step.
+        keep_h: False when no backward will run (no input needs a gradient): a provider may
+            then skip writing ``h_TN`` (one of the three ``[T, N]`` streams of an inference
+            forward) and return an empty tensor in its place.
+    """
+
+    x_TN: torch.Tensor
+    v0_N: torch.Tensor | None
+    beta_N: torch.Tensor
+    theta_N: torch.Tensor
+    zero_reset: bool
+    return_membrane: bool
+    keep_h: bool = True
+
+
+class LIFBackwardArgs(NamedTuple):
+    """The arguments of :meth:`LIFKernel.backward`.
+
+    Attributes:
+        gs_TN: gradient of the spikes.
+        gmem_TN: gradient of the membrane trace, or None if it was not returned or unused.
+        gv_N: gradient of the final membrane, or None.
+        h_TN: pre-reset membrane saved by forward.
+        beta_N, theta_N, v0_N: as in :class:`LIFForwardArgs`.
+        surrogate: the surrogate whose derivative replaces ``dH/dx``; kernels look its id up
+            in :data:`SURROGATE_IDS`.
+        zero_reset: as in forward.
+        detach_reset: no gradient through the reset term.
+        param_grads: also compute the beta and threshold gradients.
+    """
+
+    gs_TN: torch.Tensor
+    gmem_TN: torch.Tensor | None
+    gv_N: torch.Tensor | None
+    h_TN: torch.Tensor
+    beta_N: torch.Tensor
+    theta_N: torch.Tensor
+    v0_N: torch.Tensor | None
+    surrogate: Surrogate
+    zero_reset: bool
+    detach_reset: bool
+    param_grads: bool
+
+
 @runtime_checkable
-class LIFKernel(Protocol):
-    """A fused multi-step LIF kernel: forward and adjoint over all ``T`` steps in one call.
+class KernelProvider(Protocol):
+    """What every provider has, whatever it computes.
 
     Attributes:
         name: short name used in logs and error messages ("cpp", "torch", "triton").
@@ -47,71 +112,57 @@ class LIFKernel(Protocol):
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
         """Why this provider cannot run on tensors like ``x`` (device, dtype, a missing build or
         package), or None if it can. Checks only what the provider itself needs; whether the
-        arguments suit a fused path at all is decided by the caller."""
+        arguments suit its path at all is decided by the caller."""
         ...
 
-    def supports(self, x: torch.Tensor) -> bool:
-        """``unavailable_reason(x) is None``."""
-        ...
 
-    def forward(
-        self,
-        x_TN: torch.Tensor,
-        v0_N: torch.Tensor | None,
-        beta_N: torch.Tensor,
-        theta_N: torch.Tensor,
-        zero_reset: bool,
-        return_membrane: bool,
-        keep_h: bool = True,
-    ) -> tuple[torch.Tensor, ...]:
+@runtime_checkable
+class LIFKernel(KernelProvider, Protocol):
+    """A fused multi-step LIF kernel: forward and adjoint over all ``T`` steps in one call."""
+
+    def forward(self, args: LIFForwardArgs) -> tuple[torch.Tensor, ...]:
         """Run the recurrence over all steps.
 
-        Args:
-            x_TN: input current.
-            v0_N: initial membrane; zeros when None.
-            beta_N, theta_N: decay and threshold per neuron.
-            zero_reset: hard reset (``v = h (1 - s)``) instead of subtraction.
-            return_membrane: also return the post-reset membrane of every step.
-            keep_h: False when no backward will run (no input needs a gradient): a provider
-                may then skip writing ``h_TN`` (one of the three ``[T, N]`` streams of an
-                inference forward) and return an empty tensor in its place.
-
         Returns:
-            ``(spikes_TN, h_TN, v_N)``, plus ``membrane_TN`` when ``return_membrane``; ``h_TN``
-            (pre-reset membrane) is all that backward needs.
+            ``(spikes_TN, h_TN, v_N)``, plus ``membrane_TN`` when ``args.return_membrane``;
+            ``h_TN`` (pre-reset membrane) is all that backward needs.
         """
         ...
 
     def backward(
-        self,
-        gs_TN: torch.Tensor,
-        gmem_TN: torch.Tensor | None,
-        gv_N: torch.Tensor | None,
-        h_TN: torch.Tensor,
-        beta_N: torch.Tensor,
-        theta_N: torch.Tensor,
-        v0_N: torch.Tensor | None,
-        surrogate: Surrogate,
-        zero_reset: bool,
-        detach_reset: bool,
-        param_grads: bool,
+        self, args: LIFBackwardArgs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The BPTT adjoint of :meth:`forward`.
 
-        Args:
-            gs_TN: gradient of the spikes.
-            gmem_TN: gradient of the membrane trace, or None if it was not returned or unused.
-            gv_N: gradient of the final membrane, or None.
-            h_TN: pre-reset membrane saved by forward.
-            beta_N, theta_N, v0_N: as in forward.
-            surrogate: the surrogate whose derivative replaces ``dH/dx``; kernels look its id
-                up in :data:`SURROGATE_IDS`.
-            zero_reset: as in forward.
-            detach_reset: no gradient through the reset term.
-            param_grads: also compute the beta and threshold gradients.
-
         Returns:
             ``(grad_x_TN, grad_v0_N, grad_beta_N, grad_theta_N)``; the last two, summed over
-            ``T`` only, are None unless ``param_grads``.
+            ``T`` only, are None unless ``args.param_grads``.
         """
+        ...
+
+
+class EventLinearArgs(NamedTuple):
+    """The arguments of :meth:`EventKernel.forward` (``R`` rows, ``I`` inputs, ``O`` outputs).
+
+    Attributes:
+        x_RI: the input, usually spikes; contiguous.
+        weight_t_IO: the transposed weight, contiguous, ``x_RI``'s dtype and device.
+        bias_O: the bias, or None.
+        max_density: the kernel computes nothing (returns None) when more than this fraction
+            of ``x_RI`` is nonzero.
+    """
+
+    x_RI: torch.Tensor
+    weight_t_IO: torch.Tensor
+    bias_O: torch.Tensor | None
+    max_density: float = 1.0
+
+
+@runtime_checkable
+class EventKernel(KernelProvider, Protocol):
+    """An event-driven product for :func:`~spiking_moe.functional.event.event_linear`."""
+
+    def forward(self, args: EventLinearArgs) -> torch.Tensor | None:
+        """``x_RI @ weight_t_IO + bias_O`` as ``[R, O]``, or None (nothing computed) above
+        ``max_density``."""
         ...

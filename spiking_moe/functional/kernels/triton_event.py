@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import torch
 
+from .protocol import EventLinearArgs
+
 # One Triton import and one availability rule for both Triton kernels: the LIF module's.
-from .triton_lif import tl, triton
-from .triton_lif import unavailable_reason as _triton_unavailable_reason
+from .triton_lif import tl, triton, unavailable_reason
 
 __all__ = ["TRITON"]
 
@@ -78,21 +79,14 @@ class _TritonProvider:
     name = "triton"
 
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
-        return _triton_unavailable_reason(x)
+        return unavailable_reason(x)
 
-    def forward(
-        self,
-        x_RI: torch.Tensor,
-        weight_t_IO: torch.Tensor,
-        bias_O: torch.Tensor | None,
-        max_density: float = 1.0,
-    ) -> torch.Tensor | None:
-        """``x_RI @ weight_t_IO + bias_O``, or None (nothing computed) if more than
-        ``max_density`` of ``x_RI`` is nonzero. All arguments contiguous, one dtype and device."""
+    def forward(self, args: EventLinearArgs) -> torch.Tensor | None:
+        x_RI, weight_t_IO, bias_O = args.x_RI, args.weight_t_IO, args.bias_O
         n_rows, n_in = x_RI.shape
         n_out = weight_t_IO.shape[1]
         flat_A = x_RI.reshape(-1).nonzero().squeeze(1)  # row-major; synchronises
-        if flat_A.numel() > max_density * x_RI.numel():
+        if flat_A.numel() > args.max_density * x_RI.numel():
             return None
         out_RO = torch.empty(n_rows, n_out, dtype=x_RI.dtype, device=x_RI.device)
         if flat_A.numel() == 0 or n_out == 0:  # nothing to gather: no launch

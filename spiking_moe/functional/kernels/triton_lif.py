@@ -15,8 +15,8 @@ float32 and float64 only; under ``implementation="auto"`` half precision runs th
 loop (see ``lif.py``). With ``TRITON_INTERPRET=1`` set before import, the kernels also run on
 CPU tensors through Triton's interpreter (slow; used by the tests on machines without a GPU).
 
-This module imports even where Triton is missing or broken; :func:`supports` then says False
-and :func:`unavailable_reason` says why.
+This module imports even where Triton is missing or broken; :func:`unavailable_reason` then
+says why the kernels cannot run.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import os
 
 import torch
 
-from ..surrogate import Surrogate
-from .protocol import SURROGATE_IDS
+from .protocol import SURROGATE_IDS, LIFBackwardArgs, LIFForwardArgs
 
-__all__ = ["TRITON", "supports", "unavailable_reason"]
+__all__ = ["TRITON", "unavailable_reason"]
 
 try:
     import triton
@@ -50,13 +49,18 @@ def _interpreting() -> bool:
 
 
 def unavailable_reason(x: torch.Tensor) -> str | None:
-    """Why the Triton kernel cannot run on ``x``, or None if it can."""
-    return TRITON.unavailable_reason(x)
-
-
-def supports(x: torch.Tensor) -> bool:
-    """Whether the Triton kernel can run on ``x``."""
-    return TRITON.supports(x)
+    """Why the Triton kernels (this module's and :mod:`.triton_event`'s) cannot run on ``x``,
+    or None if they can."""
+    if triton is None:
+        return f"triton is not importable ({_IMPORT_ERROR})"
+    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+        return (
+            f"needs a CUDA tensor, got one on {x.device} (set TRITON_INTERPRET=1 before "
+            "importing triton to run CPU tensors through its interpreter)"
+        )
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} not supported (float32, float64)"
+    return None
 
 
 if triton is not None:
@@ -87,6 +91,27 @@ if triton is not None:
         return g
 
     @triton.jit
+    def _neurons(beta_ptr, theta_ptr, v0_ptr, n, HAS_V0: tl.constexpr, BLOCK: tl.constexpr):
+        # This program's block of neurons: offsets, mask, beta, theta and v0 (zeros if none).
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        beta = tl.load(beta_ptr + offs, mask=mask, other=0.0)
+        theta = tl.load(theta_ptr + offs, mask=mask, other=1.0)
+        if HAS_V0:
+            v0 = tl.load(v0_ptr + offs, mask=mask, other=0.0)
+        else:
+            v0 = beta * 0.0
+        return offs, mask, beta, theta, v0
+
+    @triton.jit
+    def _reset(h, s, theta, ZERO: tl.constexpr):
+        if ZERO:
+            v = h * (1.0 - s)
+        else:
+            v = h - theta * s
+        return v
+
+    @triton.jit
     def _lif_forward_kernel(
         x_ptr,
         beta_ptr,
@@ -103,14 +128,7 @@ if triton is not None:
         MEM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        beta = tl.load(beta_ptr + offs, mask=mask, other=0.0)
-        theta = tl.load(theta_ptr + offs, mask=mask, other=1.0)
-        if HAS_V0:
-            v = tl.load(v0_ptr + offs, mask=mask, other=0.0)
-        else:
-            v = beta * 0.0
+        offs, mask, beta, theta, v = _neurons(beta_ptr, theta_ptr, v0_ptr, n, HAS_V0, BLOCK)
         # Pointers advance by one row per step: 64-bit arithmetic, no int32 overflow of t * n.
         x_p = x_ptr + offs
         s_p = s_ptr + offs
@@ -120,10 +138,7 @@ if triton is not None:
             x = tl.load(x_p, mask=mask, other=0.0)
             h = beta * v + x
             s = tl.where(h - theta > 0.0, 1.0, 0.0).to(h.dtype)
-            if ZERO:
-                v = h * (1.0 - s)
-            else:
-                v = h - theta * s
+            v = _reset(h, s, theta, ZERO)
             tl.store(h_p, h, mask=mask)
             tl.store(s_p, s, mask=mask)
             if MEM:
@@ -160,19 +175,12 @@ if triton is not None:
         PGRAD: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        beta = tl.load(beta_ptr + offs, mask=mask, other=0.0)
-        theta = tl.load(theta_ptr + offs, mask=mask, other=1.0)
+        offs, mask, beta, theta, v0 = _neurons(beta_ptr, theta_ptr, v0_ptr, n, HAS_V0, BLOCK)
         zeros = beta * 0.0
         if HAS_GV:
             a = tl.load(gv_final_ptr + offs, mask=mask, other=0.0)
         else:
             a = zeros
-        if HAS_V0:
-            v0 = tl.load(v0_ptr + offs, mask=mask, other=0.0)
-        else:
-            v0 = zeros
         gb = zeros
         gt = zeros
         h_p = h_ptr + last_row + offs
@@ -199,11 +207,7 @@ if triton is not None:
                 ) < steps - 1  # a tensor: scalar masks upset the interpreter
                 hp = tl.load(h_p - n, mask=mask & has_prev, other=0.0)
                 sp = tl.where(hp - theta > 0.0, 1.0, 0.0).to(h.dtype)
-                if ZERO:
-                    vp = hp * (1.0 - sp)
-                else:
-                    vp = hp - theta * sp
-                vp = tl.where(has_prev, vp, v0)
+                vp = tl.where(has_prev, _reset(hp, sp, theta, ZERO), v0)
                 gb += gh * vp
                 gt += a * (1.0 - s) - gh
             a = gh * beta
@@ -223,40 +227,20 @@ class _TritonProvider:
     name = "triton"
 
     def unavailable_reason(self, x: torch.Tensor) -> str | None:
-        if triton is None:
-            return f"triton is not importable ({_IMPORT_ERROR})"
-        if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
-            return (
-                f"needs a CUDA tensor, got one on {x.device} (set TRITON_INTERPRET=1 before "
-                "importing triton to run CPU tensors through its interpreter)"
-            )
-        if x.dtype not in _DTYPES:
-            return f"dtype {x.dtype} not supported (float32, float64)"
-        return None
+        return unavailable_reason(x)
 
-    def supports(self, x: torch.Tensor) -> bool:
-        return self.unavailable_reason(x) is None
-
-    def forward(
-        self,
-        x_TN: torch.Tensor,
-        v0_N: torch.Tensor | None,
-        beta_N: torch.Tensor,
-        theta_N: torch.Tensor,
-        zero_reset: bool,
-        return_membrane: bool,
-        keep_h: bool = True,
-    ) -> tuple[torch.Tensor, ...]:
+    def forward(self, args: LIFForwardArgs) -> tuple[torch.Tensor, ...]:
+        x_TN, v0_N, beta_N = args.x_TN, args.v0_N, args.beta_N
         steps, n = x_TN.shape
         spikes_TN = torch.empty_like(x_TN)
         h_TN = torch.empty_like(x_TN)
-        membrane_TN = torch.empty_like(x_TN) if return_membrane else None
+        membrane_TN = torch.empty_like(x_TN) if args.return_membrane else None
         v_N = torch.empty_like(beta_N)
         grid = (triton.cdiv(n, _BLOCK),)
         _lif_forward_kernel[grid](
             x_TN,
             beta_N,
-            theta_N,
+            args.theta_N,
             x_TN if v0_N is None else v0_N,
             spikes_TN,
             h_TN,
@@ -265,43 +249,34 @@ class _TritonProvider:
             steps,
             n,
             HAS_V0=v0_N is not None,
-            ZERO=zero_reset,
-            MEM=return_membrane,
+            ZERO=args.zero_reset,
+            MEM=args.return_membrane,
             BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
             enable_fp_fusion=False,
         )
         out = (spikes_TN, h_TN, v_N)
-        return out + ((membrane_TN,) if return_membrane else ())
+        return out + ((membrane_TN,) if membrane_TN is not None else ())
 
     def backward(
-        self,
-        gs_TN: torch.Tensor,
-        gmem_TN: torch.Tensor | None,
-        gv_N: torch.Tensor | None,
-        h_TN: torch.Tensor,
-        beta_N: torch.Tensor,
-        theta_N: torch.Tensor,
-        v0_N: torch.Tensor | None,
-        surrogate: Surrogate,
-        zero_reset: bool,
-        detach_reset: bool,
-        param_grads: bool,
+        self, args: LIFBackwardArgs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        h_TN, beta_N, param_grads = args.h_TN, args.beta_N, args.param_grads
         steps, n = h_TN.shape
         gx_TN = torch.empty_like(h_TN)
         gv0_N = torch.empty_like(beta_N)
         gbeta_N = torch.empty_like(beta_N) if param_grads else None
         gtheta_N = torch.empty_like(beta_N) if param_grads else None
         grid = (triton.cdiv(n, _BLOCK),)
+        # Absent optional tensors are passed as any tensor: the kernel never reads them.
         _lif_backward_kernel[grid](
-            gs_TN,
-            h_TN if gmem_TN is None else gmem_TN,
-            beta_N if gv_N is None else gv_N,
+            args.gs_TN,
+            h_TN if args.gmem_TN is None else args.gmem_TN,
+            beta_N if args.gv_N is None else args.gv_N,
             h_TN,
             beta_N,
-            theta_N,
-            beta_N if v0_N is None else v0_N,
+            args.theta_N,
+            beta_N if args.v0_N is None else args.v0_N,
             gx_TN,
             gv0_N,
             gv0_N if gbeta_N is None else gbeta_N,
@@ -309,13 +284,13 @@ class _TritonProvider:
             steps,
             n,
             max(steps - 1, 0) * n,
-            SURROGATE=SURROGATE_IDS[surrogate.name],
-            ALPHA=float(surrogate.alpha),
-            KEEP=0.0 if detach_reset else 1.0,
-            ZERO=zero_reset,
-            HAS_GMEM=gmem_TN is not None,
-            HAS_GV=gv_N is not None,
-            HAS_V0=v0_N is not None,
+            SURROGATE=SURROGATE_IDS[args.surrogate.name],
+            ALPHA=float(args.surrogate.alpha),
+            KEEP=0.0 if args.detach_reset else 1.0,
+            ZERO=args.zero_reset,
+            HAS_GMEM=args.gmem_TN is not None,
+            HAS_GV=args.gv_N is not None,
+            HAS_V0=args.v0_N is not None,
             PGRAD=param_grads,
             BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
