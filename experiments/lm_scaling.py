@@ -9,7 +9,7 @@ plot of validation bits per byte and energy per token against the number of expe
     spiking-moe-train --config experiments/configs/lm_dense_snn.toml --seeds 0,1 --out runs/lm/dense
     spiking-moe-sweep --config experiments/configs/lm_moe.toml --experts 4,8,16 --k 1 --seeds 0,1 --out runs/lm/sweep
     spiking-moe-train --config experiments/configs/lm_ann.toml --seeds 0,1 --out runs/lm/ann
-    spiking-moe-train --config experiments/configs/lm_ann.toml --seeds 0,1 --out runs/lm/ann_moe16 --set model.num_experts=16
+    spiking-moe-train --config experiments/configs/lm_ann.toml --seeds 0,1 --out runs/lm/ann_moe16 --set model.moe.num_experts=16
     # the table and plot
     python experiments/lm_scaling.py --dense runs/lm/dense/seed[0-9]* --sweep runs/lm/sweep \\
         --ann runs/lm/ann/seed[0-9]* --ann-moe runs/lm/ann_moe16/seed[0-9]* --plot lm_scaling.png
@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from spiking_moe.config import ModelConfig
 from spiking_moe.experiment import finished_result, summarize, summary_table
 from spiking_moe.plotting import plot_sweep
 
@@ -55,13 +56,16 @@ def main() -> None:
     if args.ann:
         rows.append(_summary(args.ann, "ANN", num_experts=1, k=1, model="ANN (dense FFN)"))
     if args.ann_moe:
-        model = json.loads((args.ann_moe[0] / "config.json").read_text())["model"]
+        # Read through the config class: runs of any version (flat or nested keys) read alike.
+        moe = ModelConfig.from_dict(
+            json.loads((args.ann_moe[0] / "config.json").read_text())["model"]
+        ).moe
         rows.append(
             _summary(
                 args.ann_moe,
                 "ANN MoE",
-                num_experts=model["num_experts"],
-                k=model["k"],
+                num_experts=moe.num_experts,
+                k=moe.k,
                 model="ANN (routed)",
             )
         )

@@ -4,7 +4,7 @@ Options: ``--out runs/<name>`` (run folder), ``--resume`` (continue from its che
 ``--resume-from FILE`` (e.g. ``checkpoint.prev.pt``), ``--seeds 0,1,2`` (one run per seed and a
 mean ± std summary), ``--set section.key=value`` (repeatable), ``--device cpu|cuda|cuda:N``.
 Under ``torchrun --nproc_per_node=N`` it trains with DDP; add ``--set train.expert_parallel=P``
-(``P`` dividing ``N`` and ``model.num_experts``) to split each MoE layer's experts over groups of
+(``P`` dividing ``N`` and ``model.moe.num_experts``) to split each MoE layer's experts over groups of
 ``P`` processes (a sharded checkpoint: ``experiments/gather.py`` makes it a single-process one).
 The command is
 :func:`spiking_moe.cli.train_main` (``spiking-moe-train`` runs it too); its steps (config ->

@@ -4,6 +4,7 @@ import logging
 
 from . import config, data, encoding, functional, training
 from .activity import Activity
+from .args import AttentionArgs, ExpertArgs, ModelArgs, MoEArgs, NeuronArgs, RouterArgs
 from .attention import AttentionOutput, MatMul, SoftmaxAttention, SpikingSelfAttention
 from .config import ExperimentConfig, load_config
 from .dispatch import (
@@ -21,12 +22,21 @@ from .models import (
     ANNClassifier,
     ClassifierOutput,
     DenseSNNClassifier,
+    ModelOutput,
     SpikingMoEClassifier,
     active_parameter_count,
 )
-from .moe import MoEOutput, SpikingMoE, set_dense, update_router_biases
+from .moe import (
+    DenseFFN,
+    MoEOutput,
+    SpikingMoE,
+    set_dense,
+    swapped_strategies,
+    update_router_biases,
+)
 from .neurons import LIF
-from .router import RateRouter, RoutingInfo, SpikingRouter, route
+from .router import RateRouter, RoutingInfo, SpikingRouter, build_router, route
+from .strategies import ExpertParallelExperts, ExpertStrategy, LocalExperts
 from .synapses import EventLinear
 from .training import Trainer
 from .transformer import (
@@ -89,6 +99,20 @@ __all__ = [
     "SpikingTransformerBlock",
     # event-driven synaptic products (issue 14)
     "EventLinear",
+    # one args dataclass per part, expert strategies, one output contract (issue 21)
+    "AttentionArgs",
+    "DenseFFN",
+    "ExpertArgs",
+    "ExpertParallelExperts",
+    "ExpertStrategy",
+    "LocalExperts",
+    "ModelArgs",
+    "ModelOutput",
+    "MoEArgs",
+    "NeuronArgs",
+    "RouterArgs",
+    "build_router",
+    "swapped_strategies",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from .activity import Activity
-from .neurons import LIF
+from .args import AttentionArgs, NeuronArgs
+from .neurons import LIF, neuron_args
 from .synapses import EventLinear
 
 __all__ = ["AttentionOutput", "MatMul", "SoftmaxAttention", "SpikingSelfAttention"]
@@ -120,12 +121,14 @@ class AttentionOutput(NamedTuple):
     activity: Activity
 
 
-def _check_heads(d_model: int, num_heads: int) -> None:
-    for name, value in (("d_model", d_model), ("num_heads", num_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+def _check_heads(d_model: int, num_heads: int, causal: bool) -> AttentionArgs:
+    """The layer's :class:`~spiking_moe.args.AttentionArgs`, checked against ``d_model``."""
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+        raise ValueError(f"d_model must be an int >= 1, got {d_model!r}")
+    args = AttentionArgs(num_heads=num_heads, causal=causal)
     if d_model % num_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+    return args
 
 
 class SpikingSelfAttention(nn.Module):
@@ -135,7 +138,9 @@ class SpikingSelfAttention(nn.Module):
         d_model: ``D``.
         num_heads: ``H`` (divides ``D``).
         causal: mask later positions (exactly: their terms are never computed).
-        **neuron_kwargs: passed to the four :class:`~spiking_moe.neurons.LIF` populations.
+        neuron: the :class:`~spiking_moe.args.NeuronArgs` of the four
+            :class:`~spiking_moe.neurons.LIF` populations.
+        **neuron_options: neuron options by name (``beta``, ``threshold``, ...).
 
     Shapes:
         ``forward(x)``: spikes ``[T, B, S, D]`` -> :class:`AttentionOutput` with a current
@@ -149,20 +154,29 @@ class SpikingSelfAttention(nn.Module):
         (torch.Size([4, 2, 5, 8]), ('q_neuron', 'k_neuron', 'v_neuron', 'attn_neuron'))
     """
 
-    def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, **neuron_kwargs):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        causal: bool = True,
+        neuron: NeuronArgs | None = None,
+        **neuron_options,
+    ):
         super().__init__()
-        _check_heads(d_model, num_heads)
-        self.d_model, self.num_heads, self.causal = d_model, num_heads, bool(causal)
+        self.args = _check_heads(d_model, num_heads, causal)
+        neuron = neuron_args(neuron, **neuron_options)
+        self.d_model, self.num_heads, self.causal = d_model, num_heads, self.args.causal
         # Fed spikes: event-driven products when gradients are off.
         self.q_proj = EventLinear(d_model, d_model)
         self.k_proj = EventLinear(d_model, d_model)
         self.v_proj = EventLinear(d_model, d_model)
-        self.q_neuron = LIF(**neuron_kwargs)
-        self.k_neuron = LIF(**neuron_kwargs)
-        self.v_neuron = LIF(**neuron_kwargs)
+        self.q_neuron = LIF(neuron)
+        self.k_neuron = LIF(neuron)
+        self.v_neuron = LIF(neuron)
         self.scores = MatMul("output" if causal else None, ann_softmax=True)
         self.mix = MatMul("contraction" if causal else None)
-        self.attn_neuron = LIF(**neuron_kwargs)
+        self.attn_neuron = LIF(neuron)
         self.out_proj = EventLinear(d_model, d_model)
 
     def extra_repr(self) -> str:
@@ -221,8 +235,8 @@ class SoftmaxAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, *, causal: bool = True):
         super().__init__()
-        _check_heads(d_model, num_heads)
-        self.d_model, self.num_heads, self.causal = d_model, num_heads, bool(causal)
+        self.args = _check_heads(d_model, num_heads, causal)
+        self.d_model, self.num_heads, self.causal = d_model, num_heads, self.args.causal
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)

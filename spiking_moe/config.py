@@ -1,6 +1,8 @@
 """Experiment configuration: small dataclasses read from TOML (stdlib ``tomllib``).
 
-A config file has an optional top-level ``name`` and the tables ``[data]``, ``[model]``,
+A config file has an optional top-level ``name`` and the tables ``[data]``, ``[model]``
+(with the nested tables of the model's parts: ``[model.neuron]``, ``[model.router]``,
+``[model.expert]``, ``[model.moe]``, ``[model.attention]``; :mod:`spiking_moe.args`),
 ``[train]`` and ``[energy]``; every key is optional and defaults to the field's default::
 
     name = "digits_moe"
@@ -9,38 +11,41 @@ A config file has an optional top-level ``name`` and the tables ``[data]``, ``[m
     encoding = "rate"
     [model]
     kind = "moe"
+    [model.moe]
     num_experts = 4
     k = 1
     [train]
     epochs = 20
     lr = 3e-3
 
-Validation is strict and early: an unknown table or key, a value of the wrong type, a value
-out of range or not among the allowed choices raises :class:`ConfigError` naming the field
-(``train.lr must be > 0, got -1``) and, where there is a fixed set, the allowed values. TOML has
-no null, so optional fields (``None`` by default) are set by giving a value and unset by
-leaving the key out. Integers are accepted for float fields; booleans are not numbers.
+Validation is strict and early (the rules of :mod:`spiking_moe.args`): an unknown table or
+key, a value of the wrong type, out of range or not among the allowed choices raises
+:class:`ConfigError` naming the field (``train.lr must be > 0.0, got -1.0``) and, where there is
+a fixed set, the allowed values. Every field's meaning, default and allowed values are in its
+declaration (``Options.describe()`` lists them).
+
+**Old flat model keys.** Before the nested tables, the model's options were flat keys of
+``[model]`` (``num_experts``, ``router_noise``, ``beta``, ...). They keep working, in files,
+checkpoints and ``--set``, each read as its nested field
+(:data:`spiking_moe.args.FLAT_NAMES`) with a warning naming the new key; a file that gives a
+flat key and its nested field both is an error naming both.
 
 Overrides (``--set section.key=value`` on the command line, :func:`apply_overrides`) are TOML
-values too (``train.lr=3e-3``, ``model.router="spiking"``; a bare word is a string:
+values too (``train.lr=3e-3``, ``model.router.kind="spiking"``; a bare word is a string:
 ``data.encoding=latency``) and go through exactly the same validation.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import logging
 import sys
-import types
-import typing
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .args import FLAT_NAMES, ConfigError, ModelArgs, Options, documented, option
 from .data import DATASETS, EVENT_READERS
-from .functional.lif import RESETS
-from .functional.surrogate import SURROGATES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,8 +54,6 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "MODEL_KINDS",
-    "READOUTS",
-    "ROUTERS",
     "SCHEDULES",
     "ConfigError",
     "DataConfig",
@@ -65,139 +68,60 @@ __all__ = [
     "parse_override",
 ]
 
+logger = logging.getLogger(__name__)
+
 MODEL_KINDS = ("moe", "dense_snn", "ann")
-ROUTERS = ("rate", "spiking")
-READOUTS = ("count", "membrane")
 SCHEDULES = ("cosine", "constant")
 
 
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
-
-
-def _field(
-    default: Any = dataclasses.MISSING,
-    *,
-    choices: tuple | None = None,
-    gt: float | None = None,
-    ge: float | None = None,
-    lt: float | None = None,
-    le: float | None = None,
-    default_factory: Any = dataclasses.MISSING,
-) -> Any:
-    meta = {"choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le}
-    return field(
-        default=default,
-        default_factory=default_factory,
-        metadata={k: v for k, v in meta.items() if v is not None},
-    )
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(where: str, tp: Any, value: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(where, inner, value)
-    if origin is tuple:
-        inner = typing.get_args(tp)[0]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list of {_type_name(inner)}, got {value!r}")
-        return tuple(_coerce(f"{where}[{i}]", inner, v) for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where} must be finite, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} for {where}")  # pragma: no cover
-
-
-class _Section:
-    """Mixin: type and range checks of every field on construction."""
-
-    section: ClassVar[str]
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):  # type: ignore[arg-type]
-            where = f"{self.section}.{f.name}"
-            value = _coerce(where, hints[f.name], getattr(self, f.name))
-            object.__setattr__(self, f.name, value)
-            if value is None:
-                continue
-            meta = f.metadata
-            if "choices" in meta and value not in meta["choices"]:
-                raise ConfigError(f"{where} must be one of {list(meta['choices'])}, got {value!r}")
-            for key, ok, word in (
-                ("gt", lambda v, b: v > b, ">"),
-                ("ge", lambda v, b: v >= b, ">="),
-                ("lt", lambda v, b: v < b, "<"),
-                ("le", lambda v, b: v <= b, "<="),
-            ):
-                if key in meta and not ok(value, meta[key]):
-                    raise ConfigError(f"{where} must be {word} {meta[key]}, got {value!r}")
-        self._check()
-
-    def _check(self) -> None:
-        """Cross-field checks of one section."""
-
-
+@documented
 @dataclass(frozen=True)
-class DataConfig(_Section):
-    """``[data]``: which dataset and how it is presented over time.
-
-    ``encoding = "default"`` takes the dataset's first encoding (digits "rate", mnist1d
-    "sequence", shd/nmnist "events", text "tokens"); ``num_steps = 0`` and ``max_time_s = 0``
-    take the dataset's default. What is allowed per dataset comes from its
-    :class:`~spiking_moe.data.DatasetSpec` (:data:`spiking_moe.data.DATASETS`). ``root`` is the folder with the local
-    files of shd (``shd_train.h5``, ``shd_test.h5``) or nmnist (``Train/``, ``Test/``).
-    ``test_fraction`` applies to digits only (the others ship a test set).
-    ``event_reader`` (shd, nmnist): "native" (default) or "tonic", which bins with the optional
-    tonic package (``pip install "spiking-moe[events]"``) into the same frames; see
-    :mod:`spiking_moe.data`.
-
-    Text only (``name = "text"``, see :func:`spiking_moe.data.load_text_corpus`):
-    ``text_paths`` lists text files or folders (read recursively; empty: the Python standard
-    library's source), ``context`` is the window length S in bytes, ``eval_windows`` caps the
-    windows of val and test (evenly spaced; 0 = all).
-    """
+class DataConfig(Options):
+    """``[data]``: which dataset and how it is presented over time. What is allowed per
+    dataset comes from its :class:`~spiking_moe.data.DatasetSpec`
+    (:data:`spiking_moe.data.DATASETS`)."""
 
     section: ClassVar[str] = "data"
-    name: str = _field("digits", choices=tuple(DATASETS))
-    encoding: str = "default"
-    num_steps: int = _field(0, ge=0)
-    root: str = ""
-    val_fraction: float = _field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = _field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
-    max_time_s: float = _field(0.0, ge=0.0)
-    event_reader: str = _field("native", choices=EVENT_READERS)
-    mnist1d_num_samples: int = _field(5000, ge=100)
-    mnist1d_seed: int = 42
+    name: str = option("digits", choices=tuple(DATASETS), doc="The dataset.")
+    encoding: str = option(
+        "default",
+        doc="How samples become inputs over time; default: the dataset's first encoding "
+        "(digits rate, mnist1d sequence, shd/nmnist events, text tokens).",
+    )
+    num_steps: int = option(0, ge=0, doc="Time steps T; 0: the dataset's default.")
+    root: str = option(
+        "",
+        doc="Folder of the local files of shd (shd_train.h5, shd_test.h5) or nmnist "
+        "(Train/, Test/).",
+    )
+    val_fraction: float = option(
+        0.1, ge=0.0, lt=1.0, doc="Share of the training set held out for validation."
+    )
+    test_fraction: float = option(
+        0.2, gt=0.0, lt=1.0, doc="Share held out for testing (digits; the others ship a test set)."
+    )
+    seed: int = option(0, doc="Seed of the splits (fixed across train.seed).")
+    max_time_s: float = option(
+        0.0, ge=0.0, doc="Event data: binned over [0, max_time_s); 0: the dataset's default."
+    )
+    event_reader: str = option(
+        "native",
+        choices=EVENT_READERS,
+        doc='shd, nmnist: our readers, or tonic (pip install "spiking-moe[events]"), '
+        "which bins into the same frames.",
+    )
+    mnist1d_num_samples: int = option(5000, ge=100, doc="MNIST-1D: samples generated.")
+    mnist1d_seed: int = option(42, doc="MNIST-1D: seed of the generator.")
     # A tuple, not a list: the config is frozen and hashable; TOML arrays are accepted.
-    text_paths: tuple[str, ...] = ()
-    context: int = _field(64, ge=1)
-    eval_windows: int = _field(512, ge=0)
+    text_paths: tuple[str, ...] = option(
+        (),
+        doc="Text: files or folders read recursively as bytes; empty: the Python standard "
+        "library's source.",
+    )
+    context: int = option(64, ge=1, doc="Text: window length S in bytes.")
+    eval_windows: int = option(
+        512, ge=0, doc="Text: windows of val and test, evenly spaced; 0: all."
+    )
 
     def _check(self) -> None:
         spec = DATASETS[self.name]
@@ -245,140 +169,157 @@ class DataConfig(_Section):
             raise ConfigError(", ".join(f"{where}: {p} does not exist" for where, p in absent))
 
 
+@documented
 @dataclass(frozen=True)
-class ModelConfig(_Section):
-    """``[model]``: the classifier. Input and class counts come from the data.
+class ModelConfig(ModelArgs):
+    """``[model]``: which model, and its :class:`~spiking_moe.args.ModelArgs` (the nested
+    tables). Input and class counts come from the data; with ``data.name = "text"`` the same
+    kinds build language models (:mod:`spiking_moe.transformer`), ``hidden_features`` being
+    ``d_model`` and ``num_layers`` the transformer blocks."""
 
-    ``kind``: "moe" (spiking MoE), "dense_snn" (the dense spiking network with the same active
-    parameters) or "ann" (same layers, ReLU, one step). ``hidden_features`` is the width of
-    the spiking layer that feeds the MoE layers (the router's input); each expert is
-    ``expert_layers`` hidden layers of ``expert_hidden`` LIF neurons. Balancing:
-    ``load_balancing_weight`` (Switch loss), ``z_loss_weight`` (router z-loss),
-    ``bias_balancing`` (update rate of the auxiliary-loss-free bias, 0 = off),
-    ``capacity_factor`` (tokens per expert = factor * N * k / E; unset = no capacity limit).
-    ``router_renormalize``: gates renormalised over the chosen ``k`` (with ``k = 1`` every gate
-    is then 1 and the router learns from the balancing losses only); false gives Switch-style
-    gates ``p`` (the router learns from the task loss too).
+    kind: str = option(
+        "moe",
+        choices=MODEL_KINDS,
+        doc="moe: the spiking MoE; dense_snn: the dense spiking network with its active "
+        "parameters; ann: the same layers with ReLU, one step (routed when moe.num_experts > 1, "
+        "else dense).",
+    )
 
-    With ``data.name = "text"`` the same kinds build language models
-    (:mod:`spiking_moe.transformer`): ``hidden_features`` is ``d_model``, ``num_moe_layers``
-    the number of transformer blocks, ``num_heads`` their attention heads (dividing
-    ``d_model``), and each FFN has ``num_experts`` routed experts plus ``shared_experts``
-    shared ones of width ``shared_hidden`` (0: ``expert_hidden``). The dense twin's FFN is
-    ``k * expert_hidden + shared_experts * shared_hidden`` wide (the same active parameters).
-    """
-
-    section: ClassVar[str] = "model"
-    kind: str = _field("moe", choices=MODEL_KINDS)
-    hidden_features: int = _field(128, ge=1)
-    num_experts: int = _field(4, ge=1)
-    k: int = _field(1, ge=1)
-    num_moe_layers: int = _field(1, ge=1)
-    expert_hidden: int = _field(64, ge=1)
-    expert_layers: int = _field(1, ge=1)
-    readout: str = _field("count", choices=READOUTS)
-    router: str = _field("rate", choices=ROUTERS)
-    router_noise: float = _field(0.0, ge=0.0)
-    router_window: int = _field(0, ge=0)
-    router_renormalize: bool = True
-    beta: float = _field(0.9, ge=0.0, le=1.0)
-    threshold: float = _field(1.0, gt=0.0)
-    reset: str = _field("subtract", choices=RESETS)
-    surrogate: str = _field("fast_sigmoid", choices=tuple(sorted(SURROGATES)))
-    alpha: float | None = _field(None, gt=0.0)
-    load_balancing_weight: float = _field(0.01, ge=0.0)
-    z_loss_weight: float = _field(0.001, ge=0.0)
-    bias_balancing: float = _field(0.0, ge=0.0)
-    capacity_factor: float | None = _field(None, gt=0.0)
-    num_heads: int = _field(4, ge=1)
-    shared_experts: int = _field(0, ge=0)
-    shared_hidden: int = _field(0, ge=0)
-
-    def _check(self) -> None:
-        if self.k > self.num_experts:
-            raise ConfigError(
-                f"model.k must be <= model.num_experts ({self.num_experts}), got {self.k}"
-            )
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
+        """As :meth:`Options.from_dict`, also reading the old flat keys (module docstring)."""
+        if not isinstance(raw, Mapping):
+            return super().from_dict(raw)
+        # A flat key is one that is no field here, or names a nested table but holds a plain
+        # value (the old ``router = "rate"`` is now ``router.kind``).
+        tables = {f.name for f in fields(cls) if isinstance(getattr(cls(), f.name), Options)}
+        own = {f.name for f in fields(cls)}
+        nested = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
+        flat = [
+            k
+            for k, v in raw.items()
+            if k in FLAT_NAMES and (k not in own or (k in tables and not isinstance(v, Mapping)))
+        ]
+        for key in sorted(flat, key=lambda k: k not in tables):  # a table's own key first
+            path, convert = FLAT_NAMES[key]
+            *parents, name = path.split(".")
+            value = nested.pop(key)
+            table = nested
+            for part in parents:
+                table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                nested[key] = value  # reported as "must be a table" by the validation below
+                continue
+            if name in table:
+                raise ConfigError(
+                    f"model.{key} and model.{path} are the same option given twice; "
+                    f"keep model.{path}"
+                )
+            table[name] = convert(value) if convert is not None else value
+            logger.warning("config key model.%s is now model.%s (read as such)", key, path)
+        return super().from_dict(nested)
 
 
+def _device_error(device: str) -> str | None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        return f"train.device must be one of ['auto', 'cpu', 'cuda', 'cuda:N'], got {device!r}"
+    return None
+
+
+@documented
 @dataclass(frozen=True)
-class TrainConfig(_Section):
-    """``[train]``: optimisation, devices, checkpoints and logging.
-
-    Steps are optimizer steps. ``max_steps = 0`` trains ``epochs`` full epochs; a positive
-    value stops after that many steps (the schedule spans them). ``eval_every = 0`` evaluates
-    (and checkpoints) at the end of each epoch, a positive value every that many steps;
-    ``checkpoint_every`` adds checkpoints every that many steps. ``grad_clip = 0`` disables
-    clipping. ``device``: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
-    ``amp``: bf16 autocast on CUDA (ignored with a warning on CPU). ``compile``:
-    ``torch.compile`` the model. ``spike_rate_penalty``: weight in the loss of
-    ``mean over LIF modules of max(0, firing rate - spike_rate_target)`` (activity
-    regularisation: fewer spikes, less energy; 0 = off; logged inside ``train/aux_loss``).
-    ``quantize_bits``: 0 trains in float; 8 or 4 trains with quantization-aware (fake-quantized)
-    weights of that width (:func:`spiking_moe.quantization.prepare_qat`).
-    ``expert_parallel``: 1 keeps every expert in every process (plain DDP under ``torchrun``);
-    ``P > 1`` splits each MoE layer's experts over groups of ``P`` processes
-    (:mod:`spiking_moe.parallel`): ``P`` must divide the world size and every layer's expert
-    count, and checkpoints are written as one file per expert shard plus an index.
-    """
+class TrainConfig(Options):
+    """``[train]``: optimisation, devices, checkpoints and logging. Steps are optimizer steps
+    (:mod:`spiking_moe.training.trainer` has the objective and the schedule)."""
 
     section: ClassVar[str] = "train"
-    epochs: int = _field(10, ge=1)
-    max_steps: int = _field(0, ge=0)
-    batch_size: int = _field(64, ge=1)
-    grad_accum_steps: int = _field(1, ge=1)
-    eval_batch_size: int = _field(256, ge=1)
-    lr: float = _field(1e-3, gt=0.0)
-    weight_decay: float = _field(0.01, ge=0.0)
-    schedule: str = _field("cosine", choices=SCHEDULES)
-    warmup_steps: int = _field(0, ge=0)
-    min_lr_ratio: float = _field(0.0, ge=0.0, le=1.0)
-    grad_clip: float = _field(1.0, ge=0.0)
-    spike_rate_penalty: float = _field(0.0, ge=0.0)
-    spike_rate_target: float = _field(0.0, ge=0.0, le=1.0)
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    compile: bool = False
-    eval_every: int = _field(0, ge=0)
-    checkpoint_every: int = _field(0, ge=0)
-    log_every: int = _field(10, ge=1)
-    progress: bool = True
-    find_unused_parameters: bool = True
-    quantize_bits: int = _field(0, choices=(0, 8, 4))
-    expert_parallel: int = _field(1, ge=1)
+    epochs: int = option(10, ge=1, doc="Full epochs to train when max_steps is 0.")
+    max_steps: int = option(
+        0, ge=0, doc="Stop after this many optimizer steps (the schedule spans them); 0: epochs."
+    )
+    batch_size: int = option(64, ge=1, doc="Samples per micro-batch (per process).")
+    grad_accum_steps: int = option(1, ge=1, doc="Micro-batches per optimizer step.")
+    eval_batch_size: int = option(256, ge=1, doc="Samples per evaluation batch.")
+    lr: float = option(1e-3, gt=0.0, doc="Peak learning rate of AdamW.")
+    weight_decay: float = option(0.01, ge=0.0, doc="AdamW weight decay.")
+    schedule: str = option(
+        "cosine", choices=SCHEDULES, doc="Learning rate after warmup: cosine decay or constant."
+    )
+    warmup_steps: int = option(0, ge=0, doc="Linear warmup steps.")
+    min_lr_ratio: float = option(
+        0.0, ge=0.0, le=1.0, doc="Floor of the cosine decay, as a fraction of lr."
+    )
+    grad_clip: float = option(1.0, ge=0.0, doc="Clip the gradient norm to this; 0: no clipping.")
+    spike_rate_penalty: float = option(
+        0.0,
+        ge=0.0,
+        doc="Weight of mean over populations of max(0, firing rate - spike_rate_target) in the "
+        "loss (fewer spikes, less energy); 0: off.",
+    )
+    spike_rate_target: float = option(
+        0.0, ge=0.0, le=1.0, doc="Firing rate above which the penalty acts."
+    )
+    seed: int = option(0, doc="Seed of the model's initialisation, data order and noise.")
+    device: str = option("auto", doc="auto (CUDA when present), cpu, cuda or cuda:N.")
+    amp: bool = option(False, doc="bf16 autocast on CUDA (ignored with a warning on CPU).")
+    compile: bool = option(False, doc="torch.compile the model.")
+    eval_every: int = option(
+        0, ge=0, doc="Evaluate (and checkpoint) every this many steps; 0: at each epoch end."
+    )
+    checkpoint_every: int = option(0, ge=0, doc="Also checkpoint every this many steps.")
+    log_every: int = option(10, ge=1, doc="Log training metrics every this many steps.")
+    progress: bool = option(True, doc="Show a progress bar (on a terminal).")
+    find_unused_parameters: bool = option(
+        True, doc="DDP: expect parameters without gradient (idle experts)."
+    )
+    quantize_bits: int = option(
+        0,
+        choices=(0, 8, 4),
+        doc="0 trains in float; 8 or 4 trains with fake-quantized weights of that width (QAT).",
+    )
+    expert_parallel: int = option(
+        1,
+        ge=1,
+        doc="Processes that split each MoE layer's experts (spiking_moe.parallel); must divide "
+        "the world size and every layer's expert count; 1: every process holds every expert.",
+    )
 
     def _check(self) -> None:
-        import torch
-
         if self.device != "auto":
-            try:
-                device = torch.device(self.device)
-            except (RuntimeError, ValueError):
-                device = None
-            if device is None or device.type not in ("cpu", "cuda"):
-                raise ConfigError(
-                    "train.device must be one of ['auto', 'cpu', 'cuda', 'cuda:N'], "
-                    f"got {self.device!r}"
-                )
+            error = _device_error(self.device)
+            if error:
+                raise ConfigError(error)
 
 
+@documented
 @dataclass(frozen=True)
-class EnergyConfig(_Section):
-    """``[energy]``: the energy report written after training.
-
-    ``profile`` names a hardware profile of :mod:`energy.profiles` (checked when the report
-    is built); ``num_batches`` limits the test batches counted (0 = the whole test set).
-    """
+class EnergyConfig(Options):
+    """``[energy]``: the energy report written after training."""
 
     section: ClassVar[str] = "energy"
-    enabled: bool = True
-    profile: str = "cmos45"
-    num_batches: int = _field(0, ge=0)
+    enabled: bool = option(True, doc="Count the test set's energy and write the report.")
+    profile: str = option(
+        "cmos45", doc="Hardware profile of energy.profiles (checked when the report is built)."
+    )
+    num_batches: int = option(0, ge=0, doc="Test batches to count; 0: the whole test set.")
 
     def _check(self) -> None:
         if not self.profile:
             raise ConfigError("energy.profile must name a profile, got ''")
+
+
+_SECTIONS: dict[str, type[Options]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "energy": EnergyConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -393,43 +334,26 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(
-        cls, raw: dict[str, Any], *, default_name: str = "experiment"
+        cls, raw: Mapping[str, Any], *, default_name: str = "experiment"
     ) -> ExperimentConfig:
         """Build from a parsed TOML document; raises :class:`ConfigError` naming the field.
 
         Example:
-            >>> ExperimentConfig.from_dict({"model": {"num_experts": 4, "k": 2}}).model.k
+            >>> ExperimentConfig.from_dict({"model": {"moe": {"num_experts": 4, "k": 2}}}).model.moe.k
             2
             >>> ExperimentConfig.from_dict({"train": {"lr": -1}})
             Traceback (most recent call last):
             ...
-            spiking_moe.config.ConfigError: train.lr must be > 0.0, got -1.0
+            spiking_moe.args.ConfigError: train.lr must be > 0.0, got -1.0
         """
-        sections = {
-            "data": DataConfig,
-            "model": ModelConfig,
-            "train": TrainConfig,
-            "energy": EnergyConfig,
-        }
-        allowed_top = ["name", *sections]
+        allowed_top = ["name", *_SECTIONS]
         unknown = sorted(set(raw) - set(allowed_top))
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown} at top level; allowed: {allowed_top}")
         name = raw.get("name", default_name)
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name must be a non-empty string, got {name!r}")
-        built = {}
-        for key, section_cls in sections.items():
-            table = raw.get(key, {})
-            if not isinstance(table, dict):
-                raise ConfigError(f"{key} must be a table ([{key}]), got {table!r}")
-            allowed = [f.name for f in fields(section_cls)]
-            unknown = sorted(set(table) - set(allowed))
-            if unknown:
-                raise ConfigError(
-                    f"unknown key(s) {[f'{key}.{u}' for u in unknown]}; allowed in [{key}]: {allowed}"
-                )
-            built[key] = section_cls(**table)
+        built = {key: section.from_dict(raw.get(key, {})) for key, section in _SECTIONS.items()}
         return cls(name=name, **built)
 
 
@@ -460,25 +384,22 @@ def load_config(path: str | Path, *, check_files: bool = True) -> ExperimentConf
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
     """Plain nested dict (TOML-shaped; ``None`` fields dropped), safe for JSON and checkpoints."""
-
-    def clean(obj):
-        if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items() if v is not None}
-        if isinstance(obj, tuple):
-            return list(obj)
-        return obj
-
-    return clean(asdict(config))
+    return {"name": config.name, **{k: getattr(config, k).to_dict() for k in _SECTIONS}}
 
 
 def flatten_config(config: ExperimentConfig) -> dict[str, Any]:
-    """``{"train.lr": 0.001, ...}``: one level, for TensorBoard hparams."""
+    """``{"train.lr": 0.001, "model.router.noise": 0.0, ...}``: one level, for TensorBoard
+    hparams (lists as strings)."""
     flat: dict[str, Any] = {}
-    for key, value in config_to_dict(config).items():
+
+    def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
         else:
-            flat[key] = value
+            flat[prefix] = str(value) if isinstance(value, list) else value
+
+    walk("", config_to_dict(config))
     return flat
 
 
@@ -503,15 +424,17 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
 
 
 def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
-    """``config`` with ``section.key=value`` overrides applied and validated like TOML values.
+    """``config`` with ``section.key=value`` overrides (``model.router.noise=0.1``: nested
+    tables too; an old flat model key is read as its nested field) applied and validated like
+    TOML values.
 
     Example:
-        >>> apply_overrides(ExperimentConfig(), ["train.lr=3e-3", "model.k=2"]).train.lr
+        >>> apply_overrides(ExperimentConfig(), ["train.lr=3e-3", "model.moe.k=1"]).train.lr
         0.003
         >>> apply_overrides(ExperimentConfig(), ["train.lr=fast"])
         Traceback (most recent call last):
         ...
-        spiking_moe.config.ConfigError: train.lr must be a number, got 'fast' (with --set train.lr=fast)
+        spiking_moe.args.ConfigError: train.lr must be a number, got 'fast' (with --set train.lr=fast)
 
     Raises:
         ConfigError: malformed override, unknown section or key, or a bad value (the message
@@ -527,13 +450,25 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
                 )
             raw["name"] = value
             continue
-        if len(path) != 2:
+        section, *keys = path
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"--set {text}: unknown section {section!r}; valid: {list(_SECTIONS)}"
+            )
+        if section == "model" and len(keys) == 1 and keys[0] in FLAT_NAMES:
+            if keys[0] not in {f.name for f in fields(ModelConfig)}:
+                nested, convert = FLAT_NAMES[keys[0]]
+                keys = nested.split(".")
+                value = convert(value) if convert is not None else value
+        if len(keys) > 1 and section != "model":
             raise ConfigError(f"--set {text}: key must be section.key, got {'.'.join(path)!r}")
-        section, key = path
-        if not isinstance(raw.get(section), dict):
-            sections = [k for k, v in raw.items() if isinstance(v, dict)]
-            raise ConfigError(f"--set {text}: unknown section {section!r}; valid: {sections}")
-        raw[section][key] = value
+        table = raw[section]
+        for key in keys[:-1]:
+            inner = table.setdefault(key, {})
+            if not isinstance(inner, dict):
+                raise ConfigError(f"--set {text}: {section}.{key} is not a table")
+            table = inner
+        table[keys[-1]] = value
     # Validated once all are applied, so that e.g. num_experts and k can change together.
     try:
         return ExperimentConfig.from_dict(raw, default_name=config.name)

@@ -64,6 +64,7 @@ from .functional.lif import lif_multistep
 from .neurons import LIF
 
 __all__ = [
+    "Assignments",
     "DispatchPlan",
     "ExpertsOutput",
     "combine",
@@ -71,6 +72,7 @@ __all__ = [
     "dense_masked_with_activity",
     "dispatch",
     "grouped_supported",
+    "grouped_unsupported_reason",
     "run_experts",
     "run_experts_grouped",
     "run_experts_with_activity",
@@ -100,6 +102,42 @@ class DispatchPlan:
     @property
     def num_experts(self) -> int:
         return len(self.splits)
+
+
+class Assignments(NamedTuple):
+    """The router's choices for the rows a MoE layer computes, flattened over windows (what
+    :func:`dispatch` and the expert strategies of :mod:`spiking_moe.strategies` consume).
+
+    Attributes:
+        expert_ids: ``[X, K]`` int64 expert of each assignment.
+        gates: ``[X, K]`` gate of each assignment (0 where dropped).
+        kept: ``[X, K]`` bool, False where capacity dropped the assignment.
+        num_experts: ``E``.
+    """
+
+    expert_ids: torch.Tensor
+    gates: torch.Tensor
+    kept: torch.Tensor
+    num_experts: int
+
+    @classmethod
+    def of(cls, routing) -> Assignments:
+        """From a :class:`~spiking_moe.router.RoutingInfo` (``[W, N, K]`` -> ``[W N, K]``)."""
+        K = routing.k
+        return cls(
+            routing.expert_ids.reshape(-1, K),
+            routing.gates.reshape(-1, K),
+            routing.kept.reshape(-1, K),
+            routing.num_experts,
+        )
+
+    def every_expert(self) -> Assignments:
+        """Every row to every expert, the unchosen ones with gate 0 (the dense baseline;
+        dropped assignments already have gate 0)."""
+        X, E = self.expert_ids.shape[0], self.num_experts
+        mask_XE = self.gates.new_zeros(X, E).scatter_add(1, self.expert_ids, self.gates)
+        every_XE = torch.arange(E, device=self.expert_ids.device).expand(X, -1)
+        return Assignments(every_XE, mask_XE, torch.ones_like(every_XE, dtype=torch.bool), E)
 
 
 def _check_routing(x_TND, expert_ids_NK, gates_NK, num_experts, kept_NK) -> None:
@@ -291,9 +329,8 @@ def dense_masked_with_activity(
     _check_routing(x_TND, expert_ids_NK, gates_NK, num_experts, None)
     if len(experts) != num_experts:
         raise ValueError(f"routing is for {num_experts} experts, got {len(experts)} experts")
-    mask_NE = gates_NK.new_zeros(gates_NK.shape[0], num_experts).scatter_add(
-        1, expert_ids_NK, gates_NK
-    )
+    kept = torch.ones_like(expert_ids_NK, dtype=torch.bool)
+    mask_NE = Assignments(expert_ids_NK, gates_NK, kept, num_experts).every_expert().gates
     out, activity = None, []
     # Each expert on the input as it is (no gather): the baseline is not made slower than the
     # plain "run everything, mask the result" it stands for.
@@ -308,43 +345,54 @@ def dense_masked_with_activity(
     return ExpertsOutput(out, Activity.concat(activity))
 
 
-def grouped_supported(experts: Sequence[nn.Module], dtype: torch.dtype = torch.float32) -> bool:
-    """Whether :func:`run_experts_grouped` can stand in for :func:`run_experts` exactly.
+def grouped_unsupported_reason(
+    experts: Sequence[nn.Module], dtype: torch.dtype = torch.float32
+) -> str | None:
+    """Why :func:`run_experts_grouped` cannot stand in for :func:`run_experts` exactly, or None
+    when it can.
 
-    True for experts of one class (:class:`SpikingExpert` or :class:`MLPExpert`) with equal
-    sizes, each a multiple of 16 bytes in ``dtype`` (a ``_grouped_mm`` stride rule), whose LIFs are native, share reset, surrogate and ``detach_reset`` and have scalar
-    beta and threshold (values may differ per expert), on a torch with ``_grouped_mm``, and
-    with no forward hooks on any expert submodule (hooks must see the per-expert calls).
+    It can for experts of one class (:class:`SpikingExpert` or :class:`MLPExpert`) with equal
+    sizes, each a multiple of 16 bytes in ``dtype`` (a ``_grouped_mm`` stride rule), whose
+    LIFs are native, share reset, surrogate and ``detach_reset`` and have scalar beta and
+    threshold (values may differ per expert), on a torch with ``_grouped_mm``. The grouped path
+    reads the experts' parameters and never calls their modules, so hooks on the experts do not
+    see it (run ``grouped_gemm="never"`` for that, as the energy counter does).
     """
-    if not hasattr(torch, "_grouped_mm") or not experts:
-        return False
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    if not experts:
+        return "no experts"
     first = experts[0]
     if type(first) not in (SpikingExpert, MLPExpert):
-        return False
+        return f"{type(first).__name__} is not a SpikingExpert or MLPExpert"
     shape = (first.in_features, first.hidden_features, first.out_features, first.num_layers)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if any(size * itemsize % 16 for size in shape[:3]):
-        return False
+        return f"sizes {shape[:3]} in {dtype} are not all multiples of 16 bytes"
     lif_keys = set()
-    global_hooks = nn.modules.module._global_forward_hooks  # noqa: SLF001
-    global_pre = nn.modules.module._global_forward_pre_hooks  # noqa: SLF001
-    if global_hooks or global_pre:
-        return False
-    for expert in experts:
+    for e, expert in enumerate(experts):
         if type(expert) is not type(first):
-            return False
+            return f"expert {e} is a {type(expert).__name__}, expert 0 a {type(first).__name__}"
         if (expert.in_features, expert.hidden_features, expert.out_features) != shape[:3]:
-            return False
+            return f"expert {e} has other sizes than expert 0"
         if expert.num_layers != shape[3]:
-            return False
+            return f"expert {e} has {expert.num_layers} layers, expert 0 {shape[3]}"
         for module in expert.modules():
-            if module._forward_hooks or module._forward_pre_hooks:  # noqa: SLF001
-                return False
             if isinstance(module, LIF):
-                if module.backend != "native" or module.beta.dim() or module.threshold.dim():
-                    return False
+                if module.backend != "native":
+                    return f"expert {e} has a {module.backend!r} LIF backend"
+                if module.beta.dim() or module.threshold.dim():
+                    return f"expert {e} has per-neuron beta or threshold"
                 lif_keys.add((module.reset, module.surrogate, module.detach_reset))
-    return len(lif_keys) <= 1
+    if len(lif_keys) > 1:
+        return "the experts' LIFs differ in reset, surrogate or detach_reset"
+    return None
+
+
+def grouped_supported(experts: Sequence[nn.Module], dtype: torch.dtype = torch.float32) -> bool:
+    """Whether :func:`run_experts_grouped` can stand in for :func:`run_experts` exactly
+    (:func:`grouped_unsupported_reason` says why not)."""
+    return grouped_unsupported_reason(experts, dtype) is None
 
 
 def run_experts_grouped(

@@ -184,16 +184,17 @@ def _check_expert_parallel(config: ExperimentConfig) -> None:
     size, model = config.train.expert_parallel, config.model
     if size == 1:
         return
-    if model.kind == "dense_snn" or (model.kind == "ann" and model.num_experts == 1):
+    num_experts = model.moe.num_experts
+    if model.kind == "dense_snn" or (model.kind == "ann" and num_experts == 1):
         raise ConfigError(
             f"train.expert_parallel = {size} splits MoE experts over processes, but "
-            f"model.kind = {model.kind!r} with model.num_experts = {model.num_experts} has no "
+            f"model.kind = {model.kind!r} with model.moe.num_experts = {num_experts} has no "
             "MoE layer"
         )
-    if model.num_experts % size:
+    if num_experts % size:
         raise ConfigError(
-            f"train.expert_parallel = {size} does not divide model.num_experts = "
-            f"{model.num_experts}: each process holds num_experts / expert_parallel experts"
+            f"train.expert_parallel = {size} does not divide model.moe.num_experts = "
+            f"{num_experts}: each process holds num_experts / expert_parallel experts"
         )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()

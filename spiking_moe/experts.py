@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .activity import Activity
-from .neurons import LIF
+from .args import ExpertArgs, NeuronArgs
+from .neurons import LIF, neuron_args
 from .synapses import EventLinear
 
 __all__ = ["ExpertOutput", "MLPExpert", "SpikingExpert"]
@@ -51,15 +52,9 @@ class ExpertOutput(NamedTuple):
     activity: Activity
 
 
-def _check_sizes(in_features, hidden_features, out_features, num_layers) -> None:
-    for name, value in (
-        ("in_features", in_features),
-        ("hidden_features", hidden_features),
-        ("out_features", out_features),
-        ("num_layers", num_layers),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+def _check_width(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _check_input(x: torch.Tensor, in_features: int, who: str) -> None:
@@ -84,7 +79,9 @@ class _FeedForwardExpert(nn.Module):
         self, in_features, hidden_features, out_features, num_layers, make_act, linear=nn.Linear
     ):
         super().__init__()
-        _check_sizes(in_features, hidden_features, out_features, num_layers)
+        _check_width("in_features", in_features)
+        _check_width("out_features", out_features)
+        self.args = ExpertArgs(hidden=hidden_features, layers=num_layers)
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.out_features = out_features
@@ -148,8 +145,9 @@ class SpikingExpert(_FeedForwardExpert):
         hidden_features: size ``H`` of each hidden LIF layer.
         out_features: output size ``O``.
         num_layers: number of hidden ``Linear -> LIF`` layers (>= 1).
-        **neuron_kwargs: passed to every hidden :class:`~spiking_moe.neurons.LIF`
-            (``beta``, ``threshold``, ``reset``, ``surrogate``, ...).
+        neuron: the hidden populations' :class:`~spiking_moe.args.NeuronArgs`.
+        **neuron_options: neuron options by name (``beta``, ``threshold``, ``reset``,
+            ``surrogate``, ...: the fields of :class:`~spiking_moe.args.NeuronArgs`).
 
     The input is expected to be binary spikes; the MoE layer checks that once per call, so the
     expert does not repeat the check for every routed slice. Zero rows (``N = 0``) are allowed.
@@ -168,14 +166,16 @@ class SpikingExpert(_FeedForwardExpert):
         out_features: int,
         *,
         num_layers: int = 1,
-        **neuron_kwargs,
+        neuron: NeuronArgs | None = None,
+        **neuron_options,
     ):
+        neuron = neuron_args(neuron, **neuron_options)
         super().__init__(
             in_features,
             hidden_features,
             out_features,
             num_layers,
-            lambda: LIF(**neuron_kwargs),
+            lambda: LIF(neuron),
             linear=EventLinear,
         )
 

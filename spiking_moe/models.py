@@ -1,26 +1,29 @@
 r"""Classifiers built from the MoE layer, and the baselines every comparison uses.
 
-Legend: ``T`` time steps, ``B`` batch, ``F`` input features, ``H`` hidden features,
-``C`` classes.
+Shape letters: the package legend (:mod:`spiking_moe`); ``F`` input features, ``H`` hidden
+features, ``C`` classes.
 
-All three classifiers share one layout, so that their modules line up for energy counting:
-``input_layer`` (Linear on the raw input, analog or spikes: the model is encoder-agnostic) ->
-``input_neuron`` -> ``layers`` (``num_moe_layers`` blocks) -> ``readout`` (Linear to ``C``).
+All three classifiers are built from one :class:`~spiking_moe.args.ModelArgs` (the twins of a
+comparison take the same args) and share one layout, so that their modules line up for energy
+counting: ``input_layer`` (Linear on the raw input, analog or spikes: the model is
+encoder-agnostic) -> ``input_neuron`` -> ``layers`` (``num_layers`` FFNs, each returning a
+:class:`~spiking_moe.moe.MoEOutput`) -> ``readout`` (Linear to ``C``).
 
-* :class:`SpikingMoEClassifier`: each block is a :class:`~spiking_moe.moe.SpikingMoE` with
-  ``num_experts`` :class:`~spiking_moe.experts.SpikingExpert` (``H -> expert_hidden -> H``).
+* :class:`SpikingMoEClassifier`: each layer is a :class:`~spiking_moe.moe.SpikingMoE` with
+  ``moe.num_experts`` :class:`~spiking_moe.experts.SpikingExpert` (``H -> expert.hidden -> H``).
   ``dense=True`` runs every expert on every token (the dense-MoE baseline).
-* :class:`DenseSNNClassifier`: each block is one dense spiking expert of width
-  ``k * expert_hidden`` plus a LIF, i.e. the same *active* parameters per token as ``k``
-  experts. Exactly: a MoE block's active parameters (router plus ``k`` experts) exceed the
-  dense block's by the router (``H E + E``) and ``(k - 1) H`` output biases
+* :class:`DenseSNNClassifier`: each layer is one dense spiking expert of width
+  ``args.active_ffn_hidden`` (``k * expert.hidden``, plus the shared experts' widths) and a
+  LIF (:class:`~spiking_moe.moe.DenseFFN`), i.e. the same *active* parameters per token as the
+  MoE. Exactly: a MoE layer's active parameters (router plus ``k`` experts) exceed the dense
+  layer's by the router (``H E + E``) and ``(k - 1) H`` output biases
   (:func:`active_parameter_count`).
 * :class:`ANNClassifier`: the same layers with ``ReLU`` instead of ``LIF``, one time step (a
-  ``[T, B, F]`` input is averaged over ``T``), with the same MoE structure (a router on the
-  activations, :class:`~spiking_moe.experts.MLPExpert` experts); ``num_experts=None`` gives the
-  dense ANN with blocks of width ``k * expert_hidden``.
+  ``[T, B, F]`` input is averaged over ``T``), with the same MoE structure (a rate router on the
+  activations, :class:`~spiking_moe.experts.MLPExpert` experts) when ``moe.num_experts > 1``,
+  else the dense ANN with layers of width ``args.active_ffn_hidden``.
 
-Readouts of the spiking models, from the last block's spikes :math:`s_t`:
+Readouts of the spiking models, from the last layer's spikes :math:`s_t`:
 ``"count"``: :math:`\text{logits} = W \frac{1}{T}\sum_t s_t + b` (the spike counts, which equals
 the mean over ``T`` of the readout current); ``"membrane"``: the readout current
 :math:`I_t = W s_t + b` drives a non-firing leaky integrator :math:`v_t = \beta v_{t-1} + I_t`
@@ -29,37 +32,41 @@ and :math:`\text{logits} = \frac{1}{T}\sum_t v_t`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .activity import Activity
+from .args import ModelArgs, with_options
 from .experts import MLPExpert, SpikingExpert
-from .moe import SpikingMoE
-from .neurons import LIF
-from .router import RateRouter, RoutingInfo, SpikingRouter
+from .moe import DenseFFN, SpikingMoE
+from .neurons import LIF, plain_neuron_options
+from .router import RateRouter, RoutingInfo, build_router
+from .strategies import LocalExperts
 from .synapses import EventLinear
 
 __all__ = [
     "ANNClassifier",
     "ClassifierOutput",
     "DenseSNNClassifier",
-    "READOUTS",
-    "ROUTERS",
+    "ModelOutput",
     "SpikingMoEClassifier",
     "active_parameter_count",
+    "model_args",
+    "moe_ffn",
 ]
 
-READOUTS = ("count", "membrane")
-ROUTERS = ("rate", "spiking")
 
-
-class ClassifierOutput(NamedTuple):
-    """Result of every classifier here.
+class ModelOutput(NamedTuple):
+    """Result of every model of the package (the classifiers here and the language models of
+    :mod:`spiking_moe.transformer`): what training reads, so the trainer never reaches into a
+    model.
 
     Attributes:
-        logits: ``[B, C]``.
+        logits: ``[B, C]`` (a language model: ``[B, S, V]``).
         aux_loss: scalar, the sum of the MoE layers' balancing losses (zero without MoE).
         routing: one :class:`~spiking_moe.router.RoutingInfo` per MoE layer, in order.
         activity: spikes of every LIF population, named like the modules
@@ -73,40 +80,102 @@ class ClassifierOutput(NamedTuple):
     activity: Activity
 
 
+#: The classifiers' name for :class:`ModelOutput`.
+ClassifierOutput = ModelOutput
+
+
+def model_args(args: ModelArgs | None, options: Mapping[str, Any], *, who: str) -> ModelArgs:
+    """``args`` (None: the defaults) with a constructor's keyword options applied (flat names
+    such as ``num_experts``, ``noise``, ``beta``: :data:`spiking_moe.args.FLAT_NAMES`)."""
+    if args is None:
+        args = ModelArgs()
+    elif not isinstance(args, ModelArgs):
+        raise TypeError(f"args must be ModelArgs or None, got {type(args).__name__}")
+    elif type(args) is not ModelArgs:  # e.g. a config's ModelConfig: the args part of it
+        args = ModelArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelArgs)})
+    return with_options(args, plain_neuron_options(options), who=who)
+
+
+def moe_ffn(
+    args: ModelArgs, *, spiking: bool, neuron: nn.Module, dense: bool = False
+) -> SpikingMoE:
+    """A MoE FFN of width ``args.hidden_features`` built from ``args``: the router, the routed
+    and shared experts (spiking, or the ANN twin's :class:`~spiking_moe.experts.MLPExpert` read
+    by a rate router), ``neuron`` on the combined current. Its input is spikes (or the ANN's
+    activations) by construction, so the per-call binary check is skipped, and under expert
+    parallelism spiking rows travel as bits (``spike_exchange="auto"``; checked as they go)."""
+    H, moe = args.hidden_features, args.moe
+    if spiking:
+        router = build_router(H, moe.num_experts, moe.k, args.router, args.neuron)
+
+        def make_expert(hidden: int) -> nn.Module:
+            return SpikingExpert(H, hidden, H, num_layers=args.expert.layers, neuron=args.neuron)
+    else:
+        router = RateRouter(H, moe.num_experts, moe.k, args=args.router.replace(kind="rate"))
+
+        def make_expert(hidden: int) -> nn.Module:
+            return MLPExpert(H, hidden, H, num_layers=args.expert.layers)
+
+    exchange = moe.spike_exchange
+    if exchange == "auto":
+        exchange = "bits" if spiking else "float"
+    return SpikingMoE(
+        router=router,
+        experts=[make_expert(args.expert.hidden) for _ in range(moe.num_experts)],
+        shared_experts=[make_expert(args.shared_hidden) for _ in range(moe.shared_experts)],
+        neuron=neuron,
+        check_spikes=False,
+        strategy=LocalExperts(moe.grouped_gemm, exchange, dense),
+    )
+
+
+def dense_ffn(
+    args: ModelArgs, *, spiking: bool, neuron: nn.Module, width: int | None = None
+) -> DenseFFN:
+    """The dense twin of :func:`moe_ffn`: one expert of ``width`` (default
+    ``args.active_ffn_hidden``, the MoE's active width) and ``neuron``."""
+    H, layers = args.hidden_features, args.expert.layers
+    width = args.active_ffn_hidden if width is None else width
+    if spiking:
+        expert = SpikingExpert(H, width, H, num_layers=layers, neuron=args.neuron)
+    else:
+        expert = MLPExpert(H, width, H, num_layers=layers)
+    return DenseFFN(expert, neuron)
+
+
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def _check_choice(name: str, value, valid) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {list(valid)}")
-
-
-class _DenseBlock(nn.Module):
-    """``expert`` (current) followed by ``neuron``: the dense stand-in for a MoE layer.
-
-    ``forward`` returns ``(spikes, activity)``: the same pair every call.
-    """
-
-    def __init__(self, expert: nn.Module, neuron: nn.Module):
-        super().__init__()
-        self.expert = expert
-        self.neuron = neuron
-
-    def forward(self, x_TBH: torch.Tensor) -> tuple[torch.Tensor, Activity]:
-        current, activity = self.expert.run(x_TBH)
-        out = self.neuron(current)
-        parts = [activity.prefixed("expert")]
-        if isinstance(self.neuron, LIF):
-            parts.append(Activity.of("neuron", out))
-        return out, Activity.concat(parts)
+def run_layers(layers: nn.ModuleList, h: torch.Tensor, activity: list[Activity], prefix: str):
+    """Run FFN layers (each returning a :class:`~spiking_moe.moe.MoEOutput`) in order; append
+    their activity (named ``<prefix>.<l>.*``) to ``activity``. Returns ``(h, aux_loss,
+    routing)``."""
+    routing: list[RoutingInfo] = []
+    aux = h.new_zeros(())
+    for l, layer in enumerate(layers):
+        out = layer(h)
+        h = out.spikes
+        aux = aux + out.aux_loss
+        if out.routing is not None:
+            routing.append(out.routing)
+        activity.append(out.activity.prefixed(f"{prefix}.{l}"))
+    return h, aux, tuple(routing)
 
 
 class _Classifier(nn.Module):
-    """Shared forward: input layer, blocks (MoE or dense), readout."""
+    """Shared sizes, input check and readout of the three classifiers."""
 
+    args: ModelArgs
     in_features: int
+
+    def _init_sizes(self, in_features: int, num_classes: int, args: ModelArgs) -> None:
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("num_classes", num_classes)
+        self.args = args
+        self.in_features = in_features
+        self.num_classes = num_classes
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -120,54 +189,36 @@ class _Classifier(nn.Module):
             raise TypeError(f"{name} input must be floating point, got dtype {x.dtype}")
         return x
 
-    def _blocks(self, h_TBH: torch.Tensor, activity: list[Activity]):
-        """Run the blocks; append their activity (named ``layers.<l>.*``) to ``activity``."""
-        routing: list[RoutingInfo] = []
-        aux = h_TBH.new_zeros(())
-        for l, layer in enumerate(self.layers):
-            if isinstance(layer, SpikingMoE):
-                out = layer(h_TBH)
-                h_TBH = out.spikes
-                routing.append(out.routing)
-                aux = aux + out.aux_loss
-                activity.append(out.activity.prefixed(f"layers.{l}"))
-            else:
-                h_TBH, block_activity = layer(h_TBH)
-                activity.append(block_activity.prefixed(f"layers.{l}"))
-        return h_TBH, aux, tuple(routing)
+    @property
+    def readout_mode(self) -> str:
+        return self.args.readout
 
 
 class _SpikingClassifier(_Classifier):
-    def _init_io(self, in_features, num_classes, hidden_features, readout, neuron_kwargs):
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("hidden_features", hidden_features)
-        _check_choice("readout", readout, READOUTS)
-        self.in_features = in_features
-        self.num_classes = num_classes
-        self.readout_mode = readout
+    def _init_io(self, in_features: int, num_classes: int, args: ModelArgs) -> None:
+        self._init_sizes(in_features, num_classes, args)
         # EventLinear: event-driven products on spikes (and on sparse rates) when gradients
         # are off; an analog input is dense and takes the dense product.
-        self.input_layer = EventLinear(in_features, hidden_features)
-        self.input_neuron = LIF(**neuron_kwargs)
-        self.readout = EventLinear(hidden_features, num_classes)
-        if readout == "membrane" and self.input_neuron.beta.dim() != 0:
+        self.input_layer = EventLinear(in_features, args.hidden_features)
+        self.input_neuron = LIF(args.neuron)
+        self.readout = EventLinear(args.hidden_features, num_classes)
+        if args.readout == "membrane" and self.input_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")
 
-    def forward(self, x_TBF: torch.Tensor) -> ClassifierOutput:
-        """Classify a ``[T, B, F]`` input (analog current or spikes) -> :class:`ClassifierOutput`."""
+    def forward(self, x_TBF: torch.Tensor) -> ModelOutput:
+        """Classify a ``[T, B, F]`` input (analog current or spikes) -> :class:`ModelOutput`."""
         x_TBF = self._check_input(x_TBF)
         h_TBH = self.input_neuron(self.input_layer(x_TBF))
         activity = [Activity.of("input_neuron", h_TBH)]
-        h_TBH, aux, routing = self._blocks(h_TBH, activity)
-        if self.readout_mode == "count":
+        h_TBH, aux, routing = run_layers(self.layers, h_TBH, activity, "layers")
+        if self.args.readout == "count":
             logits = self.readout(h_TBH.mean(0))
         else:
-            logits = _leaky_mean(self.readout(h_TBH), self.input_neuron.beta.clamp(0, 1))
-        return ClassifierOutput(logits, aux, routing, Activity.concat(activity))
+            logits = leaky_mean(self.readout(h_TBH), self.input_neuron.beta.clamp(0, 1))
+        return ModelOutput(logits, aux, routing, Activity.concat(activity))
 
 
-def _leaky_mean(current_TBC: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def leaky_mean(current_TBC: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Mean over T of ``v_t = beta v_{t-1} + I_t`` (``v_{-1} = 0``) without a time loop.
 
     ``sum_t v_t = sum_s I_s * sum_{j=0}^{T-1-s} beta^j``.
@@ -184,32 +235,26 @@ class SpikingMoEClassifier(_SpikingClassifier):
     Args:
         in_features: input size ``F``.
         num_classes: ``C``.
-        hidden_features: ``H``, width between layers.
-        num_experts: experts per MoE layer ``E``.
-        k: experts per token.
-        num_moe_layers: number of MoE layers.
-        expert_hidden: hidden width of each expert.
-        expert_layers: hidden LIF layers per expert.
-        readout: "count" or "membrane" (module docstring).
-        router: "rate" (:class:`~spiking_moe.router.RateRouter`) or "spiking"
-            (:class:`~spiking_moe.router.SpikingRouter`).
+        args: the model's :class:`~spiking_moe.args.ModelArgs` (None: the defaults).
         dense: start in dense-MoE mode (every expert on every token).
-        window, capacity_factor, noise, balance_weight, z_loss_weight, bias_update_rate,
-        renormalize:
-            passed to every router.
-        **neuron_kwargs: passed to every LIF (``beta``, ``threshold``, ``reset``,
-            ``surrogate``, ...); the membrane readout uses the same ``beta`` (a scalar).
+        **options: model options by name, flat (``hidden_features``, ``num_experts``, ``k``,
+            ``num_moe_layers``, ``expert_hidden``, ``expert_layers``, ``readout``, ``router``
+            ("rate" or "spiking"), ``window``, ``capacity_factor``, ``noise``,
+            ``balance_weight``, ``z_loss_weight``, ``bias_update_rate``, ``renormalize``, and
+            every neuron option: ``beta``, ``threshold``, ``reset``, ``surrogate``, ...;
+            :data:`spiking_moe.args.FLAT_NAMES`) or nested (``router=RouterArgs(...)``). The
+            membrane readout uses the neurons' ``beta`` (a scalar).
 
     Shape:
-        ``forward(x)``: ``[T, B, F]`` -> :class:`ClassifierOutput` (logits ``[B, C]``).
+        ``forward(x)``: ``[T, B, F]`` -> :class:`ModelOutput` (logits ``[B, C]``).
 
     Example:
         >>> _ = torch.manual_seed(0)
         >>> model = SpikingMoEClassifier(10, 3, hidden_features=16, num_experts=4, k=2,
         ...                              expert_hidden=8)
         >>> out = model(torch.rand(5, 2, 10))
-        >>> out.logits.shape, len(out.routing)
-        (torch.Size([2, 3]), 1)
+        >>> out.logits.shape, len(out.routing), model.args.moe.num_experts
+        (torch.Size([2, 3]), 1, 4)
     """
 
     def __init__(
@@ -217,74 +262,26 @@ class SpikingMoEClassifier(_SpikingClassifier):
         in_features: int,
         num_classes: int,
         *,
-        hidden_features: int = 128,
-        num_experts: int = 8,
-        k: int = 2,
-        num_moe_layers: int = 1,
-        expert_hidden: int = 64,
-        expert_layers: int = 1,
-        readout: str = "count",
-        router: str = "rate",
+        args: ModelArgs | None = None,
         dense: bool = False,
-        window: int | None = None,
-        capacity_factor: float | None = None,
-        noise: float = 0.0,
-        balance_weight: float = 1e-2,
-        z_loss_weight: float = 1e-3,
-        bias_update_rate: float = 1e-3,
-        renormalize: bool = True,
-        **neuron_kwargs,
+        **options,
     ):
         super().__init__()
-        _check_positive_int("num_moe_layers", num_moe_layers)
-        _check_choice("router", router, ROUTERS)
-        self._init_io(in_features, num_classes, hidden_features, readout, neuron_kwargs)
-        router_kwargs = dict(
-            window=window,
-            capacity_factor=capacity_factor,
-            noise=noise,
-            balance_weight=balance_weight,
-            z_loss_weight=z_loss_weight,
-            bias_update_rate=bias_update_rate,
-            renormalize=renormalize,
+        args = model_args(args, options, who=type(self).__name__)
+        self._init_io(in_features, num_classes, args)
+        self.layers = nn.ModuleList(
+            moe_ffn(args, spiking=True, neuron=LIF(args.neuron), dense=dense)
+            for _ in range(args.num_layers)
         )
-        layers = []
-        for _ in range(num_moe_layers):
-            if router == "rate":
-                gate = RateRouter(hidden_features, num_experts, k, **router_kwargs)
-            else:
-                gate = SpikingRouter(
-                    hidden_features, num_experts, k, **router_kwargs, **neuron_kwargs
-                )
-            experts = [
-                SpikingExpert(
-                    hidden_features,
-                    expert_hidden,
-                    hidden_features,
-                    num_layers=expert_layers,
-                    **neuron_kwargs,
-                )
-                for _ in range(num_experts)
-            ]
-            # The input is LIF output, binary by construction: no need to check it per call.
-            layers.append(
-                SpikingMoE(
-                    router=gate,
-                    experts=experts,
-                    neuron=LIF(**neuron_kwargs),
-                    dense=dense,
-                    check_spikes=False,
-                )
-            )
-        self.layers = nn.ModuleList(layers)
 
 
 class DenseSNNClassifier(_SpikingClassifier):
     """Dense spiking baseline with the active parameters of :class:`SpikingMoEClassifier`.
 
     Each MoE layer becomes one :class:`~spiking_moe.experts.SpikingExpert` of width
-    ``k * expert_hidden`` followed by a LIF (block submodules ``expert`` and ``neuron``).
-    Takes the same arguments as the MoE classifier except the routing ones.
+    ``args.active_ffn_hidden`` followed by a LIF (a :class:`~spiking_moe.moe.DenseFFN`, submodules
+    ``expert`` and ``neuron``). Takes the same arguments as the MoE classifier (the routing
+    options are accepted, so both twins take one set of args, and unused).
 
     Example:
         >>> model = DenseSNNClassifier(10, 3, hidden_features=16, k=2, expert_hidden=8)
@@ -293,34 +290,13 @@ class DenseSNNClassifier(_SpikingClassifier):
     """
 
     def __init__(
-        self,
-        in_features: int,
-        num_classes: int,
-        *,
-        hidden_features: int = 128,
-        k: int = 2,
-        num_moe_layers: int = 1,
-        expert_hidden: int = 64,
-        expert_layers: int = 1,
-        readout: str = "count",
-        **neuron_kwargs,
+        self, in_features: int, num_classes: int, *, args: ModelArgs | None = None, **options
     ):
         super().__init__()
-        _check_positive_int("num_moe_layers", num_moe_layers)
-        _check_positive_int("k", k)
-        self._init_io(in_features, num_classes, hidden_features, readout, neuron_kwargs)
+        args = model_args(args, options, who=type(self).__name__)
+        self._init_io(in_features, num_classes, args)
         self.layers = nn.ModuleList(
-            _DenseBlock(
-                SpikingExpert(
-                    hidden_features,
-                    k * expert_hidden,
-                    hidden_features,
-                    num_layers=expert_layers,
-                    **neuron_kwargs,
-                ),
-                LIF(**neuron_kwargs),
-            )
-            for _ in range(num_moe_layers)
+            dense_ffn(args, spiking=True, neuron=LIF(args.neuron)) for _ in range(args.num_layers)
         )
 
 
@@ -328,16 +304,16 @@ class ANNClassifier(_Classifier):
     """The equivalent ANN: same layers, ``ReLU`` instead of ``LIF``, one time step.
 
     Args:
-        in_features, num_classes, hidden_features, k, num_moe_layers, expert_hidden,
-            expert_layers, dense, capacity_factor, noise, balance_weight, z_loss_weight,
-            bias_update_rate, renormalize: as in :class:`SpikingMoEClassifier`.
-        num_experts: experts per MoE layer (routed by a
-            :class:`~spiking_moe.router.RateRouter` on the activations, ``window=None``), or
-            None for the dense ANN whose blocks have width ``k * expert_hidden``.
+        in_features, num_classes, args, dense, **options: as :class:`SpikingMoEClassifier`
+            (the neuron options are accepted and unused). With ``moe.num_experts > 1`` each
+            layer is routed (a :class:`~spiking_moe.router.RateRouter` on the activations,
+            ``window`` unset, :class:`~spiking_moe.experts.MLPExpert` experts);
+            ``num_experts=None`` or 1 gives the dense ANN, whose layers have width
+            ``args.active_ffn_hidden``.
 
     Shape:
         ``forward(x)``: ``[T, B, F]`` (averaged over ``T``) or ``[B, F]`` ->
-        :class:`ClassifierOutput`.
+        :class:`ModelOutput`.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -352,80 +328,44 @@ class ANNClassifier(_Classifier):
         in_features: int,
         num_classes: int,
         *,
-        hidden_features: int = 128,
-        num_experts: int | None = 8,
-        k: int = 2,
-        num_moe_layers: int = 1,
-        expert_hidden: int = 64,
-        expert_layers: int = 1,
+        args: ModelArgs | None = None,
         dense: bool = False,
-        capacity_factor: float | None = None,
-        noise: float = 0.0,
-        balance_weight: float = 1e-2,
-        z_loss_weight: float = 1e-3,
-        bias_update_rate: float = 1e-3,
-        renormalize: bool = True,
+        **options,
     ):
         super().__init__()
-        for name, value in (
-            ("in_features", in_features),
-            ("num_classes", num_classes),
-            ("hidden_features", hidden_features),
-            ("k", k),
-            ("num_moe_layers", num_moe_layers),
-        ):
-            _check_positive_int(name, value)
-        self.in_features = in_features
-        self.num_classes = num_classes
-        self.input_layer = nn.Linear(in_features, hidden_features)
+        routed = options.get("num_experts", 0) is not None
+        if not routed:
+            del options["num_experts"]
+        args = model_args(args, options, who=type(self).__name__)
+        self._init_sizes(in_features, num_classes, args)
+        self.input_layer = nn.Linear(in_features, args.hidden_features)
         self.input_neuron = nn.ReLU()
-        layers: list[nn.Module] = []
-        for _ in range(num_moe_layers):
-            if num_experts is None:
-                expert = MLPExpert(
-                    hidden_features, k * expert_hidden, hidden_features, num_layers=expert_layers
-                )
-                layers.append(_DenseBlock(expert, nn.ReLU()))
-                continue
-            layers.append(
-                SpikingMoE(
-                    router=RateRouter(
-                        hidden_features,
-                        num_experts,
-                        k,
-                        capacity_factor=capacity_factor,
-                        noise=noise,
-                        balance_weight=balance_weight,
-                        z_loss_weight=z_loss_weight,
-                        bias_update_rate=bias_update_rate,
-                        renormalize=renormalize,
-                    ),
-                    experts=[
-                        MLPExpert(
-                            hidden_features,
-                            expert_hidden,
-                            hidden_features,
-                            num_layers=expert_layers,
-                        )
-                        for _ in range(num_experts)
-                    ],
+        if routed and args.moe.num_experts > 1:
+            layers = [
+                moe_ffn(
+                    args.replace(router=args.router.replace(window=None)),
+                    spiking=False,
                     neuron=nn.ReLU(),
                     dense=dense,
-                    check_spikes=False,
                 )
-            )
+                for _ in range(args.num_layers)
+            ]
+        else:
+            layers = [
+                dense_ffn(args, spiking=False, neuron=nn.ReLU()) for _ in range(args.num_layers)
+            ]
         self.layers = nn.ModuleList(layers)
-        self.readout = nn.Linear(hidden_features, num_classes)
+        self.readout = nn.Linear(args.hidden_features, num_classes)
 
-    def forward(self, x: torch.Tensor) -> ClassifierOutput:
-        """Classify ``[T, B, F]`` (mean over ``T``) or ``[B, F]`` -> :class:`ClassifierOutput`."""
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        """Classify ``[T, B, F]`` (mean over ``T``) or ``[B, F]`` -> :class:`ModelOutput`."""
         if isinstance(x, torch.Tensor) and x.dim() == 2:
             x = x.unsqueeze(0)
         x_1BF = self._check_input(x).mean(0, keepdim=True)
         h_1BH = self.input_neuron(self.input_layer(x_1BF))
         activity: list[Activity] = []  # ReLU layers: no spikes to report
-        h_1BH, aux, routing = self._blocks(h_1BH, activity)
-        return ClassifierOutput(self.readout(h_1BH[0]), aux, routing, Activity.concat(activity))
+        h_1BH, aux, routing = run_layers(self.layers, h_1BH, activity, "layers")
+        return ModelOutput(self.readout(h_1BH[0]), aux, routing, Activity.concat(activity))
 
 
 def active_parameter_count(model: nn.Module) -> int:

@@ -34,53 +34,48 @@ output LIF integrates over the whole sequence.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .activity import Activity
-from .dispatch import (
-    ExpertsOutput,
-    combine,
-    dense_masked_with_activity,
-    dispatch,
-    grouped_supported,
-    run_experts_with_activity,
-)
+from .dispatch import Assignments
 from .neurons import LIF
 from .router import RoutingInfo
+from .strategies import (
+    ExpertParallel,
+    ExpertParallelExperts,
+    ExpertShard,
+    ExpertStrategy,
+    LocalExperts,
+    exchanges_bits,
+)
 
 __all__ = [
-    "CPU_GROUPED_MIN_EXPERTS",
-    "GROUPED_GEMM",
-    "SPIKE_EXCHANGE",
+    "DenseFFN",
     "MoEOutput",
     "SpikingMoE",
+    "moe_layers",
     "set_dense",
+    "swapped_strategies",
     "update_router_biases",
 ]
 
-logger = logging.getLogger(__name__)
-
-GROUPED_GEMM = ("auto", "never", "always")
-SPIKE_EXCHANGE = ("auto", "bits", "float")
-
-#: On CPU, "auto" takes the grouped expert GEMM when at least this many experts received rows:
-#: per-expert calls win below it, the grouped path above (measured crossover between 16 and 64
-#: routed experts on a 2-core AMD EPYC, 2026-12-02; experiments/benchmarks/RESULTS.md).
-CPU_GROUPED_MIN_EXPERTS = 32
-
 
 class MoEOutput(NamedTuple):
-    """Result of :class:`SpikingMoE`.
+    """Result of :class:`SpikingMoE`, and of every FFN of the package's models (a dense one
+    reports no routing).
 
     Attributes:
-        spikes: ``[T, B, O]`` (or ``[T, B, S, O]``) output spikes in {0, 1}.
-        routing: the router's :class:`~spiking_moe.router.RoutingInfo`.
-        aux_loss: scalar balancing loss to add to the task loss (``routing.aux_loss``).
+        spikes: ``[T, B, O]`` (or ``[T, B, S, O]``) output spikes in {0, 1} (the ANN twins'
+            FFNs: their real-valued output).
+        routing: the router's :class:`~spiking_moe.router.RoutingInfo` (None for a dense FFN).
+        aux_loss: scalar balancing loss to add to the task loss (``routing.aux_loss``; 0 for
+            a dense FFN).
         activity: spikes of the layer's neuron populations
             (:class:`~spiking_moe.activity.Activity`): ``router.*`` (a spiking router),
             ``experts.<e>.*`` (every expert, idle ones with zero updates),
@@ -89,7 +84,7 @@ class MoEOutput(NamedTuple):
     """
 
     spikes: torch.Tensor
-    routing: RoutingInfo
+    routing: RoutingInfo | None
     aux_loss: torch.Tensor
     activity: Activity
 
@@ -107,8 +102,37 @@ def check_binary(x: torch.Tensor, what: str = "input") -> None:
         )
 
 
+def _check_parts(router, experts, shared_experts) -> int | None:
+    """Validate the parts; return the experts' common ``out_features`` (None if unknown)."""
+    if not isinstance(router, nn.Module):
+        raise TypeError(f"router must be an nn.Module, got {type(router).__name__}")
+    if not experts or not all(isinstance(e, nn.Module) for e in experts):
+        raise TypeError("experts must be a non-empty sequence of nn.Module")
+    if not all(isinstance(e, nn.Module) for e in shared_experts):
+        raise TypeError("shared_experts must be a sequence of nn.Module")
+    if len(experts) != router.num_experts:
+        raise ValueError(
+            f"router has num_experts={router.num_experts} but {len(experts)} experts were given"
+        )
+    for what, group in (("expert", experts), ("shared expert", shared_experts)):
+        for e, expert in enumerate(group):
+            expert_in = getattr(expert, "in_features", router.in_features)
+            if expert_in != router.in_features:
+                raise ValueError(
+                    f"{what} {e} has in_features={expert_in}, router has {router.in_features}"
+                )
+    outs = {getattr(e, "out_features", None) for e in [*experts, *shared_experts]} - {None}
+    if len(outs) > 1:
+        raise ValueError(f"experts disagree on out_features: {sorted(outs)}")
+    return outs.pop() if outs else None
+
+
 class SpikingMoE(nn.Module):
     """Spiking MoE layer: router, sparse dispatch to spiking experts, output LIF.
+
+    The forward pass reads: route -> the expert strategy (dispatch, run the experts, combine
+    their gated currents: :mod:`spiking_moe.strategies`) -> shared experts -> shortcut current
+    -> output neuron.
 
     Args:
         router: a :class:`~spiking_moe.router.RateRouter` or
@@ -120,34 +144,25 @@ class SpikingMoE(nn.Module):
             current added to the routed experts' (DeepSeekMoE); empty by default.
         neuron: output neuron on the combined current; None makes a default
             :class:`~spiking_moe.neurons.LIF`. (The ANN baseline passes ``nn.ReLU()``.)
-        dense: run every expert on every token, masked by the same gates (the dense-MoE
-            baseline; same outputs, ``E / K`` times the work). A plain attribute: toggle it
-            any time, or with :func:`set_dense` for a whole model. Under expert parallelism
-            every token is sent to every expert's process.
+        dense: start as the dense-MoE baseline (every expert on every token, masked by the
+            same gates: same outputs, ``E / K`` times the work); the :attr:`dense` property
+            and :func:`set_dense` switch it any time.
         check_spikes: check on every call that the input is binary (one reduction and one
             host sync); set False to skip it in training or to feed analog values on purpose.
-        grouped_gemm: "auto" computes the experts with one grouped GEMM per layer
-            (:func:`~spiking_moe.dispatch.run_experts_grouped`) on CUDA, and on CPU when at
-            least :data:`CPU_GROUPED_MIN_EXPERTS` experts received rows, whenever
-            :func:`~spiking_moe.dispatch.grouped_supported` allows it (same-shaped experts,
-            no hooks), else one call per expert; "never" always calls each expert module;
-            "always" takes the grouped path on any device when supported (``torch._grouped_mm``
-            has a CPU fallback, float32/bfloat16/float16). Same values and gradients either
-            way: the grouped path stacks only the experts that received rows, so an expert
-            with none gets no gradient (``grad`` stays None) on both paths. On CPU the
-            grouped path is flat in the number of experts but slower for few of them (its
-            token-major layout costs copies the per-expert calls do not pay), hence the
-            threshold (the MoE scaling benchmark in ``experiments/benchmarks/RESULTS.md``).
-        spike_exchange: how an expert-parallel layer sends its rows to the experts' processes:
-            "bits" (spikes, 8 per byte: 32x fewer bytes than float32), "float", or "auto"
-            (default): bits when ``check_spikes`` verifies on every call that the input is
-            spikes, floats otherwise. "bits" without ``check_spikes`` checks the rows it sends.
-        expert_parallel: an :class:`~spiking_moe.parallel.ExpertParallel` layout: ``experts``
+        grouped_gemm: "auto", "never" or "always": whether the experts run as one grouped
+            GEMM per layer (:mod:`spiking_moe.strategies`).
+        spike_exchange: "auto", "bits" or "float": how an expert-parallel layer sends its rows
+            (bits: 8 spikes per byte, 32x fewer bytes than float32; auto: bits when
+            ``check_spikes`` verifies on every call that the input is spikes; "bits" without
+            ``check_spikes`` checks the rows it sends).
+        expert_parallel: an :class:`~spiking_moe.strategies.ExpertParallel` layout: ``experts``
             are all ``E`` experts (identical on every process, e.g. built from one seed), of
             which this process keeps its ``E / P`` and exchanges tokens with the others
-            (:mod:`spiking_moe.parallel`). None (default): one process holds every expert. For a
-            whole model use :func:`~spiking_moe.parallel.shard_experts`, which also makes the
-            processes' weights identical.
+            (:mod:`spiking_moe.parallel`; for a whole model use
+            :func:`~spiking_moe.parallel.shard_experts`).
+        strategy: how the experts run, given whole (an
+            :class:`~spiking_moe.strategies.ExpertStrategy`), instead of ``dense``,
+            ``grouped_gemm`` and ``spike_exchange``.
 
     Shapes:
         ``forward(x)``: ``x`` ``[T, B, D]`` or ``[T, B, S, D]`` -> :class:`MoEOutput` with
@@ -180,55 +195,25 @@ class SpikingMoE(nn.Module):
         check_spikes: bool = True,
         grouped_gemm: str = "auto",
         spike_exchange: str = "auto",
-        expert_parallel=None,
+        expert_parallel: ExpertParallel | None = None,
+        strategy: ExpertStrategy | None = None,
     ):
         super().__init__()
-        if grouped_gemm not in GROUPED_GEMM:
-            raise ValueError(f"unknown grouped_gemm {grouped_gemm!r}; valid: {list(GROUPED_GEMM)}")
-        if spike_exchange not in SPIKE_EXCHANGE:
-            raise ValueError(
-                f"unknown spike_exchange {spike_exchange!r}; valid: {list(SPIKE_EXCHANGE)}"
-            )
-        if not isinstance(router, nn.Module):
-            raise TypeError(f"router must be an nn.Module, got {type(router).__name__}")
-        experts = list(experts)
-        if not experts or not all(isinstance(e, nn.Module) for e in experts):
-            raise TypeError("experts must be a non-empty sequence of nn.Module")
-        if len(experts) != router.num_experts:
-            raise ValueError(
-                f"router has num_experts={router.num_experts} but {len(experts)} experts were given"
-            )
-        for e, expert in enumerate(experts):
-            expert_in = getattr(expert, "in_features", router.in_features)
-            if expert_in != router.in_features:
-                raise ValueError(
-                    f"expert {e} has in_features={expert_in}, router has {router.in_features}"
-                )
-        shared_experts = list(shared_experts)
-        if not all(isinstance(e, nn.Module) for e in shared_experts):
-            raise TypeError("shared_experts must be a sequence of nn.Module")
-        for m, expert in enumerate(shared_experts):
-            expert_in = getattr(expert, "in_features", router.in_features)
-            if expert_in != router.in_features:
-                raise ValueError(
-                    f"shared expert {m} has in_features={expert_in}, router has {router.in_features}"
-                )
-        outs = {getattr(expert, "out_features", None) for expert in experts + shared_experts} - {
-            None
-        }
-        if len(outs) > 1:
-            raise ValueError(f"experts disagree on out_features: {sorted(outs)}")
+        experts, shared_experts = list(experts), list(shared_experts)
+        self.out_features = _check_parts(router, experts, shared_experts)
+        if strategy is None:
+            strategy = LocalExperts(grouped_gemm, spike_exchange, bool(dense))
+        elif (dense, grouped_gemm, spike_exchange) != (False, "auto", "auto"):
+            raise ValueError("pass either strategy or dense/grouped_gemm/spike_exchange, not both")
+        if not isinstance(strategy, ExpertStrategy):
+            raise TypeError(f"strategy must be an ExpertStrategy, got {type(strategy).__name__}")
         self.router = router
         self.experts = nn.ModuleList(experts)
         self.shared_experts = nn.ModuleList(shared_experts)
         self.neuron = LIF() if neuron is None else neuron
-        self.dense = bool(dense)
         self.check_spikes = bool(check_spikes)
-        self.grouped_gemm = grouped_gemm
-        self.spike_exchange = spike_exchange
         self.in_features = router.in_features
-        self.out_features = outs.pop() if outs else None
-        self.expert_parallel = None
+        self.strategy = strategy
         self._declare_expert_steps()
         if expert_parallel is not None:
             self.shard_experts(expert_parallel)
@@ -237,26 +222,52 @@ class SpikingMoE(nn.Module):
         """Tell the energy counter (:mod:`energy.counting`'s ``energy_time_steps``) that a
         windowed router's experts run on ``L``-step rows: their ANN equivalent is one step per
         (window, token) row, not one per ``L`` of them."""
-        window = getattr(self.router, "window", None)
-        self.experts.energy_time_steps = window
+        self.experts.energy_time_steps = getattr(self.router, "window", None)
 
     @property
     def num_experts(self) -> int:
         """``E``, all experts of the layer (under expert parallelism, not only the local ones)."""
         return self.router.num_experts
 
+    @property
+    def dense(self) -> bool:
+        """Whether the layer runs as the dense-MoE baseline (every expert on every token)."""
+        return self.strategy.every_expert
+
+    @dense.setter
+    def dense(self, value: bool) -> None:
+        self.strategy = dataclasses.replace(self.strategy, every_expert=bool(value))
+
+    @property
+    def grouped_gemm(self) -> str:
+        return self.strategy.grouped_gemm
+
+    @grouped_gemm.setter
+    def grouped_gemm(self, value: str) -> None:
+        self.strategy = dataclasses.replace(self.strategy, grouped_gemm=value)
+
+    @property
+    def spike_exchange(self) -> str:
+        return self.strategy.spike_exchange
+
+    @spike_exchange.setter
+    def spike_exchange(self, value: str) -> None:
+        self.strategy = dataclasses.replace(self.strategy, spike_exchange=value)
+
+    @property
+    def expert_parallel(self) -> ExpertParallel | None:
+        """The layer's :class:`~spiking_moe.strategies.ExpertParallel` layout (None: every
+        expert in this process)."""
+        return getattr(self.strategy, "ep", None)
+
     def exchanges_bits(self) -> bool:
-        """Whether, under expert parallelism, this layer sends its rows as bits (the
-        ``spike_exchange`` argument)."""
-        if self.spike_exchange == "float":
-            return False
-        return self.spike_exchange == "bits" or self.check_spikes
+        """Whether, under expert parallelism, this layer sends its rows as bits."""
+        return exchanges_bits(self.spike_exchange, self.check_spikes)
 
-    def shard_experts(self, expert_parallel) -> None:
-        """Keep only this process's experts (:mod:`spiking_moe.parallel`); not collective."""
-        from .parallel import ExpertShard
-
-        if self.expert_parallel is not None:
+    def shard_experts(self, expert_parallel: ExpertParallel) -> None:
+        """Keep only this process's experts and exchange tokens with the others' (not
+        collective; :func:`spiking_moe.parallel.shard_experts` does a whole model)."""
+        if isinstance(self.experts, ExpertShard):
             raise ValueError("this MoE layer is already expert-parallel")
         if self.num_experts % expert_parallel.size:
             raise ValueError(
@@ -265,15 +276,17 @@ class SpikingMoE(nn.Module):
             )
         local = expert_parallel.local_experts(self.num_experts)
         self.experts = ExpertShard({e: self.experts[e] for e in local}, self.num_experts)
-        self.expert_parallel = expert_parallel
+        s = self.strategy
+        self.strategy = ExpertParallelExperts(
+            s.grouped_gemm, s.spike_exchange, s.every_expert, ep=expert_parallel
+        )
         self._declare_expert_steps()
 
     def extra_repr(self) -> str:
-        parallel = f", expert_parallel={self.expert_parallel.size}" if self.expert_parallel else ""
-        return f"dense={self.dense}, check_spikes={self.check_spikes}{parallel}"
+        return f"check_spikes={self.check_spikes}, strategy={self.strategy!r}"
 
     def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> MoEOutput:
-        """Route, compute, combine and fire.
+        """Route, run the experts, combine and fire.
 
         Args:
             x: spikes ``[T, B, D]`` or ``[T, B, S, D]``.
@@ -281,80 +294,36 @@ class SpikingMoE(nn.Module):
                 current before the output neuron (module docstring).
         """
         x_TND, lead = self._flatten(x)
-        if len(lead) == 3:  # a sequence: capacity must be served in position order
-            routing = self.router(x_TND, priority_N=_position_major(*lead[1:], x.device))
-        else:
-            routing = self.router(x_TND)
         T, N, _ = x_TND.shape
-        window = routing.window
-        K = routing.k
-        rows_TXD = x_TND if window is None else _to_windows(x_TND, window)
-        ids_XK = routing.expert_ids.reshape(-1, K)
-        gates_XK = routing.gates.reshape(-1, K)
-        if self.dense and self.expert_parallel is not None:
-            # The dense baseline across processes: every token dispatched to every expert, its
-            # unchosen experts with gate 0 (dense_masked's mask), through the same exchange.
-            X = ids_XK.shape[0]
-            mask_XE = gates_XK.new_zeros(X, self.num_experts).scatter_add(1, ids_XK, gates_XK)
-            every_XE = torch.arange(self.num_experts, device=x.device).expand(X, -1)
-            grouped_TRD, plan = dispatch(rows_TXD, every_XE, mask_XE, self.num_experts)
-            experts = self._run_experts(grouped_TRD, plan)
-            current = combine(experts.current, plan)
-        elif self.dense:
-            experts = dense_masked_with_activity(
-                self.experts, rows_TXD, ids_XK, gates_XK, self.num_experts
-            )
-            current = experts.current
-        else:
-            kept_XK = routing.kept.reshape(-1, K)
-            grouped_TRD, plan = dispatch(
-                rows_TXD, ids_XK, gates_XK, self.num_experts, kept_NK=kept_XK
-            )
-            experts = self._run_experts(grouped_TRD, plan)
-            current = combine(experts.current, plan)
-        if window is not None:
-            current = _from_windows(current, T, N)
+        routing = self._route(x_TND, lead)
+        rows_TXD = _to_windows(x_TND, routing.window)
+        experts = self.strategy(
+            self.experts, rows_TXD, Assignments.of(routing), checked_spikes=self.check_spikes
+        )
+        current = _from_windows(experts.current, T, N, routing.window)
         activity = [routing.activity.prefixed("router"), experts.activity]
         for m, expert in enumerate(self.shared_experts):
             shared = expert.run(x_TND)
             current = current + shared.current
             activity.append(shared.activity.prefixed(f"shared_experts.{m}"))
         if residual is not None:
-            if residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != current.shape[-1]:
-                raise ValueError(
-                    f"residual must have shape {(*x.shape[:-1], current.shape[-1])}, "
-                    f"got {tuple(residual.shape)}"
-                )
-            current = current + residual.reshape(current.shape)
+            current = current + _as_current(residual, x, current)
         spikes = self.neuron(current)
         if isinstance(self.neuron, LIF):
             activity.append(Activity.of("neuron", spikes))
-        return MoEOutput(
-            spikes.reshape(*lead, spikes.shape[-1]),
-            routing,
-            routing.aux_loss,
-            Activity.concat(activity),
-        )
+        spikes = spikes.reshape(*lead, spikes.shape[-1])
+        return MoEOutput(spikes, routing, routing.aux_loss, Activity.concat(activity))
 
-    def _run_experts(self, grouped_TRD: torch.Tensor, plan) -> ExpertsOutput:
-        mode = self.grouped_gemm
-        experts = list(self.experts)
-        busy = sum(rows > 0 for rows in plan.splits)  # host ints: no sync
-        grouped = (
-            mode == "always"
-            or (mode == "auto" and (grouped_TRD.is_cuda or busy >= CPU_GROUPED_MIN_EXPERTS))
-        ) and grouped_supported(experts, grouped_TRD.dtype)
-        if self.expert_parallel is not None:
-            from .parallel import run_experts_parallel
-
-            # No fallback on error here: every process must take part in the same exchanges.
-            return run_experts_parallel(self, grouped_TRD, plan, grouped=grouped)
-        if grouped:
-            try:
-                return run_experts_with_activity(experts, grouped_TRD, plan, grouped=True)
-            except RuntimeError as error:  # e.g. a dtype or GPU the kernel does not take
-                logger.debug("grouped GEMM unavailable (%s); one call per expert", error)
-        return run_experts_with_activity(experts, grouped_TRD, plan)
+    def _route(self, x_TND: torch.Tensor, lead: tuple[int, ...]) -> RoutingInfo:
+        if len(lead) != 3:
+            return self.router(x_TND)
+        # A sequence [T, B, S]: capacity is served in position order, so token n = b S + s
+        # has priority s B + b (routing stays causal).
+        B, S = lead[1:]
+        priority_N = torch.arange(S, device=x_TND.device) * B + torch.arange(
+            B, device=x_TND.device
+        ).unsqueeze(1)
+        return self.router(x_TND, priority_N=priority_N.reshape(-1))
 
     def _flatten(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if not isinstance(x, torch.Tensor):
@@ -376,38 +345,118 @@ class SpikingMoE(nn.Module):
         return x.reshape(x.shape[0], -1, D), tuple(x.shape[:-1])
 
 
-def _position_major(B: int, S: int, device) -> torch.Tensor:
-    """``[B S]`` capacity priority of token ``n = b S + s``: ``s B + b`` (position first)."""
-    return (
-        torch.arange(S, device=device) * B + torch.arange(B, device=device).unsqueeze(1)
-    ).reshape(-1)
+class DenseFFN(nn.Module):
+    """A dense FFN with the MoE layer's contract: one expert (current) and a neuron, called as
+    ``ffn(x, residual=r)`` and returning a :class:`MoEOutput` without routing, so that a model
+    runs its MoE layers and their dense twins alike.
+
+    Args:
+        expert: a module with ``run(x [T, N, D]) -> (current [T, N, O], activity)``, e.g. a
+            :class:`~spiking_moe.experts.SpikingExpert` (or an ANN's
+            :class:`~spiking_moe.experts.MLPExpert`).
+        neuron: the output neuron (a :class:`~spiking_moe.neurons.LIF`; an ANN's ``nn.ReLU`` or
+            ``nn.Identity``).
+
+    Example:
+        >>> from spiking_moe.experts import SpikingExpert
+        >>> ffn = DenseFFN(SpikingExpert(8, 16, 8), LIF())
+        >>> out = ffn(torch.ones(4, 2, 3, 8))
+        >>> out.spikes.shape, out.routing, out.activity.names
+        (torch.Size([4, 2, 3, 8]), None, ('expert.net.1', 'neuron'))
+    """
+
+    def __init__(self, expert: nn.Module, neuron: nn.Module):
+        super().__init__()
+        self.expert = expert
+        self.neuron = neuron
+        self.in_features = getattr(expert, "in_features", None)
+        self.out_features = getattr(expert, "out_features", None)
+
+    def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> MoEOutput:
+        """``x`` ``[T, B, D]`` or ``[T, B, S, D]`` (tokens flattened for the expert)."""
+        lead = x.shape[:-1]
+        current, activity = self.expert.run(x.reshape(x.shape[0], -1, x.shape[-1]))
+        if residual is not None:
+            current = current + _as_current(residual, x, current)
+        out = self.neuron(current)
+        parts = [activity.prefixed("expert")]
+        if isinstance(self.neuron, LIF):
+            parts.append(Activity.of("neuron", out))
+        out = out.reshape(*lead, out.shape[-1])
+        return MoEOutput(out, None, x.new_zeros(()), Activity.concat(parts))
 
 
-def _to_windows(x_TND: torch.Tensor, window: int) -> torch.Tensor:
-    """``[T, N, D]`` -> ``[L, W N, D]``: window ``w``'s steps of token ``n`` in column ``w N + n``.
+def _as_current(residual: torch.Tensor, x: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The shortcut current in the combined current's ``[T, N, O]`` layout (shape checked)."""
+    if residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != current.shape[-1]:
+        raise ValueError(
+            f"residual must have shape {(*x.shape[:-1], current.shape[-1])}, "
+            f"got {tuple(residual.shape)}"
+        )
+    return residual.reshape(current.shape)
+
+
+def _to_windows(x_TND: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``[T, N, D]`` -> ``[L, W N, D]``: window ``w``'s steps of token ``n`` in column ``w N + n``
+    (``x`` itself without windows).
 
     The last window is zero-padded to ``L`` steps; :func:`_from_windows` cuts the padding off.
     """
+    if window is None:
+        return x_TND
     T, N, D = x_TND.shape
     W = -(-T // window)
     padded = nn.functional.pad(x_TND, (0, 0, 0, 0, 0, W * window - T))
     return padded.view(W, window, N, D).transpose(0, 1).reshape(window, W * N, D)
 
 
-def _from_windows(y_LXO: torch.Tensor, T: int, N: int) -> torch.Tensor:
+def _from_windows(y_LXO: torch.Tensor, T: int, N: int, window: int | None) -> torch.Tensor:
     """Inverse of :func:`_to_windows`: ``[L, W N, O]`` -> ``[T, N, O]``."""
+    if window is None:
+        return y_LXO
     L, X, O = y_LXO.shape
     W = X // N
     return y_LXO.view(L, W, N, O).transpose(0, 1).reshape(W * L, N, O)[:T]
 
 
+def moe_layers(model: nn.Module) -> list[SpikingMoE]:
+    """The :class:`SpikingMoE` layers of ``model``, in ``model.modules()`` order."""
+    return [m for m in model.modules() if isinstance(m, SpikingMoE)]
+
+
+@contextlib.contextmanager
+def swapped_strategies(model: nn.Module, **changes) -> Iterator[list[SpikingMoE]]:
+    """Run every MoE layer of ``model`` with its expert strategy's fields changed (e.g.
+    ``every_expert=True``: the dense baseline; ``grouped_gemm="never"``: one call per expert,
+    which hooks see), restoring the strategies afterwards, also on error.
+
+    Example:
+        >>> from spiking_moe.models import SpikingMoEClassifier
+        >>> model = SpikingMoEClassifier(4, 2, hidden_features=16, num_experts=4, k=1)
+        >>> with swapped_strategies(model, every_expert=True) as layers:
+        ...     [layer.dense for layer in layers]
+        [True]
+        >>> model.layers[0].dense
+        False
+    """
+    layers = moe_layers(model)
+    saved = [layer.strategy for layer in layers]
+    try:
+        for layer, strategy in zip(layers, saved, strict=True):
+            layer.strategy = dataclasses.replace(strategy, **changes)
+        yield layers
+    finally:
+        for layer, strategy in zip(layers, saved, strict=True):
+            layer.strategy = strategy
+
+
 def set_dense(model: nn.Module, dense: bool) -> int:
-    """Set ``dense`` on every :class:`SpikingMoE` inside ``model``.
+    """Set :attr:`SpikingMoE.dense` on every MoE layer inside ``model``.
 
     Returns:
         The number of MoE layers changed (0 if the model has none).
     """
-    layers = [m for m in model.modules() if isinstance(m, SpikingMoE)]
+    layers = moe_layers(model)
     for layer in layers:
         layer.dense = bool(dense)
     return len(layers)
@@ -423,14 +472,14 @@ def update_router_biases(
 
     Args:
         model: a module whose :class:`SpikingMoE` layers, in ``model.modules()`` order, are
-            the ones that produced ``routing`` (true for the classifiers in
-            :mod:`spiking_moe.models`, whose ``ClassifierOutput.routing`` follows that order).
+            the ones that produced ``routing`` (true for the models in :mod:`spiking_moe.models`
+            and :mod:`spiking_moe.transformer`, whose output's ``routing`` follows that order).
         routing: one :class:`RoutingInfo` per MoE layer, or a sequence of such tuples (one per
             micro-batch since the last optimizer step) whose loads are summed per layer.
         reduce: applied to the summed loads ``[L, E]`` before the update, e.g. a sum over
             data-parallel ranks, so that every rank takes the step of the global batch.
     """
-    layers = [m for m in model.modules() if isinstance(m, SpikingMoE)]
+    layers = moe_layers(model)
     routing = list(routing)
     batches = [routing] if routing and isinstance(routing[0], RoutingInfo) else routing
     for batch in batches:

@@ -28,13 +28,14 @@ Norse ``norse.torch.LIFBoxCell``
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from .args import NEURON_BACKENDS, NeuronArgs, with_options
 from .functional.lif import (
-    IMPLEMENTATIONS,
-    RESETS,
     LIFOutput,
     check_lif_input,
     check_lif_parameters,
@@ -42,51 +43,72 @@ from .functional.lif import (
 )
 from .functional.surrogate import Surrogate, resolve_surrogate
 
-__all__ = ["BACKENDS", "LIF"]
+__all__ = ["BACKENDS", "LIF", "neuron_args", "plain_neuron_options"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("native", "snntorch", "norse")
+BACKENDS = NEURON_BACKENDS
 
 
-def _as_constant(name: str, value, lower_ok) -> torch.Tensor:
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        tensor = value.detach().clone()
-    else:
-        tensor = torch.as_tensor(value, dtype=torch.get_default_dtype())
-    if tensor.dim() > 1:
-        raise ValueError(
-            f"{name} must be a scalar or a 1-D per-neuron tensor, got shape {tuple(tensor.shape)}"
-        )
-    if torch.isnan(tensor).any() or not lower_ok(tensor):
-        raise ValueError(
-            f"{name} out of range: got {tensor.tolist()}; "
-            + ("beta must lie in [0, 1]" if name == "beta" else "threshold must be > 0")
-        )
-    return tensor
+def neuron_args(args: NeuronArgs | None = None, **options) -> NeuronArgs:
+    """:class:`~spiking_moe.args.NeuronArgs` from ``args`` (None: the defaults) and keyword
+    options, which may also give ``beta``/``threshold`` as tensors (a scalar, or one value per
+    neuron) and ``surrogate`` as a :class:`~spiking_moe.functional.surrogate.Surrogate`.
+
+    Raises:
+        TypeError: a keyword that is no neuron option.
+        ValueError: a bad value (a :class:`~spiking_moe.args.ConfigError` naming the field).
+    """
+    if args is not None and not isinstance(args, NeuronArgs):
+        raise TypeError(f"args must be NeuronArgs or None, got {type(args).__name__}")
+    return with_options(args or NeuronArgs(), plain_neuron_options(options), who="LIF")
+
+
+def plain_neuron_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with tensors of ``beta``/``threshold`` as numbers or per-neuron tuples and a
+    :class:`~spiking_moe.functional.surrogate.Surrogate` as its name and ``alpha``: the plain
+    values :class:`~spiking_moe.args.NeuronArgs` holds (exact: float32 values are doubles)."""
+    options = dict(options)
+    for name in ("beta", "threshold"):
+        value = options.get(name)
+        if isinstance(value, torch.Tensor):
+            if value.dim() > 1:
+                raise ValueError(
+                    f"{name} must be a scalar or a 1-D per-neuron tensor, got shape "
+                    f"{tuple(value.shape)}"
+                )
+            values = value.detach().cpu().double()
+            options[name] = values.item() if value.dim() == 0 else tuple(values.tolist())
+    surrogate = options.get("surrogate")
+    if isinstance(surrogate, Surrogate):
+        alpha = options.get("alpha")
+        if alpha is not None and alpha != surrogate.alpha:
+            raise ValueError(
+                f"alpha={alpha} conflicts with the Surrogate's own alpha={surrogate.alpha}"
+            )
+        options["surrogate"], options["alpha"] = surrogate.name, surrogate.alpha
+    return options
 
 
 class LIF(nn.Module):
     """Multi-step leaky integrate-and-fire layer, time-major.
 
     Args:
-        beta: membrane decay in [0, 1]; a float or a 1-D tensor (one per neuron of the last dim).
-        threshold: firing threshold > 0; a float or a 1-D per-neuron tensor.
-        reset: "subtract" (soft) or "zero" (hard).
-        surrogate: surrogate gradient name (see :mod:`spiking_moe.functional.surrogate`)
-            or a :class:`Surrogate`.
-        learn_beta: make beta an ``nn.Parameter`` (else a buffer). Like snnTorch, it is
-            clamped to [0, 1] in the forward pass.
-        learn_threshold: make threshold an ``nn.Parameter`` (else a buffer).
-        backend: "native" (this package), "snntorch" (``snntorch.Leaky``) or "norse"
-            (``norse.torch.LIFBoxCell``); the module docstring gives the exact mapping.
-        alpha: surrogate sharpness; None takes the surrogate's default (25 for fast_sigmoid).
-        detach_reset: stop gradients through the reset term (native backend only).
-        implementation: native backend only: "auto" (default: Triton on CUDA, else the fused
-            one-node path, else the reference loop for half precision or mixed devices),
-            "fused", "triton" or "reference" (the plain loop). A named "fused" or "triton"
-            that cannot run the input raises instead of falling back; see
-            :func:`~spiking_moe.functional.lif.lif_multistep`.
+        args: the population's :class:`~spiking_moe.args.NeuronArgs`; None: the defaults.
+        **options: neuron options to set, by name (the fields of
+            :class:`~spiking_moe.args.NeuronArgs`: ``beta``, ``threshold``, ``reset``,
+            ``surrogate``, ``alpha``, ``learn_beta``, ``learn_threshold``, ``detach_reset``,
+            ``backend``, ``implementation``); ``beta`` and ``threshold`` may be tensors (a
+            scalar, or one value per neuron of the last dim), ``surrogate`` a
+            :class:`~spiking_moe.functional.surrogate.Surrogate`. ``backend`` "snntorch" and
+            "norse" compute the same layer with ``snntorch.Leaky`` and Norse's ``LIFBoxCell``
+            (the module docstring gives the exact mapping); a learnable beta is clamped to
+            [0, 1] in the forward pass, like snnTorch's.
+
+    Attributes:
+        args: the :class:`~spiking_moe.args.NeuronArgs` it was built from.
+        beta, threshold: buffers (parameters when learnable) of the per-neuron or scalar
+            constants.
 
     Shape:
         ``forward(x)``: ``x`` is ``[T, B, ...]`` current; returns spikes of the same shape and
@@ -99,58 +121,27 @@ class LIF(nn.Module):
         tensor([0., 0., 1., 0.])
     """
 
-    def __init__(
-        self,
-        beta: float | torch.Tensor = 0.9,
-        threshold: float | torch.Tensor = 1.0,
-        reset: str = "subtract",
-        surrogate: str | Surrogate = "fast_sigmoid",
-        learn_beta: bool = False,
-        learn_threshold: bool = False,
-        backend: str = "native",
-        *,
-        alpha: float | None = None,
-        detach_reset: bool = False,
-        implementation: str = "auto",
-    ):
+    def __init__(self, args: NeuronArgs | None = None, **options):
         super().__init__()
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"unknown implementation {implementation!r}; valid: {list(IMPLEMENTATIONS)}"
+        self.args = args = neuron_args(args, **options)
+        self.surrogate = resolve_surrogate(args.surrogate, args.alpha)
+        self.reset = args.reset
+        self.backend = args.backend
+        self.detach_reset = args.detach_reset
+        self.implementation = args.implementation
+        for name, learn in (("beta", args.learn_beta), ("threshold", args.learn_threshold)):
+            given = options.get(name)
+            # A tensor keeps its floating dtype (e.g. a float64 beta for a float64 model).
+            dtype = (
+                given.dtype
+                if isinstance(given, torch.Tensor) and given.is_floating_point()
+                else None
             )
-        if reset not in RESETS:
-            raise ValueError(f"unknown reset {reset!r}; valid: {list(RESETS)}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
-        self.surrogate = resolve_surrogate(surrogate, alpha)
-        beta_t = _as_constant("beta", beta, lambda b: bool(((b >= 0) & (b <= 1)).all()))
-        threshold_t = _as_constant(
-            "threshold", threshold, lambda t: bool((t > 0).all() and torch.isfinite(t).all())
-        )
-        if backend == "norse":
-            if self.surrogate.name != "fast_sigmoid":
-                raise ValueError(
-                    f"backend 'norse' supports surrogate 'fast_sigmoid' (Norse's SuperSpike) only, "
-                    f"got {self.surrogate.name!r}"
-                )
-            if bool((beta_t == 1).any()):
-                raise ValueError("backend 'norse' needs beta < 1 (Norse has no non-leaky LIFBox)")
-            if detach_reset:
-                raise ValueError("detach_reset is supported by backend 'native' only")
-        if backend == "snntorch" and detach_reset:
-            raise ValueError("detach_reset is supported by backend 'native' only")
-        self.reset = reset
-        self.backend = backend
-        self.detach_reset = detach_reset
-        self.implementation = implementation
-        if learn_beta:
-            self.beta = nn.Parameter(beta_t)
-        else:
-            self.register_buffer("beta", beta_t)
-        if learn_threshold:
-            self.threshold = nn.Parameter(threshold_t)
-        else:
-            self.register_buffer("threshold", threshold_t)
+            value = torch.tensor(getattr(args, name), dtype=dtype or torch.get_default_dtype())
+            if learn:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
 
     def extra_repr(self) -> str:
         beta = self.beta.item() if self.beta.dim() == 0 else f"[{self.beta.numel()} values]"

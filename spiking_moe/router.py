@@ -68,9 +68,10 @@ import torch
 from torch import nn
 
 from .activity import Activity
+from .args import NeuronArgs, RouterArgs, with_options
 from .neurons import LIF
 
-__all__ = ["RateRouter", "RoutingInfo", "SpikingRouter", "route"]
+__all__ = ["ROUTERS", "RateRouter", "RoutingInfo", "SpikingRouter", "build_router", "route"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,13 +140,6 @@ class RoutingInfo:
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_nonneg(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 def check_routing_config(num_experts, k, window, capacity_factor) -> None:
@@ -289,48 +283,35 @@ def _window_sums(x_TNF: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.
 class _Router(nn.Module):
     """Shared validation, noise, selection, balancing bias and losses of both routers."""
 
-    def __init__(
-        self,
-        in_features: int,
-        num_experts: int,
-        k: int,
-        *,
-        noise: float,
-        window: int | None,
-        capacity_factor: float | None,
-        renormalize: bool,
-        balance_weight: float,
-        z_loss_weight: float,
-        bias_update_rate: float,
-    ):
+    kind: str
+
+    def __init__(self, in_features: int, num_experts: int, k: int, args: RouterArgs):
         super().__init__()
         _check_int("in_features", in_features, 1)
-        check_routing_config(num_experts, k, window, capacity_factor)
-        for name, value in (
-            ("noise", noise),
-            ("balance_weight", balance_weight),
-            ("z_loss_weight", z_loss_weight),
-            ("bias_update_rate", bias_update_rate),
-        ):
-            _check_nonneg(name, value)
+        check_routing_config(num_experts, k, args.window, args.capacity_factor)
+        if args.kind != self.kind:
+            raise ValueError(
+                f"{type(self).__name__} is router kind {self.kind!r}, got args.kind={args.kind!r} "
+                "(build_router picks the class by kind)"
+            )
+        self.args = args
         self.in_features = in_features
         self.num_experts = num_experts
         self.k = k
-        self.noise = float(noise)
-        self.window = window
-        self.capacity_factor = capacity_factor
-        self.renormalize = bool(renormalize)
-        self.balance_weight = float(balance_weight)
-        self.z_loss_weight = float(z_loss_weight)
-        self.bias_update_rate = float(bias_update_rate)
         self.proj = nn.Linear(in_features, num_experts)
         # Persistent by design: the one piece of router state that outlives a call.
         self.register_buffer("expert_bias", torch.zeros(num_experts))
 
+    @property
+    def window(self) -> int | None:
+        """Routing window length ``L`` (None: the whole input)."""
+        return self.args.window
+
     def extra_repr(self) -> str:
+        a = self.args
         return (
             f"in_features={self.in_features}, num_experts={self.num_experts}, k={self.k}, "
-            f"window={self.window}, capacity_factor={self.capacity_factor}, noise={self.noise}"
+            f"window={a.window}, capacity_factor={a.capacity_factor}, noise={a.noise}"
         )
 
     def _scores(self, x_TND: torch.Tensor) -> tuple[torch.Tensor, Activity]:
@@ -361,23 +342,24 @@ class _Router(nn.Module):
             raise TypeError(f"router input must be floating point, got dtype {x_TND.dtype}")
         if x_TND.shape[0] == 0 or x_TND.shape[1] == 0:
             raise ValueError(f"router input has no time steps or tokens: {tuple(x_TND.shape)}")
+        a = self.args
         logits, activity = self._scores(x_TND)
-        if self.window is not None:
+        if a.window is not None:
             # Window w is routed from window w-1; window 0 from an all-zero score (no past).
             logits = torch.cat([self._zero_scores(logits[:1]), logits[:-1]], 0)
         noisy = None
-        if self.training and self.noise > 0:
-            noisy = logits + self.noise * torch.randn_like(logits)
+        if self.training and a.noise > 0:
+            noisy = logits + a.noise * torch.randn_like(logits)
         routing = route(
             logits,
             self.k,
             selection_bias=self.expert_bias,
             noisy_logits_XNE=noisy,
-            capacity_factor=self.capacity_factor,
-            renormalize=self.renormalize,
-            balance_weight=self.balance_weight,
-            z_loss_weight=self.z_loss_weight,
-            window=self.window,
+            capacity_factor=a.capacity_factor,
+            renormalize=a.renormalize,
+            balance_weight=a.balance_weight,
+            z_loss_weight=a.z_loss_weight,
+            window=a.window,
             priority_N=priority_N,
         )
         return dataclasses.replace(routing, activity=activity)
@@ -418,7 +400,7 @@ class _Router(nn.Module):
                 f"load must have shape [{self.num_experts}], got {tuple(load_E.shape)}"
             )
         load_E = load_E.to(self.expert_bias)
-        self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.expert_bias += self.args.bias_update_rate * torch.sign(load_E.mean() - load_E)
         return self.expert_bias
 
 
@@ -429,17 +411,13 @@ class RateRouter(_Router):
         in_features: input size ``D``.
         num_experts: number of experts ``E`` (>= 1).
         k: experts per token, ``1 <= k <= E``.
-        noise: std of Gaussian noise added to the logits in training mode only (0: none).
-        window: None routes on the whole sequence; an int ``L`` routes causally per window
-            of ``L`` steps (window ``w`` from the rates of window ``w - 1``; window 0 from
-            zero rates, see the module docstring).
-        capacity_factor: None (no limit) or > 0; overflow policy in the module docstring.
-        renormalize: renormalise gates over the chosen ``k``. With ``k = 1`` the gate is then
-            always 1 and only the aux loss trains the router; pass False for Switch-style
-            ``gate = p``.
-        balance_weight: weight of the Switch load-balancing loss in ``aux_loss``.
-        z_loss_weight: weight of the router z-loss in ``aux_loss``.
-        bias_update_rate: step ``eta`` of :meth:`update_bias` (aux-loss-free balancing).
+        args: the :class:`~spiking_moe.args.RouterArgs` (None: the defaults).
+        **options: router options to set, by name (the fields of
+            :class:`~spiking_moe.args.RouterArgs`: ``noise`` (training only), ``window`` (None
+            routes on the whole sequence; ``L`` routes causally per window, see the module
+            docstring), ``capacity_factor``, ``renormalize`` (with ``k = 1`` the gate is then
+            always 1 and only the aux loss trains the router; False gives Switch-style
+            ``gate = p``), ``balance_weight``, ``z_loss_weight``, ``bias_update_rate``).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -449,32 +427,19 @@ class RateRouter(_Router):
         (torch.Size([1, 3, 2]), tensor([[1., 1., 1.]], grad_fn=<SumBackward1>))
     """
 
+    kind = "rate"
+
     def __init__(
         self,
         in_features: int,
         num_experts: int,
         k: int,
         *,
-        noise: float = 0.0,
-        window: int | None = None,
-        capacity_factor: float | None = None,
-        renormalize: bool = True,
-        balance_weight: float = 1e-2,
-        z_loss_weight: float = 1e-3,
-        bias_update_rate: float = 1e-3,
+        args: RouterArgs | None = None,
+        **options,
     ):
-        super().__init__(
-            in_features,
-            num_experts,
-            k,
-            noise=noise,
-            window=window,
-            capacity_factor=capacity_factor,
-            renormalize=renormalize,
-            balance_weight=balance_weight,
-            z_loss_weight=z_loss_weight,
-            bias_update_rate=bias_update_rate,
-        )
+        args = with_options(args or RouterArgs(), {"kind": "rate", **options}, who="RateRouter")
+        super().__init__(in_features, num_experts, k, args)
 
     def _scores(self, x_TND):
         if self.window is None:
@@ -492,8 +457,10 @@ class SpikingRouter(_Router):
     ``logits = gain * count / L`` per window. Same arguments as :class:`RateRouter`, plus:
 
     Args:
-        gain: scale of the spike rate in the logits (a rate of 1 vs 0 gives odds ``e^gain``).
-        **neuron_kwargs: passed to the gating :class:`~spiking_moe.neurons.LIF` (``neuron``).
+        neuron: the gating population's :class:`~spiking_moe.args.NeuronArgs`.
+        **options: router options (as :class:`RateRouter`, and ``gain``: a rate of 1 vs 0 gives
+            odds ``e^gain``) and neuron options (the fields of
+            :class:`~spiking_moe.args.NeuronArgs`), by name.
 
     Equal counts are ties, broken towards the lower expert id; the balancing bias (after a
     few :meth:`update_bias` steps) and noise break them otherwise.
@@ -505,37 +472,30 @@ class SpikingRouter(_Router):
         torch.Size([1, 3, 1])
     """
 
+    kind = "spiking"
+
     def __init__(
         self,
         in_features: int,
         num_experts: int,
         k: int,
         *,
-        gain: float = 5.0,
-        noise: float = 0.0,
-        window: int | None = None,
-        capacity_factor: float | None = None,
-        renormalize: bool = True,
-        balance_weight: float = 1e-2,
-        z_loss_weight: float = 1e-3,
-        bias_update_rate: float = 1e-3,
-        **neuron_kwargs,
+        args: RouterArgs | None = None,
+        neuron: NeuronArgs | None = None,
+        **options,
     ):
-        super().__init__(
-            in_features,
-            num_experts,
-            k,
-            noise=noise,
-            window=window,
-            capacity_factor=capacity_factor,
-            renormalize=renormalize,
-            balance_weight=balance_weight,
-            z_loss_weight=z_loss_weight,
-            bias_update_rate=bias_update_rate,
+        neuron_names = {f.name for f in dataclasses.fields(NeuronArgs)}
+        neuron_options = {n: v for n, v in options.items() if n in neuron_names}
+        router_options = {n: v for n, v in options.items() if n not in neuron_names}
+        args = with_options(
+            args or RouterArgs(), {"kind": "spiking", **router_options}, who="SpikingRouter"
         )
-        _check_nonneg("gain", gain)
-        self.gain = float(gain)
-        self.neuron = LIF(**neuron_kwargs)
+        super().__init__(in_features, num_experts, k, args)
+        self.neuron = LIF(neuron, **neuron_options)
+
+    @property
+    def gain(self) -> float:
+        return self.args.gain
 
     def _scores(self, x_TND):
         spikes_TNE = self.neuron(self.proj(x_TND))
@@ -547,3 +507,21 @@ class SpikingRouter(_Router):
 
     def _zero_scores(self, like_1NE):
         return torch.zeros_like(like_1NE)
+
+
+ROUTERS = {"rate": RateRouter, "spiking": SpikingRouter}
+
+
+def build_router(
+    in_features: int,
+    num_experts: int,
+    k: int,
+    args: RouterArgs | None = None,
+    neuron: NeuronArgs | None = None,
+) -> _Router:
+    """The router ``args.kind`` names (``"rate"``: :class:`RateRouter`, ``"spiking"``:
+    :class:`SpikingRouter` with a ``neuron`` gating population)."""
+    args = args or RouterArgs()
+    if args.kind == "spiking":
+        return SpikingRouter(in_features, num_experts, k, args=args, neuron=neuron)
+    return RateRouter(in_features, num_experts, k, args=args)

@@ -42,18 +42,19 @@ def sweep_configs(
     for num_experts in experts:
         for k in ks:
             try:
-                model = dataclasses.replace(base.model, num_experts=num_experts, k=k)
+                moe = base.model.moe.replace(num_experts=num_experts, k=k)
             except ConfigError as exc:
                 logger.warning("skipping E=%d k=%d: %s", num_experts, k, exc)
                 continue
             name = f"{base.name}_E{num_experts}_k{k}"
+            model = base.model.replace(moe=moe)
             configs.append(dataclasses.replace(base, name=name, model=model))
     return configs
 
 
 def run_folder(out: str | Path, config: ExperimentConfig) -> Path:
     """Where the sweep runs ``config``."""
-    return Path(out) / f"E{config.model.num_experts}_k{config.model.k}"
+    return Path(out) / f"E{config.model.moe.num_experts}_k{config.model.moe.k}"
 
 
 def run_sweep(
@@ -91,9 +92,9 @@ def run_sweep(
             return rows, results[-1].signal or 0
         rows.append(
             {
-                "label": f"E={config.model.num_experts} k={config.model.k}",
-                "num_experts": config.model.num_experts,
-                "k": config.model.k,
+                "label": f"E={config.model.moe.num_experts} k={config.model.moe.k}",
+                "num_experts": config.model.moe.num_experts,
+                "k": config.model.moe.k,
                 "run": str(folder),
                 **summarize(results),
             }

@@ -1,7 +1,7 @@
 r"""Spiking transformer blocks with a token-level MoE FFN, a byte-level language model, and its twins.
 
-Legend: ``T`` time steps, ``B`` batch, ``S`` sequence positions (tokens of a sequence),
-``D`` model width, ``V`` vocabulary, ``F`` FFN width.
+Shape letters: the package legend (:mod:`spiking_moe`); ``D`` is the model width
+``d_model``, ``V`` the vocabulary.
 
 **Block** (:class:`SpikingTransformerBlock`), on spikes :math:`x \in \{0,1\}^{T \times B
 \times S \times D}`:
@@ -13,8 +13,9 @@ Legend: ``T`` time steps, ``B`` batch, ``S`` sequence positions (tokens of a seq
 
 where SSA is :class:`~spiking_moe.attention.SpikingSelfAttention` and FFN a
 :class:`~spiking_moe.moe.SpikingMoE` (routed per position: the tokens are the ``B S``
-positions) or a dense :class:`~spiking_moe.experts.SpikingExpert`, both returning synaptic
-current. The residual is a **spike shortcut into the membrane**: the block's input spikes
+positions) or its dense twin (:class:`~spiking_moe.moe.DenseFFN`: a
+:class:`~spiking_moe.experts.SpikingExpert` and a LIF), the FFN's output neuron being
+``LIF_2``. The residual is a **spike shortcut into the membrane**: the block's input spikes
 enter the next LIF population as current through identity synapses (weight 1), beside the
 sub-layer's current, and that population fires. So what flows between blocks, and into every
 Linear and product, stays binary spikes, while the shortcut still carries the input forward
@@ -24,8 +25,8 @@ the membrane shortcut of the Spike-driven Transformer (Yao et al., NeurIPS 2023)
 real-valued membrane between blocks, and SEW's ADD shortcut (Fang et al., NeurIPS 2021) passes
 spike counts (integers up to the depth). The shortcut costs one accumulate per input spike
 (fan-out 1), which the energy report does not count: under ``1 / (3 D)`` of the block's ``Q,
-K, V`` projections' accumulates. With a MoE FFN, ``LIF_2`` is the MoE layer's own output
-neuron (``ffn.neuron``) and the shortcut enters it through ``SpikingMoE(..., residual=h)``.
+K, V`` projections' accumulates. ``LIF_2`` is the FFN's own output neuron (``ffn.neuron``)
+and the shortcut enters it through ``ffn(h, residual=h)``.
 
 **Language model** (:class:`SpikingMoELM`): byte ids ``[B, S]`` -> token embedding plus a
 learned position embedding, as a constant current over ``T`` steps -> LIF -> blocks ->
@@ -46,18 +47,15 @@ only, and capacity drops go first come, first served in position order
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from .activity import Activity
+from .args import ModelArgs
 from .attention import SoftmaxAttention, SpikingSelfAttention
-from .experts import MLPExpert, SpikingExpert
-from .models import READOUTS, ROUTERS, _leaky_mean
-from .moe import SpikingMoE
-from .neurons import LIF
-from .router import RateRouter, RoutingInfo, SpikingRouter
+from .models import ModelOutput, dense_ffn, leaky_mean, model_args, moe_ffn, run_layers
+from .moe import DenseFFN, MoEOutput, SpikingMoE
+from .neurons import LIF, neuron_args
 from .synapses import EventLinear
 
 __all__ = [
@@ -69,22 +67,13 @@ __all__ = [
     "SpikingTransformerBlock",
 ]
 
+#: What a block returns: the FFN contract (:class:`~spiking_moe.moe.MoEOutput`: ``spikes``
+#: ``[T, B, S, D]``, the FFN's ``routing`` or None, its ``aux_loss``, and the ``attn.*``,
+#: ``attn_neuron`` and ``ffn.*`` populations' ``activity``).
+BlockOutput = MoEOutput
 
-class BlockOutput(NamedTuple):
-    """Result of :class:`SpikingTransformerBlock`.
-
-    Attributes:
-        spikes: ``[T, B, S, D]`` output spikes.
-        aux_loss: scalar balancing loss of the MoE FFN (zero for a dense FFN).
-        routing: the FFN's :class:`~spiking_moe.router.RoutingInfo`, or None (dense FFN).
-        activity: ``attn.*``, ``attn_neuron`` and ``ffn.*`` (MoE) or ``ffn.*`` and
-            ``ffn_neuron`` (dense) populations.
-    """
-
-    spikes: torch.Tensor
-    aux_loss: torch.Tensor
-    routing: RoutingInfo | None
-    activity: Activity
+#: The language models' name for :class:`~spiking_moe.models.ModelOutput` (logits ``[B, S, V]``).
+LMOutput = ModelOutput
 
 
 class SpikingTransformerBlock(nn.Module):
@@ -93,16 +82,20 @@ class SpikingTransformerBlock(nn.Module):
     Args:
         d_model: ``D``.
         num_heads: attention heads (divide ``D``).
-        ffn: a :class:`~spiking_moe.moe.SpikingMoE` (``D -> D``, token-level routing) or a
-            dense module mapping ``[T, N, D]`` spikes to ``[T, N, D]`` current with ``run``
-            (a :class:`~spiking_moe.experts.SpikingExpert`).
+        ffn: the FFN, ``D -> D``: a :class:`~spiking_moe.moe.SpikingMoE` (token-level routing)
+            or :class:`~spiking_moe.moe.DenseFFN`, or a dense expert mapping ``[T, N, D]``
+            spikes to ``[T, N, D]`` current with ``run`` (a
+            :class:`~spiking_moe.experts.SpikingExpert`), which gets a LIF of its own.
         causal: causal attention.
-        **neuron_kwargs: passed to the attention's and the block's LIF populations.
+        neuron: the :class:`~spiking_moe.args.NeuronArgs` of the attention's and the block's
+            LIF populations.
+        **neuron_options: neuron options by name (``beta``, ``threshold``, ...).
 
     Shapes:
         ``forward(x)``: spikes ``[T, B, S, D]`` -> :class:`BlockOutput`.
 
     Example:
+        >>> from spiking_moe.experts import SpikingExpert
         >>> _ = torch.manual_seed(0)
         >>> block = SpikingTransformerBlock(8, 2, SpikingExpert(8, 16, 8))
         >>> block(torch.bernoulli(torch.full((3, 2, 5, 8), 0.3))).spikes.shape
@@ -110,48 +103,35 @@ class SpikingTransformerBlock(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, num_heads: int, ffn: nn.Module, *, causal: bool = True, **neuron_kwargs
+        self,
+        d_model: int,
+        num_heads: int,
+        ffn: nn.Module,
+        *,
+        causal: bool = True,
+        neuron=None,
+        **neuron_options,
     ):
         super().__init__()
-        self.attn = SpikingSelfAttention(d_model, num_heads, causal=causal, **neuron_kwargs)
-        self.attn_neuron = LIF(**neuron_kwargs)
+        neuron = neuron_args(neuron, **neuron_options)
+        self.attn = SpikingSelfAttention(d_model, num_heads, causal=causal, neuron=neuron)
+        self.attn_neuron = LIF(neuron)
         for side in ("in_features", "out_features"):
             width = getattr(ffn, side, d_model)
-            if width != d_model:
+            if width not in (d_model, None):
                 raise ValueError(f"ffn.{side} must equal d_model={d_model}, got {width}")
-        self.ffn = ffn
-        self.ffn_neuron = None if isinstance(ffn, SpikingMoE) else LIF(**neuron_kwargs)
+        self.ffn = ffn if isinstance(ffn, (SpikingMoE, DenseFFN)) else DenseFFN(ffn, LIF(neuron))
 
     def forward(self, x_TBSD: torch.Tensor) -> BlockOutput:
         attn = self.attn(x_TBSD)
         h_TBSD = self.attn_neuron(attn.current + x_TBSD)
-        activity = [attn.activity.prefixed("attn"), Activity.of("attn_neuron", h_TBSD)]
-        if self.ffn_neuron is None:
-            moe = self.ffn(h_TBSD, residual=h_TBSD)
-            activity.append(moe.activity.prefixed("ffn"))
-            return BlockOutput(moe.spikes, moe.aux_loss, moe.routing, Activity.concat(activity))
-        T, B, S, D = h_TBSD.shape
-        ffn = self.ffn.run(h_TBSD.reshape(T, B * S, D))
-        y_TBSD = self.ffn_neuron(ffn.current.reshape(T, B, S, D) + h_TBSD)
-        activity += [ffn.activity.prefixed("ffn"), Activity.of("ffn_neuron", y_TBSD)]
-        return BlockOutput(y_TBSD, x_TBSD.new_zeros(()), None, Activity.concat(activity))
-
-
-class LMOutput(NamedTuple):
-    """Result of every language model here (the fields of a classifier's output).
-
-    Attributes:
-        logits: ``[B, S, V]`` next-token logits at every position.
-        aux_loss: scalar, the sum of the MoE layers' balancing losses (zero without MoE).
-        routing: one :class:`~spiking_moe.router.RoutingInfo` per MoE layer, in order.
-        activity: spikes of every LIF population (``input_neuron``, ``blocks.<l>.*``); empty
-            for the ANN.
-    """
-
-    logits: torch.Tensor
-    aux_loss: torch.Tensor
-    routing: tuple[RoutingInfo, ...]
-    activity: Activity
+        ffn = self.ffn(h_TBSD, residual=h_TBSD)
+        activity = [
+            attn.activity.prefixed("attn"),
+            Activity.of("attn_neuron", h_TBSD),
+            ffn.activity.prefixed("ffn"),
+        ]
+        return BlockOutput(ffn.spikes, ffn.routing, ffn.aux_loss, Activity.concat(activity))
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
@@ -159,19 +139,38 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def _lm_args(who: str, args, options, d_model: int, num_layers: int, num_heads: int) -> ModelArgs:
+    """The model's args: ``args`` with the keyword options and the positional sizes."""
+    for name, value in (("d_model", d_model), ("num_layers", num_layers), ("num_heads", num_heads)):
+        _check_int(name, value)
+    sizes = dict(hidden_features=d_model, num_layers=num_layers, num_heads=num_heads)
+    args = model_args(args, {**options, **sizes}, who=who)
+    if args.router.window is not None:
+        raise ValueError(
+            f"{who}: router.window must be unset for language models (routing is per position), "
+            f"got {args.router.window}"
+        )
+    return args
+
+
 class _LanguageModel(nn.Module):
     """Embedding, input checks and sampling shared by the three language models."""
 
+    args: ModelArgs
     vocab_size: int
     context: int
 
-    def _init_embedding(self, vocab_size: int, d_model: int, context: int) -> None:
+    def _init_embedding(self, vocab_size: int, args: ModelArgs, context: int) -> None:
         _check_int("vocab_size", vocab_size)
-        _check_int("d_model", d_model)
         _check_int("context", context)
-        self.vocab_size, self.d_model, self.context = vocab_size, d_model, context
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(context, d_model)
+        self.args = args
+        self.vocab_size, self.d_model, self.context = vocab_size, args.hidden_features, context
+        self.token_embedding = nn.Embedding(vocab_size, self.d_model)
+        self.position_embedding = nn.Embedding(context, self.d_model)
+
+    @property
+    def readout_mode(self) -> str:
+        return self.args.readout
 
     def _check_ids(self, ids_BS: torch.Tensor) -> None:
         """Raise naming the problem unless ``ids_BS`` is ``[B, S]`` integer ids in the
@@ -253,20 +252,24 @@ class _LanguageModel(nn.Module):
 
 
 class _SpikingLM(_LanguageModel):
-    def _init_spiking(
-        self, vocab_size, d_model, num_layers, num_heads, context, num_steps, readout, neuron_kwargs
-    ) -> None:
-        self._init_embedding(vocab_size, d_model, context)
-        _check_int("num_layers", num_layers)
-        _check_int("num_heads", num_heads)
+    def _init_spiking(self, vocab_size: int, args: ModelArgs, context: int, num_steps: int) -> None:
+        self._init_embedding(vocab_size, args, context)
         _check_int("num_steps", num_steps)
-        if readout not in READOUTS:
-            raise ValueError(f"unknown readout {readout!r}; valid: {list(READOUTS)}")
-        self.num_steps, self.readout_mode = num_steps, readout
-        self.input_neuron = LIF(**neuron_kwargs)
-        self.readout = EventLinear(d_model, vocab_size)
-        if readout == "membrane" and self.input_neuron.beta.dim() != 0:
+        self.num_steps = num_steps
+        self.input_neuron = LIF(args.neuron)
+        self.readout = EventLinear(args.hidden_features, vocab_size)
+        if args.readout == "membrane" and self.input_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")
+
+    def _block(self, ffn: nn.Module) -> SpikingTransformerBlock:
+        a = self.args
+        return SpikingTransformerBlock(
+            a.hidden_features,
+            a.attention.num_heads,
+            ffn,
+            causal=a.attention.causal,
+            neuron=a.neuron,
+        )
 
     def forward(self, ids_BS: torch.Tensor) -> LMOutput:
         """Next-token logits ``[B, S, V]`` for token ids ``[B, S]`` -> :class:`LMOutput`."""
@@ -274,40 +277,15 @@ class _SpikingLM(_LanguageModel):
         current_TBSD = current_BSD.unsqueeze(0).expand(self.num_steps, *current_BSD.shape)
         h_TBSD = self.input_neuron(current_TBSD)
         activity = [Activity.of("input_neuron", h_TBSD)]
-        routing: list[RoutingInfo] = []
-        aux = current_BSD.new_zeros(())
-        for l, block in enumerate(self.blocks):
-            out = block(h_TBSD)
-            h_TBSD = out.spikes
-            aux = aux + out.aux_loss
-            if out.routing is not None:
-                routing.append(out.routing)
-            activity.append(out.activity.prefixed(f"blocks.{l}"))
+        h_TBSD, aux, routing = run_layers(self.blocks, h_TBSD, activity, "blocks")
         current_TBSV = self.readout(h_TBSD)
-        if self.readout_mode == "count":
+        if self.args.readout == "count":
             logits = current_TBSV.mean(0)
         else:
             T, B, S, V = current_TBSV.shape
             beta = self.input_neuron.beta.clamp(0, 1)
-            logits = _leaky_mean(current_TBSV.reshape(T, B * S, V), beta).reshape(B, S, V)
-        return LMOutput(logits, aux, tuple(routing), Activity.concat(activity))
-
-
-def _moe_ffn(
-    router, make_expert, num_experts, expert_hidden, shared_experts, shared_hidden, neuron
-):
-    """A :class:`~spiking_moe.moe.SpikingMoE` FFN: ``num_experts`` routed experts and
-    ``shared_experts`` shared ones, built by ``make_expert(hidden)``; its input is spikes (or
-    the ANN's activations) by construction, so the per-call binary check is skipped."""
-    return SpikingMoE(
-        router=router,
-        experts=[make_expert(expert_hidden) for _ in range(num_experts)],
-        shared_experts=[make_expert(shared_hidden) for _ in range(shared_experts)],
-        neuron=neuron,
-        check_spikes=False,
-        # Under expert parallelism the spiking LM's rows travel as bits (checked as they go).
-        spike_exchange="bits" if isinstance(neuron, LIF) else "float",
-    )
+            logits = leaky_mean(current_TBSV.reshape(T, B * S, V), beta).reshape(B, S, V)
+        return LMOutput(logits, aux, routing, Activity.concat(activity))
 
 
 class SpikingMoELM(_SpikingLM):
@@ -315,21 +293,19 @@ class SpikingMoELM(_SpikingLM):
 
     Args:
         vocab_size: ``V``.
-        d_model: ``D``.
-        num_layers: transformer blocks.
-        num_heads: attention heads per block.
+        d_model: ``D`` (``args.hidden_features``).
+        num_layers: transformer blocks (``args.num_layers``).
+        num_heads: attention heads per block (``args.attention.num_heads``).
         context: longest sequence ``S`` (size of the position embedding).
-        num_experts: routed experts per block ``E``.
-        k: experts per token.
-        expert_hidden: hidden width of each routed expert.
-        shared_experts: experts every token uses (DeepSeekMoE), each ``shared_hidden`` wide.
-        shared_hidden: hidden width of each shared expert (None: ``expert_hidden``).
+        args: the model's :class:`~spiking_moe.args.ModelArgs` (None: the defaults); the
+            positional sizes override its.
         num_steps: ``T``, steps of constant input current per token.
-        readout: "count" or "membrane".
-        router: "rate" or "spiking".
-        capacity_factor, noise, balance_weight, z_loss_weight, bias_update_rate, renormalize:
-            passed to every router.
-        **neuron_kwargs: passed to every LIF (``beta``, ``threshold``, ``surrogate``, ...).
+        **options: model options by name, flat (``num_experts``, ``k``, ``expert_hidden``,
+            ``shared_experts``, ``shared_hidden`` (None: ``expert_hidden``), ``readout``
+            ("count" or "membrane"), ``router`` ("rate" or "spiking"), ``capacity_factor``,
+            ``noise``, ``balance_weight``, ``z_loss_weight``, ``bias_update_rate``,
+            ``renormalize``, and the neuron options ``beta``, ``threshold``, ``surrogate``,
+            ...) or nested (``moe=MoEArgs(...)``).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -349,70 +325,24 @@ class SpikingMoELM(_SpikingLM):
         num_heads: int,
         context: int,
         *,
-        num_experts: int,
-        k: int,
-        expert_hidden: int = 128,
-        shared_experts: int = 0,
-        shared_hidden: int | None = None,
+        args: ModelArgs | None = None,
         num_steps: int = 4,
-        readout: str = "count",
-        router: str = "rate",
-        capacity_factor: float | None = None,
-        noise: float = 0.0,
-        balance_weight: float = 1e-2,
-        z_loss_weight: float = 1e-3,
-        bias_update_rate: float = 1e-3,
-        renormalize: bool = True,
-        **neuron_kwargs,
+        **options,
     ):
         super().__init__()
-        self._init_spiking(
-            vocab_size, d_model, num_layers, num_heads, context, num_steps, readout, neuron_kwargs
-        )
-        _check_int("shared_experts", shared_experts, 0)
-        if router not in ROUTERS:
-            raise ValueError(f"unknown router {router!r}; valid: {list(ROUTERS)}")
-        shared_hidden = expert_hidden if shared_hidden is None else shared_hidden
-        router_kwargs = dict(
-            capacity_factor=capacity_factor,
-            noise=noise,
-            balance_weight=balance_weight,
-            z_loss_weight=z_loss_weight,
-            bias_update_rate=bias_update_rate,
-            renormalize=renormalize,
-        )
-
-        def make_router():
-            if router == "rate":
-                return RateRouter(d_model, num_experts, k, **router_kwargs)
-            return SpikingRouter(d_model, num_experts, k, **router_kwargs, **neuron_kwargs)
-
-        def make_expert(hidden):
-            return SpikingExpert(d_model, hidden, d_model, **neuron_kwargs)
-
+        args = _lm_args(type(self).__name__, args, options, d_model, num_layers, num_heads)
+        self._init_spiking(vocab_size, args, context, num_steps)
         self.blocks = nn.ModuleList(
-            SpikingTransformerBlock(
-                d_model,
-                num_heads,
-                _moe_ffn(
-                    make_router(),
-                    make_expert,
-                    num_experts,
-                    expert_hidden,
-                    shared_experts,
-                    shared_hidden,
-                    LIF(**neuron_kwargs),
-                ),
-                **neuron_kwargs,
-            )
-            for _ in range(num_layers)
+            self._block(moe_ffn(args, spiking=True, neuron=LIF(args.neuron)))
+            for _ in range(args.num_layers)
         )
 
 
 class DenseSNNLM(_SpikingLM):
     """The dense spiking twin of :class:`SpikingMoELM`: each block's FFN is one
-    :class:`~spiking_moe.experts.SpikingExpert` of width ``ffn_hidden`` (pass
-    ``k * expert_hidden + shared_experts * shared_hidden`` for the same active parameters).
+    :class:`~spiking_moe.experts.SpikingExpert` of width ``ffn_hidden`` (default
+    ``args.active_ffn_hidden``, ``k * expert_hidden + shared_experts * shared_hidden``: the same
+    active parameters) and a LIF.
 
     Other arguments as :class:`SpikingMoELM`.
 
@@ -430,57 +360,46 @@ class DenseSNNLM(_SpikingLM):
         num_heads: int,
         context: int,
         *,
-        ffn_hidden: int,
+        ffn_hidden: int | None = None,
+        args: ModelArgs | None = None,
         num_steps: int = 4,
-        readout: str = "count",
-        **neuron_kwargs,
+        **options,
     ):
         super().__init__()
-        self._init_spiking(
-            vocab_size, d_model, num_layers, num_heads, context, num_steps, readout, neuron_kwargs
-        )
+        args = _lm_args(type(self).__name__, args, options, d_model, num_layers, num_heads)
+        self._init_spiking(vocab_size, args, context, num_steps)
         self.blocks = nn.ModuleList(
-            SpikingTransformerBlock(
-                d_model,
-                num_heads,
-                SpikingExpert(d_model, ffn_hidden, d_model, **neuron_kwargs),
-                **neuron_kwargs,
-            )
-            for _ in range(num_layers)
+            self._block(dense_ffn(args, spiking=True, neuron=LIF(args.neuron), width=ffn_hidden))
+            for _ in range(args.num_layers)
         )
 
 
 class _ANNBlock(nn.Module):
     """Pre-norm transformer block: ``h + attn(ln1(h))``, then ``h + ffn(ln2(h))``."""
 
-    def __init__(self, d_model: int, num_heads: int, ffn: nn.Module):
+    def __init__(self, d_model: int, num_heads: int, ffn: nn.Module, causal: bool):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = SoftmaxAttention(d_model, num_heads)
+        self.attn = SoftmaxAttention(d_model, num_heads, causal=causal)
         self.ln2 = nn.LayerNorm(d_model)
         self.ffn = ffn
 
-    def forward(self, h_BSD: torch.Tensor):
+    def forward(self, h_BSD: torch.Tensor) -> BlockOutput:
         h_BSD = h_BSD + self.attn(self.ln1(h_BSD))
-        x_1BSD = self.ln2(h_BSD).unsqueeze(0)
-        if isinstance(self.ffn, SpikingMoE):
-            out = self.ffn(x_1BSD)
-            return h_BSD + out.spikes[0], out.aux_loss, out.routing
-        B, S, D = h_BSD.shape
-        y = self.ffn(x_1BSD.reshape(1, B * S, D)).reshape(B, S, D)
-        return h_BSD + y, h_BSD.new_zeros(()), None
+        ffn = self.ffn(self.ln2(h_BSD).unsqueeze(0))
+        return BlockOutput(h_BSD + ffn.spikes[0], ffn.routing, ffn.aux_loss, ffn.activity)
 
 
 class ANNTransformerLM(_LanguageModel):
     """The ANN twin: same sizes, softmax attention, ReLU FFN (routed or dense), one step.
 
     Args:
-        vocab_size, d_model, num_layers, num_heads, context: as :class:`SpikingMoELM`.
-        ffn_hidden: dense FFN width (used when ``num_experts`` is None).
-        num_experts: None for a dense FFN, else routed :class:`~spiking_moe.experts.MLPExpert`
-            experts per block (``k``, ``expert_hidden``, ``shared_experts``,
-            ``shared_hidden`` and the router settings as :class:`SpikingMoELM`; the router
-            reads the normalised activations).
+        vocab_size, d_model, num_layers, num_heads, context, args, **options: as
+            :class:`SpikingMoELM` (the neuron options are accepted and unused). With
+            ``moe.num_experts > 1`` each FFN is routed (a rate router on the normalised
+            activations, :class:`~spiking_moe.experts.MLPExpert` experts, the shared ones
+            beside); ``num_experts=None`` or 1 gives a dense FFN.
+        ffn_hidden: the dense FFN's width (default ``args.active_ffn_hidden``).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -497,65 +416,36 @@ class ANNTransformerLM(_LanguageModel):
         num_heads: int,
         context: int,
         *,
-        ffn_hidden: int = 128,
-        num_experts: int | None = None,
-        k: int = 1,
-        expert_hidden: int = 128,
-        shared_experts: int = 0,
-        shared_hidden: int | None = None,
-        capacity_factor: float | None = None,
-        noise: float = 0.0,
-        balance_weight: float = 1e-2,
-        z_loss_weight: float = 1e-3,
-        bias_update_rate: float = 1e-3,
-        renormalize: bool = True,
+        ffn_hidden: int | None = None,
+        args: ModelArgs | None = None,
+        **options,
     ):
         super().__init__()
-        self._init_embedding(vocab_size, d_model, context)
-        _check_int("num_layers", num_layers)
-        _check_int("shared_experts", shared_experts, 0)
-        shared_hidden = expert_hidden if shared_hidden is None else shared_hidden
+        routed = options.get("num_experts", 0) is not None
+        if not routed:
+            del options["num_experts"]
+        args = _lm_args(type(self).__name__, args, options, d_model, num_layers, num_heads)
+        self._init_embedding(vocab_size, args, context)
+        routed = routed and args.moe.num_experts > 1 and ffn_hidden is None
 
-        def make_ffn():
-            if num_experts is None:
-                return MLPExpert(d_model, ffn_hidden, d_model)
-            router = RateRouter(
-                d_model,
-                num_experts,
-                k,
-                capacity_factor=capacity_factor,
-                noise=noise,
-                balance_weight=balance_weight,
-                z_loss_weight=z_loss_weight,
-                bias_update_rate=bias_update_rate,
-                renormalize=renormalize,
-            )
-            return _moe_ffn(
-                router,
-                lambda hidden: MLPExpert(d_model, hidden, d_model),
-                num_experts,
-                expert_hidden,
-                shared_experts,
-                shared_hidden,
-                nn.Identity(),  # the FFN returns its current to the residual stream
-            )
+        def make_ffn() -> nn.Module:
+            # The FFN returns its current to the residual stream: no neuron.
+            if routed:
+                return moe_ffn(args, spiking=False, neuron=nn.Identity())
+            return dense_ffn(args, spiking=False, neuron=nn.Identity(), width=ffn_hidden)
 
+        heads, causal = args.attention.num_heads, args.attention.causal
         self.blocks = nn.ModuleList(
-            _ANNBlock(d_model, num_heads, make_ffn()) for _ in range(num_layers)
+            _ANNBlock(args.hidden_features, heads, make_ffn(), causal)
+            for _ in range(args.num_layers)
         )
-        self.ln_f = nn.LayerNorm(d_model)
-        self.readout = nn.Linear(d_model, vocab_size)
+        self.ln_f = nn.LayerNorm(args.hidden_features)
+        self.readout = nn.Linear(args.hidden_features, vocab_size)
         self.num_steps = 1  # one step per token (an ANN); energy counting reads this
 
     def forward(self, ids_BS: torch.Tensor) -> LMOutput:
         """Next-token logits ``[B, S, V]`` for token ids ``[B, S]`` -> :class:`LMOutput`."""
         h_BSD = self._embed(ids_BS)
-        routing: list[RoutingInfo] = []
-        aux = h_BSD.new_zeros(())
-        for block in self.blocks:
-            h_BSD, block_aux, block_routing = block(h_BSD)
-            aux = aux + block_aux
-            if block_routing is not None:
-                routing.append(block_routing)
+        h_BSD, aux, routing = run_layers(self.blocks, h_BSD, [], "blocks")
         logits = self.readout(self.ln_f(h_BSD))
-        return LMOutput(logits, aux, tuple(routing), Activity.empty(h_BSD.device))
+        return LMOutput(logits, aux, routing, Activity.empty(h_BSD.device))

@@ -173,7 +173,7 @@ def test_spiking_self_attention_rejects_bad_shapes_and_head_counts():
         attn(torch.zeros(T, B, S, 6))
     with pytest.raises(ValueError, match="divisible by num_heads"):
         SpikingSelfAttention(10, 3)
-    with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"attention\.num_heads must be >= 1, got 0"):
         SpikingSelfAttention(8, 0)
 
 

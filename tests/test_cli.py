@@ -63,27 +63,33 @@ def test_set_overrides_are_validated_applied_and_recorded(tmp_path, caplog):
         "--set",
         "train.lr=5e-3",
         "--set",
-        "model.router=spiking",
+        "model.router.kind=spiking",
+        "--set",
+        "model.noise=0.25",  # an old flat key, read as model.router.noise
         "--set",
         "data.encoding=latency",
     ]
     assert train_main(["--config", str(config), "--out", str(out), *overrides]) == 0
     recorded = json.loads((out / "config.json").read_text())
-    assert recorded["train"]["lr"] == 5e-3 and recorded["model"]["router"] == "spiking"
+    assert recorded["train"]["lr"] == 5e-3
+    assert recorded["model"]["router"]["kind"] == "spiking"
+    assert recorded["model"]["router"]["noise"] == 0.25
     assert recorded["data"]["encoding"] == "latency"
     assert recorded["overrides"] == [
         "train.lr=5e-3",
-        "model.router=spiking",
+        "model.router.kind=spiking",
+        "model.noise=0.25",
         "data.encoding=latency",
     ]
     stored = load_checkpoint(out / "checkpoint.pt")["extra"]["experiment"]
-    assert stored["model"]["router"] == "spiking"
+    assert stored["model"]["router"]["kind"] == "spiking"
 
     for bad, message in [
         ("train.lr=fast", "train.lr must be a number, got 'fast'"),
         ("train.learning_rate=1", "unknown key(s) ['train.learning_rate']"),
         ("trian.lr=1", "unknown section 'trian'"),
-        ("model.router=magic", "model.router must be one of ['rate', 'spiking']"),
+        ("model.router=magic", "model.router.kind must be one of ['rate', 'spiking']"),
+        ("model.router.kind=magic", "model.router.kind must be one of ['rate', 'spiking']"),
         ("train.lr", "--set needs section.key=value"),
     ]:
         caplog.clear()

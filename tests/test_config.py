@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytest
+import torch
 
+from spiking_moe.args import MoEArgs
 from spiking_moe.config import (
     ConfigError,
     DataConfig,
@@ -28,7 +30,7 @@ def _write(tmp_path, text, name="exp.toml"):
 def test_shipped_configs_parse(path):
     config = load_config(path, check_files=False)
     assert config.name == path.stem
-    assert config.model.k <= config.model.num_experts
+    assert config.model.moe.k <= config.model.moe.num_experts
 
 
 def test_expected_shipped_configs_exist():
@@ -47,12 +49,13 @@ def test_values_are_read_and_defaults_filled(tmp_path):
     assert config.name == "x"
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)  # int widened
     assert config.train.epochs == 3 and config.train.amp is True
-    assert config.model.alpha == 2.0 and config.model.k == 2
-    assert config.data == DataConfig() and config.model.capacity_factor is None
+    assert config.model.neuron.alpha == 2.0 and config.model.moe.k == 2  # old flat keys
+    assert config.data == DataConfig() and config.model.router.capacity_factor is None
     assert load_config(_write(tmp_path, "", "plain.toml")).name == "plain"
     flat = flatten_config(config)
     assert flat["train.lr"] == 1.0 and flat["model.kind"] == "moe"
-    assert "model.capacity_factor" not in config_to_dict(config)["model"]
+    assert flat["model.neuron.alpha"] == 2.0 and flat["model.moe.k"] == 2
+    assert "capacity_factor" not in config_to_dict(config)["model"]["router"]
 
 
 @pytest.mark.parametrize(
@@ -70,15 +73,32 @@ def test_values_are_read_and_defaults_filled(tmp_path):
         ("[train]\nlr = -1\n", r"train\.lr must be > 0\.0, got -1\.0"),
         ("[train]\nlr = nan\n", r"train\.lr must be finite"),
         (
-            "[model]\nnum_experts = 2\nk = 3\n",
-            r"model\.k must be <= model\.num_experts \(2\), got 3",
+            "[model.moe]\nnum_experts = 2\nk = 3\n",
+            r"model\.moe\.k must be <= model\.moe\.num_experts \(2\), got 3",
         ),
-        ("[model]\nbeta = 1.5\n", r"model\.beta must be <= 1\.0, got 1\.5"),
+        (  # old flat keys are read as their nested fields, errors name those
+            "[model]\nnum_experts = 2\nk = 3\n",
+            r"model\.moe\.k must be <= model\.moe\.num_experts \(2\), got 3",
+        ),
+        ("[model.neuron]\nbeta = 1.5\n", r"model\.neuron\.beta must be <= 1\.0, got 1\.5"),
+        ("[model]\nbeta = 1.5\n", r"model\.neuron\.beta must be <= 1\.0, got 1\.5"),
+        (
+            "[model.router]\nnois = 1\n",
+            r"unknown key\(s\) \['model\.router\.nois'\]; allowed in \[model\.router\]: \['kind'",
+        ),
+        (
+            "[model]\nnum_experts = 2\n[model.moe]\nnum_experts = 4\n",
+            r"model\.num_experts and model\.moe\.num_experts are the same option given twice",
+        ),
+        ("[model]\nmoe = 3\n", r"model\.moe must be a table"),
         (
             '[model]\nkind = "transformer"\n',
             r"model\.kind must be one of \['moe', 'dense_snn', 'ann'\]",
         ),
-        ('[model]\nsurrogate = "relu"\n', r"model\.surrogate must be one of \[.*'fast_sigmoid'"),
+        (
+            '[model.neuron]\nsurrogate = "relu"\n',
+            r"model\.neuron\.surrogate must be one of \[.*'fast_sigmoid'",
+        ),
         (
             '[data]\nname = "cifar"\n',
             r"data\.name must be one of \['digits', 'mnist1d', 'shd', 'nmnist', 'text'\]",
@@ -123,8 +143,10 @@ def test_missing_dataset_file_names_root_and_path(tmp_path):
 def test_programmatic_construction_is_validated_too():
     with pytest.raises(ConfigError, match=r"train\.warmup_steps must be >= 0"):
         TrainConfig(warmup_steps=-1)
-    with pytest.raises(ConfigError, match=r"model\.k must be <="):
-        ModelConfig(num_experts=1, k=2)
+    with pytest.raises(ConfigError, match=r"moe\.k must be <="):
+        MoEArgs(num_experts=1, k=2)
+    with pytest.raises(ConfigError, match=r"model\.moe\.k must be <="):
+        ModelConfig.from_dict({"moe": {"num_experts": 1, "k": 2}})
     with pytest.raises(ConfigError, match="unknown key"):
         ExperimentConfig.from_dict({"model": {"experts": 4}})
 
@@ -137,9 +159,13 @@ def test_overrides_are_toml_values_validated_like_the_file():
     assert parse_override('model.router="spiking"') == (("model", "router"), "spiking")
     assert parse_override("train.amp=true") == (("train", "amp"), True)
     base = ExperimentConfig()
-    # Applied together, then validated: E and k may change in one go.
-    config = apply_overrides(base, ["model.num_experts=8", "model.k=6", "name=big"])
-    assert (config.model.num_experts, config.model.k, config.name) == (8, 6, "big")
+    # Applied together, then validated: E and k may change in one go; old flat keys are read
+    # as their nested fields.
+    config = apply_overrides(base, ["model.num_experts=12", "model.moe.k=6", "name=big"])
+    assert (config.model.moe.num_experts, config.model.moe.k, config.name) == (12, 6, "big")
+    config = apply_overrides(base, ["model.router.noise=0.25", "model.router_window=3"])
+    assert (config.model.router.noise, config.model.router.window) == (0.25, 3)
+    assert apply_overrides(base, ["model.router=spiking"]).model.router.kind == "spiking"
     assert config.train == base.train
     assert apply_overrides(base, []) == base
     for bad, pattern in [
@@ -152,7 +178,9 @@ def test_overrides_are_toml_values_validated_like_the_file():
         ("lr=1", r"top-level key must be 'name' or section\.key"),
         ("train.lr.x=1", r"key must be section\.key"),
         ("=1", r"--set needs section\.key=value"),
-        ("model.k=9", r"model\.k must be <= model\.num_experts \(4\), got 9"),
+        ("model.k=9", r"model\.moe\.k must be <= model\.moe\.num_experts \(8\), got 9"),
+        ("model.moe.nope=1", r"unknown key\(s\) \['model\.moe\.nope'\]"),
+        ("train.lr.x=1", r"key must be section\.key"),
     ]:
         with pytest.raises(ConfigError, match=pattern):
             apply_overrides(base, [bad])
@@ -162,3 +190,58 @@ def test_grad_accum_steps_is_validated():
     assert TrainConfig(grad_accum_steps=4).grad_accum_steps == 4
     with pytest.raises(ConfigError, match=r"train\.grad_accum_steps must be >= 1, got 0"):
         TrainConfig(grad_accum_steps=0)
+
+
+def test_an_old_flat_key_is_read_as_its_nested_field_and_says_so(tmp_path, caplog):
+    old = load_config(_write(tmp_path, "[model]\nnum_experts = 6\nrouter_window = 0\n"))
+    new = load_config(_write(tmp_path, "[model.moe]\nnum_experts = 6\n", "new.toml"))
+    assert old.model == new.model and old.model.router.window is None  # 0 meant "unset"
+    assert "model.num_experts is now model.moe.num_experts" in caplog.text
+
+
+@pytest.mark.parametrize("language_model", [False, True])
+def test_a_model_from_toml_equals_the_model_from_keyword_arguments(tmp_path, language_model):
+    """The TOML tables and the constructors' keywords set the same options."""
+    from spiking_moe.factory import build_model
+    from spiking_moe.models import SpikingMoEClassifier
+    from spiking_moe.transformer import SpikingMoELM
+
+    text = (
+        "[model]\nhidden_features = 16\nnum_layers = 2\nreadout = 'membrane'\n"
+        "[model.moe]\nnum_experts = 4\nk = 2\nshared_experts = 1\nshared_hidden = 8\n"
+        "[model.expert]\nhidden = 16\n"
+        "[model.router]\nkind = 'spiking'\nnoise = 0.5\ncapacity_factor = 1.5\ngain = 3.0\n"
+        "[model.neuron]\nbeta = 0.8\nthreshold = 0.4\nreset = 'zero'\nlearn_beta = true\n"
+        "[model.attention]\nnum_heads = 2\n"
+    )
+    config = load_config(_write(tmp_path, text)).model
+    keywords = dict(
+        num_experts=4, k=2, shared_experts=1, shared_hidden=8, expert_hidden=16,
+        readout="membrane", router="spiking", noise=0.5, capacity_factor=1.5, gain=3.0,
+        beta=0.8, threshold=0.4, reset="zero", learn_beta=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    if language_model:
+        from_toml = build_model(config, in_features=32, num_classes=32, num_steps=3, context=6)
+        torch.manual_seed(0)
+        from_keywords = SpikingMoELM(32, 16, 2, 2, 6, num_steps=3, **keywords)
+        x = torch.randint(0, 32, (2, 6))
+    else:
+        from_toml = build_model(config, in_features=5, num_classes=3, num_steps=4)
+        torch.manual_seed(0)
+        from_keywords = SpikingMoEClassifier(
+            5, 3, hidden_features=16, num_moe_layers=2, num_heads=2, **keywords
+        )
+        x = (torch.rand(4, 6, 5) < 0.5).float()
+    assert from_toml.args == from_keywords.args
+    state, other = from_toml.state_dict(), from_keywords.state_dict()
+    assert state.keys() == other.keys()
+    for name in state:
+        assert torch.equal(state[name], other[name]), name
+    for model in (from_toml, from_keywords):
+        model.train()  # router noise on: the same draws from the same seed
+    torch.manual_seed(1)
+    a = from_toml(x)
+    torch.manual_seed(1)
+    b = from_keywords(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.aux_loss, b.aux_loss)

@@ -1,5 +1,7 @@
 """dispatch / run_experts / combine against a plain per-token loop, with stub experts."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from spiking_moe.dispatch import (
     dense_masked,
     dispatch,
     grouped_supported,
+    grouped_unsupported_reason,
     run_experts,
     run_experts_grouped,
     run_experts_with_activity,
@@ -272,16 +275,25 @@ def test_grouped_gemm_with_every_assignment_dropped_matches_the_per_expert_path(
 
 def test_grouped_gemm_is_refused_when_it_could_not_be_exact():
     experts, _ = _grouped_case(SpikingExpert)
-    assert not grouped_supported([StubExpert(0), StubExpert(1)])
-    assert not grouped_supported([*experts[:2], SpikingExpert(D, 12, 8, num_layers=1)])
-    assert not grouped_supported(
-        [*experts[:2], SpikingExpert(D, 12, 8, num_layers=2, reset="zero")]
-    )
-    per_neuron = SpikingExpert(D, 12, 8, num_layers=2, beta=torch.full((12,), 0.9))
-    assert not grouped_supported([*experts[:2], per_neuron])
-    handle = experts[1].net[0].register_forward_hook(lambda *a: None)
-    assert not grouped_supported(experts)  # hooks must see the per-expert calls
-    handle.remove()
-    assert grouped_supported(experts)
-    assert not grouped_supported([SpikingExpert(6, 12, 8)])  # 24-byte rows
+    refusals = [
+        ([StubExpert(0), StubExpert(1)], "StubExpert is not a SpikingExpert"),
+        (
+            [*experts[:2], SpikingExpert(D, 12, 8, num_layers=2)],
+            "expert 2 has other sizes",
+        ),
+        ([*experts[:2], SpikingExpert(GD, 12, 8, num_layers=1)], "expert 2 has 1 layers"),
+        (
+            [*experts[:2], SpikingExpert(GD, 12, 8, num_layers=2, reset="zero")],
+            "differ in reset",
+        ),
+        (
+            [*experts[:2], SpikingExpert(GD, 12, 8, num_layers=2, beta=torch.full((12,), 0.9))],
+            "expert 2 has per-neuron beta",
+        ),
+        ([SpikingExpert(6, 12, 8)], r"sizes \(6, 12, 8\) in torch.float32"),  # 24-byte rows
+    ]
+    for group, reason in refusals:
+        assert not grouped_supported(group)
+        assert re.search(reason, grouped_unsupported_reason(group))
+    assert grouped_supported(experts) and grouped_unsupported_reason(experts) is None
     assert grouped_supported([SpikingExpert(6, 12, 8)], torch.float64)

@@ -68,8 +68,8 @@ def test_gradient_reaches_every_layer():
     "args, kwargs, match",
     [
         ((0, 8, 3), {}, "in_features"),
-        ((4, 0, 3), {}, "hidden_features"),
-        ((4, 8, 3), {"num_layers": 0}, "num_layers"),
+        ((4, 0, 3), {}, r"expert\.hidden must be >= 1, got 0"),
+        ((4, 8, 3), {"num_layers": 0}, r"expert\.layers must be >= 1, got 0"),
         ((4, 8, 3), {"reset": "bogus"}, "reset"),
     ],
 )

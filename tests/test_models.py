@@ -154,8 +154,8 @@ def test_state_dict_round_trip_and_pickle(name):
     [
         (SpikingMoEClassifier, dict(readout="last"), "readout"),
         (SpikingMoEClassifier, dict(router="hash"), "router"),
-        (SpikingMoEClassifier, dict(num_experts=2, k=3), "k must be <= num_experts"),
-        (SpikingMoEClassifier, dict(num_moe_layers=0), "num_moe_layers"),
+        (SpikingMoEClassifier, dict(num_experts=2, k=3), r"moe\.k must be <= model\.moe\.num_e"),
+        (SpikingMoEClassifier, dict(num_moe_layers=0), r"model\.num_layers must be >= 1, got 0"),
         (SpikingMoEClassifier, dict(capacity_factor=0), "capacity_factor"),
         (DenseSNNClassifier, dict(hidden_features=0), "hidden_features"),
         (ANNClassifier, dict(num_experts=0), "num_experts"),

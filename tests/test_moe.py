@@ -9,7 +9,13 @@ from torch import nn
 from spiking_moe import LIF
 from spiking_moe.experts import SpikingExpert
 from spiking_moe.models import SpikingMoEClassifier
-from spiking_moe.moe import MoEOutput, SpikingMoE, set_dense, update_router_biases
+from spiking_moe.moe import (
+    MoEOutput,
+    SpikingMoE,
+    set_dense,
+    swapped_strategies,
+    update_router_biases,
+)
 from spiking_moe.router import RateRouter, SpikingRouter, route
 
 T, B, D, E, K = 6, 7, 8, 6, 2
@@ -213,13 +219,28 @@ def test_grouped_gemm_layer_equals_the_per_expert_calls():
     for (name, p), g, r in zip(moe.named_parameters(), grads, ref_grads, strict=True):
         zeros = torch.zeros_like(p)
         torch.testing.assert_close(zeros if g is None else g, zeros if r is None else r, msg=name)
-    # A hook on an expert makes the layer fall back to per-expert calls, so the hook fires.
+    # The grouped path reads the experts' parameters: a hook on an expert module does not see
+    # it. A pass that must see every expert's call (the energy counter's) swaps the strategy.
     busiest = int(ref.routing.tokens_per_expert.argmax())
     moe.experts[busiest].register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
     out = moe(x)
+    assert calls == []
+    with swapped_strategies(moe, grouped_gemm="never"):
+        out = moe(x)
     assert calls == [int(out.routing.tokens_per_expert[busiest])] and calls[0] > 0
+    assert moe.grouped_gemm == "always"  # restored
     with pytest.raises(ValueError, match="grouped_gemm"):
         SpikingMoE(router=router, experts=_experts(), grouped_gemm="sometimes")
+
+
+def test_grouped_gemm_always_names_why_the_experts_cannot_be_grouped():
+    torch.manual_seed(0)
+    experts = [SpikingExpert(D, 16, D) for _ in range(E - 1)] + [SpikingExpert(D, 32, D)]
+    moe = SpikingMoE(router=RateRouter(D, E, K), experts=experts, grouped_gemm="always")
+    with pytest.raises(ValueError, match="cannot be grouped: expert 5 has other sizes"):
+        moe(_spikes((T, 24, D)))
+    moe.grouped_gemm = "auto"  # auto takes the per-expert calls instead, by rule
+    assert moe(_spikes((T, 24, D))).spikes.shape == (T, 24, D)
 
 
 def test_grouped_gemm_layer_gives_unrouted_experts_no_gradient():
@@ -257,16 +278,16 @@ def test_grouped_gemm_layer_gives_unrouted_experts_no_gradient():
 def test_grouped_gemm_mode_choice_on_cpu(monkeypatch, mode, grouped):
     """On CPU "auto" calls each expert when few experts have rows (the grouped path is slower
     there for few of them)."""
-    import spiking_moe.moe as moe_module
+    import spiking_moe.strategies as strategies
 
     calls = []
-    real = moe_module.run_experts_with_activity
+    real = strategies.run_experts_with_activity
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("grouped", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(moe_module, "run_experts_with_activity", spy)
+    monkeypatch.setattr(strategies, "run_experts_with_activity", spy)
     torch.manual_seed(0)
     moe = SpikingMoE(router=RateRouter(D, E, K), experts=_experts(), grouped_gemm=mode)
     moe(_spikes((T, 5, D)))
@@ -274,17 +295,17 @@ def test_grouped_gemm_mode_choice_on_cpu(monkeypatch, mode, grouped):
 
 
 def test_auto_takes_the_grouped_path_on_cpu_when_many_experts_have_rows(monkeypatch):
-    import spiking_moe.moe as moe_module
+    import spiking_moe.strategies as strategies
 
     calls = []
-    real = moe_module.run_experts_with_activity
+    real = strategies.run_experts_with_activity
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("grouped", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(moe_module, "run_experts_with_activity", spy)
-    monkeypatch.setattr(moe_module, "CPU_GROUPED_MIN_EXPERTS", 3)
+    monkeypatch.setattr(strategies, "run_experts_with_activity", spy)
+    monkeypatch.setattr(strategies, "CPU_GROUPED_MIN_EXPERTS", 3)
     torch.manual_seed(0)
     many = SpikingMoE(router=RateRouter(D, 8, 2), experts=_experts(8))
     x = _spikes((T, 64, D))
@@ -295,7 +316,7 @@ def test_auto_takes_the_grouped_path_on_cpu_when_many_experts_have_rows(monkeypa
     out = many(x)
     assert calls[-1] is True
     torch.testing.assert_close(out.spikes, reference(x).spikes)
-    monkeypatch.setattr(moe_module, "CPU_GROUPED_MIN_EXPERTS", 9)  # more than E: never grouped
+    monkeypatch.setattr(strategies, "CPU_GROUPED_MIN_EXPERTS", 9)  # more than E: never grouped
     many(x)
     assert calls[-1] is False
 

@@ -602,13 +602,17 @@ def test_moe_bundle_loads_to_the_same_logits_routing_and_spikes(variant, tmp_pat
             summary.synapses,
             summary.max_fan_in,
         )
+    # The model is its args as written: the routing settings are there, once.
+    assert manifest["model"]["class"] == "SpikingMoEClassifier"
+    assert manifest["model"]["args"] == model.args.to_dict()
+    args = manifest["model"]["args"]
+    assert args["moe"]["k"] == 2 and args["moe"]["num_experts"] == 4
+    assert args["router"]["kind"] == kwargs["router"]
+    assert args["router"].get("capacity_factor") == kwargs.get("capacity_factor")
+    assert args["router"].get("window") == kwargs.get("window")
     routing = manifest["routing"]
     assert len(routing) == len(model.layers)
     for rule, bias in zip(routing, biases, strict=True):
-        assert rule["k"] == 2 and rule["num_experts"] == 4
-        assert rule["router"] == kwargs["router"]
-        assert rule["capacity_factor"] == kwargs.get("capacity_factor")
-        assert rule["window"] == kwargs.get("window")
         np.testing.assert_allclose(rule["expert_bias"], bias.numpy(), rtol=0, atol=0)
     # Hand counts: the router part has E spiking neurons for a spiking router, none else.
     by_name = {s.name: s for s in summaries}
@@ -827,7 +831,11 @@ def test_bundle_errors_name_the_file_or_the_version(tmp_path):
 
     newer = dict(manifest, format_version=BUNDLE_FORMAT_VERSION + 1)
     manifest_path.write_text(json.dumps(newer))
-    with pytest.raises(ValueError, match="newer"):
+    with pytest.raises(ValueError, match="format 3; this spiking_moe reads format 2: upgrade"):
+        load_bundle(folder)
+    older = dict(manifest, format_version=1)
+    manifest_path.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="format 1; this spiking_moe reads format 2: export it"):
         load_bundle(folder)
     manifest_path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -239,9 +239,11 @@ def test_an_empty_batch_is_rejected_naming_its_shape():
 
 
 def test_bad_model_configurations_are_rejected_naming_the_problem():
-    with pytest.raises(ValueError, match="k must be <= num_experts, got k=5 with num_experts=4"):
+    with pytest.raises(
+        ValueError, match=r"model\.moe\.k must be <= model\.moe\.num_experts \(4\), got 5"
+    ):
         SpikingMoELM(V, DM, 1, HEADS, CTX, num_experts=4, k=5)
-    with pytest.raises(ValueError, match="k must be <= num_experts"):
+    with pytest.raises(ValueError, match=r"moe\.k must be <="):
         ANNTransformerLM(V, DM, 1, HEADS, CTX, num_experts=4, k=5)
     with pytest.raises(ValueError, match=r"d_model \(10\) must be divisible by num_heads \(3\)"):
         SpikingMoELM(V, 10, 1, 3, CTX, num_experts=4, k=1)
@@ -251,10 +253,16 @@ def test_bad_model_configurations_are_rejected_naming_the_problem():
         ANNTransformerLM(V, 10, 1, 3, CTX)
     with pytest.raises(ValueError, match="context must be an int >= 1"):
         DenseSNNLM(V, DM, 1, HEADS, 0, ffn_hidden=8)
-    with pytest.raises(ValueError, match="unknown readout 'mean'"):
+    with pytest.raises(ValueError, match=r"model\.readout must be one of \['count', 'membrane'\]"):
         SpikingMoELM(V, DM, 1, HEADS, CTX, num_experts=4, k=1, readout="mean")
-    with pytest.raises(ValueError, match="unknown router 'hash'"):
+    with pytest.raises(
+        ValueError, match=r"model\.router\.kind must be one of \['rate', 'spiking'\]"
+    ):
         SpikingMoELM(V, DM, 1, HEADS, CTX, num_experts=4, k=1, router="hash")
+    with pytest.raises(ValueError, match=r"router\.window must be unset for language models"):
+        SpikingMoELM(V, DM, 1, HEADS, CTX, num_experts=4, k=1, window=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'experts'"):
+        SpikingMoELM(V, DM, 1, HEADS, CTX, experts=4)
 
 
 # --- activity ---------------------------------------------------------------------------
@@ -318,9 +326,10 @@ def test_moe_lm_activity_names_every_lif_and_matches_hook_counts(router):
 
 
 def test_dense_lm_activity_names_its_ffn_neuron_and_ann_reports_none():
+    # The dense FFN is a DenseFFN: its expert's populations and its output neuron.
     model = _dense_lm()
     out, counts = _lif_counts(model, _ids(B=2))
-    assert {"blocks.0.ffn_neuron", "blocks.0.ffn.net.1", "blocks.1.ffn_neuron"} <= set(
+    assert {"blocks.0.ffn.neuron", "blocks.0.ffn.expert.net.1", "blocks.1.ffn.neuron"} <= set(
         out.activity.names
     )
     assert set(out.activity.names) == set(counts)

@@ -36,10 +36,10 @@ def models(config, experts: list[int]):
     """``{label: model}``: the MoE LM per ``E``, the dense spiking twin and the dense ANN."""
     out = {}
     for num_experts in experts:
-        cfg = apply_overrides(config, [f"model.num_experts={num_experts}"])
+        cfg = apply_overrides(config, [f"model.moe.num_experts={num_experts}"])
         out[f"moe E={num_experts}"] = cfg
     out["dense SNN"] = apply_overrides(config, ["model.kind=dense_snn"])
-    out["ANN (dense)"] = apply_overrides(config, ["model.kind=ann", "model.num_experts=1"])
+    out["ANN (dense)"] = apply_overrides(config, ["model.kind=ann", "model.moe.num_experts=1"])
     built = {}
     for label, cfg in out.items():
         torch.manual_seed(0)
@@ -106,7 +106,7 @@ def main() -> None:
         f"# LM step time: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"device {device}, {args.threads} threads, B={batch}, S={context}, T={config.data.num_steps}, "
         f"d_model={config.model.hidden_features}, {config.model.num_moe_layers} blocks, "
-        f"k={config.model.k}, median of {args.repeats}"
+        f"k={config.model.moe.k}, median of {args.repeats}"
     )
     runs = {}
     for label, model in models(config, experts).items():

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..args import ModelArgs
 from ..models import DenseSNNClassifier, SpikingMoEClassifier
 from ..moe import SpikingMoE
 from ..neurons import LIF
@@ -37,7 +38,8 @@ __all__ = [
     "summarize_graph",
 ]
 
-BUNDLE_FORMAT_VERSION = 1
+#: 2: the model is its class, sizes and ModelArgs as written (1 listed constructor keywords).
+BUNDLE_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -71,61 +73,26 @@ def summarize_graph(graph: nir.NIRGraph, name: str = "") -> PartSummary:
     return PartSummary(name, neurons, synapses, fan_in)
 
 
-def _lif_settings(lif: LIF) -> dict[str, Any]:
-    return {
-        "reset": lif.reset,
-        "surrogate": lif.surrogate.name,
-        "alpha": lif.surrogate.alpha,
-        "learn_beta": isinstance(lif.beta, nn.Parameter),
-        "learn_threshold": isinstance(lif.threshold, nn.Parameter),
-    }
+_CLASSES = {cls.__name__: cls for cls in (SpikingMoEClassifier, DenseSNNClassifier)}
 
 
 def _model_description(model: nn.Module) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``model``'s structure (values come from files)."""
-    if not isinstance(model, (SpikingMoEClassifier, DenseSNNClassifier)):
+    """The class, sizes and :class:`~spiking_moe.args.ModelArgs` that rebuild ``model``'s
+    structure (its values come from the NIR files)."""
+    if type(model).__name__ not in _CLASSES:
         raise ValueError(
             f"export_bundle supports SpikingMoEClassifier and DenseSNNClassifier, got "
             f"{type(model).__name__} (a language model's attention and embeddings have no NIR "
             "node; an ANN has no spiking neurons)"
         )
-    neuron = model.input_neuron
-    kwargs: dict[str, Any] = {
+    if isinstance(model, SpikingMoEClassifier) and model.args.moe.shared_experts:
+        raise ValueError("export_bundle does not support shared experts in a classifier yet")
+    return {
+        "class": type(model).__name__,
         "in_features": model.in_features,
         "num_classes": model.num_classes,
-        "hidden_features": model.input_layer.out_features,
-        "num_moe_layers": len(model.layers),
-        "readout": model.readout_mode,
-        **_lif_settings(neuron),
+        "args": model.args.to_dict(),
     }
-    first = model.layers[0]
-    if isinstance(model, SpikingMoEClassifier):
-        router = first.router
-        expert = first.experts[0]
-        kwargs.update(
-            num_experts=first.num_experts,
-            k=router.k,
-            expert_hidden=expert.hidden_features,
-            expert_layers=expert.num_layers,
-            router="spiking" if isinstance(router, SpikingRouter) else "rate",
-            window=router.window,
-            capacity_factor=router.capacity_factor,
-            noise=router.noise,
-            balance_weight=router.balance_weight,
-            z_loss_weight=router.z_loss_weight,
-            bias_update_rate=router.bias_update_rate,
-            renormalize=router.renormalize,
-        )
-        if any(len(layer.shared_experts) for layer in model.layers):
-            raise ValueError("export_bundle does not support shared experts in a classifier yet")
-    else:
-        expert = first.expert
-        kwargs.update(
-            k=1,
-            expert_hidden=expert.hidden_features,
-            expert_layers=expert.num_layers,
-        )
-    return {"class": type(model).__name__, "kwargs": kwargs}
 
 
 def _parts(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
@@ -198,25 +165,13 @@ def export_bundle(
         summary = summarize_graph(graph, name)
         summaries.append(summary)
         parts.append({"name": name, "file": file, "in_features": width, **_counts(summary)})
-    routing = []
-    for layer in model.layers:
-        if not isinstance(layer, SpikingMoE):
-            continue
-        router = layer.router
-        routing.append(
-            {
-                "router": "spiking" if isinstance(router, SpikingRouter) else "rate",
-                "num_experts": router.num_experts,
-                "k": router.k,
-                "gain": getattr(router, "gain", None),
-                "window": router.window,
-                "capacity_factor": router.capacity_factor,
-                "renormalize": router.renormalize,
-                "expert_bias": router.expert_bias.detach().cpu().tolist(),
-                "noise": router.noise,
-                "rule": _ROUTING_RULE,
-            }
-        )
+    # The routing settings are the model's args (manifest "model"); what training changed is
+    # each layer's balancing bias.
+    routing = [
+        {"expert_bias": layer.router.expert_bias.detach().cpu().tolist(), "rule": _ROUTING_RULE}
+        for layer in model.layers
+        if isinstance(layer, SpikingMoE)
+    ]
     readout_beta = model.input_neuron.beta.detach().clamp(0, 1)
     readout_beta = readout_beta.item() if readout_beta.dim() == 0 else readout_beta.tolist()
     manifest = {
@@ -227,7 +182,7 @@ def export_bundle(
         "routing": routing,
         "connections": _CONNECTIONS,
         "decode": {
-            "readout": model.readout_mode,
+            "readout": model.args.readout,
             "beta": readout_beta,
             "rule": _DECODE_RULE,
         },
@@ -278,10 +233,11 @@ def _check_manifest(folder: Path) -> dict[str, Any]:
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise ValueError(f"{path} has no integer format_version")
-    if version > BUNDLE_FORMAT_VERSION:
+    if version != BUNDLE_FORMAT_VERSION:
+        advice = "upgrade spiking_moe" if version > BUNDLE_FORMAT_VERSION else "export it again"
         raise ValueError(
-            f"{path} is bundle format {version}, newer than this spiking_moe reads "
-            f"({BUNDLE_FORMAT_VERSION}); upgrade spiking_moe"
+            f"{path} is bundle format {version}; this spiking_moe reads format "
+            f"{BUNDLE_FORMAT_VERSION}: {advice}"
         )
     for part in manifest.get("parts", []):
         if not (folder / part["file"]).is_file():
@@ -337,9 +293,9 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def load_bundle(folder: str | Path) -> nn.Module:
     """Rebuild the model of a bundle from its NIR files and manifest (eval mode).
 
-    The model's class and sizes come from the manifest; every weight, bias, ``beta`` and
-    threshold from the NIR files (our exact values in the neuron nodes' metadata); the
-    routing settings and balancing bias from the manifest.
+    The model's class, sizes and :class:`~spiking_moe.args.ModelArgs` come from the manifest;
+    every weight, bias, ``beta`` and threshold from the NIR files (our exact values in the
+    neuron nodes' metadata); each router's balancing bias from the manifest.
 
     Raises:
         FileNotFoundError: no manifest, or a part file it names is missing (named).
@@ -348,13 +304,12 @@ def load_bundle(folder: str | Path) -> nn.Module:
     folder = Path(folder)
     manifest = _check_manifest(folder)
     description = manifest["model"]
-    classes = {
-        "SpikingMoEClassifier": SpikingMoEClassifier,
-        "DenseSNNClassifier": DenseSNNClassifier,
-    }
-    if description["class"] not in classes:
+    if description["class"] not in _CLASSES:
         raise ValueError(f"unknown model class {description['class']!r} in the manifest")
-    model = classes[description["class"]](**description["kwargs"])
+    args = ModelArgs.from_dict(description["args"])
+    model = _CLASSES[description["class"]](
+        description["in_features"], description["num_classes"], args=args
+    )
     modules = dict(_module_parts(model))
     for part in manifest["parts"]:
         if part["name"] not in modules:
@@ -371,8 +326,6 @@ def load_bundle(folder: str | Path) -> nn.Module:
     for layer, rule in zip(layers, manifest["routing"], strict=True):
         with torch.no_grad():
             layer.router.expert_bias.copy_(torch.tensor(rule["expert_bias"]))
-        if rule.get("gain") is not None:
-            layer.router.gain = float(rule["gain"])
     return model.eval()
 
 

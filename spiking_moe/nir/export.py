@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..experts import _FeedForwardExpert
-from ..models import DenseSNNClassifier, SpikingMoEClassifier, _DenseBlock
-from ..moe import SpikingMoE
+from ..models import DenseSNNClassifier, SpikingMoEClassifier
+from ..moe import DenseFFN, SpikingMoE
 from ..neurons import LIF
 
 __all__ = ["DEFAULT_DT", "SUBTRACT_RESETS", "export_nir"]
@@ -148,7 +148,7 @@ class _Chain:
             )
         elif isinstance(module, _FeedForwardExpert):
             self.module(module.net, _join(name, "net"))
-        elif isinstance(module, _DenseBlock):
+        elif isinstance(module, DenseFFN):
             self.module(module.expert, _join(name, "expert"))
             self.module(module.neuron, _join(name, "neuron"))
         elif isinstance(module, (nn.Sequential, nn.ModuleList)):

@@ -38,7 +38,7 @@ from torch import nn
 import energy
 import energy.tensorboard
 
-from ..moe import SpikingMoE, update_router_biases
+from ..moe import SpikingMoE, swapped_strategies, update_router_biases
 from ..parallel import is_expert_parallel
 from .distributed import all_gather_objects
 
@@ -355,9 +355,10 @@ def count_energy(
 ) -> tuple[energy.OperationCounts, energy.OperationCounts | None]:
     """Count one forward pass of ``model`` on ``x_TBF``, and of its dense twin.
 
-    The dense twin is the same model with every :class:`~spiking_moe.moe.SpikingMoE` in
-    dense mode (every expert on every token): the layers are switched for the second pass
-    and switched back, so no copy of the model is made. Both run in the model's current mode
+    The dense twin is the same model with every :class:`~spiking_moe.moe.SpikingMoE` running
+    every expert on every token: the layers' expert strategies are swapped for the second pass
+    and restored (:func:`~spiking_moe.moe.swapped_strategies`), so no copy of the model is
+    made. Both passes run one call per expert, which the counter's hooks see. Both run in the model's current mode
     without gradients; call ``model.eval()`` first for noise-free routing.
 
     A model whose input is not time-major (a language model's token ids ``[B, S]``) says how
@@ -376,20 +377,17 @@ def count_energy(
         ``(counts, dense_counts)``; ``dense_counts`` is None for a model without MoE layers.
     """
     time_steps = getattr(model, "num_steps", None)
-    with torch.no_grad():
-        counts = energy.count_operations(model, x_TBF, time_steps=time_steps)
-        counts = expert_parallel_counts(model, counts)
-        layers = [m for m in model.modules() if isinstance(m, SpikingMoE)]
+    # The counter's hooks must see every expert module's call: one call per expert (the
+    # grouped GEMM reads the experts' parameters); the dense twin runs every expert on every
+    # token. Both are the layers' strategies swapped for the pass, then restored.
+    with torch.no_grad(), swapped_strategies(model, grouped_gemm="never") as layers:
+        counts = expert_parallel_counts(
+            model, energy.count_operations(model, x_TBF, time_steps=time_steps)
+        )
         if not layers:
             return counts, None
-        modes = [layer.dense for layer in layers]
-        try:
-            for layer in layers:
-                layer.dense = True
+        with swapped_strategies(model, every_expert=True):
             dense = energy.count_operations(model, x_TBF, time_steps=time_steps)
-        finally:
-            for layer, mode in zip(layers, modes, strict=True):
-                layer.dense = mode
     return counts, expert_parallel_counts(model, dense)
 
 

@@ -248,7 +248,7 @@ def test_torchrun_trains_a_classifier_expert_parallel_and_the_gathered_checkpoin
 
     model, config = load_trained_model(gathered / "checkpoint.pt")
     assert config.train.expert_parallel == 1
-    assert len(model.layers[0].experts) == config.model.num_experts
+    assert len(model.layers[0].experts) == config.model.moe.num_experts
     assert (
         energy_report_main([f"--checkpoint={gathered / 'checkpoint.pt'}", "--profile=cmos45"]) == 0
     )
@@ -299,8 +299,8 @@ def test_expert_parallel_settings_are_checked_before_any_work(tmp_path, monkeypa
     base = load_config(ROOT / "experiments" / "configs" / "default.toml")  # 4 experts
     monkeypatch.setenv("WORLD_SIZE", "4")
     bad = {
-        "train.expert_parallel=3": "expert_parallel = 3 does not divide model.num_experts = 4",
-        "model.kind='dense_snn'": "model.kind = 'dense_snn' with model.num_experts = 4 has no MoE",
+        "train.expert_parallel=3": "expert_parallel = 3 does not divide model.moe.num_experts = 4",
+        "model.kind='dense_snn'": "model.kind = 'dense_snn' with model.moe.num_experts = 4 has no MoE",
     }
     for override, message in bad.items():
         config = apply_overrides(base, ["train.expert_parallel=2", override])
