@@ -1,4 +1,38 @@
-"""spiking-moe: spiking mixture-of-experts with rate-coded routing and honest energy accounting."""
+"""spiking-moe: spiking mixture-of-experts with rate-coded routing and honest energy accounting.
+
+Tensors are time-major (``[T, B, ...]``). A name carries its tensor's shape as a suffix of
+letters (``x_TBD``, ``ids_XK``); the letters mean one thing across the package (the one
+legend: modules do not define their own):
+
+=====  ======================================================================================
+``T``  time steps
+``B``  batch (samples)
+``S``  sequence positions
+``N``  tokens: the ``B`` samples, or the ``B S`` positions of a sequence
+``W``  routing windows
+``L``  window length (steps)
+``X``  routed rows, one per (window, token): ``W N``
+``E``  experts
+``K``  experts each token is routed to
+``A``  assignments, ``X K``
+``R``  rows: a MoE layer's dispatched rows (its kept assignments), or a synaptic layer's
+       input rows (all leading dimensions folded)
+``Z``  nonzero entries of an input
+``P``  expert-parallel processes
+``D``  model width: the features a MoE layer or a block reads and writes (a classifier's
+       hidden width, a language model's ``d_model``)
+``F``  input features (of a model's data, or of the rows a helper takes)
+``I``  a synaptic layer's input features
+``O``  output features
+``U``  neurons of one population (hidden units)
+``G``  neuron populations
+``H``  attention heads
+``C``  width of one attention head
+``V``  classes, or a language model's vocabulary
+=====  ======================================================================================
+
+A ``1`` is a dimension of size one (``x_1BD``: one time step).
+"""
 
 import logging
 

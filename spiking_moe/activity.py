@@ -19,7 +19,7 @@ A population that did not run in the call (an expert that got no tokens) is repo
 zero spikes and zero updates, so a model's layout (names and order) is the same in every
 call; its rate is reported as 0.
 
-Letters: ``P`` populations.
+Shape letters: the package legend (:mod:`spiking_moe`): ``G`` populations.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ class Activity:
     """Spikes and neuron updates of named neuron populations in one forward call.
 
     Attributes:
-        names: ``P`` population names (module paths, see the module docstring).
-        spikes: ``[P]`` float32, spikes each population emitted; differentiable, so a penalty
+        names: ``G`` population names (module paths, see the module docstring).
+        spikes: ``[G]`` float32, spikes each population emitted; differentiable, so a penalty
             on the rates trains through the surrogate gradient.
-        updates: ``[P]`` int64, neuron updates of each population (0: it did not run).
+        updates: ``[G]`` int64, neuron updates of each population (0: it did not run).
 
     Example:
         >>> import torch
@@ -55,10 +55,10 @@ class Activity:
     updates: torch.Tensor
 
     def __post_init__(self) -> None:
-        P = len(self.names)
-        if self.spikes.shape != (P,) or self.updates.shape != (P,):
+        G = len(self.names)
+        if self.spikes.shape != (G,) or self.updates.shape != (G,):
             raise ValueError(
-                f"Activity of {P} populations needs spikes and updates of shape [{P}], got "
+                f"Activity of {G} populations needs spikes and updates of shape [{G}], got "
                 f"{tuple(self.spikes.shape)} and {tuple(self.updates.shape)}"
             )
 
@@ -77,11 +77,11 @@ class Activity:
     @classmethod
     def idle(cls, names: Sequence[str], device: torch.device | str | None = None) -> Activity:
         """Populations that did not run in this call: zero spikes, zero updates."""
-        P = len(names)
+        G = len(names)
         return cls(
             tuple(names),
-            torch.zeros(P, dtype=torch.float32, device=device),
-            torch.zeros(P, dtype=torch.int64, device=device),
+            torch.zeros(G, dtype=torch.float32, device=device),
+            torch.zeros(G, dtype=torch.int64, device=device),
         )
 
     @classmethod
@@ -111,5 +111,5 @@ class Activity:
         return Activity(tuple(f"{prefix}.{n}" for n in self.names), self.spikes, self.updates)
 
     def rates(self) -> torch.Tensor:
-        """``[P]`` firing rate of each population (spikes per update; 0 where idle)."""
+        """``[G]`` firing rate of each population (spikes per update; 0 where idle)."""
         return self.spikes / self.updates.clamp_min(1).to(self.spikes.dtype)

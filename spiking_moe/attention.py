@@ -1,7 +1,7 @@
 r"""Self-attention on spikes (spike-driven, no softmax) and its ANN twin (softmax attention).
 
-Legend: ``T`` time steps, ``B`` batch, ``S`` sequence positions, ``D`` model width, ``H``
-heads, ``C = D / H`` head width, ``M``/``K``/``N`` the dimensions of one matrix product.
+Shape letters: the package legend (:mod:`spiking_moe`); ``C = D / H`` is the width of
+one head.
 
 **Spiking self-attention** (:class:`SpikingSelfAttention`) follows the *Spiking
 Self-Attention* (SSA) of Spikformer (Zhou et al., "Spikformer: When Spiking Neural Network
@@ -57,13 +57,14 @@ class MatMul(nn.Module):
     """``a @ b`` as a module, with an exact causal mask, so energy counters see the product.
 
     The energy counter (:mod:`energy.counting`) recognises any module with a ``matmul_mask``
-    attribute. With ``a`` ``[..., M, K]`` and ``b`` ``[..., K, N]``:
+    attribute. With ``a`` of size ``rows x inner`` and ``b`` of size ``inner x cols`` in the
+    last two dimensions (indices ``m``, ``k``, ``n``):
 
     - ``matmul_mask=None``: every term ``a[m, k] b[k, n]``;
-    - ``"output"``: only terms with ``n <= m`` (causal scores ``Q K^T``; ``M == N``); the
+    - ``"output"``: only terms with ``n <= m`` (causal scores ``Q K^T``; rows == cols); the
       other outputs are exactly 0;
     - ``"contraction"``: only terms with ``k <= m`` (``A V``: row ``m`` sums values of
-      positions ``k <= m``; ``M == K``).
+      positions ``k <= m``; rows == inner).
 
     ``ann_softmax=True`` tells the counter that the ANN equivalent of this product feeds a
     softmax (attention scores), which the equivalent-ANN baseline then prices.
@@ -87,20 +88,20 @@ class MatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.matmul_mask == "contraction":
-            M, K = a.shape[-2:]
-            if M != K:
+            rows, inner = a.shape[-2:]
+            if rows != inner:
                 raise ValueError(
                     f"contraction mask needs a square a [.., M, M], got {tuple(a.shape)}"
                 )
             # Zeroing a's masked entries removes exactly the terms k > m from every sum
             # (masked_fill, not a multiply: 0 * inf would be NaN).
-            return a.masked_fill(~_causal_mask(M, a.device), 0) @ b
+            return a.masked_fill(~_causal_mask(rows, a.device), 0) @ b
         out = a @ b
         if self.matmul_mask == "output":
-            M, N = out.shape[-2:]
-            if M != N:
+            rows, cols = out.shape[-2:]
+            if rows != cols:
                 raise ValueError(f"output mask needs square scores, got {tuple(out.shape)}")
-            out = out.masked_fill(~_causal_mask(M, out.device), 0)
+            out = out.masked_fill(~_causal_mask(rows, out.device), 0)
         return out
 
 

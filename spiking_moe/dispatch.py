@@ -1,8 +1,8 @@
 r"""Sparse dispatch and combine: every expert computes on its own tokens only.
 
-Legend: ``T`` time steps, ``N`` tokens, ``D`` input features, ``O`` output features,
-``E`` experts, ``K`` experts per token, ``A = N K`` assignments, ``R`` dispatched rows (kept
-assignments; ``R = A`` without capacity drops).
+Shape letters: the package legend (:mod:`spiking_moe`); the functions here take ``N`` tokens
+(a MoE layer passes its ``X`` routed rows), ``A = N K`` assignments of which ``R`` are kept
+(``R = A`` without capacity drops).
 
 For token ``n`` with choices :math:`(i_{nj}, g_{nj})_{j<K}` the layer computes
 
@@ -422,12 +422,12 @@ def _run_grouped(experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: Dispat
         return run_experts_with_activity(experts, x_TRD, plan)
     device = x_TRD.device
     counts = plan.tokens_per_expert
-    active_A = torch.tensor(active, device=device)
+    active_ids = torch.tensor(active, device=device)
     # Row r belongs to the local (compacted) expert local_of_row[r], i.e. expert active[...].
     local_of_row = torch.repeat_interleave(
-        torch.arange(len(active), device=device), counts[active_A], output_size=R
+        torch.arange(len(active), device=device), counts[active_ids], output_size=R
     )
-    expert_of_row = active_A[local_of_row]
+    expert_of_row = active_ids[local_of_row]
     ends = list(itertools.accumulate(plan.splits[e] * T for e in active))
     offsets = torch.tensor(ends, dtype=torch.int32, device=device)
     h = x_TRD.transpose(0, 1).reshape(R * T, -1)
@@ -444,9 +444,9 @@ def _run_grouped(experts: Sequence[nn.Module], x_TRD: torch.Tensor, plan: Dispat
         elif isinstance(layer, LIF):
             beta = torch.stack([m[i].beta for m in modules]).clamp(0.0, 1.0)
             threshold = torch.stack([m[i].threshold for m in modules])
-            h_TRH = h.view(R, T, -1).transpose(0, 1)
+            h_TRU = h.view(R, T, -1).transpose(0, 1)
             spikes = lif_multistep(
-                h_TRH,
+                h_TRU,
                 beta=beta[local_of_row].view(R, 1),
                 threshold=threshold[local_of_row].view(R, 1),
                 reset=layer.reset,

@@ -1,7 +1,7 @@
 r"""Experts: the feed-forward blocks a mixture-of-experts layer routes tokens to.
 
-Legend: ``T`` time steps, ``N`` rows (the tokens routed to this expert), ``I`` input
-features, ``H`` hidden features, ``O`` output features.
+Shape letters: the package legend (:mod:`spiking_moe`); ``N`` are the tokens routed
+to this expert, ``I``/``O`` its input and output features, ``U`` the neurons of a hidden layer.
 
 A :class:`SpikingExpert` with ``num_layers = n`` computes, for input spikes
 :math:`s^{(0)}_t \in \{0, 1\}^I`,
@@ -75,8 +75,18 @@ class _FeedForwardExpert(nn.Module):
     so energy counting can attribute every operation to ``experts.<e>.net.<i>``.
     """
 
+    #: LIF neurons and event-driven synapses (True), or ReLU and plain Linears (the ANN twin).
+    spiking: bool
+
     def __init__(
-        self, in_features, hidden_features, out_features, num_layers, make_act, linear=nn.Linear
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        *,
+        num_layers: int = 1,
+        neuron: NeuronArgs | None = None,
+        **neuron_options,
     ):
         super().__init__()
         _check_width("in_features", in_features)
@@ -86,6 +96,13 @@ class _FeedForwardExpert(nn.Module):
         self.hidden_features = hidden_features
         self.out_features = out_features
         self.num_layers = num_layers
+        if self.spiking:
+            neuron = neuron_args(neuron, **neuron_options)
+            linear, make_act = EventLinear, lambda: LIF(neuron)
+        elif neuron is not None or neuron_options:
+            raise TypeError(f"{type(self).__name__} has no neurons: got neuron options")
+        else:
+            linear, make_act = nn.Linear, nn.ReLU
         layers: list[nn.Module] = []
         width = in_features
         for _ in range(num_layers):
@@ -159,25 +176,7 @@ class SpikingExpert(_FeedForwardExpert):
         torch.Size([5, 3, 4])
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_features: int,
-        out_features: int,
-        *,
-        num_layers: int = 1,
-        neuron: NeuronArgs | None = None,
-        **neuron_options,
-    ):
-        neuron = neuron_args(neuron, **neuron_options)
-        super().__init__(
-            in_features,
-            hidden_features,
-            out_features,
-            num_layers,
-            lambda: LIF(neuron),
-            linear=EventLinear,
-        )
+    spiking = True
 
 
 class MLPExpert(_FeedForwardExpert):
@@ -188,12 +187,4 @@ class MLPExpert(_FeedForwardExpert):
     the one-step ANN), output ``[T, N, out]``.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_features: int,
-        out_features: int,
-        *,
-        num_layers: int = 1,
-    ):
-        super().__init__(in_features, hidden_features, out_features, num_layers, nn.ReLU)
+    spiking = False

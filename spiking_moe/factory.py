@@ -53,7 +53,5 @@ def build_model(
     """
     if not context:
         return _CLASSIFIERS[config.kind](in_features, num_classes, args=config)
-    lm = _LANGUAGE_MODELS[config.kind]
     sizes = (config.hidden_features, config.num_layers, config.attention.num_heads, context)
-    extra = {} if config.kind == "ann" else {"num_steps": num_steps}
-    return lm(num_classes, *sizes, args=config, **extra)
+    return _LANGUAGE_MODELS[config.kind](num_classes, *sizes, args=config, num_steps=num_steps)

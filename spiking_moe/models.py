@@ -1,7 +1,7 @@
 r"""Classifiers built from the MoE layer, and the baselines every comparison uses.
 
-Shape letters: the package legend (:mod:`spiking_moe`); ``F`` input features, ``H`` hidden
-features, ``C`` classes.
+Shape letters: the package legend (:mod:`spiking_moe`); ``F`` the data's features, ``D`` the
+hidden width, ``V`` the classes.
 
 All three classifiers are built from one :class:`~spiking_moe.args.ModelArgs` (the twins of a
 comparison take the same args) and share one layout, so that their modules line up for energy
@@ -165,17 +165,36 @@ def run_layers(layers: nn.ModuleList, h: torch.Tensor, activity: list[Activity],
 
 
 class _Classifier(nn.Module):
-    """Shared sizes, input check and readout of the three classifiers."""
+    """What the three classifiers share: one constructor (sizes, args, options), the input
+    check and the readout mode. Each builds its layers in :meth:`_build`."""
 
-    args: ModelArgs
-    in_features: int
-
-    def _init_sizes(self, in_features: int, num_classes: int, args: ModelArgs) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        args: ModelArgs | None = None,
+        dense: bool = False,
+        **options,
+    ):
+        super().__init__()
+        # num_experts=None asks for the dense model (the ANN twin; the dense SNN is dense).
+        without_experts = options.get("num_experts", 0) is None
+        if without_experts:
+            del options["num_experts"]
+        args = model_args(args, options, who=type(self).__name__)
         _check_positive_int("in_features", in_features)
         _check_positive_int("num_classes", num_classes)
         self.args = args
         self.in_features = in_features
         self.num_classes = num_classes
+        routed = not without_experts and args.moe.num_experts > 1
+        if without_experts and isinstance(self, SpikingMoEClassifier):
+            raise ValueError("SpikingMoEClassifier needs num_experts (None builds no MoE layer)")
+        self._build(args, dense=dense, routed=routed)
+
+    def _build(self, args: ModelArgs, *, dense: bool, routed: bool) -> None:
+        raise NotImplementedError
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -195,38 +214,37 @@ class _Classifier(nn.Module):
 
 
 class _SpikingClassifier(_Classifier):
-    def _init_io(self, in_features: int, num_classes: int, args: ModelArgs) -> None:
-        self._init_sizes(in_features, num_classes, args)
+    def _init_io(self, args: ModelArgs) -> None:
         # EventLinear: event-driven products on spikes (and on sparse rates) when gradients
         # are off; an analog input is dense and takes the dense product.
-        self.input_layer = EventLinear(in_features, args.hidden_features)
+        self.input_layer = EventLinear(self.in_features, args.hidden_features)
         self.input_neuron = LIF(args.neuron)
-        self.readout = EventLinear(args.hidden_features, num_classes)
+        self.readout = EventLinear(args.hidden_features, self.num_classes)
         if args.readout == "membrane" and self.input_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")
 
     def forward(self, x_TBF: torch.Tensor) -> ModelOutput:
         """Classify a ``[T, B, F]`` input (analog current or spikes) -> :class:`ModelOutput`."""
         x_TBF = self._check_input(x_TBF)
-        h_TBH = self.input_neuron(self.input_layer(x_TBF))
-        activity = [Activity.of("input_neuron", h_TBH)]
-        h_TBH, aux, routing = run_layers(self.layers, h_TBH, activity, "layers")
+        h_TBD = self.input_neuron(self.input_layer(x_TBF))
+        activity = [Activity.of("input_neuron", h_TBD)]
+        h_TBD, aux, routing = run_layers(self.layers, h_TBD, activity, "layers")
         if self.args.readout == "count":
-            logits = self.readout(h_TBH.mean(0))
+            logits = self.readout(h_TBD.mean(0))
         else:
-            logits = leaky_mean(self.readout(h_TBH), self.input_neuron.beta.clamp(0, 1))
+            logits = leaky_mean(self.readout(h_TBD), self.input_neuron.beta.clamp(0, 1))
         return ModelOutput(logits, aux, routing, Activity.concat(activity))
 
 
-def leaky_mean(current_TBC: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def leaky_mean(current_TBV: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Mean over T of ``v_t = beta v_{t-1} + I_t`` (``v_{-1} = 0``) without a time loop.
 
     ``sum_t v_t = sum_s I_s * sum_{j=0}^{T-1-s} beta^j``.
     """
-    T = current_TBC.shape[0]
-    powers_T = beta.to(current_TBC.dtype) ** torch.arange(T, device=current_TBC.device)
+    T = current_TBV.shape[0]
+    powers_T = beta.to(current_TBV.dtype) ** torch.arange(T, device=current_TBV.device)
     weight_T = torch.cumsum(powers_T, 0).flip(0)
-    return torch.einsum("s,sbc->bc", weight_T, current_TBC) / T
+    return torch.einsum("s,sbc->bc", weight_T, current_TBV) / T
 
 
 class SpikingMoEClassifier(_SpikingClassifier):
@@ -257,18 +275,8 @@ class SpikingMoEClassifier(_SpikingClassifier):
         (torch.Size([2, 3]), 1, 4)
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        num_classes: int,
-        *,
-        args: ModelArgs | None = None,
-        dense: bool = False,
-        **options,
-    ):
-        super().__init__()
-        args = model_args(args, options, who=type(self).__name__)
-        self._init_io(in_features, num_classes, args)
+    def _build(self, args: ModelArgs, *, dense: bool, routed: bool) -> None:
+        self._init_io(args)
         self.layers = nn.ModuleList(
             moe_ffn(args, spiking=True, neuron=LIF(args.neuron), dense=dense)
             for _ in range(args.num_layers)
@@ -279,9 +287,9 @@ class DenseSNNClassifier(_SpikingClassifier):
     """Dense spiking baseline with the active parameters of :class:`SpikingMoEClassifier`.
 
     Each MoE layer becomes one :class:`~spiking_moe.experts.SpikingExpert` of width
-    ``args.active_ffn_hidden`` followed by a LIF (a :class:`~spiking_moe.moe.DenseFFN`, submodules
-    ``expert`` and ``neuron``). Takes the same arguments as the MoE classifier (the routing
-    options are accepted, so both twins take one set of args, and unused).
+    ``args.active_ffn_hidden`` followed by a LIF (a :class:`~spiking_moe.moe.DenseFFN`,
+    submodules ``expert`` and ``neuron``). Takes the same arguments as the MoE classifier (so
+    the twins take one set of args; the routing options and ``dense`` change nothing here).
 
     Example:
         >>> model = DenseSNNClassifier(10, 3, hidden_features=16, k=2, expert_hidden=8)
@@ -289,12 +297,8 @@ class DenseSNNClassifier(_SpikingClassifier):
         torch.Size([2, 3])
     """
 
-    def __init__(
-        self, in_features: int, num_classes: int, *, args: ModelArgs | None = None, **options
-    ):
-        super().__init__()
-        args = model_args(args, options, who=type(self).__name__)
-        self._init_io(in_features, num_classes, args)
+    def _build(self, args: ModelArgs, *, dense: bool, routed: bool) -> None:
+        self._init_io(args)
         self.layers = nn.ModuleList(
             dense_ffn(args, spiking=True, neuron=LIF(args.neuron)) for _ in range(args.num_layers)
         )
@@ -323,31 +327,13 @@ class ANNClassifier(_Classifier):
         True
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        num_classes: int,
-        *,
-        args: ModelArgs | None = None,
-        dense: bool = False,
-        **options,
-    ):
-        super().__init__()
-        routed = options.get("num_experts", 0) is not None
-        if not routed:
-            del options["num_experts"]
-        args = model_args(args, options, who=type(self).__name__)
-        self._init_sizes(in_features, num_classes, args)
-        self.input_layer = nn.Linear(in_features, args.hidden_features)
+    def _build(self, args: ModelArgs, *, dense: bool, routed: bool) -> None:
+        self.input_layer = nn.Linear(self.in_features, args.hidden_features)
         self.input_neuron = nn.ReLU()
-        if routed and args.moe.num_experts > 1:
+        if routed:
+            unwindowed = args.replace(router=args.router.replace(window=None))
             layers = [
-                moe_ffn(
-                    args.replace(router=args.router.replace(window=None)),
-                    spiking=False,
-                    neuron=nn.ReLU(),
-                    dense=dense,
-                )
+                moe_ffn(unwindowed, spiking=False, neuron=nn.ReLU(), dense=dense)
                 for _ in range(args.num_layers)
             ]
         else:
@@ -355,17 +341,17 @@ class ANNClassifier(_Classifier):
                 dense_ffn(args, spiking=False, neuron=nn.ReLU()) for _ in range(args.num_layers)
             ]
         self.layers = nn.ModuleList(layers)
-        self.readout = nn.Linear(args.hidden_features, num_classes)
+        self.readout = nn.Linear(args.hidden_features, self.num_classes)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         """Classify ``[T, B, F]`` (mean over ``T``) or ``[B, F]`` -> :class:`ModelOutput`."""
         if isinstance(x, torch.Tensor) and x.dim() == 2:
             x = x.unsqueeze(0)
         x_1BF = self._check_input(x).mean(0, keepdim=True)
-        h_1BH = self.input_neuron(self.input_layer(x_1BF))
+        h_1BD = self.input_neuron(self.input_layer(x_1BF))
         activity: list[Activity] = []  # ReLU layers: no spikes to report
-        h_1BH, aux, routing = run_layers(self.layers, h_1BH, activity, "layers")
-        return ModelOutput(self.readout(h_1BH[0]), aux, routing, Activity.concat(activity))
+        h_1BD, aux, routing = run_layers(self.layers, h_1BD, activity, "layers")
+        return ModelOutput(self.readout(h_1BD[0]), aux, routing, Activity.concat(activity))
 
 
 def active_parameter_count(model: nn.Module) -> int:

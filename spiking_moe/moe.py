@@ -1,8 +1,6 @@
 r"""The spiking mixture-of-experts layer.
 
-Legend: ``T`` time steps, ``B`` batch, ``S`` sequence positions, ``N`` tokens (``B`` or
-``B S``), ``D`` input features, ``O`` output features, ``E`` experts, ``K`` experts per token,
-``W`` routing windows, ``L`` window length.
+Shape letters: the package legend (:mod:`spiking_moe`).
 
 For input spikes :math:`x \in \{0,1\}^{T \times N \times D}` the layer computes
 
@@ -127,6 +125,22 @@ def _check_parts(router, experts, shared_experts) -> int | None:
     return outs.pop() if outs else None
 
 
+class _StrategyField:
+    """A :class:`SpikingMoE` attribute that reads a field of the layer's expert strategy, and
+    on assignment swaps the strategy for a copy with the field changed (strategies are frozen,
+    so no other layer sharing one sees the change)."""
+
+    def __init__(self, field: str, doc: str, convert=None):
+        self.field, self.__doc__, self.convert = field, doc, convert
+
+    def __get__(self, layer, owner=None):
+        return self if layer is None else getattr(layer.strategy, self.field)
+
+    def __set__(self, layer, value) -> None:
+        value = self.convert(value) if self.convert is not None else value
+        layer.strategy = dataclasses.replace(layer.strategy, **{self.field: value})
+
+
 class SpikingMoE(nn.Module):
     """Spiking MoE layer: router, sparse dispatch to spiking experts, output LIF.
 
@@ -229,30 +243,13 @@ class SpikingMoE(nn.Module):
         """``E``, all experts of the layer (under expert parallelism, not only the local ones)."""
         return self.router.num_experts
 
-    @property
-    def dense(self) -> bool:
-        """Whether the layer runs as the dense-MoE baseline (every expert on every token)."""
-        return self.strategy.every_expert
-
-    @dense.setter
-    def dense(self, value: bool) -> None:
-        self.strategy = dataclasses.replace(self.strategy, every_expert=bool(value))
-
-    @property
-    def grouped_gemm(self) -> str:
-        return self.strategy.grouped_gemm
-
-    @grouped_gemm.setter
-    def grouped_gemm(self, value: str) -> None:
-        self.strategy = dataclasses.replace(self.strategy, grouped_gemm=value)
-
-    @property
-    def spike_exchange(self) -> str:
-        return self.strategy.spike_exchange
-
-    @spike_exchange.setter
-    def spike_exchange(self, value: str) -> None:
-        self.strategy = dataclasses.replace(self.strategy, spike_exchange=value)
+    dense = _StrategyField(
+        "every_expert",
+        "Whether the layer runs as the dense-MoE baseline (every expert on every token).",
+        bool,
+    )
+    grouped_gemm = _StrategyField("grouped_gemm", "The strategy's grouped_gemm option.")
+    spike_exchange = _StrategyField("spike_exchange", "The strategy's spike_exchange option.")
 
     @property
     def expert_parallel(self) -> ExpertParallel | None:
@@ -490,13 +487,13 @@ def update_router_biases(
     if not layers or not batches:
         return
     with torch.no_grad():
-        loads_LE = torch.stack(
+        layer_loads = torch.stack(
             [
                 torch.stack([batch[i].selected_load() for batch in batches]).sum(0)
                 for i in range(len(layers))
             ]
         )
         if reduce is not None:
-            loads_LE = reduce(loads_LE)
-        for layer, load_E in zip(layers, loads_LE, strict=True):
+            layer_loads = reduce(layer_loads)
+        for layer, load_E in zip(layers, layer_loads, strict=True):
             layer.router.update_bias_from_load(load_E)

@@ -1,6 +1,7 @@
 r"""Integer weights (8 or 4 bits) for any model of this package: post-training and QAT.
 
-Legend: ``O`` output features (channels), ``I`` input features, ``R`` rows (any leading dims).
+Shape letters: the package legend (:mod:`spiking_moe`); ``O`` output features (channels), ``I``
+input features, ``R`` rows (any leading dimensions).
 
 **Weights** are quantized symmetrically per output channel (row ``o`` of a Linear weight)::
 

@@ -1,7 +1,6 @@
 r"""Routers: spike rates in, top-k experts, gates and balancing losses out.
 
-Legend: ``T`` time steps, ``N`` tokens, ``D`` input features, ``E`` experts, ``K`` experts
-chosen per token, ``W`` routing windows, ``L`` window length (steps).
+Shape letters: the package legend (:mod:`spiking_moe`).
 
 **Scores.** A token's input spikes over a routing window give the rate
 :math:`r = \frac{1}{L}\sum_{t \in \text{window}} s_t \in [0, 1]^D`.
@@ -162,11 +161,11 @@ def check_routing_config(num_experts, k, window, capacity_factor) -> None:
 
 
 def route(
-    logits_XNE: torch.Tensor,
+    logits_WNE: torch.Tensor,
     k: int,
     *,
     selection_bias: torch.Tensor | None = None,
-    noisy_logits_XNE: torch.Tensor | None = None,
+    noisy_logits_WNE: torch.Tensor | None = None,
     capacity_factor: float | None = None,
     renormalize: bool = True,
     balance_weight: float = 0.0,
@@ -177,12 +176,12 @@ def route(
     """Top-k selection, gates, capacity and losses from router logits (pure function).
 
     Args:
-        logits_XNE: ``[W, N, E]`` noise-free logits, one slice per window (``W = 1`` when not
+        logits_WNE: ``[W, N, E]`` noise-free logits, one slice per window (``W = 1`` when not
             windowed).
         k: experts per token.
         selection_bias: ``[E]`` added to the logits for selection only.
-        noisy_logits_XNE: logits with training noise, used for probabilities and selection;
-            the z-loss always uses ``logits_XNE``. None: no noise.
+        noisy_logits_WNE: logits with training noise, used for probabilities and selection;
+            the z-loss always uses ``logits_WNE``. None: no noise.
         capacity_factor: None (unlimited) or > 0; see the module docstring for the policy.
         renormalize: renormalise the gates over the chosen ``k``.
         balance_weight, z_loss_weight: weights of the two losses in ``aux_loss``.
@@ -193,54 +192,54 @@ def route(
     Returns:
         :class:`RoutingInfo`.
     """
-    W, N, E = logits_XNE.shape
+    W, N, E = logits_WNE.shape
     check_routing_config(E, k, window, capacity_factor)
     probs = torch.softmax(
-        (logits_XNE if noisy_logits_XNE is None else noisy_logits_XNE).float(), dim=-1
-    ).to(logits_XNE.dtype)
+        (logits_WNE if noisy_logits_WNE is None else noisy_logits_WNE).float(), dim=-1
+    ).to(logits_WNE.dtype)
     # Selection in logit space: softmax squashes the unpreferred experts' probabilities
     # towards 0, where an additive bias would move every token at once (herding).
-    scores = (logits_XNE if noisy_logits_XNE is None else noisy_logits_XNE).detach()
+    scores = (logits_WNE if noisy_logits_WNE is None else noisy_logits_WNE).detach()
     if selection_bias is not None:
         scores = scores + selection_bias.detach().to(scores.dtype)
-    ids_XNK = torch.topk(scores, k, dim=-1, sorted=True).indices
-    gates_XNK = probs.gather(-1, ids_XNK)
+    ids_WNK = torch.topk(scores, k, dim=-1, sorted=True).indices
+    gates_WNK = probs.gather(-1, ids_WNK)
     if renormalize:
-        gates_XNK = gates_XNK / gates_XNK.sum(-1, keepdim=True)
+        gates_WNK = gates_WNK / gates_WNK.sum(-1, keepdim=True)
 
-    ones = torch.ones_like(ids_XNK.reshape(-1))
-    selected_E = torch.zeros(E, dtype=torch.int64, device=ids_XNK.device).scatter_add_(
-        0, ids_XNK.reshape(-1), ones
+    ones = torch.ones_like(ids_WNK.reshape(-1))
+    selected_E = torch.zeros(E, dtype=torch.int64, device=ids_WNK.device).scatter_add_(
+        0, ids_WNK.reshape(-1), ones
     )
     if capacity_factor is None:
         capacity = None
-        kept_XNK = torch.ones_like(ids_XNK, dtype=torch.bool)
+        kept_WNK = torch.ones_like(ids_WNK, dtype=torch.bool)
         tokens_E = selected_E
     else:
         capacity = math.ceil(capacity_factor * N * k / E)
         if priority_N is None:
-            key_XNK = -gates_XNK.detach()
+            key_WNK = -gates_WNK.detach()
         else:
             if priority_N.shape != (N,):
                 raise ValueError(f"priority_N must have shape [{N}], got {tuple(priority_N.shape)}")
-            key_XNK = priority_N.view(1, N, 1).expand(W, N, k)
-        kept_XNK = _capacity_mask(ids_XNK, key_XNK, E, capacity)
-        gates_XNK = gates_XNK * kept_XNK.to(gates_XNK.dtype)
+            key_WNK = priority_N.view(1, N, 1).expand(W, N, k)
+        kept_WNK = _capacity_mask(ids_WNK, key_WNK, E, capacity)
+        gates_WNK = gates_WNK * kept_WNK.to(gates_WNK.dtype)
         tokens_E = torch.zeros_like(selected_E).scatter_add_(
-            0, ids_XNK.reshape(-1), kept_XNK.reshape(-1).long()
+            0, ids_WNK.reshape(-1), kept_WNK.reshape(-1).long()
         )
     dropped = selected_E.sum() - tokens_E.sum()
 
     fraction_E = selected_E.to(probs.dtype) / (W * N * k)
     lb_loss = E * (fraction_E * probs.reshape(-1, E).mean(0)).sum()
-    z_loss = torch.logsumexp(logits_XNE.float(), dim=-1).square().mean().to(logits_XNE.dtype)
+    z_loss = torch.logsumexp(logits_WNE.float(), dim=-1).square().mean().to(logits_WNE.dtype)
     aux = balance_weight * lb_loss + z_loss_weight * z_loss
 
     return RoutingInfo(
-        expert_ids=ids_XNK,
-        gates=gates_XNK,
+        expert_ids=ids_WNK,
+        gates=gates_WNK,
         probs=probs,
-        kept=kept_XNK,
+        kept=kept_WNK,
         tokens_per_expert=tokens_E,
         dropped=dropped,
         load_balancing_loss=lb_loss,
@@ -251,16 +250,16 @@ def route(
     )
 
 
-def _capacity_mask(ids_XNK, key_XNK, num_experts, capacity) -> torch.Tensor:
+def _capacity_mask(ids_WNK, key_WNK, num_experts, capacity) -> torch.Tensor:
     """``[W, N, K]`` bool: keep the ``capacity`` assignments of smallest key per (window,
     expert) (key = -gate: largest gates; key = priority: first come, first served)."""
-    W, N, K = ids_XNK.shape
+    W, N, K = ids_WNK.shape
     group_A = (
-        ids_XNK + num_experts * torch.arange(W, device=ids_XNK.device).view(W, 1, 1)
+        ids_WNK + num_experts * torch.arange(W, device=ids_WNK.device).view(W, 1, 1)
     ).reshape(-1)
     # Two stable sorts give the order (group, key ascending, flat index ascending) with
     # no host sync; the flat index is token-major, so equal keys favour earlier tokens.
-    by_key = torch.argsort(key_XNK.reshape(-1), stable=True)
+    by_key = torch.argsort(key_WNK.reshape(-1), stable=True)
     order = by_key[torch.argsort(group_A[by_key], stable=True)]
     counts = torch.bincount(group_A, minlength=W * num_experts)
     starts = torch.cumsum(counts, 0) - counts
@@ -285,13 +284,27 @@ class _Router(nn.Module):
 
     kind: str
 
-    def __init__(self, in_features: int, num_experts: int, k: int, args: RouterArgs):
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        k: int,
+        *,
+        args: RouterArgs | None = None,
+        neuron: NeuronArgs | None = None,
+        **options,
+    ):
         super().__init__()
+        neuron_names = {f.name for f in dataclasses.fields(NeuronArgs)}
+        neuron_options = {n: v for n, v in options.items() if n in neuron_names}
+        options = {n: v for n, v in options.items() if n not in neuron_names}
+        who = type(self).__name__
+        args = with_options(args or RouterArgs(kind=self.kind), options, who=who)
         _check_int("in_features", in_features, 1)
         check_routing_config(num_experts, k, args.window, args.capacity_factor)
         if args.kind != self.kind:
             raise ValueError(
-                f"{type(self).__name__} is router kind {self.kind!r}, got args.kind={args.kind!r} "
+                f"{who} is router kind {self.kind!r}, got args.kind={args.kind!r} "
                 "(build_router picks the class by kind)"
             )
         self.args = args
@@ -301,6 +314,12 @@ class _Router(nn.Module):
         self.proj = nn.Linear(in_features, num_experts)
         # Persistent by design: the one piece of router state that outlives a call.
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self._init_neurons(neuron, neuron_options)
+
+    def _init_neurons(self, neuron: NeuronArgs | None, options) -> None:
+        """The router's own neurons (none for the rate router)."""
+        if neuron is not None or options:
+            raise TypeError(f"{type(self).__name__} has no neurons: got neuron options {options}")
 
     @property
     def window(self) -> int | None:
@@ -354,7 +373,7 @@ class _Router(nn.Module):
             logits,
             self.k,
             selection_bias=self.expert_bias,
-            noisy_logits_XNE=noisy,
+            noisy_logits_WNE=noisy,
             capacity_factor=a.capacity_factor,
             renormalize=a.renormalize,
             balance_weight=a.balance_weight,
@@ -429,18 +448,6 @@ class RateRouter(_Router):
 
     kind = "rate"
 
-    def __init__(
-        self,
-        in_features: int,
-        num_experts: int,
-        k: int,
-        *,
-        args: RouterArgs | None = None,
-        **options,
-    ):
-        args = with_options(args or RouterArgs(), {"kind": "rate", **options}, who="RateRouter")
-        super().__init__(in_features, num_experts, k, args)
-
     def _scores(self, x_TND):
         if self.window is None:
             return self.proj(x_TND.mean(0, keepdim=True)), Activity.empty(x_TND.device)
@@ -474,24 +481,8 @@ class SpikingRouter(_Router):
 
     kind = "spiking"
 
-    def __init__(
-        self,
-        in_features: int,
-        num_experts: int,
-        k: int,
-        *,
-        args: RouterArgs | None = None,
-        neuron: NeuronArgs | None = None,
-        **options,
-    ):
-        neuron_names = {f.name for f in dataclasses.fields(NeuronArgs)}
-        neuron_options = {n: v for n, v in options.items() if n in neuron_names}
-        router_options = {n: v for n, v in options.items() if n not in neuron_names}
-        args = with_options(
-            args or RouterArgs(), {"kind": "spiking", **router_options}, who="SpikingRouter"
-        )
-        super().__init__(in_features, num_experts, k, args)
-        self.neuron = LIF(neuron, **neuron_options)
+    def _init_neurons(self, neuron: NeuronArgs | None, options) -> None:
+        self.neuron = LIF(neuron, **options)
 
     @property
     def gain(self) -> float:

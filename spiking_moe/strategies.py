@@ -1,7 +1,6 @@
 r"""How a MoE layer's experts run: an object with one method, chosen at construction or swapped.
 
-Shape letters: the package legend (:mod:`spiking_moe`); here ``X`` rows routed (one per
-(window, token)), ``R`` dispatched rows (kept assignments), ``P`` expert-parallel processes.
+Shape letters: the package legend (:mod:`spiking_moe`).
 
 A :class:`~spiking_moe.moe.SpikingMoE` routes its tokens, then hands its experts, the rows to
 compute ``x [T, X, D]`` and the router's :class:`Assignments` to its *expert strategy*, which
@@ -274,11 +273,12 @@ def pack_spikes(x_RF: torch.Tensor) -> torch.Tensor:
     return (padded.view(R, padded.shape[1] // 8, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
-def unpack_spikes(bits_RB: torch.Tensor, features: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`pack_spikes`: ``[R, features]`` of ``dtype``."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits_RB.device)
-    bits = (bits_RB.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(bits_RB.shape[0], 8 * bits_RB.shape[1])[:, :features].to(dtype)
+def unpack_spikes(packed: torch.Tensor, features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`pack_spikes`: ``[R, ceil(F / 8)]`` bytes -> ``[R, F]`` of ``dtype``
+    (``F = features``)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(packed.shape[0], 8 * packed.shape[1])[:, :features].to(dtype)
 
 
 class _BinaryRows(torch.autograd.Function):

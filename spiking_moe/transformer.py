@@ -1,7 +1,7 @@
 r"""Spiking transformer blocks with a token-level MoE FFN, a byte-level language model, and its twins.
 
-Shape letters: the package legend (:mod:`spiking_moe`); ``D`` is the model width
-``d_model``, ``V`` the vocabulary.
+Shape letters: the package legend (:mod:`spiking_moe`); ``D`` is ``d_model``, ``V`` the
+vocabulary.
 
 **Block** (:class:`SpikingTransformerBlock`), on spikes :math:`x \in \{0,1\}^{T \times B
 \times S \times D}`:
@@ -139,34 +139,54 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _lm_args(who: str, args, options, d_model: int, num_layers: int, num_heads: int) -> ModelArgs:
-    """The model's args: ``args`` with the keyword options and the positional sizes."""
-    for name, value in (("d_model", d_model), ("num_layers", num_layers), ("num_heads", num_heads)):
-        _check_int(name, value)
-    sizes = dict(hidden_features=d_model, num_layers=num_layers, num_heads=num_heads)
-    args = model_args(args, {**options, **sizes}, who=who)
-    if args.router.window is not None:
-        raise ValueError(
-            f"{who}: router.window must be unset for language models (routing is per position), "
-            f"got {args.router.window}"
-        )
-    return args
-
-
 class _LanguageModel(nn.Module):
-    """Embedding, input checks and sampling shared by the three language models."""
+    """What the three language models share: one constructor (sizes, args, options),
+    embedding, input checks and sampling. Each builds its blocks in :meth:`_build`."""
 
-    args: ModelArgs
-    vocab_size: int
-    context: int
-
-    def _init_embedding(self, vocab_size: int, args: ModelArgs, context: int) -> None:
-        _check_int("vocab_size", vocab_size)
-        _check_int("context", context)
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        context: int,
+        *,
+        args: ModelArgs | None = None,
+        num_steps: int = 4,
+        ffn_hidden: int | None = None,
+        **options,
+    ):
+        super().__init__()
+        who = type(self).__name__
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("d_model", d_model),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("context", context),
+            ("num_steps", num_steps),
+        ):
+            _check_int(name, value)
+        # num_experts=None asks for the dense FFN (the ANN twin; the dense SNN is dense).
+        without_experts = options.get("num_experts", 0) is None
+        if without_experts:
+            del options["num_experts"]
+        sizes = dict(hidden_features=d_model, num_layers=num_layers, num_heads=num_heads)
+        args = model_args(args, {**options, **sizes}, who=who)
+        if args.router.window is not None:
+            raise ValueError(
+                f"{who}: router.window must be unset for language models (routing is per "
+                f"position), got {args.router.window}"
+            )
         self.args = args
-        self.vocab_size, self.d_model, self.context = vocab_size, args.hidden_features, context
-        self.token_embedding = nn.Embedding(vocab_size, self.d_model)
-        self.position_embedding = nn.Embedding(context, self.d_model)
+        self.vocab_size, self.d_model, self.context = vocab_size, d_model, context
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(context, d_model)
+        routed = not without_experts and args.moe.num_experts > 1 and ffn_hidden is None
+        self._build(args, num_steps=num_steps, ffn_hidden=ffn_hidden, routed=routed)
+
+    def _build(self, args: ModelArgs, *, num_steps: int, ffn_hidden, routed: bool) -> None:
+        raise NotImplementedError
 
     @property
     def readout_mode(self) -> str:
@@ -252,12 +272,10 @@ class _LanguageModel(nn.Module):
 
 
 class _SpikingLM(_LanguageModel):
-    def _init_spiking(self, vocab_size: int, args: ModelArgs, context: int, num_steps: int) -> None:
-        self._init_embedding(vocab_size, args, context)
-        _check_int("num_steps", num_steps)
+    def _init_io(self, args: ModelArgs, num_steps: int) -> None:
         self.num_steps = num_steps
         self.input_neuron = LIF(args.neuron)
-        self.readout = EventLinear(args.hidden_features, vocab_size)
+        self.readout = EventLinear(args.hidden_features, self.vocab_size)
         if args.readout == "membrane" and self.input_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")
 
@@ -300,6 +318,7 @@ class SpikingMoELM(_SpikingLM):
         args: the model's :class:`~spiking_moe.args.ModelArgs` (None: the defaults); the
             positional sizes override its.
         num_steps: ``T``, steps of constant input current per token.
+        ffn_hidden: the dense twins' FFN width (:class:`DenseSNNLM`, :class:`ANNTransformerLM`).
         **options: model options by name, flat (``num_experts``, ``k``, ``expert_hidden``,
             ``shared_experts``, ``shared_hidden`` (None: ``expert_hidden``), ``readout``
             ("count" or "membrane"), ``router`` ("rate" or "spiking"), ``capacity_factor``,
@@ -317,21 +336,10 @@ class SpikingMoELM(_SpikingLM):
         torch.Size([5])
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        d_model: int,
-        num_layers: int,
-        num_heads: int,
-        context: int,
-        *,
-        args: ModelArgs | None = None,
-        num_steps: int = 4,
-        **options,
-    ):
-        super().__init__()
-        args = _lm_args(type(self).__name__, args, options, d_model, num_layers, num_heads)
-        self._init_spiking(vocab_size, args, context, num_steps)
+    def _build(self, args: ModelArgs, *, num_steps: int, ffn_hidden, routed: bool) -> None:
+        if ffn_hidden is not None:
+            raise TypeError("ffn_hidden is the dense twins' FFN width; SpikingMoELM has experts")
+        self._init_io(args, num_steps)
         self.blocks = nn.ModuleList(
             self._block(moe_ffn(args, spiking=True, neuron=LIF(args.neuron)))
             for _ in range(args.num_layers)
@@ -352,22 +360,8 @@ class DenseSNNLM(_SpikingLM):
         torch.Size([1, 8, 256])
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        d_model: int,
-        num_layers: int,
-        num_heads: int,
-        context: int,
-        *,
-        ffn_hidden: int | None = None,
-        args: ModelArgs | None = None,
-        num_steps: int = 4,
-        **options,
-    ):
-        super().__init__()
-        args = _lm_args(type(self).__name__, args, options, d_model, num_layers, num_heads)
-        self._init_spiking(vocab_size, args, context, num_steps)
+    def _build(self, args: ModelArgs, *, num_steps: int, ffn_hidden, routed: bool) -> None:
+        self._init_io(args, num_steps)
         self.blocks = nn.ModuleList(
             self._block(dense_ffn(args, spiking=True, neuron=LIF(args.neuron), width=ffn_hidden))
             for _ in range(args.num_layers)
@@ -395,7 +389,8 @@ class ANNTransformerLM(_LanguageModel):
 
     Args:
         vocab_size, d_model, num_layers, num_heads, context, args, **options: as
-            :class:`SpikingMoELM` (the neuron options are accepted and unused). With
+            :class:`SpikingMoELM` (the neuron options and ``num_steps`` are accepted, so the
+            twins take the same arguments, and unused: an ANN runs one step). With
             ``moe.num_experts > 1`` each FFN is routed (a rate router on the normalised
             activations, :class:`~spiking_moe.experts.MLPExpert` experts, the shared ones
             beside); ``num_experts=None`` or 1 gives a dense FFN.
@@ -408,26 +403,7 @@ class ANNTransformerLM(_LanguageModel):
         torch.Size([2, 8, 256])
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        d_model: int,
-        num_layers: int,
-        num_heads: int,
-        context: int,
-        *,
-        ffn_hidden: int | None = None,
-        args: ModelArgs | None = None,
-        **options,
-    ):
-        super().__init__()
-        routed = options.get("num_experts", 0) is not None
-        if not routed:
-            del options["num_experts"]
-        args = _lm_args(type(self).__name__, args, options, d_model, num_layers, num_heads)
-        self._init_embedding(vocab_size, args, context)
-        routed = routed and args.moe.num_experts > 1 and ffn_hidden is None
-
+    def _build(self, args: ModelArgs, *, num_steps: int, ffn_hidden, routed: bool) -> None:
         def make_ffn() -> nn.Module:
             # The FFN returns its current to the residual stream: no neuron.
             if routed:
@@ -440,8 +416,8 @@ class ANNTransformerLM(_LanguageModel):
             for _ in range(args.num_layers)
         )
         self.ln_f = nn.LayerNorm(args.hidden_features)
-        self.readout = nn.Linear(args.hidden_features, vocab_size)
-        self.num_steps = 1  # one step per token (an ANN); energy counting reads this
+        self.readout = nn.Linear(args.hidden_features, self.vocab_size)
+        self.num_steps = 1  # one step per token (an ANN; energy counting reads this)
 
     def forward(self, ids_BS: torch.Tensor) -> LMOutput:
         """Next-token logits ``[B, S, V]`` for token ids ``[B, S]`` -> :class:`LMOutput`."""

@@ -1,9 +1,10 @@
 """Documentation that stays true: every public module shows a runnable example (pytest runs
-them through --doctest-modules, see pyproject.toml) and the package's imports go one way."""
+them through --doctest-modules, see pyproject.toml). The import structure: test_imports.py."""
 
 import ast
 import doctest
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,17 @@ DOCUMENTED = [
     "spiking_moe.router",
     "spiking_moe.moe",
     "spiking_moe.models",
+    "spiking_moe.args",
+    "spiking_moe.strategies",
+    "spiking_moe.factory",
+    "spiking_moe.transformer",
     "energy",
     "energy.counting",
     "energy.profiles",
     "energy.report",
+    "energy.counts",
+    "energy.rules",
+    "energy.adapters",
 ]
 
 
@@ -43,77 +51,45 @@ def test_doctests_are_collected_by_pytest():
     assert "--doctest-modules" in text and '"spiking_moe", "energy"' in text
 
 
-def _imports(path: Path, package: str) -> set[str]:
-    """Modules of ``package`` that ``path`` imports at run time (not under TYPE_CHECKING)."""
-    tree = ast.parse(path.read_text())
-    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-    is_package = path.name == "__init__.py"
+def _legend() -> set[str]:
+    """The letters of the package legend (the table in ``spiking_moe.__doc__``)."""
+    import spiking_moe
+
+    return set(re.findall(r"^``([A-Z])``  ", spiking_moe.__doc__, flags=re.M))
+
+
+def _shape_suffixes(path: Path) -> set[tuple[str, str]]:
+    """``(identifier, suffix)`` of every name in ``path`` with a shape suffix (``x_TBD``)."""
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            node.body = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = module.split(".")
-                base = base[: len(base) - node.level + (1 if is_package else 0)]
-                target = ".".join([*base, *([node.module] if node.module else [])])
-            else:
-                target = node.module or ""
-            if target.startswith(package):
-                found.add(target)
-                found.update(f"{target}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith(package))
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Name):
+            names.append(node.id)
+        elif isinstance(node, ast.arg):
+            names.append(node.arg)
+        elif isinstance(node, ast.Attribute):
+            names.append(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.append(node.name)
+        for name in names:
+            match = re.fullmatch(r"[a-z][a-z0-9_]*?_([A-Z0-9]*[A-Z][A-Z0-9]*)", name)
+            if match:
+                found.add((name, match.group(1)))
     return found
 
 
-def _module_graph(package: str) -> dict[str, set[str]]:
-    files = {
-        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-        for p in (ROOT / package).rglob("*.py")
-    }
-    return {
-        name: {t for t in _imports(path, package) if t in files and t != name}
-        for name, path in files.items()
-        if not path.name == "__init__.py"
-    }
-
-
-def test_imports_go_one_way_inside_the_package():
-    """No import cycle between the modules of spiking_moe (package __init__ files, which only
-    re-export, aside): e.g. config reads data's dataset specs and data knows nothing of config."""
-    graph = _module_graph("spiking_moe")
-    graph = {name: {t for t in deps if t in graph} for name, deps in graph.items()}
-    state: dict[str, int] = {}
-
-    def visit(node, path):
-        state[node] = 1
-        for dep in sorted(graph[node]):
-            if state.get(dep) == 1:
-                cycle = path[path.index(dep) :] + [dep] if dep in path else [node, dep]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if dep not in state:
-                visit(dep, [*path, dep])
-        state[node] = 2
-
-    for name in sorted(graph):
-        if name not in state:
-            visit(name, [name])
-    # data knows nothing of config: no module of the data package, its __init__ included.
-    data_files = [p for n, p in _files("spiking_moe").items() if n.startswith("spiking_moe.data.")]
-    assert data_files
-    for path in data_files:
-        imported = _imports(path, "spiking_moe.config")
-        assert not imported, f"{path} imports {sorted(imported)}"
-    # Only training/ talks to the energy package.
-    for name, path in _files("spiking_moe").items():
-        uses_energy = any(t.startswith("energy") for t in _imports(path, "energy"))
-        assert not uses_energy or name.startswith("spiking_moe.training"), name
-
-
-def _files(package):
-    return {
-        ".".join(p.relative_to(ROOT).with_suffix("").parts): p
-        for p in (ROOT / package).rglob("*.py")
-    }
+def test_one_legend_for_the_shape_letters():
+    """Every shape suffix in the package uses the package legend's letters, and no module
+    declares a legend of its own (a letter means one thing everywhere)."""
+    legend = _legend()
+    assert {"T", "B", "N", "W", "L", "X", "E", "K", "R", "D", "U", "G", "P"} <= legend
+    unknown = []
+    for path in sorted((ROOT / "spiking_moe").rglob("*.py")):
+        for name, suffix in sorted(_shape_suffixes(path)):
+            stray = set(suffix) - legend - set("0123456789")
+            if stray:
+                unknown.append(f"{path.relative_to(ROOT)}: {name} ({''.join(sorted(stray))})")
+        if path != ROOT / "spiking_moe" / "__init__.py":
+            text = path.read_text()
+            assert not re.search(r"^(Legend|Letters):", text, flags=re.M), path
+    assert unknown == []

@@ -274,10 +274,9 @@ def test_grouped_gemm_layer_gives_unrouted_experts_no_gradient():
             torch.testing.assert_close(got_grads[name], want, msg=name)
 
 
-@pytest.mark.parametrize(("mode", "grouped"), [("auto", False), ("never", False), ("always", True)])
-def test_grouped_gemm_mode_choice_on_cpu(monkeypatch, mode, grouped):
-    """On CPU "auto" calls each expert when few experts have rows (the grouped path is slower
-    there for few of them)."""
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """Whether each call of the experts took the grouped GEMM, in order."""
     import spiking_moe.strategies as strategies
 
     calls = []
@@ -288,23 +287,22 @@ def test_grouped_gemm_mode_choice_on_cpu(monkeypatch, mode, grouped):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(strategies, "run_experts_with_activity", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("mode", "grouped"), [("auto", False), ("never", False), ("always", True)])
+def test_grouped_gemm_mode_choice_on_cpu(grouped_calls, mode, grouped):
+    """On CPU "auto" calls each expert when few experts have rows (the grouped path is slower
+    there for few of them)."""
     torch.manual_seed(0)
     moe = SpikingMoE(router=RateRouter(D, E, K), experts=_experts(), grouped_gemm=mode)
     moe(_spikes((T, 5, D)))
-    assert calls == [grouped]
+    assert grouped_calls == [grouped]
 
 
-def test_auto_takes_the_grouped_path_on_cpu_when_many_experts_have_rows(monkeypatch):
+def test_auto_takes_the_grouped_path_on_cpu_when_many_experts_have_rows(grouped_calls, monkeypatch):
     import spiking_moe.strategies as strategies
 
-    calls = []
-    real = strategies.run_experts_with_activity
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("grouped", False))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(strategies, "run_experts_with_activity", spy)
     monkeypatch.setattr(strategies, "CPU_GROUPED_MIN_EXPERTS", 3)
     torch.manual_seed(0)
     many = SpikingMoE(router=RateRouter(D, 8, 2), experts=_experts(8))
@@ -314,11 +312,11 @@ def test_auto_takes_the_grouped_path_on_cpu_when_many_experts_have_rows(monkeypa
     reference = SpikingMoE(router=RateRouter(D, 8, 2), experts=_experts(8), grouped_gemm="never")
     reference.load_state_dict(many.state_dict())
     out = many(x)
-    assert calls[-1] is True
+    assert grouped_calls[-1] is True
     torch.testing.assert_close(out.spikes, reference(x).spikes)
     monkeypatch.setattr(strategies, "CPU_GROUPED_MIN_EXPERTS", 9)  # more than E: never grouped
     many(x)
-    assert calls[-1] is False
+    assert grouped_calls[-1] is False
 
 
 def test_submodule_names_follow_the_contract():

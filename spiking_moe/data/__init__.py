@@ -35,8 +35,8 @@ batches with a permutation fixed by ``(seed, epoch)`` and rate-encoding noise fi
 ``(seed, epoch, batch, rank)``, so an epoch can be replayed from any batch (exact resume) and
 sharded across processes without a sampler object.
 
-Letters: T time steps, B batch, N samples, F features, C classes, S context (bytes per
-window), W windows, L bytes of a corpus split.
+Shape letters: the package legend (:mod:`spiking_moe`); a sample is a token (``N``), ``S`` the
+bytes of a text window.
 
 ==================  ==========================================================================
 module              what it holds

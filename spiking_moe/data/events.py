@@ -122,15 +122,17 @@ def tonic_frames(
     Args:
         events: a tonic structured array with fields ``t``, ``x`` and optionally ``y`` and
             ``p`` (missing ``p``: one polarity), any order.
-        sensor_size: tonic's ``(x, y, p)`` sizes (W, H, P), e.g. ``dataset.sensor_size``;
+        sensor_size: tonic's ``(x, y, p)`` sizes (width, height, polarities), e.g.
+            ``dataset.sensor_size``;
             ``(700, 1, 1)`` for SHD, ``(34, 34, 2)`` for N-MNIST.
         num_steps: T.
         max_time_s: the binning window in seconds.
         time_unit_s: seconds per unit of ``events["t"]`` (tonic's datasets use microseconds).
 
     Returns:
-        ``[T, F]`` float32 tensor, F = W * H * P; an event's channel is ``p * H * W + y * W + x``
-        (``p * W + x`` without ``y``), the native channel layout of SHD and N-MNIST.
+        ``[T, F]`` float32 tensor, F = width * height * polarities; an event's channel is
+        ``(p * height + y) * width + x`` (``p * width + x`` without ``y``), the native channel
+        layout of SHD and N-MNIST.
 
     Raises:
         ImportError: tonic is not installed.

@@ -1,7 +1,8 @@
 r"""Event-driven synaptic product: a linear layer that reads only the weights of active inputs.
 
-Legend: ``R`` rows (all leading dimensions of the input folded together, e.g. ``T B``), ``I``
-input features, ``O`` output features, ``A`` active (nonzero) input entries.
+Shape letters: the package legend (:mod:`spiking_moe`): ``R`` rows (all leading
+dimensions of the input folded together, e.g. ``T B``), ``I`` input features, ``O`` output
+features, ``Z`` nonzero input entries.
 
 For inputs :math:`x \in \mathbb{R}^{R \times I}`, weight :math:`W \in \mathbb{R}^{O \times I}`
 (``nn.Linear``'s layout) and bias :math:`b`,
@@ -413,20 +414,20 @@ class _TorchProvider:
 
     def forward(self, args: EventLinearArgs) -> torch.Tensor | None:
         x_RI, weight_t_IO, bias_O = args.x_RI, args.weight_t_IO, args.bias_O
-        rows_A, cols_A = x_RI.nonzero(as_tuple=True)  # row-major: each row's inputs in order
-        if rows_A.numel() > args.max_density * x_RI.numel():
+        rows_Z, cols_Z = x_RI.nonzero(as_tuple=True)  # row-major: each row's inputs in order
+        if rows_Z.numel() > args.max_density * x_RI.numel():
             return None
         n_rows, n_out = x_RI.shape[0], weight_t_IO.shape[1]
         if bias_O is None:
             out_RO = x_RI.new_zeros(n_rows, n_out)
         else:
             out_RO = bias_O.expand(n_rows, n_out).clone()
-        values_A = x_RI[rows_A, cols_A]
+        values_Z = x_RI[rows_Z, cols_Z]
         step = max(1, _TORCH_CHUNK_ELEMENTS // max(n_out, 1))
-        for start in range(0, rows_A.numel(), step):
+        for start in range(0, rows_Z.numel(), step):
             part = slice(start, start + step)
-            rows_O = weight_t_IO.index_select(0, cols_A[part]) * values_A[part, None]
-            out_RO.index_add_(0, rows_A[part], rows_O)
+            rows_O = weight_t_IO.index_select(0, cols_Z[part]) * values_Z[part, None]
+            out_RO.index_add_(0, rows_Z[part], rows_O)
         return out_RO
 
 

@@ -57,38 +57,38 @@ def _neuron_node(
         )
     beta = lif.beta.detach().clamp(0, 1).to(torch.float64)
     threshold = lif.threshold.detach().to(torch.float64)
-    beta_N, threshold_N = _array(beta, size), _array(threshold, size)
+    beta_U, threshold_U = _array(beta, size), _array(threshold, size)
     metadata = {
         _META: {
-            "beta": beta_N.astype(np.float32),
-            "threshold": threshold_N.astype(np.float32),
+            "beta": beta_U.astype(np.float32),
+            "threshold": threshold_U.astype(np.float32),
             "reset": lif.reset,
         }
     }
     zeros = np.zeros(size)
-    if (beta_N == 1).all():
+    if (beta_U == 1).all():
         return nir.IF(
-            r=np.full(size, 1 / dt), v_threshold=threshold_N, v_reset=zeros, metadata=metadata
+            r=np.full(size, 1 / dt), v_threshold=threshold_U, v_reset=zeros, metadata=metadata
         )
-    if (beta_N == 1).any():
+    if (beta_U == 1).any():
         raise ValueError(
             f"LIF {name!r} mixes beta = 1 (NIR's IF) with beta < 1 (NIR's LIF) in one layer; "
             "NIR has one neuron type per node"
         )
-    tau = dt / (1 - beta_N)
+    tau = dt / (1 - beta_U)
     r = np.ones(size) if unit_resistance else tau / dt
-    v_threshold = threshold_N * (1 - beta_N) if unit_resistance else threshold_N
+    v_threshold = threshold_U * (1 - beta_U) if unit_resistance else threshold_U
     return nir.LIF(
         tau=tau, r=r, v_leak=zeros, v_threshold=v_threshold, v_reset=zeros, metadata=metadata
     )
 
 
 def _integrator_node(beta: torch.Tensor, size: int, dt: float, unit_resistance: bool):
-    beta_N = _array(beta.detach().clamp(0, 1), size)
-    metadata = {_META: {"beta": beta_N.astype(np.float32)}}
-    if (beta_N == 1).all():
+    beta_U = _array(beta.detach().clamp(0, 1), size)
+    metadata = {_META: {"beta": beta_U.astype(np.float32)}}
+    if (beta_U == 1).all():
         return nir.I(r=np.full(size, 1 / dt), metadata=metadata)
-    tau = dt / (1 - beta_N)
+    tau = dt / (1 - beta_U)
     r = np.ones(size) if unit_resistance else tau / dt
     return nir.LI(tau=tau, r=r, v_leak=np.zeros(size), metadata=metadata)
 

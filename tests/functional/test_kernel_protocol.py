@@ -96,7 +96,7 @@ def test_a_drifted_signature_is_detected():
             return None
 
         # The arguments one by one instead of the protocol's one bundle.
-        def forward(self, x_TN, v0_N, beta_N, theta_N, zero_reset, return_membrane):
+        def forward(self, x_TU, v0_U, beta_U, theta_U, zero_reset, return_membrane):
             raise NotImplementedError
 
         def backward(self, args: protocol.LIFForwardArgs):  # the wrong bundle

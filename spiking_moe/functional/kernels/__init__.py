@@ -35,7 +35,7 @@ Backward needs only ``h`` (``[T, N]``, the input dtype: 4 bytes per element per 
 ``s_t = H(h_t - \theta)`` and ``v_{t-1}`` are recomputed from it. Parameter gradients come back
 per neuron and are summed to the parameters' shapes here.
 
-Shapes (``T`` steps, ``N`` neurons of one step) as in :mod:`.protocol`.
+Shapes (``T`` steps, ``U`` neurons of one step) as in :mod:`.protocol`.
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ def _per_neuron(value, step_shape: torch.Size, like: torch.Tensor) -> torch.Tens
     return torch.full((n,), float(value), dtype=like.dtype, device=like.device)
 
 
-def _reduce_to(grad_N: torch.Tensor, step_shape: torch.Size, param) -> torch.Tensor | None:
+def _reduce_to(grad_U: torch.Tensor, step_shape: torch.Size, param) -> torch.Tensor | None:
     if not isinstance(param, torch.Tensor):
         return None
-    return grad_N.view(step_shape).sum_to_size(param.shape).to(param.dtype)
+    return grad_U.view(step_shape).sum_to_size(param.shape).to(param.dtype)
 
 
 class FusedLIF(torch.autograd.Function):
@@ -87,23 +87,23 @@ class FusedLIF(torch.autograd.Function):
     def forward(ctx, x, v0, beta, threshold, config: FusedConfig):
         steps, step_shape = x.shape[0], x.shape[1:]
         n = math.prod(step_shape)
-        x_TN = x.reshape(steps, n).contiguous()
-        beta_N = _per_neuron(beta, step_shape, x)
-        theta_N = _per_neuron(threshold, step_shape, x)
-        v0_N = None if v0 is None else v0.reshape(n).contiguous()
+        x_TU = x.reshape(steps, n).contiguous()
+        beta_U = _per_neuron(beta, step_shape, x)
+        theta_U = _per_neuron(threshold, step_shape, x)
+        v0_U = None if v0 is None else v0.reshape(n).contiguous()
         # Without a gradient to any input no backward runs: h (kept only for it) need not
         # be written.
         keep_h = any(ctx.needs_input_grad[:4])
         outputs = config.provider.forward(
             LIFForwardArgs(
-                x_TN, v0_N, beta_N, theta_N, config.zero_reset, config.return_membrane, keep_h
+                x_TU, v0_U, beta_U, theta_U, config.zero_reset, config.return_membrane, keep_h
             )
         )
-        spikes_TN, h_TN, v_N = outputs[:3]
+        spikes_TU, h_TU, v_U = outputs[:3]
         param_grads = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         # Only h is [T, N]; beta/threshold/v0 are the caller's own tensors, not copies.
         ctx.save_for_backward(
-            h_TN,
+            h_TU,
             v0 if param_grads else None,
             beta if isinstance(beta, torch.Tensor) else None,
             threshold if isinstance(threshold, torch.Tensor) else None,
@@ -114,45 +114,45 @@ class FusedLIF(torch.autograd.Function):
         ctx.param_grads = param_grads
         ctx.step_shape = step_shape
         ctx.set_materialize_grads(False)
-        result = (spikes_TN.view(x.shape), v_N.view(step_shape))
+        result = (spikes_TU.view(x.shape), v_U.view(step_shape))
         if config.return_membrane:
             result = result + (outputs[3].view(x.shape),)
         return result
 
     @staticmethod
     def backward(ctx, grad_spikes, grad_v, grad_membrane=None):
-        h_TN, v0, beta, threshold = ctx.saved_tensors
+        h_TU, v0, beta, threshold = ctx.saved_tensors
         config: FusedConfig = ctx.config
         step_shape = ctx.step_shape
-        steps, n = h_TN.shape
+        steps, n = h_TU.shape
 
         def flat(g, shape):
-            return None if g is None else g.reshape(shape).contiguous().to(h_TN.dtype)
+            return None if g is None else g.reshape(shape).contiguous().to(h_TU.dtype)
 
-        gs_TN = flat(grad_spikes, (steps, n))
-        if gs_TN is None:
-            gs_TN = torch.zeros_like(h_TN)
+        gs_TU = flat(grad_spikes, (steps, n))
+        if gs_TU is None:
+            gs_TU = torch.zeros_like(h_TU)
         beta_p = beta if beta is not None else ctx.beta_value
         theta_p = threshold if threshold is not None else ctx.threshold_value
         args = LIFBackwardArgs(
-            gs_TN,
+            gs_TU,
             flat(grad_membrane, (steps, n)),
             flat(grad_v, (n,)),
-            h_TN,
-            _per_neuron(beta_p, step_shape, h_TN),
-            _per_neuron(theta_p, step_shape, h_TN),
-            None if v0 is None else v0.reshape(n).contiguous().to(h_TN.dtype),
+            h_TU,
+            _per_neuron(beta_p, step_shape, h_TU),
+            _per_neuron(theta_p, step_shape, h_TU),
+            None if v0 is None else v0.reshape(n).contiguous().to(h_TU.dtype),
             config.surrogate,
             config.zero_reset,
             config.detach_reset,
             ctx.param_grads,
         )
-        gx_TN, gv0_N, gbeta_N, gtheta_N = config.provider.backward(args)
-        grad_x = gx_TN.view((steps, *step_shape))
-        grad_v0 = gv0_N.view(step_shape) if ctx.needs_input_grad[1] else None
+        gx_TU, gv0_U, gbeta_U, gtheta_U = config.provider.backward(args)
+        grad_x = gx_TU.view((steps, *step_shape))
+        grad_v0 = gv0_U.view(step_shape) if ctx.needs_input_grad[1] else None
         grad_beta = grad_theta = None
         if ctx.needs_input_grad[2]:
-            grad_beta = _reduce_to(gbeta_N, step_shape, beta)
+            grad_beta = _reduce_to(gbeta_U, step_shape, beta)
         if ctx.needs_input_grad[3]:
-            grad_theta = _reduce_to(gtheta_N, step_shape, threshold)
+            grad_theta = _reduce_to(gtheta_U, step_shape, threshold)
         return grad_x, grad_v0, grad_beta, grad_theta, None

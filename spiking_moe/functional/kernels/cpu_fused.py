@@ -88,10 +88,10 @@ class _CppProvider:
     def forward(self, args: LIFForwardArgs) -> tuple[torch.Tensor, ...]:
         return tuple(
             EXTENSION.load().lif_forward(
-                args.x_TN,
-                args.beta_N,
-                args.theta_N,
-                args.v0_N,
+                args.x_TU,
+                args.beta_U,
+                args.theta_U,
+                args.v0_U,
                 args.zero_reset,
                 args.return_membrane,
                 args.keep_h,
@@ -102,13 +102,13 @@ class _CppProvider:
         self, args: LIFBackwardArgs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         out = EXTENSION.load().lif_backward(
-            args.gs_TN,
-            args.gmem_TN,
-            args.gv_N,
-            args.h_TN,
-            args.beta_N,
-            args.theta_N,
-            args.v0_N,
+            args.gs_TU,
+            args.gmem_TU,
+            args.gv_U,
+            args.h_TU,
+            args.beta_U,
+            args.theta_U,
+            args.v0_U,
             SURROGATE_IDS[args.surrogate.name],
             float(args.surrogate.alpha),
             args.zero_reset,
@@ -131,52 +131,52 @@ class _TorchProvider:
         return None
 
     def forward(self, args: LIFForwardArgs) -> tuple[torch.Tensor, ...]:
-        x_TN, beta_N, theta_N = args.x_TN, args.beta_N, args.theta_N
-        h_TN = torch.empty_like(x_TN)
-        spikes_TN = torch.empty_like(x_TN)
-        membrane_TN = torch.empty_like(x_TN) if args.return_membrane else None
-        v = torch.zeros_like(x_TN[0]) if args.v0_N is None else args.v0_N
-        for t in range(x_TN.shape[0]):
+        x_TU, beta_U, theta_U = args.x_TU, args.beta_U, args.theta_U
+        h_TU = torch.empty_like(x_TU)
+        spikes_TU = torch.empty_like(x_TU)
+        membrane_TU = torch.empty_like(x_TU) if args.return_membrane else None
+        v = torch.zeros_like(x_TU[0]) if args.v0_U is None else args.v0_U
+        for t in range(x_TU.shape[0]):
             # Same operation order as the reference loop: spikes must match it exactly.
-            h = torch.add(beta_N * v, x_TN[t], out=h_TN[t])
-            spikes_TN[t] = (h - theta_N) > 0
-            v = _reset(h, spikes_TN[t], theta_N, args.zero_reset)
-            if membrane_TN is not None:
-                membrane_TN[t] = v
-        out = (spikes_TN, h_TN, v)
-        return out + ((membrane_TN,) if membrane_TN is not None else ())
+            h = torch.add(beta_U * v, x_TU[t], out=h_TU[t])
+            spikes_TU[t] = (h - theta_U) > 0
+            v = _reset(h, spikes_TU[t], theta_U, args.zero_reset)
+            if membrane_TU is not None:
+                membrane_TU[t] = v
+        out = (spikes_TU, h_TU, v)
+        return out + ((membrane_TU,) if membrane_TU is not None else ())
 
     def backward(
         self, args: LIFBackwardArgs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        h_TN, beta_N, theta_N, zero_reset = args.h_TN, args.beta_N, args.theta_N, args.zero_reset
+        h_TU, beta_U, theta_U, zero_reset = args.h_TU, args.beta_U, args.theta_U, args.zero_reset
         keep = 0.0 if args.detach_reset else 1.0
-        gx_TN = torch.empty_like(h_TN)
-        a = torch.zeros_like(h_TN[0]) if args.gv_N is None else args.gv_N
+        gx_TU = torch.empty_like(h_TU)
+        a = torch.zeros_like(h_TU[0]) if args.gv_U is None else args.gv_U
         gbeta = torch.zeros_like(a) if args.param_grads else None
         gtheta = torch.zeros_like(a) if args.param_grads else None
-        for t in range(h_TN.shape[0] - 1, -1, -1):
-            h = h_TN[t]
-            d = h - theta_N
+        for t in range(h_TU.shape[0] - 1, -1, -1):
+            h = h_TU[t]
+            d = h - theta_U
             s = (d > 0).to(h.dtype)
             g = args.surrogate.derivative(d)
-            if args.gmem_TN is not None:
-                a = a + args.gmem_TN[t]
+            if args.gmem_TU is not None:
+                a = a + args.gmem_TU[t]
             if zero_reset:
                 dv_dh = (1.0 - s) - keep * h * g
             else:
-                dv_dh = 1.0 - keep * theta_N * g
-            gh = torch.add(args.gs_TN[t] * g, a * dv_dh, out=gx_TN[t])
+                dv_dh = 1.0 - keep * theta_U * g
+            gh = torch.add(args.gs_TU[t] * g, a * dv_dh, out=gx_TU[t])
             if args.param_grads:
                 if t > 0:
-                    hp = h_TN[t - 1]
-                    v_prev = _reset(hp, ((hp - theta_N) > 0).to(h.dtype), theta_N, zero_reset)
+                    hp = h_TU[t - 1]
+                    v_prev = _reset(hp, ((hp - theta_U) > 0).to(h.dtype), theta_U, zero_reset)
                 else:
-                    v_prev = torch.zeros_like(h) if args.v0_N is None else args.v0_N
+                    v_prev = torch.zeros_like(h) if args.v0_U is None else args.v0_U
                 gbeta += gh * v_prev
                 gtheta += a * (1.0 - s) - gh
-            a = gh * beta_N
-        return gx_TN, a, gbeta, gtheta
+            a = gh * beta_U
+        return gx_TU, a, gbeta, gtheta
 
 
 CPP = _CppProvider()

@@ -10,9 +10,9 @@ passes is in :mod:`spiking_moe.functional.kernels`. An event-driven product
 :mod:`spiking_moe.functional.event`) satisfies :class:`EventKernel` with
 :class:`EventLinearArgs`.
 
-Shapes of the LIF kernels, for every provider and every call: ``T`` time steps, ``N`` all neuron dimensions of one
-step folded together. ``*_TN`` tensors are ``[T, N]`` and ``*_N`` tensors ``[N]``; all are
-contiguous, on one device, in one dtype (the input's), and ``beta_N``/``theta_N`` arrive
+Shapes of the LIF kernels, for every provider and every call: ``T`` time steps, ``U`` all neuron dimensions of one
+step folded together. ``*_TU`` tensors are ``[T, U]`` and ``*_U`` tensors ``[U]``; all are
+contiguous, on one device, in one dtype (the input's), and ``beta_U``/``theta_U`` arrive
 expanded to one value per neuron.
 
 :data:`SURROGATE_IDS` is the only place a surrogate's kernel id is written. The C++ kernel is
@@ -51,20 +51,20 @@ class LIFForwardArgs(NamedTuple):
     """The arguments of :meth:`LIFKernel.forward`.
 
     Attributes:
-        x_TN: input current.
-        v0_N: initial membrane; zeros when None.
-        beta_N, theta_N: decay and threshold per neuron.
+        x_TU: input current.
+        v0_U: initial membrane; zeros when None.
+        beta_U, theta_U: decay and threshold per neuron.
         zero_reset: hard reset (``v = h (1 - s)``) instead of subtraction.
         return_membrane: also return the post-reset membrane of every step.
         keep_h: False when no backward will run (no input needs a gradient): a provider may
-            then skip writing ``h_TN`` (one of the three ``[T, N]`` streams of an inference
+            then skip writing ``h_TU`` (one of the three ``[T, N]`` streams of an inference
             forward) and return an empty tensor in its place.
     """
 
-    x_TN: torch.Tensor
-    v0_N: torch.Tensor | None
-    beta_N: torch.Tensor
-    theta_N: torch.Tensor
+    x_TU: torch.Tensor
+    v0_U: torch.Tensor | None
+    beta_U: torch.Tensor
+    theta_U: torch.Tensor
     zero_reset: bool
     return_membrane: bool
     keep_h: bool = True
@@ -74,11 +74,11 @@ class LIFBackwardArgs(NamedTuple):
     """The arguments of :meth:`LIFKernel.backward`.
 
     Attributes:
-        gs_TN: gradient of the spikes.
-        gmem_TN: gradient of the membrane trace, or None if it was not returned or unused.
-        gv_N: gradient of the final membrane, or None.
-        h_TN: pre-reset membrane saved by forward.
-        beta_N, theta_N, v0_N: as in :class:`LIFForwardArgs`.
+        gs_TU: gradient of the spikes.
+        gmem_TU: gradient of the membrane trace, or None if it was not returned or unused.
+        gv_U: gradient of the final membrane, or None.
+        h_TU: pre-reset membrane saved by forward.
+        beta_U, theta_U, v0_U: as in :class:`LIFForwardArgs`.
         surrogate: the surrogate whose derivative replaces ``dH/dx``; kernels look its id up
             in :data:`SURROGATE_IDS`.
         zero_reset: as in forward.
@@ -86,13 +86,13 @@ class LIFBackwardArgs(NamedTuple):
         param_grads: also compute the beta and threshold gradients.
     """
 
-    gs_TN: torch.Tensor
-    gmem_TN: torch.Tensor | None
-    gv_N: torch.Tensor | None
-    h_TN: torch.Tensor
-    beta_N: torch.Tensor
-    theta_N: torch.Tensor
-    v0_N: torch.Tensor | None
+    gs_TU: torch.Tensor
+    gmem_TU: torch.Tensor | None
+    gv_U: torch.Tensor | None
+    h_TU: torch.Tensor
+    beta_U: torch.Tensor
+    theta_U: torch.Tensor
+    v0_U: torch.Tensor | None
     surrogate: Surrogate
     zero_reset: bool
     detach_reset: bool
@@ -124,8 +124,8 @@ class LIFKernel(KernelProvider, Protocol):
         """Run the recurrence over all steps.
 
         Returns:
-            ``(spikes_TN, h_TN, v_N)``, plus ``membrane_TN`` when ``args.return_membrane``;
-            ``h_TN`` (pre-reset membrane) is all that backward needs.
+            ``(spikes_TU, h_TU, v_U)``, plus ``membrane_TU`` when ``args.return_membrane``;
+            ``h_TU`` (pre-reset membrane) is all that backward needs.
         """
         ...
 
@@ -135,7 +135,7 @@ class LIFKernel(KernelProvider, Protocol):
         """The BPTT adjoint of :meth:`forward`.
 
         Returns:
-            ``(grad_x_TN, grad_v0_N, grad_beta_N, grad_theta_N)``; the last two, summed over
+            ``(grad_x_TU, grad_v0_U, grad_beta_U, grad_theta_U)``; the last two, summed over
             ``T`` only, are None unless ``args.param_grads``.
         """
         ...

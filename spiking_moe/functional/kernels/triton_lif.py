@@ -230,57 +230,57 @@ class _TritonProvider:
         return unavailable_reason(x)
 
     def forward(self, args: LIFForwardArgs) -> tuple[torch.Tensor, ...]:
-        x_TN, v0_N, beta_N = args.x_TN, args.v0_N, args.beta_N
-        steps, n = x_TN.shape
-        spikes_TN = torch.empty_like(x_TN)
-        h_TN = torch.empty_like(x_TN)
-        membrane_TN = torch.empty_like(x_TN) if args.return_membrane else None
-        v_N = torch.empty_like(beta_N)
+        x_TU, v0_U, beta_U = args.x_TU, args.v0_U, args.beta_U
+        steps, n = x_TU.shape
+        spikes_TU = torch.empty_like(x_TU)
+        h_TU = torch.empty_like(x_TU)
+        membrane_TU = torch.empty_like(x_TU) if args.return_membrane else None
+        v_U = torch.empty_like(beta_U)
         grid = (triton.cdiv(n, _BLOCK),)
         _lif_forward_kernel[grid](
-            x_TN,
-            beta_N,
-            args.theta_N,
-            x_TN if v0_N is None else v0_N,
-            spikes_TN,
-            h_TN,
-            h_TN if membrane_TN is None else membrane_TN,
-            v_N,
+            x_TU,
+            beta_U,
+            args.theta_U,
+            x_TU if v0_U is None else v0_U,
+            spikes_TU,
+            h_TU,
+            h_TU if membrane_TU is None else membrane_TU,
+            v_U,
             steps,
             n,
-            HAS_V0=v0_N is not None,
+            HAS_V0=v0_U is not None,
             ZERO=args.zero_reset,
             MEM=args.return_membrane,
             BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
             enable_fp_fusion=False,
         )
-        out = (spikes_TN, h_TN, v_N)
-        return out + ((membrane_TN,) if membrane_TN is not None else ())
+        out = (spikes_TU, h_TU, v_U)
+        return out + ((membrane_TU,) if membrane_TU is not None else ())
 
     def backward(
         self, args: LIFBackwardArgs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        h_TN, beta_N, param_grads = args.h_TN, args.beta_N, args.param_grads
-        steps, n = h_TN.shape
-        gx_TN = torch.empty_like(h_TN)
-        gv0_N = torch.empty_like(beta_N)
-        gbeta_N = torch.empty_like(beta_N) if param_grads else None
-        gtheta_N = torch.empty_like(beta_N) if param_grads else None
+        h_TU, beta_U, param_grads = args.h_TU, args.beta_U, args.param_grads
+        steps, n = h_TU.shape
+        gx_TU = torch.empty_like(h_TU)
+        gv0_U = torch.empty_like(beta_U)
+        gbeta_U = torch.empty_like(beta_U) if param_grads else None
+        gtheta_U = torch.empty_like(beta_U) if param_grads else None
         grid = (triton.cdiv(n, _BLOCK),)
         # Absent optional tensors are passed as any tensor: the kernel never reads them.
         _lif_backward_kernel[grid](
-            args.gs_TN,
-            h_TN if args.gmem_TN is None else args.gmem_TN,
-            beta_N if args.gv_N is None else args.gv_N,
-            h_TN,
-            beta_N,
-            args.theta_N,
-            beta_N if args.v0_N is None else args.v0_N,
-            gx_TN,
-            gv0_N,
-            gv0_N if gbeta_N is None else gbeta_N,
-            gv0_N if gtheta_N is None else gtheta_N,
+            args.gs_TU,
+            h_TU if args.gmem_TU is None else args.gmem_TU,
+            beta_U if args.gv_U is None else args.gv_U,
+            h_TU,
+            beta_U,
+            args.theta_U,
+            beta_U if args.v0_U is None else args.v0_U,
+            gx_TU,
+            gv0_U,
+            gv0_U if gbeta_U is None else gbeta_U,
+            gv0_U if gtheta_U is None else gtheta_U,
             steps,
             n,
             max(steps - 1, 0) * n,
@@ -288,15 +288,15 @@ class _TritonProvider:
             ALPHA=float(args.surrogate.alpha),
             KEEP=0.0 if args.detach_reset else 1.0,
             ZERO=args.zero_reset,
-            HAS_GMEM=args.gmem_TN is not None,
-            HAS_GV=args.gv_N is not None,
-            HAS_V0=args.v0_N is not None,
+            HAS_GMEM=args.gmem_TU is not None,
+            HAS_GV=args.gv_U is not None,
+            HAS_V0=args.v0_U is not None,
             PGRAD=param_grads,
             BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
             enable_fp_fusion=False,
         )
-        return gx_TN, gv0_N, gbeta_N, gtheta_N
+        return gx_TU, gv0_U, gbeta_U, gtheta_U
 
 
 TRITON = _TritonProvider()
