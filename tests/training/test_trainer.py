@@ -373,6 +373,8 @@ def test_compile_path_trains_like_eager_and_checkpoints_plain_names(
         fast, _ = train(tmp_path / "compiled", dataclasses.replace(config, compile=True))
     assert len(compiled) == 2  # the training forward and the evaluation forward
     assert "bf16 autocast on CUDA only" in caplog.text
+    # The eager backend runs the captured graph with the same kernels on the same shapes, so the
+    # states agree to the bit on any CPU (measured: 0); the tolerance is only a margin.
     for (name, a), b in zip(
         plain.model.state_dict().items(), fast.model.state_dict().values(), strict=True
     ):
