@@ -17,22 +17,30 @@ C = D // H
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 # --- MatMul -----------------------------------------------------------------------------
 
 
+def _assert_float32_sum(value, terms):
+    """``value``: a float32 kernel's sum of ``terms`` (exact float64 products of float32
+    numbers). Rounding the products and the sum, in whatever order the kernel adds, is within
+    ``len(terms) * eps32 * sum|terms|`` of the exact sum (eps32 = 2^-23); a term too many or
+    too few is not, unless it is that small."""
+    bound = len(terms) * torch.finfo(torch.float32).eps * sum(abs(t) for t in terms)
+    assert abs(value - sum(terms)) <= bound, (value, sum(terms), bound)
+
+
 def test_matmul_without_mask_is_the_full_product():
     a, b = _randn(2, 4, 3, seed=1), _randn(2, 3, 5, seed=2)
     out = MatMul()(a, b)
-    ref = torch.zeros(2, 4, 5)
     for z in range(2):
         for m in range(4):
             for n in range(5):
-                ref[z, m, n] = sum(a[z, m, k] * b[z, k, n] for k in range(3))
-    torch.testing.assert_close(out, ref)
+                terms = [float(a[z, m, k]) * float(b[z, k, n]) for k in range(3)]
+                _assert_float32_sum(out[z, m, n].item(), terms)
 
 
 def test_output_mask_keeps_only_columns_up_to_the_row_and_zeroes_the_rest_exactly():
@@ -43,8 +51,8 @@ def test_output_mask_keeps_only_columns_up_to_the_row_and_zeroes_the_rest_exactl
         for m in range(M):
             for n in range(M):
                 if n <= m:
-                    ref = sum(float(a[z, m, k]) * float(b[z, k, n]) for k in range(K))
-                    assert out[z, m, n].item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
+                    terms = [float(a[z, m, k]) * float(b[z, k, n]) for k in range(K)]
+                    _assert_float32_sum(out[z, m, n].item(), terms)
                 else:
                     assert out[z, m, n].item() == 0.0, (z, m, n)
 
@@ -56,8 +64,8 @@ def test_contraction_mask_sums_only_over_k_up_to_the_row():
     for z in range(3):
         for m in range(M):
             for n in range(N):
-                ref = sum(float(a[z, m, k]) * float(b[z, k, n]) for k in range(m + 1))
-                assert out[z, m, n].item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
+                terms = [float(a[z, m, k]) * float(b[z, k, n]) for k in range(m + 1)]
+                _assert_float32_sum(out[z, m, n].item(), terms)
 
 
 def test_contraction_row_does_not_depend_on_masked_entries_of_a_or_later_rows_of_b():
@@ -67,6 +75,8 @@ def test_contraction_row_does_not_depend_on_masked_entries_of_a_or_later_rows_of
     a2[0, 1:] = 1e6  # masked terms of row 0
     b2[3] = -7.0  # only row 3 may see b[3]
     out2 = MatMul("contraction")(a2, b2)
+    # Bitwise on any CPU: the same kernel and shapes, and the masked terms are exact zeros
+    # (0 * b adds nothing to a partial sum).
     assert torch.equal(out[:3], out2[:3])
     assert not torch.equal(out[3], out2[3])
 
@@ -151,6 +161,9 @@ def test_changing_position_j_leaves_earlier_positions_unchanged_at_every_step():
         changed = x.clone()
         changed[:, :, j] = 1 - changed[:, :, j]
         out = attn(changed).current
+        # Bitwise on any CPU: every product has the same shapes in both passes, and the masked
+        # terms that carry position j are exact zeros (MatMul's masks), so earlier rows are the
+        # same sums of the same numbers in the same order.
         assert torch.equal(out[:, :, :j], base.current[:, :, :j]), j
         later_changed += not torch.equal(out[:, :, j:], base.current[:, :, j:])
     assert later_changed >= S - 1  # the test is sensitive: later positions do see position j
@@ -181,9 +194,11 @@ def test_spiking_self_attention_rejects_bad_shapes_and_head_counts():
 
 
 def test_softmax_attention_equals_pytorch_scaled_dot_product_attention():
+    # float64: SDPA's kernel sums and normalises in another order than the module's products
+    # and softmax; in float64 the two agree to about 1e-15 on these O(1) values.
     torch.manual_seed(0)
-    attn = SoftmaxAttention(D, H)
-    x = _randn(B, S, D, seed=3)
+    attn = SoftmaxAttention(D, H).double()
+    x = _randn(B, S, D, seed=3, dtype=torch.float64)
 
     def heads(t):
         return t.view(B, S, H, C).transpose(1, 2)
@@ -191,13 +206,13 @@ def test_softmax_attention_equals_pytorch_scaled_dot_product_attention():
     q, k, v = heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
     mixed = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     ref = attn.out_proj(mixed.transpose(1, 2).reshape(B, S, D))
-    torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x), ref, rtol=1e-12, atol=1e-12)
 
-    full = SoftmaxAttention(D, H, causal=False)
+    full = SoftmaxAttention(D, H, causal=False).double()
     full.load_state_dict(attn.state_dict())
     mixed = nn.functional.scaled_dot_product_attention(q, k, v)
     ref = attn.out_proj(mixed.transpose(1, 2).reshape(B, S, D))
-    torch.testing.assert_close(full(x), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full(x), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_softmax_attention_is_exactly_causal_and_rejects_bad_shapes():
@@ -206,6 +221,7 @@ def test_softmax_attention_is_exactly_causal_and_rejects_bad_shapes():
     x = _randn(B, S, D, seed=4)
     changed = x.clone()
     changed[:, 3] += 5.0
+    # Bitwise: masked scores are -inf, their weights exact zeros (as in SpikingSelfAttention).
     assert torch.equal(attn(x)[:, :3], attn(changed)[:, :3])
     assert not torch.equal(attn(x)[:, 3:], attn(changed)[:, 3:])
     with pytest.raises(ValueError, match=r"\[B, S, 8\], got \(2, 5, 4\)"):

@@ -34,9 +34,15 @@ class StubRouter(nn.Module):
         return route(self.logits[None], self.k)
 
 
-def _spikes(shape, p=0.5, seed=0):
+# Tests that compare the layer with a loop over tokens or windows, or the sparse path with the
+# dense one, compute the experts on other numbers of rows, and a GEMM's rounding depends on its
+# row count (and differs between CPUs): in float32 that could flip a spike whose membrane lies
+# within 1e-7 of the threshold, in float64 (1e-16) it cannot. Those tests run in float64.
+
+
+def _spikes(shape, p=0.5, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(torch.full(shape, p), generator=g)
+    return torch.bernoulli(torch.full(shape, p, dtype=dtype), generator=g)
 
 
 def _experts(n=E, seed=0, **kw):
@@ -44,12 +50,34 @@ def _experts(n=E, seed=0, **kw):
     return [SpikingExpert(D, 16, D, threshold=0.5, **kw) for _ in range(n)]
 
 
+# The grouped GEMM takes float32 only: its tests put the experts' parameters on a grid of 2^-5
+# (|w| < 0.36), so with binary inputs every sum an expert computes (at most 16 terms) is exact in
+# float32 in any order: the paths' spikes are equal to the bit. Their gradients (surrogate
+# derivatives) are float32 sums of up to n = T x rows = 42 products in two orders, which differ
+# by at most about n 2^-24 sum|terms| = 2.5e-6 sum|terms|; _assert_grads_close allows 2^-14 of
+# the tensor's largest value (that bound unless an element's terms add up to more than 20 times
+# it), while a wrong row, gate or expert errs by a sizeable fraction of it.
+
+
+def _on_grid(experts):
+    with torch.no_grad():
+        for expert in experts:
+            for p in expert.parameters():
+                p.copy_(torch.round(p * 32) / 32)
+    return experts
+
+
+def _assert_grads_close(got, want, msg=None):
+    torch.testing.assert_close(got, want, rtol=0, atol=2**-14 * float(want.abs().max()), msg=msg)
+
+
 def test_output_equals_a_per_token_loop_through_the_chosen_experts():
     moe = SpikingMoE(router=StubRouter(B), experts=_experts(), neuron=LIF(beta=0.8, threshold=0.3))
-    x = _spikes((T, B, D))
+    moe.double()
+    x = _spikes((T, B, D), dtype=torch.float64)
     out = moe(x)
     routing = out.routing
-    current = torch.zeros(T, B, D)
+    current = torch.zeros(T, B, D, dtype=torch.float64)
     for n in range(B):
         for j in range(K):
             expert = moe.experts[int(routing.expert_ids[0, n, j])]
@@ -94,8 +122,8 @@ def test_gradients_reach_the_router_and_selected_experts_only():
 def test_sparse_and_dense_masked_paths_agree(router_cls, capacity_factor):
     torch.manual_seed(0)
     router = router_cls(D, E, K, capacity_factor=capacity_factor)
-    moe = SpikingMoE(router=router, experts=_experts(), neuron=LIF(threshold=0.2))
-    x = _spikes((T, 20, D), p=0.3)
+    moe = SpikingMoE(router=router, experts=_experts(), neuron=LIF(threshold=0.2)).double()
+    x = _spikes((T, 20, D), p=0.3, dtype=torch.float64)
     sparse = moe(x)
     sparse_grads = torch.autograd.grad(
         sparse.spikes.sum(), list(moe.parameters()), allow_unused=True
@@ -130,6 +158,7 @@ def test_sequence_input_routes_every_position_as_a_token():
     out = moe(x)
     flat = moe(x.reshape(T, 12, D))
     assert out.spikes.shape == (T, 3, 4, D)
+    # Bitwise: the same tokens in the same order through the same kernels (no capacity).
     assert torch.equal(out.spikes.reshape(T, 12, D), flat.spikes)
     assert out.routing.expert_ids.shape == (1, 12, K)  # [W=1, N=B*S, K]
 
@@ -137,8 +166,9 @@ def test_sequence_input_routes_every_position_as_a_token():
 def test_windowed_layer_is_causal_in_routing_and_output():
     torch.manual_seed(0)
     L, w = 2, 1
-    moe = SpikingMoE(router=RateRouter(D, E, K, window=L), experts=_experts())
-    x = _spikes((9, 10, D), p=0.3)  # W = 5 windows, the last one step long
+    moe = SpikingMoE(router=RateRouter(D, E, K, window=L), experts=_experts()).double()
+    # float64: the later windows' routing changes the experts' row counts for the earlier ones
+    x = _spikes((9, 10, D), p=0.3, dtype=torch.float64)  # W = 5 windows, the last one step long
     changed = x.clone()
     changed[(w + 1) * L :] = 1 - changed[(w + 1) * L :]
     a, b = moe(x), moe(changed)
@@ -154,18 +184,18 @@ def test_windowed_layer_equals_per_window_loop():
     L = 3
     moe = SpikingMoE(
         router=RateRouter(D, E, K, window=L), experts=_experts(), neuron=LIF(threshold=0.2)
-    )
-    x = _spikes((8, 5, D), p=0.4)
+    ).double()
+    x = _spikes((8, 5, D), p=0.4, dtype=torch.float64)
     out = moe(x)
     ids, gates = out.routing.expert_ids, out.routing.gates
-    current = torch.zeros(8, 5, D)
+    current = torch.zeros(8, 5, D, dtype=torch.float64)
     for w in range(3):
         steps = slice(w * L, min((w + 1) * L, 8))
         for n in range(5):
             for j in range(K):
                 expert = moe.experts[int(ids[w, n, j])]
                 current[steps, n] += gates[w, n, j] * expert(x[steps, n : n + 1])[:, 0]
-    assert torch.equal(out.spikes, LIF(threshold=0.2)(current))
+    assert torch.equal(out.spikes, LIF(threshold=0.2).double()(current))
 
 
 def test_non_binary_input_is_rejected_unless_the_check_is_off():
@@ -205,7 +235,7 @@ def test_bad_input_and_config_are_rejected():
 def test_grouped_gemm_layer_equals_the_per_expert_calls():
     torch.manual_seed(0)
     router = RateRouter(D, E, K, capacity_factor=0.8)
-    moe = SpikingMoE(router=router, experts=_experts(), grouped_gemm="never")
+    moe = SpikingMoE(router=router, experts=_on_grid(_experts()), grouped_gemm="never")
     x = _spikes((T, 24, D), p=0.3)
     ref = moe(x)
     ref_grads = torch.autograd.grad(ref.spikes.sum(), list(moe.parameters()), allow_unused=True)
@@ -218,7 +248,7 @@ def test_grouped_gemm_layer_equals_the_per_expert_calls():
     assert torch.equal(out.spikes, ref.spikes)
     for (name, p), g, r in zip(moe.named_parameters(), grads, ref_grads, strict=True):
         zeros = torch.zeros_like(p)
-        torch.testing.assert_close(zeros if g is None else g, zeros if r is None else r, msg=name)
+        _assert_grads_close(zeros if g is None else g, zeros if r is None else r, msg=name)
     # The grouped path reads the experts' parameters: a hook on an expert module does not see
     # it. A pass that must see every expert's call (the energy counter's) swaps the strategy.
     busiest = int(ref.routing.tokens_per_expert.argmax())
@@ -255,7 +285,7 @@ def test_grouped_gemm_layer_gives_unrouted_experts_no_gradient():
     x = _spikes((T, n_tok, D), p=0.4)
     results = []
     for mode in ("never", "always"):
-        moe = SpikingMoE(router=router, experts=_experts(n_exp), grouped_gemm=mode)
+        moe = SpikingMoE(router=router, experts=_on_grid(_experts(n_exp)), grouped_gemm=mode)
         router.zero_grad(set_to_none=True)
         out = moe(x)
         assert out.routing.tokens_per_expert.tolist() == [4, 0, 0, 4, 0, 4, 0, 0]
@@ -271,7 +301,7 @@ def test_grouped_gemm_layer_gives_unrouted_experts_no_gradient():
             assert want is None and got_grads[name] is None, name
         else:
             assert want is not None, name
-            torch.testing.assert_close(got_grads[name], want, msg=name)
+            _assert_grads_close(got_grads[name], want, msg=name)
 
 
 @pytest.fixture
@@ -305,7 +335,7 @@ def test_auto_takes_the_grouped_path_on_cpu_when_many_experts_have_rows(grouped_
 
     monkeypatch.setattr(strategies, "CPU_GROUPED_MIN_EXPERTS", 3)
     torch.manual_seed(0)
-    many = SpikingMoE(router=RateRouter(D, 8, 2), experts=_experts(8))
+    many = SpikingMoE(router=RateRouter(D, 8, 2), experts=_on_grid(_experts(8)))
     x = _spikes((T, 64, D))
     busy = int((many.router(x.reshape(T, -1, D)).tokens_per_expert > 0).sum())
     assert busy >= 3  # enough experts received rows for the threshold

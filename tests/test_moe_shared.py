@@ -57,17 +57,21 @@ def test_shared_experts_see_every_token_and_routed_experts_only_their_own(capaci
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 def test_output_with_shared_experts_is_routed_current_plus_shared_current(capacity_factor):
     router, experts, shared = _parts(capacity_factor=capacity_factor)
+    # float64: the loop calls each expert on one token, the layer on all of its rows, and a
+    # GEMM's rounding depends on its row count (and the CPU); in float32 that could flip an
+    # expert's hidden spike, in float64 it cannot, and assert_close's float64 tolerance (1e-7)
+    # is far above the remaining rounding (about 1e-15 here).
     with_shared = SpikingMoE(
         router=router, experts=experts, shared_experts=shared, neuron=nn.Identity()
-    )
+    ).double()
     routed_only = SpikingMoE(router=router, experts=experts, neuron=nn.Identity())
-    x = random_spikes((T, B, S, D), p=0.4, seed=1)
+    x = random_spikes((T, B, S, D), p=0.4, seed=1).double()
     out = with_shared(x)
 
     # Oracle: a loop over tokens through the chosen experts and every shared expert.
     x_TND = x.reshape(T, B * S, D)
     ids, gates = out.routing.expert_ids[0], out.routing.gates[0]
-    current = torch.zeros(T, B * S, D)
+    current = torch.zeros(T, B * S, D, dtype=torch.float64)
     for n in range(B * S):
         token = x_TND[:, n : n + 1]
         for j in range(K):
@@ -97,6 +101,7 @@ def test_residual_is_added_to_the_current_before_the_neuron():
     x = random_spikes((T, B, S, D), p=0.4, seed=2)
     r = random_spikes((T, B, S, D), p=0.5, seed=3)
     current = identity(x).spikes
+    # Bitwise: the same forward, and the residual is one addition to the same current.
     assert torch.equal(identity(x, residual=r).spikes, current + r)
     expected = LIF(beta=0.8, threshold=0.7)(current + r)
     out = firing(x, residual=r).spikes
@@ -225,7 +230,10 @@ def test_fine_grained_experts_with_k_8_route_balance_and_respect_capacity(router
         experts=[SpikingExpert(D, 4, D, threshold=0.5) for _ in range(E_fine)],
         shared_experts=[SpikingExpert(D, 8, D, threshold=0.5)],
     )
-    x = random_spikes((T, N, D), p=0.3, seed=5)
+    # float64: the dense path runs every expert on all N tokens, the sparse one on its rows,
+    # and a GEMM's rounding depends on its row count; float64 leaves no spike near a flip.
+    moe.double()
+    x = random_spikes((T, N, D), p=0.3, seed=5).double()
     sparse = moe(x)
     capacity = math.ceil(1.0 * N * K_fine / E_fine)
     assert sparse.routing.capacity == capacity

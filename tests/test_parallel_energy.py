@@ -53,10 +53,17 @@ CASES = {
 }
 
 
+# The counts are of spikes, and the oracles compute them in other batches (shards, the global
+# batch) and kernels (an owner's calls per source, the event-driven or the dense product as each
+# call's density decides) than the processes: in float32 that rounding (about 1e-7) could flip
+# a spike near the threshold on some CPU, in float64 (about 1e-16) it cannot. So the models and
+# inputs are float64.
+
+
 def make_model(case: str):
     options = dict(CASES[case])
     idle = options.pop("idle", None)
-    model = tiny_moe(num_experts=4, k=2, **options).eval()
+    model = tiny_moe(num_experts=4, k=2, **options).double().eval()
     if idle is not None:
         for name, buffer in model.named_buffers():
             if name.endswith("router.expert_bias"):
@@ -67,7 +74,7 @@ def make_model(case: str):
 def global_batches(world: int, n: int = NUM_BATCHES + 1):
     generator = torch.Generator().manual_seed(5)
     for _ in range(n):
-        x = (torch.rand(T, B * world, 8, generator=generator) < 0.4).float()
+        x = (torch.rand(T, B * world, 8, generator=generator) < 0.4).double()
         y = torch.randint(0, 2, (B * world,), generator=generator)
         yield x, y
 
@@ -222,9 +229,10 @@ def test_expert_parallel_energy_equals_one_process(tmp_path, world, size, cases)
 def tiny_lm():
     """Attention (products and softmax), a shared expert and T = 2 steps per token."""
     torch.manual_seed(0)
-    return SpikingMoELM(
+    model = SpikingMoELM(
         256, 16, 1, 2, 8, num_experts=4, k=1, expert_hidden=16, shared_experts=1, num_steps=2
-    ).eval()
+    )
+    return model.double().eval()
 
 
 def lm_ids(world: int):

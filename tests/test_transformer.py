@@ -53,9 +53,25 @@ MODELS = {
 # --- causality --------------------------------------------------------------------------
 
 
+def _assert_unchanged(name, changed, base, j):
+    """Earlier positions after a change at position j (float64 models).
+
+    Spiking models: bitwise. A later token can change routing and so the number of rows an
+    expert computes on, and a GEMM's rounding depends on its row count, but what leaves an
+    expert is a spike, which float64 rounding (1e-16) cannot flip; every other product has the
+    same shapes in both passes. The ANN's experts feed floats into the residual stream, so its
+    earlier positions may move by that rounding, and no further: a leak of the later token would
+    move them by orders of magnitude more than 1e-12.
+    """
+    if name == "ann_routed":
+        torch.testing.assert_close(changed, base, rtol=0, atol=1e-12, msg=f"position {j}")
+    else:
+        assert torch.equal(changed, base), j
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_changing_token_j_leaves_every_earlier_logit_and_block_spike_unchanged(name):
-    model = MODELS[name]().eval()
+    model = MODELS[name]().double().eval()
     first_block = []
     model.blocks[0].register_forward_hook(lambda m, args, out: first_block.append(out[0]))
     ids = _ids()
@@ -69,10 +85,10 @@ def test_changing_token_j_leaves_every_earlier_logit_and_block_spike_unchanged(n
         changed[0, j] = (changed[0, j] + 1) % V
         out = model(changed)
         block = first_block.pop()
-        assert torch.equal(out.logits[:, :j], base.logits[:, :j]), j
+        _assert_unchanged(name, out.logits[:, :j], base.logits[:, :j], j)
         # per step: spiking blocks give [T, B, S, D], the ANN block its [B, S, D] stream
-        assert torch.equal(block[..., :j, :], base_block[..., :j, :]), j
-        later_changed += not torch.equal(out.logits[:, j:], base.logits[:, j:])
+        _assert_unchanged(name, block[..., :j, :], base_block[..., :j, :], j)
+        later_changed += bool((out.logits[:, j:] - base.logits[:, j:]).abs().max() > 1e-6)
     assert later_changed >= 4, "the change must reach the positions that may see it"
 
 
@@ -134,7 +150,9 @@ def _argmax_loop(model, ids, n):
 
 @pytest.mark.parametrize("name", ["moe_rate", "ann_routed"])
 def test_greedy_generation_equals_an_argmax_loop_and_keeps_the_prompt_rank(name):
-    model = MODELS[name]()
+    # float64: generating for one prompt alone runs other GEMM row counts than for the batch,
+    # whose rounding could flip a spike or a near-tied argmax in float32, not in float64.
+    model = MODELS[name]().double()
     prompt = _ids(B=2, S=6, seed=3)
     n = 5  # 6 + 5 > CTX: the window slides
     model.train()

@@ -16,12 +16,24 @@ from spiking_moe.training import RouterBiasBalancing, Trainer, init_distributed,
 from tests.tiny import TinySNN, tiny_moe, train_config, two_class_data
 
 
+def in_float64(model):
+    """``model`` in float64, fed the loaders' float32 batches cast (exactly) to float64.
+
+    Two processes run GEMMs of half the rows and all-reduce their gradients, one process sums
+    them in one pass; AdamW divides each gradient by its own magnitude, so float32 rounding of
+    a tiny gradient could become a step of lr on some CPU (and turn a near tie of two experts
+    for the bias balancing). float64 rounding (1e-16) stays far below Adam's eps (1e-8).
+    """
+    model.double().register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
+    return model
+
+
 def build(kind: str):
     if kind == "tiny":
-        return TinySNN(dropout=0.0), []
+        return in_float64(TinySNN(dropout=0.0)), []
     # No Switch loss: it is not a mean over tokens, so shards would see a different loss.
     model = tiny_moe(bias_update_rate=0.05, balance_weight=0.0)
-    return model, [RouterBiasBalancing()]
+    return in_float64(model), [RouterBiasBalancing()]
 
 
 def run(out: Path, kind: str, rank: int, world_size: int, batch_size: int):
