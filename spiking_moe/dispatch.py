@@ -80,6 +80,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The dtypes ``torch._grouped_mm`` computes in.
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 @dataclass(frozen=True, eq=False)
 class DispatchPlan:
@@ -351,7 +354,8 @@ def grouped_unsupported_reason(
     """Why :func:`run_experts_grouped` cannot stand in for :func:`run_experts` exactly, or None
     when it can.
 
-    It can for experts of one class (:class:`SpikingExpert` or :class:`MLPExpert`) with equal
+    It can for ``dtype`` float32, bfloat16 or float16 and experts of one class
+    (:class:`SpikingExpert` or :class:`MLPExpert`) with equal
     sizes, each a multiple of 16 bytes in ``dtype`` (a ``_grouped_mm`` stride rule), whose
     LIFs are native, share reset, surrogate and ``detach_reset`` and have scalar beta and
     threshold (values may differ per expert), on a torch with ``_grouped_mm``. The grouped path
@@ -360,6 +364,8 @@ def grouped_unsupported_reason(
     """
     if not hasattr(torch, "_grouped_mm"):
         return "this torch has no torch._grouped_mm"
+    if dtype not in GROUPED_DTYPES:
+        return f"torch._grouped_mm takes {[str(d) for d in GROUPED_DTYPES]}, not {dtype}"
     if not experts:
         return "no experts"
     first = experts[0]

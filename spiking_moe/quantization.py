@@ -56,8 +56,11 @@ unsigned grid ``a = max x / (2^bits - 1)``, codes ``0 .. 2^bits - 1``; others a 
 (out-of-range inputs saturate) and ``y_Ro = (a s_o) sum_i x_q,Ri Q_oi + b_o``.
 
 **QAT.** :func:`prepare_qat` swaps every Linear for a :class:`FakeQuantLinear`, whose forward
-uses :func:`fake_quantize` (``s_o Q_oi`` above) and whose backward is the straight-through
-estimator: the gradient w.r.t. ``W`` is the gradient w.r.t. the dequantized weights.
+computes what the integer model computes, in its order (``s_o sum_i x_Ri Q_oi + b_o``: the
+same values to the bit as :class:`QuantizedLinear`, so a QAT model spikes exactly as its
+integer model), and whose backward is the straight-through estimator: the gradients of
+``F.linear(x, s Q, b)``, the gradient w.r.t. ``W`` being the gradient w.r.t. the dequantized
+weights (:func:`fake_quantize`).
 :func:`convert_qat` then gives the :func:`quantize_model` result of the trained weights.
 ``TrainConfig.quantize_bits = 8 | 4`` makes :class:`~spiking_moe.training.Trainer` call
 :func:`prepare_qat` on its model (in place) before training.
@@ -327,7 +330,37 @@ class FakeQuantLinear(nn.Linear):
         return f"{super().extra_repr()}, bits={self.bits}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, fake_quantize(self.weight, self.bits), self.bias)
+        return _IntegerOrderLinear.apply(x, self.weight, self.bias, self.bits)
+
+
+class _IntegerOrderLinear(torch.autograd.Function):
+    """Forward: :class:`QuantizedLinear`'s order (the integer accumulator, then the scale, then
+    the bias); backward: the straight-through gradients of ``F.linear(x, s Q, b)``."""
+
+    @staticmethod
+    def forward(x, weight, bias, bits):
+        int_OI, scale_O = quantize_weights(weight, bits)
+        out = F.linear(x, int_OI.to(x.dtype)) * scale_O.to(x.dtype)
+        return out if bias is None else out + bias.to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, bits = inputs
+        ctx.save_for_backward(x, _StraightThrough.forward(weight, bits))
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, dequantized_OI = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantized_OI.to(grad_out.dtype)
+        rows_RO = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = rows_RO.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows_RO.sum(0)
+        return grad_x, grad_w, grad_b, None
 
 
 def is_spiking(model: nn.Module) -> bool:

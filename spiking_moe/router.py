@@ -194,8 +194,10 @@ def route(
     """
     W, N, E = logits_WNE.shape
     check_routing_config(E, k, window, capacity_factor)
+    # Softmax and z-loss at least in float32 (half-precision logits overflow), float64 kept.
+    wide = torch.promote_types(logits_WNE.dtype, torch.float32)
     probs = torch.softmax(
-        (logits_WNE if noisy_logits_WNE is None else noisy_logits_WNE).float(), dim=-1
+        (logits_WNE if noisy_logits_WNE is None else noisy_logits_WNE).to(wide), dim=-1
     ).to(logits_WNE.dtype)
     # Selection in logit space: softmax squashes the unpreferred experts' probabilities
     # towards 0, where an additive bias would move every token at once (herding).
@@ -232,7 +234,7 @@ def route(
 
     fraction_E = selected_E.to(probs.dtype) / (W * N * k)
     lb_loss = E * (fraction_E * probs.reshape(-1, E).mean(0)).sum()
-    z_loss = torch.logsumexp(logits_WNE.float(), dim=-1).square().mean().to(logits_WNE.dtype)
+    z_loss = torch.logsumexp(logits_WNE.to(wide), dim=-1).square().mean().to(logits_WNE.dtype)
     aux = balance_weight * lb_loss + z_loss_weight * z_loss
 
     return RoutingInfo(
