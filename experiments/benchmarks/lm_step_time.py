@@ -105,7 +105,7 @@ def main() -> None:
     print(
         f"# LM step time: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"device {device}, {args.threads} threads, B={batch}, S={context}, T={config.data.num_steps}, "
-        f"d_model={config.model.hidden_features}, {config.model.num_moe_layers} blocks, "
+        f"d_model={config.model.hidden_features}, {config.model.num_layers} blocks, "
         f"k={config.model.moe.k}, median of {args.repeats}"
     )
     runs = {}
