@@ -7,6 +7,7 @@ module                        what it holds
 :mod:`.checkpoint`            atomic checkpoints, ``weights_only`` loads, RNG streams
 :mod:`.sinks`                 TensorBoard and JSON-lines metric sinks
 :mod:`.callbacks`             the :class:`Callback` protocol, router balancing, monitors, energy
+:mod:`.model_energy`          a model's energy: counted (dense twin, across processes), priced
 :mod:`.distributed`           joining a ``torchrun`` job, devices, reductions across ranks
 ============================  ===============================================================
 
@@ -16,19 +17,11 @@ returns (logits, aux loss, routing, activity) and never hooks into it.
 
 from .callbacks import (
     Callback,
+    CallbackContext,
     EnergyReportCallback,
     FiringRateMonitor,
     RouterBiasBalancing,
     RoutingMonitor,
-    check_energy_profile,
-    count_energy,
-    count_operations_parallel,
-    energy_metrics,
-    energy_profile_names,
-    expert_parallel_counts,
-    measure_energy,
-    profile_precision,
-    write_energy_report,
 )
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -44,11 +37,23 @@ from .checkpoint import (
     set_rng_state,
 )
 from .distributed import (
+    DeviceError,
     DistInfo,
     all_gather_objects,
     all_reduce_sum,
     init_distributed,
     resolve_device,
+)
+from .model_energy import (
+    check_energy_profile,
+    count_energy,
+    count_operations_parallel,
+    energy_metrics,
+    energy_profile_names,
+    expert_parallel_counts,
+    measure_energy,
+    profile_precision,
+    write_energy_report,
 )
 from .sinks import JSONLinesSink, MetricSink, TensorBoardSink
 from .trainer import NonFiniteLossError, Trainer, TrainResult, activity_penalty, unpack_output
@@ -56,8 +61,10 @@ from .trainer import NonFiniteLossError, Trainer, TrainResult, activity_penalty,
 __all__ = [
     "CHECKPOINT_NAME",
     "Callback",
+    "CallbackContext",
     "CheckpointError",
     "CheckpointLayoutError",
+    "DeviceError",
     "DistInfo",
     "EnergyReportCallback",
     "FiringRateMonitor",

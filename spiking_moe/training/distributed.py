@@ -2,24 +2,43 @@
 
 Every helper here is the identity in a single process, so the trainer and its callbacks call
 them unconditionally. Collective helpers must be called by every rank.
+
+Statistics travel as NamedTuples of tensors (a field per quantity, never a position in a
+packed tensor): :func:`add_fields` sums two field by field, :func:`reduce_fields` sums one
+over ranks in a single all-reduce.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 __all__ = [
+    "DeviceError",
     "DistInfo",
+    "add_fields",
     "all_gather_objects",
+    "all_or_none",
     "all_reduce_sum",
+    "current_dist",
     "init_distributed",
+    "reduce_fields",
     "resolve_device",
 ]
+
+Stats = TypeVar("Stats", bound=tuple)
+
+
+class DeviceError(ConfigError, RuntimeError):
+    """The device asked for is not usable here (a RuntimeError as before, and a
+    :class:`~spiking_moe.config.ConfigError`: the user's setting is what is wrong)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +61,7 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+            raise DeviceError(f"device {device!r} requested but CUDA is not available")
         if resolved.index is None:
             resolved = torch.device("cuda", local_rank)
     return resolved
@@ -64,6 +83,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if on_cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def current_dist() -> DistInfo:
+    """This process's place in the job it has joined; single-process when it joined none.
+    Unlike :func:`init_distributed`, joins nothing."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _world_size() -> int:
@@ -92,3 +119,58 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * _world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def all_or_none(action: Callable[[], Any], what: str, consequence: str = "") -> None:
+    """Run ``action`` here, then raise on every rank if it failed on any (collective: a rank
+    left waiting in a later collective would hang the job).
+
+    Raises:
+        the error of ``action`` on the ranks where it failed; RuntimeError naming those ranks
+        (``"<what> failed on rank(s) [...]<consequence>"``) on the others.
+    """
+    error: BaseException | None = None
+    try:
+        action()
+    except Exception as exc:  # reported to the other ranks, then re-raised
+        error = exc
+    failed = [
+        (rank, message)
+        for rank, message in enumerate(all_gather_objects(None if error is None else repr(error)))
+        if message is not None
+    ]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{what} failed on rank(s) {failed}{consequence}")
+
+
+def add_fields(a: Stats, b: Stats) -> Stats:
+    """Two NamedTuples of tensors summed field by field."""
+    return type(a)(*(x + y for x, y in zip(a, b, strict=True)))
+
+
+def reduce_fields(
+    stats: Stats,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum,
+    device: torch.device | None = None,
+) -> Stats:
+    """A NamedTuple of tensors summed over ranks in one all-reduce, as plain numbers.
+
+    Args:
+        stats: the same fields and shapes on every rank.
+        reduce: the sum over ranks (e.g. a :class:`~spiking_moe.training.CallbackContext`'s
+            ``all_reduce_sum``).
+        device: where the fields go first (gloo needs CPU tensors, nccl CUDA ones).
+
+    Returns:
+        ``stats``'s type with each 0-d field a float and each other field a list of floats.
+    """
+    flat = torch.cat([torch.as_tensor(field, device=device).reshape(-1) for field in stats])
+    values = reduce(flat).tolist()
+    fields, start = [], 0
+    for field in stats:
+        size = field.numel()
+        fields.append(values[start] if field.dim() == 0 else values[start : start + size])
+        start += size
+    return type(stats)(*fields)
