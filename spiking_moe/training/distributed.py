@@ -1,4 +1,5 @@
-"""Processes and devices: joining a ``torchrun`` job, choosing the device, reducing across ranks.
+"""Processes and devices: joining a ``torchrun`` job, choosing the device, laying a model out
+over the processes (expert parallelism, DDP), reducing across ranks.
 
 Every helper here is the identity in a single process, so the trainer and its callbacks call
 them unconditionally. Collective helpers must be called by every rank.
@@ -17,8 +18,16 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..config import ConfigError
+from ..parallel import (
+    ExpertParallel,
+    expert_parameter_names,
+    init_expert_parallel,
+    is_expert_parallel,
+    shard_experts,
+)
 
 __all__ = [
     "DeviceError",
@@ -27,8 +36,11 @@ __all__ = [
     "all_gather_objects",
     "all_or_none",
     "all_reduce_sum",
+    "check_equal_lengths",
+    "check_loader_sharding",
     "current_dist",
     "init_distributed",
+    "lay_out_model",
     "reduce_fields",
     "resolve_device",
 ]
@@ -91,6 +103,84 @@ def current_dist() -> DistInfo:
     if not (dist.is_available() and dist.is_initialized()):
         return DistInfo()
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def lay_out_model(
+    model: nn.Module,
+    info: DistInfo,
+    device: torch.device,
+    *,
+    expert_parallel: int = 1,
+    find_unused_parameters: bool = False,
+) -> tuple[ExpertParallel | None, nn.parallel.DistributedDataParallel | None]:
+    """Lay ``model`` (on ``device``) out over this job's processes: its experts split over
+    groups of ``expert_parallel`` processes (in place, :func:`~spiking_moe.parallel.shard_experts`),
+    then, in a multi-process job, wrapped in DDP, which ignores the split experts.
+
+    Returns:
+        ``(expert-parallel layout or None, DDP wrapper or None)``.
+
+    Raises:
+        ConfigError: ``expert_parallel`` does not fit the job (a model already sharded, a
+            single process, a world size it does not divide).
+        ValueError: a layer whose experts it does not divide.
+    """
+    if is_expert_parallel(model):
+        # DDP would average experts that differ between processes.
+        raise ConfigError(
+            "the model is already expert-parallel (its experts were sharded): give the "
+            "Trainer the whole model and set train.expert_parallel instead"
+        )
+    ep = None
+    if expert_parallel > 1:
+        world = info.world_size
+        if world == 1:
+            raise ConfigError(
+                f"train.expert_parallel = {expert_parallel} needs a multi-process job of a "
+                f"multiple of {expert_parallel} processes, but this is a single process: "
+                f"launch with torchrun --nproc_per_node={expert_parallel}"
+            )
+        if world % expert_parallel:
+            raise ConfigError(
+                f"train.expert_parallel = {expert_parallel} does not divide the world size "
+                f"{world}: the processes must form whole groups of {expert_parallel}"
+            )
+        ep = init_expert_parallel(expert_parallel)
+        shard_experts(model, ep)  # ValueError naming a layer whose experts it does not divide
+    if info.world_size == 1:
+        return ep, None
+    if ep is not None:  # DDP must see only the parameters that every process holds
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, expert_parameter_names(model, buffers=True)
+        )
+    ddp = nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
+    return ep, ddp
+
+
+def check_loader_sharding(loader: Any, name: str, info: DistInfo) -> None:
+    """Raise ConfigError if ``loader`` says it is sharded for another number of processes."""
+    world = getattr(loader, "world_size", None)
+    if world is not None and info.world_size > 1 and world != info.world_size:
+        raise ConfigError(
+            f"{name} is sharded for world_size={world} but the job has "
+            f"{info.world_size} processes; build it with rank and world_size"
+        )
+
+
+def check_equal_lengths(batches: int) -> None:
+    """Every rank's training loader must yield ``batches`` batches (collective): under expert
+    parallelism every rank takes as many steps, since each forward exchanges tokens."""
+    lengths = all_gather_objects(batches)
+    if len(set(lengths)) > 1:
+        raise ConfigError(
+            f"train_loader yields {lengths} batches per epoch on ranks 0..{len(lengths) - 1}; "
+            "under expert parallelism every rank must take the same number of steps "
+            "(shard it with pad=True, as BatchLoader(shuffle=True) does)"
+        )
 
 
 def _world_size() -> int:
