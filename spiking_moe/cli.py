@@ -108,6 +108,12 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_checkpoint(
+    parser: argparse.ArgumentParser, help: str = "runs/<name>/checkpoint.pt"
+) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help=help)
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="same as --set train.device=...: auto, cpu, cuda, cuda:N")
 
@@ -209,7 +215,7 @@ def energy_report_main(argv: Sequence[str] | None = None) -> int:
         prog="spiking-moe-energy-report",
         description="Re-count a trained model's test-set energy under any hardware profile.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="runs/<name>/checkpoint.pt")
+    _add_checkpoint(parser)
     parser.add_argument("--profile", required=True, help=f"one of {energy_profile_names()}")
     parser.add_argument("--out", type=Path, help="folder for the files (default: the checkpoint's)")
     parser.add_argument(
@@ -394,7 +400,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         "per part (input, experts, router projection, output neurons, readout) and "
         "manifest.json with the routing rule.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="runs/<name>/checkpoint.pt")
+    _add_checkpoint(parser)
     parser.add_argument("--out", required=True, type=Path, help="bundle folder, e.g. runs/x/nir")
     parser.add_argument(
         "--dt",
@@ -427,7 +433,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         prog="spiking-moe-generate",
         description="Continue a prompt with a trained spiking (or ANN) language model.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="runs/<name>/checkpoint.pt")
+    _add_checkpoint(parser)
     parser.add_argument("--prompt", default="def ", help='text to continue (default "def ")')
     parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to sample")
     parser.add_argument(
@@ -463,9 +469,7 @@ def gather_main(argv: Sequence[str] | None = None) -> int:
         "whole model's order, train.expert_parallel = 1. Evaluation, energy reports, export and "
         "single-process resume read it.",
     )
-    parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="the run's index, runs/<name>/checkpoint.pt"
-    )
+    _add_checkpoint(parser, "the run's index, runs/<name>/checkpoint.pt")
     parser.add_argument(
         "--out",
         required=True,

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ExperimentConfig, apply_overrides
+from .config import MODEL_KINDS, ConfigError, ExperimentConfig, apply_overrides
 from .data import DATASETS
 from .evaluation import (
     build_loaders,
@@ -63,8 +63,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The compared models, as ``model.kind`` values, in table order.
-KINDS = ("moe", "dense_snn", "ann")
+#: The compared models, as ``model.kind`` values, in table order: every kind there is.
+KINDS = MODEL_KINDS
 _KIND_NAMES = {"moe": "spiking MoE", "dense_snn": "dense SNN", "ann": "ANN twin"}
 
 
@@ -385,7 +385,7 @@ class Comparison:
         memory traffic, hollow compute only; error bars the std over seeds."""
         from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-        from .plotting import _pyplot
+        from .plotting import _pyplot, _save_figure
 
         plt = _pyplot()
         rows = self.summary()
@@ -421,10 +421,7 @@ class Comparison:
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, fontsize=7, loc="center right")
         fig.suptitle(f"{self.name}: accuracy vs energy at each precision")
-        fig.tight_layout(rect=(0, 0, 0.82, 1))
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return Path(path)
+        return _save_figure(fig, path, rect=(0, 0, 0.82, 1))
 
 
 def comparison_name(config: ExperimentConfig | None, checkpoints: Sequence[str | Path] = ()) -> str:

@@ -1,8 +1,10 @@
 """Callbacks: monitors by hand, windowed routing statistics, bias balancing across
-micro-batches, energy counted batch by batch."""
+micro-batches, energy counted batch by batch, and evaluation without a Trainer."""
 
+import ast
 import math
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -18,6 +20,7 @@ from spiking_moe.training import (
     RouterBiasBalancing,
     RoutingMonitor,
     Trainer,
+    evaluate,
     measure_energy,
     seed_everything,
 )
@@ -206,20 +209,11 @@ def test_energy_counted_batch_by_batch_equals_one_pass_over_the_whole_set(
     assert not any(layer.dense for layer in model.layers)
 
 
-def test_energy_is_logged_at_every_validation(tmp_path, tiny_moe, two_class_data, train_config):
+def test_energy_is_logged_at_every_validation(tmp_path, train, tiny_moe, train_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    seed_everything(0)
-    trainer = Trainer(
-        tiny_moe(),
-        BatchLoader(two_class_data(), 16, shuffle=True),
-        train_config(max_steps=6, eval_every=2),
-        out_dir=tmp_path,
-        val_loader=BatchLoader(two_class_data(40, seed=1), 20),
-        callbacks=[EnergyReportCallback("cmos45", prefixes=("val",))],
-    )
-    trainer.fit()
-    trainer.close()
+    callback = EnergyReportCallback("cmos45", prefixes=("val",))
+    train(tmp_path, train_config(max_steps=6, eval_every=2), model=tiny_moe(), callbacks=[callback])
     events = EventAccumulator(str(tmp_path)).Reload()
     for tag in ("val/energy/uJ_per_sample", "val/accuracy", "val_energy/total_pJ"):
         assert [e.step for e in events.Scalars(tag)] == [2, 4, 6], tag
@@ -230,3 +224,45 @@ def test_energy_callback_rejects_bad_settings():
         EnergyReportCallback("nope")
     with pytest.raises(ValueError, match="num_batches must be an int >= 0"):
         EnergyReportCallback("cmos45", num_batches=-1)
+
+
+def test_the_callbacks_module_imports_no_trainer():
+    """Hooks receive a CallbackContext; callbacks.py needs nothing of the trainer, not even
+    for type annotations (an import under TYPE_CHECKING counts too)."""
+    path = Path(callbacks_module.__file__)
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+            imported.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert imported and not [m for m in imported if "trainer" in m.lower()], imported
+
+
+def test_evaluate_runs_the_callbacks_without_a_trainer(tiny_moe, two_class_data):
+    """The same metrics as a Trainer's evaluation, with no Trainer, no optimizer and no draw
+    from the global random streams; the model's mode is restored."""
+    data = two_class_data(40, seed=1)
+    model = tiny_moe(num_experts=4, k=2).train()
+    before = torch.get_rng_state()
+    metrics = evaluate(
+        model,
+        BatchLoader(data, 16),
+        prefix="test",
+        callbacks=[FiringRateMonitor(), RoutingMonitor(), EnergyReportCallback("cmos45")],
+    )
+    assert torch.equal(torch.get_rng_state(), before) and model.training
+    # Loss and accuracy by hand over the same batches, in eval mode.
+    model.eval()
+    loss = correct = 0.0
+    with torch.no_grad():
+        for x, y in BatchLoader(data, 16):
+            logits = model(x).logits
+            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+    assert metrics["test/accuracy"] == correct / 40
+    # Float32 sums per batch, then float64 across batches: agree to float32 rounding.
+    assert metrics["test/loss"] == pytest.approx(loss / 40, rel=1e-6)
+    for key in ("test/moe0/max_load_ratio", "test/firing_rate/mean", "test/energy/uJ_per_sample"):
+        assert key in metrics, key
