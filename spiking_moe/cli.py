@@ -56,6 +56,7 @@ from .evaluation import (
 )
 from .experiment import check_experiment, finished_result, run_experiment, run_seeds, summary_table
 from .plotting import plot_sweep
+from .quantization import is_spiking
 from .sweep import run_folder, run_sweep, sweep_configs, sweep_table
 from .training import CheckpointError, energy_profile_names, init_distributed
 
@@ -412,7 +413,12 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     _add_set(parser)
     args = parser.parse_args(argv)
     _setup_logging()
-    model, _ = load_trained_model(args.checkpoint, overrides=_overrides(args))
+    model, config = load_trained_model(args.checkpoint, overrides=_overrides(args))
+    if config.data.name == "text" or not is_spiking(model):
+        raise ConfigError(
+            f"{args.checkpoint} holds a {type(model).__name__}: a NIR bundle holds a spiking "
+            "classifier (model.kind 'moe' or 'dense_snn', trained on other data than text)"
+        )
     summaries = export_bundle(model, args.out, dt=args.dt)
     lines = ["| part | neurons | synapses | largest fan-in |", "| --- | ---: | ---: | ---: |"]
     lines += [

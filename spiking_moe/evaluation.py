@@ -208,9 +208,9 @@ def load_run(
         overrides: ``section.key=value`` applied to the stored config (e.g. a moved
             ``data.root`` or another ``train.eval_batch_size``).
         device: overrides ``train.device``, where the model goes.
-        data: build the datasets (their shapes size the model); False returns none, and a
-            text run's model, whose shapes are fixed (a byte vocabulary), is then built
-            without reading its corpus.
+        data: build the datasets (their shapes size the model) and return them; with False
+            none are returned, and a text run's model, whose shapes are fixed (a byte
+            vocabulary), is built without reading its corpus.
         check: called with the config before any data is read (validation that must come
             before work, e.g. of a command's other flags).
 
@@ -229,23 +229,26 @@ def load_run(
     if check is not None:
         check(config)
     splits = None
+    if data or config.data.name != "text":
+        config.data.check_files()
+        splits = build_datasets(config.data)
     # The initial weights are replaced by the checkpoint's: draw them from a forked generator.
     with torch.random.fork_rng(devices=[]):
-        if data or config.data.name != "text":
-            config.data.check_files()
-            splits = build_datasets(config.data)
-            model = build_model_for(config, splits)
-        else:
-            model = build_model(
-                config.model,
-                in_features=TEXT_VOCAB,
-                num_classes=TEXT_VOCAB,
-                num_steps=config.data.num_steps or DATASETS["text"].default_steps,
-                context=config.data.context,
-            )
+        model = build_model_for(config, splits) if splits is not None else _language_model(config)
     model.load_state_dict(state["model"])
     return LoadedRun(
         config, model.to(target).eval(), splits if data else None, int(state["step"]), checkpoint
+    )
+
+
+def _language_model(config: ExperimentConfig) -> torch.nn.Module:
+    """A text run's model, whose shapes (a byte vocabulary) need no corpus."""
+    return build_model(
+        config.model,
+        in_features=TEXT_VOCAB,
+        num_classes=TEXT_VOCAB,
+        num_steps=config.data.num_steps or DATASETS["text"].default_steps,
+        context=config.data.context,
     )
 
 
@@ -336,7 +339,8 @@ class CheckpointEvaluation:
         config: the experiment config stored in the checkpoint (overrides applied).
         step: the checkpoint's optimizer step.
         metrics: the test evaluation's metrics (``test/accuracy``, ``test/loss``,
-            ``test/energy/...``), computed exactly as :func:`~spiking_moe.experiment.run_experiment` computed them.
+            ``test/energy/...``), computed exactly as
+            :func:`~spiking_moe.experiment.run_experiment` computed them.
         report: the :class:`energy.EnergyReport` of the counted test inputs, with the
             accuracy (and, when quantized, the accuracy at the profile's precision).
         samples: test samples counted.
@@ -370,11 +374,12 @@ def evaluate_checkpoint(
     A QAT run (``train.quantize_bits``) is evaluated as it trained: fake-quantized weights
     (:func:`~spiking_moe.quantization.prepare_qat`; for a spiking model the same spikes as its
     integer model, for an ANN float activations, as in training). With ``quantize`` and a
-    profile that prices narrower weights than the model has (``cmos45_int8``, ``loihi``: 8 bits, for an fp32 model), the model is also quantized
-    to the profile's ``weight_bits`` (:func:`quantize_trained`; an ANN's activations to the
-    profile's ``activation_bits``) and evaluated again: the report then holds both accuracies,
-    and its energy is that of the quantized model, the one the profile prices. Without
-    ``quantize`` such a report says the accuracy at the profile's precision was not measured.
+    profile that prices narrower weights than the model has (``cmos45_int8``, ``loihi``: 8
+    bits, for an fp32 model), the model is also quantized to the profile's ``weight_bits``
+    (:func:`quantize_trained`; an ANN's activations to the profile's ``activation_bits``) and
+    evaluated again: the report then holds both accuracies, and its energy is that of the
+    quantized model, the one the profile prices. Without ``quantize`` such a report says the
+    accuracy at the profile's precision was not measured.
 
     Args:
         checkpoint: ``runs/<name>/checkpoint.pt`` (loaded with ``weights_only=True``).

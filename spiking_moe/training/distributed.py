@@ -67,7 +67,8 @@ class DistInfo:
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """ "auto": ``cuda:<local_rank>`` when CUDA is available, else CPU; "cuda" -> ``cuda:<local_rank>``."""
+    """ "auto": ``cuda:<local_rank>`` when CUDA is available, else CPU; "cuda" ->
+    ``cuda:<local_rank>``. :class:`DeviceError` when CUDA is asked for and absent."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)

@@ -161,8 +161,8 @@ def count_energy(
     The dense twin is the same model with every :class:`~spiking_moe.moe.SpikingMoE` running
     every expert on every token: the layers' expert strategies are swapped for the second pass
     and restored (:func:`~spiking_moe.moe.swapped_strategies`), so no copy of the model is
-    made. Both passes run one call per expert, which the counter's hooks see. Both run in the model's current mode
-    without gradients; call ``model.eval()`` first for noise-free routing.
+    made. Both passes run one call per expert, which the counter's hooks see. Both run in the
+    model's current mode without gradients; call ``model.eval()`` first for noise-free routing.
 
     A model whose input is not time-major (a language model's token ids ``[B, S]``) says how
     many steps it runs per token in a ``num_steps`` attribute; otherwise ``T`` is dim 0 of
@@ -173,8 +173,9 @@ def count_energy(
     and the counts are its share, in single-process form (:func:`expert_parallel_counts`):
     the shared modules on its tokens, its experts on every process's tokens. Merged over the
     processes (:func:`energy.merge_counts` of every process's counts, as
-    :class:`~spiking_moe.training.EnergyReportCallback` does) they are the counts of one process running the same
-    model on each shard in turn (:func:`count_operations_parallel` for one pass).
+    :class:`~spiking_moe.training.EnergyReportCallback` does) they are the counts of one
+    process running the same model on each shard in turn (:func:`count_operations_parallel`
+    for one pass).
 
     Returns:
         ``(counts, dense_counts)``; ``dense_counts`` is None for a model without MoE layers.

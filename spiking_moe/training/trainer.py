@@ -117,7 +117,8 @@ class _FitRun:
 
 
 class Trainer:
-    """Trains a classifier on time-major batches; see the module docstring for the objective.
+    """Trains a classifier on time-major batches; the objective is
+    :mod:`~spiking_moe.training.objective`'s.
 
     What it changes on the model it is given (the caller's object, in place):
 
