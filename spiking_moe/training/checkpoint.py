@@ -23,8 +23,11 @@ no process holds the whole model, so a checkpoint is a set of files in one folde
                                            optimizer order and which experts it holds
 
 The shards of step ``s`` are written first (each atomically, under names no earlier step
-used), then the index, also atomically: the index is the commit, and a crash at any point
-leaves the previous index pointing at intact shards of its own step. Shards that neither the
+used), then the index, also atomically (:func:`save_expert_parallel_checkpoint`, which every
+process calls): the index is the commit, and a crash at any point leaves the previous index
+pointing at intact shards of its own step. A resume reads each process's part back with
+:func:`model_and_optimizer_state`, which refuses a checkpoint of another layout and says how
+to resume or gather it. Shards that neither the
 index nor ``checkpoint.prev.pt`` names are deleted after each commit
 (:func:`remove_stale_expert_shards`). :func:`load_expert_shard` reads one shard of an index
 and checks it belongs there; :func:`gather_expert_checkpoint` merges the shards into the

@@ -55,6 +55,7 @@ from .callbacks import Callback, check_callback
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
+    CheckpointError,
     load_checkpoint,
     model_and_optimizer_state,
     resume_source,
@@ -365,7 +366,8 @@ class Trainer:
 
     def _load(self, state: Mapping[str, Any], source: Path) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{source}: unknown checkpoint format {state.get('format')!r}")
+            message = f"{source}: unknown checkpoint format {state.get('format')!r}"
+            raise CheckpointError(message, source)
         model_state, optimizer_state = model_and_optimizer_state(
             state, source, self.model, self.expert_parallel, self.dist.world_size
         )
