@@ -6,7 +6,7 @@ Options: ``--out DIR`` (default: the checkpoint's folder), ``--device cpu|cuda|c
 ``--num-batches N`` (test batches to count; default all), ``--set section.key=value`` (changes
 the stored config, e.g. a moved ``data.root``). Prints the Markdown report and writes
 ``report_<profile>.json``/``.md`` and TensorBoard tags ``test_energy_<profile>/...`` into the
-folder. The steps are :func:`spiking_moe.experiment.evaluate_checkpoint`.
+folder. The steps are :func:`spiking_moe.evaluation.evaluate_checkpoint`.
 """
 
 import sys

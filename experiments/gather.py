@@ -7,7 +7,7 @@ A run trained with ``--set train.expert_parallel=P`` under ``torchrun`` writes a
 writes ``<out>/checkpoint.pt`` with every expert, the optimizer state in the whole model's
 parameter order and ``train.expert_parallel = 1`` (and the run's ``config.json``), which
 ``energy_report.py``, ``export.py``, ``generate.py`` and a single-process ``--resume-from``
-read. The steps are :func:`spiking_moe.experiment.gather_checkpoint`.
+read. The steps are :func:`spiking_moe.evaluation.gather_checkpoint`.
 """
 
 import sys

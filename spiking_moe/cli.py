@@ -1,5 +1,5 @@
 """Command-line entry points: argument parsing and exit codes. What they run lives in
-:mod:`spiking_moe.experiment` and :mod:`spiking_moe.sweep`.
+:mod:`spiking_moe.experiment`, :mod:`spiking_moe.evaluation` and :mod:`spiking_moe.sweep`.
 
 - :func:`train_main` (``spiking-moe-train``, ``experiments/train.py``): one experiment from a
   TOML config, or one per seed with ``--seeds``.
@@ -19,43 +19,44 @@
   single-process one that the other commands read.
 
 Training under ``torchrun --nproc_per_node=N`` is data-parallel (DDP); with
-``--set train.expert_parallel=P`` (``P`` dividing ``N`` and ``model.num_experts``) each MoE
+``--set train.expert_parallel=P`` (``P`` dividing ``N`` and ``model.moe.num_experts``) each MoE
 layer's experts are split over groups of ``P`` processes as well.
 
 Every command takes ``--set section.key=value`` (repeatable): TOML values checked exactly like
 the config file's (``--set train.lr=3e-3 --set model.router=spiking``).
 
-Exit codes of every entry point: 0 done; 2 bad arguments, config, override, device, profile,
-missing or damaged file (an error names it, no traceback); 128 + signal number when training
-was stopped by SIGINT/SIGTERM.
+Exit codes of every entry point: 0 done; 2 bad input: arguments, config, override, device,
+profile, a missing or damaged file given (:class:`~spiking_moe.config.ConfigError`,
+:class:`~spiking_moe.training.CheckpointError`, ``FileNotFoundError``, ``FileExistsError``,
+raised anywhere during the command: the error names the problem, no traceback); 128 + signal
+number when training was stopped by SIGINT/SIGTERM. Any other error is a bug and keeps its
+traceback (exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch.distributed
 
 from .compare import KINDS, comparison_name, run_comparison
 from .config import ConfigError, apply_overrides, load_config
-from .experiment import (
-    check_experiment,
+from .evaluation import (
     evaluate_checkpoint,
-    finished_result,
     gather_checkpoint,
     generate_text,
     load_language_model,
     load_trained_model,
-    run_experiment,
-    run_seeds,
-    summary_table,
     write_profile_report,
 )
+from .experiment import check_experiment, finished_result, run_experiment, run_seeds, summary_table
 from .plotting import plot_sweep
+from .quantization import is_spiking
 from .sweep import run_folder, run_sweep, sweep_configs, sweep_table
 from .training import CheckpointError, energy_profile_names, init_distributed
 
@@ -71,8 +72,24 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Exceptions that mean "bad input" (exit code 2 with the message), raised before any work.
-_USAGE_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, RuntimeError, ValueError)
+#: Exceptions that mean "bad input" (exit code 2 with the message, no traceback): the
+#: validation errors of what the user gave. Anything else is a bug and keeps its traceback.
+_USAGE_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, FileExistsError)
+
+
+def _command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+    """An entry point whose bad input, found anywhere during the command, exits with code 2
+    and the error's message."""
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except _USAGE_ERRORS as exc:
+            logger.error("%s", exc)
+            return 2
+
+    return run
 
 
 def _setup_logging() -> None:
@@ -92,6 +109,12 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_checkpoint(
+    parser: argparse.ArgumentParser, help: str = "runs/<name>/checkpoint.pt"
+) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help=help)
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="same as --set train.device=...: auto, cpu, cuda, cuda:N")
 
@@ -100,9 +123,9 @@ def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
     if not values:
-        raise ValueError(f"{flag} must name at least one value, got {text!r}")
+        raise ConfigError(f"{flag} must name at least one value, got {text!r}")
     return values
 
 
@@ -145,6 +168,7 @@ def _parse_train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@_command
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Train, evaluate on the test set, write the run folder. Returns the process exit code.
 
@@ -156,18 +180,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     overrides = _overrides(args)
     resuming = args.resume or args.resume_from is not None
-    try:
-        config = apply_overrides(load_config(args.config), overrides)
-        out = args.out or Path("runs") / config.name
-        seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
-        if args.resume_from is not None and seeds:
-            raise ValueError("--resume-from names one run's checkpoint; it cannot go with --seeds")
-        folders = [out / f"seed{s}" for s in seeds] if seeds else [out]
-        for folder in folders:
-            check_experiment(config, folder, resume=resuming)
-    except _USAGE_ERRORS as exc:
-        logger.error("%s", exc)
-        return 2
+    config = apply_overrides(load_config(args.config), overrides)
+    out = args.out or Path("runs") / config.name
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
+    if args.resume_from is not None and seeds:
+        raise ConfigError("--resume-from names one run's checkpoint; it cannot go with --seeds")
+    folders = [out / f"seed{s}" for s in seeds] if seeds else [out]
+    for folder in folders:  # every folder checked before the first run trains
+        check_experiment(config, folder, resume=resuming)
     try:
         if not init_distributed(config.train.device).is_main:
             logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress log
@@ -181,9 +201,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             base, out, overrides=overrides, resume=args.resume, resume_from=args.resume_from
         )
         return _exit_code(result.interrupted, result.signal)
-    except CheckpointError as exc:
-        logger.error("%s", exc)
-        return 2
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -192,13 +209,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- energy report
 
 
+@_command
 def energy_report_main(argv: Sequence[str] | None = None) -> int:
     """Re-count a trained model under a profile; print and write the report. Exit code."""
     parser = argparse.ArgumentParser(
         prog="spiking-moe-energy-report",
         description="Re-count a trained model's test-set energy under any hardware profile.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="runs/<name>/checkpoint.pt")
+    _add_checkpoint(parser)
     parser.add_argument("--profile", required=True, help=f"one of {energy_profile_names()}")
     parser.add_argument("--out", type=Path, help="folder for the files (default: the checkpoint's)")
     parser.add_argument(
@@ -214,19 +232,15 @@ def energy_report_main(argv: Sequence[str] | None = None) -> int:
     _add_set(parser)
     args = parser.parse_args(argv)
     _setup_logging()
-    try:
-        if args.num_batches < 0:
-            raise ValueError(f"--num-batches must be >= 0, got {args.num_batches}")
-        evaluation = evaluate_checkpoint(
-            args.checkpoint,
-            args.profile,
-            num_batches=args.num_batches,
-            overrides=_overrides(args),
-            quantize=args.quantize,
-        )
-    except _USAGE_ERRORS as exc:
-        logger.error("%s", exc)
-        return 2
+    if args.num_batches < 0:
+        raise ConfigError(f"--num-batches must be >= 0, got {args.num_batches}")
+    evaluation = evaluate_checkpoint(
+        args.checkpoint,
+        args.profile,
+        num_batches=args.num_batches,
+        overrides=_overrides(args),
+        quantize=args.quantize,
+    )
     out = args.out or args.checkpoint.parent
     write_profile_report(out, evaluation, args.profile)
     report = evaluation.report
@@ -250,6 +264,7 @@ def energy_report_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- sweep
 
 
+@_command
 def sweep_main(argv: Sequence[str] | None = None) -> int:
     """Train one spiking MoE per (experts, k); write ``sweep.md``/``.json``/``.png``. Exit code."""
     parser = argparse.ArgumentParser(
@@ -272,25 +287,21 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     _add_set(parser)
     args = parser.parse_args(argv)
     _setup_logging()
-    try:
-        experts, ks = _int_list(args.experts, "--experts"), _int_list(args.k, "--k")
-        seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
-        base = apply_overrides(load_config(args.config), _overrides(args))
-        if not base.energy.enabled:
-            logger.info("sweep: enabling the energy report (energy.enabled) for the table")
-            base = apply_overrides(base, ["energy.enabled=true"])
-        out = args.out or Path("runs") / f"sweep_{base.name}"
-        configs = sweep_configs(base, experts, ks)
-        if not configs:
-            raise ConfigError(f"no valid (experts, k) pair in experts={experts}, k={ks}")
-        for config in configs:
-            folder = run_folder(out, config)
-            for run in [folder / f"seed{s}" for s in seeds] if seeds else [folder]:
-                if not (args.reuse_finished and finished_result(run) is not None):
-                    check_experiment(config, run)
-    except _USAGE_ERRORS as exc:
-        logger.error("%s", exc)
-        return 2
+    experts, ks = _int_list(args.experts, "--experts"), _int_list(args.k, "--k")
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
+    base = apply_overrides(load_config(args.config), _overrides(args))
+    if not base.energy.enabled:
+        logger.info("sweep: enabling the energy report (energy.enabled) for the table")
+        base = apply_overrides(base, ["energy.enabled=true"])
+    out = args.out or Path("runs") / f"sweep_{base.name}"
+    configs = sweep_configs(base, experts, ks)
+    if not configs:
+        raise ConfigError(f"no valid (experts, k) pair in experts={experts}, k={ks}")
+    for config in configs:  # every run checked before the first one trains
+        folder = run_folder(out, config)
+        for run in [folder / f"seed{s}" for s in seeds] if seeds else [folder]:
+            if not (args.reuse_finished and finished_result(run) is not None):
+                check_experiment(config, run)
     rows, stopped_by = run_sweep(configs, out, seeds=seeds, reuse_finished=args.reuse_finished)
     if not rows:
         logger.warning("sweep stopped before the first run finished; no table written")
@@ -309,6 +320,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- compare
 
 
+@_command
 def compare_main(argv: Sequence[str] | None = None) -> int:
     """Spiking MoE vs dense SNN vs ANN twin at every precision; ``comparison.md``/``.json``/
     ``.png`` and TensorBoard. Exit code."""
@@ -350,31 +362,24 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     _add_set(parser)
     args = parser.parse_args(argv)
     _setup_logging()
-    try:
-        config = load_config(args.config) if args.config else None
-        checkpoints = args.checkpoint or ()
-        missing = [str(c) for c in checkpoints if not c.is_file()]
-        if missing:
-            raise FileNotFoundError(f"no checkpoint at {missing}")
-        out = args.out or Path("runs") / f"compare_{comparison_name(config, checkpoints)}"
-        comparison, stopped_by = run_comparison(
-            config,
-            out,
-            seeds=_int_list(args.seeds, "--seeds") if config else (),
-            kinds=[k for k in args.kinds.split(",") if k],
-            bits=_int_list(args.bits, "--bits"),
-            qat_bits=_int_list(args.qat, "--qat") if args.qat else (),
-            profiles=[p for p in args.profiles.split(",") if p],
-            checkpoints=checkpoints,
-            overrides=_overrides(args),
-            reuse_finished=args.reuse_finished,
-        )
-    except _USAGE_ERRORS as exc:
-        logger.error("%s", exc)
-        return 2
-    except CheckpointError as exc:
-        logger.error("%s", exc)
-        return 2
+    config = load_config(args.config) if args.config else None
+    checkpoints = args.checkpoint or ()
+    missing = [str(c) for c in checkpoints if not c.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no checkpoint at {missing}")
+    out = args.out or Path("runs") / f"compare_{comparison_name(config, checkpoints)}"
+    comparison, stopped_by = run_comparison(
+        config,
+        out,
+        seeds=_int_list(args.seeds, "--seeds") if config else (),
+        kinds=[k for k in args.kinds.split(",") if k],
+        bits=_int_list(args.bits, "--bits"),
+        qat_bits=_int_list(args.qat, "--qat") if args.qat else (),
+        profiles=[p for p in args.profiles.split(",") if p],
+        checkpoints=checkpoints,
+        overrides=_overrides(args),
+        reuse_finished=args.reuse_finished,
+    )
     if comparison is None:
         logger.warning("comparison interrupted while training; rerun with --reuse-finished")
         return 128 + (stopped_by or 0)
@@ -385,6 +390,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- export
 
 
+@_command
 def export_main(argv: Sequence[str] | None = None) -> int:
     """Export a trained model as a NIR bundle; print each part's size. Exit code."""
     from .nir import DEFAULT_DT, export_bundle
@@ -395,7 +401,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         "per part (input, experts, router projection, output neurons, readout) and "
         "manifest.json with the routing rule.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="runs/<name>/checkpoint.pt")
+    _add_checkpoint(parser)
     parser.add_argument("--out", required=True, type=Path, help="bundle folder, e.g. runs/x/nir")
     parser.add_argument(
         "--dt",
@@ -407,12 +413,13 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     _add_set(parser)
     args = parser.parse_args(argv)
     _setup_logging()
-    try:
-        model, _ = load_trained_model(args.checkpoint, overrides=_overrides(args))
-        summaries = export_bundle(model, args.out, dt=args.dt)
-    except (*_USAGE_ERRORS, CheckpointError) as exc:
-        logger.error("%s", exc)
-        return 2
+    model, config = load_trained_model(args.checkpoint, overrides=_overrides(args))
+    if config.data.name == "text" or not is_spiking(model):
+        raise ConfigError(
+            f"{args.checkpoint} holds a {type(model).__name__}: a NIR bundle holds a spiking "
+            "classifier (model.kind 'moe' or 'dense_snn', trained on other data than text)"
+        )
+    summaries = export_bundle(model, args.out, dt=args.dt)
     lines = ["| part | neurons | synapses | largest fan-in |", "| --- | ---: | ---: | ---: |"]
     lines += [
         f"| {s.name} | {s.neurons:,} | {s.synapses:,} | {s.max_fan_in:,} |" for s in summaries
@@ -425,13 +432,14 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- generate
 
 
+@_command
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """Sample bytes after a prompt from a trained language model and print them. Exit code."""
     parser = argparse.ArgumentParser(
         prog="spiking-moe-generate",
         description="Continue a prompt with a trained spiking (or ANN) language model.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="runs/<name>/checkpoint.pt")
+    _add_checkpoint(parser)
     parser.add_argument("--prompt", default="def ", help='text to continue (default "def ")')
     parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to sample")
     parser.add_argument(
@@ -441,18 +449,14 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     _add_device(parser)
     args = parser.parse_args(argv)
     _setup_logging()
-    try:
-        if args.max_new_tokens < 0:
-            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        if not args.temperature >= 0:
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-        model, _ = load_language_model(args.checkpoint, device=args.device)
-        text = generate_text(
-            model, args.prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed
-        )
-    except (*_USAGE_ERRORS, CheckpointError) as exc:
-        logger.error("%s", exc)
-        return 2
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    model, _ = load_language_model(args.checkpoint, device=args.device)
+    text = generate_text(
+        model, args.prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed
+    )
     print(text)
     return 0
 
@@ -460,6 +464,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- gather
 
 
+@_command
 def gather_main(argv: Sequence[str] | None = None) -> int:
     """Gather an expert-parallel checkpoint into a single-process one. Exit code."""
     parser = argparse.ArgumentParser(
@@ -470,9 +475,7 @@ def gather_main(argv: Sequence[str] | None = None) -> int:
         "whole model's order, train.expert_parallel = 1. Evaluation, energy reports, export and "
         "single-process resume read it.",
     )
-    parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="the run's index, runs/<name>/checkpoint.pt"
-    )
+    _add_checkpoint(parser, "the run's index, runs/<name>/checkpoint.pt")
     parser.add_argument(
         "--out",
         required=True,
@@ -481,10 +484,5 @@ def gather_main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     _setup_logging()
-    try:
-        target = gather_checkpoint(args.checkpoint, args.out)
-    except (*_USAGE_ERRORS, CheckpointError) as exc:
-        logger.error("%s", exc)
-        return 2
-    print(target)
+    print(gather_checkpoint(args.checkpoint, args.out))
     return 0

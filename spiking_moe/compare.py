@@ -37,27 +37,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ExperimentConfig, apply_overrides
-from .data import DATASETS, build_datasets
-from .experiment import (
-    _evaluate_test,
+from .config import MODEL_KINDS, ConfigError, ExperimentConfig, apply_overrides
+from .data import DATASETS
+from .evaluation import (
     build_loaders,
-    build_model_for,
-    check_experiment,
     config_from_checkpoint,
-    finished_result,
+    evaluate_test_set,
+    load_run,
     model_weight_bits,
     quantize_trained,
-    run_seeds,
 )
+from .experiment import check_experiment, finished_result, run_seeds
 from .quantization import SUPPORTED_BITS
-from .training import (
-    CHECKPOINT_NAME,
-    check_energy_profile,
-    load_checkpoint,
-    profile_precision,
-    resolve_device,
-)
+from .training import CHECKPOINT_NAME, check_energy_profile, load_checkpoint, profile_precision
 
 __all__ = [
     "KINDS",
@@ -71,8 +63,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The compared models, as ``model.kind`` values, in table order.
-KINDS = ("moe", "dense_snn", "ann")
+#: The compared models, as ``model.kind`` values, in table order: every kind there is.
+KINDS = MODEL_KINDS
 _KIND_NAMES = {"moe": "spiking MoE", "dense_snn": "dense SNN", "ann": "ANN twin"}
 
 
@@ -139,30 +131,17 @@ def evaluate_precisions(
     full-precision one at fp32 and at every width in ``bits``. Each evaluation counts its own
     activity and prices it under every profile.
     """
-    checkpoint = Path(checkpoint)
-    state = load_checkpoint(checkpoint)
-    config = config_from_checkpoint(state, checkpoint)
-    overrides = [*overrides, *([f"train.device={device}"] if device else [])]
-    config = apply_overrides(config, overrides)
-    config.data.check_files()
-    resolve_device(config.train.device)
-    data = build_datasets(config.data)
-    train_loader, _, test_loader = build_loaders(config, data)
-    trained = build_model_for(config, data)
-    trained.load_state_dict(state["model"])
+    run = load_run(checkpoint, overrides=overrides, device=device)
+    config, trained = run.config, run.model
+    train_loader, _, test_loader = build_loaders(config, run.data)
     trained_bits = model_weight_bits(config)
     qat = trained_bits < 32
     widths = [trained_bits] if qat else [32, *bits]
     evaluations = []
     for width in widths:
         model = trained if width == 32 else quantize_trained(trained, width, train_loader)
-        metrics, counted = _evaluate_test(
-            model,
-            config,
-            train_loader,
-            test_loader,
-            step=int(state["step"]),
-            profile=profiles[0],
+        metrics, counted = evaluate_test_set(
+            model, config, test_loader, step=run.step, profile=profiles[0]
         )
         if counted.report is None:
             raise ValueError(f"{checkpoint}: the test set counted no samples")
@@ -179,7 +158,7 @@ def evaluate_precisions(
                 precision=_precision_label(width, qat),
                 weight_bits=width,
                 seed=config.train.seed,
-                run=str(checkpoint),
+                run=str(run.checkpoint),
                 accuracy=metrics["test/accuracy"],
                 firing_rate=counted.report.totals.firing_rate,
                 unit=counted.unit,
@@ -406,7 +385,7 @@ class Comparison:
         memory traffic, hollow compute only; error bars the std over seeds."""
         from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-        from .plotting import _pyplot
+        from .plotting import _pyplot, _save_figure
 
         plt = _pyplot()
         rows = self.summary()
@@ -442,10 +421,7 @@ class Comparison:
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, fontsize=7, loc="center right")
         fig.suptitle(f"{self.name}: accuracy vs energy at each precision")
-        fig.tight_layout(rect=(0, 0, 0.82, 1))
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return Path(path)
+        return _save_figure(fig, path, rect=(0, 0, 0.82, 1))
 
 
 def comparison_name(config: ExperimentConfig | None, checkpoints: Sequence[str | Path] = ()) -> str:
@@ -463,7 +439,7 @@ def comparison_name(config: ExperimentConfig | None, checkpoints: Sequence[str |
 def _check_widths(name: str, values: Sequence[int]) -> None:
     bad = [b for b in values if b not in SUPPORTED_BITS]
     if bad:
-        raise ValueError(f"{name} must be among {list(SUPPORTED_BITS)}, got {bad}")
+        raise ConfigError(f"{name} must be among {list(SUPPORTED_BITS)}, got {bad}")
 
 
 def run_comparison(
@@ -503,12 +479,12 @@ def run_comparison(
         interrupted training (None when every run finished).
 
     Raises:
-        ValueError, ConfigError: bad widths, profiles, kinds or seeds, before any work.
+        ConfigError: bad widths, profiles, kinds or seeds, before any work.
     """
     _check_widths("bits", bits)
     _check_widths("qat_bits", qat_bits)
     if not profiles:
-        raise ValueError("profiles must name at least one energy profile")
+        raise ConfigError("profiles must name at least one energy profile")
     for profile in profiles:
         check_energy_profile(profile)
     out = Path(out)
@@ -521,16 +497,16 @@ def run_comparison(
         name = comparison_name(config, checkpoints)
     else:
         if config is None:
-            raise ValueError("give a config to train, or checkpoints to evaluate")
+            raise ConfigError("give a config to train, or checkpoints to evaluate")
         if not seeds or len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds must name at least one seed, each once; got {list(seeds)}")
+            raise ConfigError(f"seeds must name at least one seed, each once; got {list(seeds)}")
         bad = [k for k in kinds if k not in KINDS]
         if bad:
             raise ConfigError(f"unknown model kinds {bad}; valid: {list(KINDS)}")
         if not kinds or len(set(kinds)) != len(kinds):
-            raise ValueError(f"kinds must name at least one model, each once; got {list(kinds)}")
+            raise ConfigError(f"kinds must name at least one model, each once; got {list(kinds)}")
         if len(set(qat_bits)) != len(qat_bits):
-            raise ValueError(f"qat_bits must name each width once; got {list(qat_bits)}")
+            raise ConfigError(f"qat_bits must name each width once; got {list(qat_bits)}")
         plan = [(twin_config(config, kind), kind, 0) for kind in kinds]
         plan += [
             (apply_overrides(twin_config(config, kind), [f"train.quantize_bits={b}"]), kind, b)

@@ -29,6 +29,15 @@ def _pyplot():
     return plt
 
 
+def _save_figure(fig, path: str | Path, **layout) -> Path:
+    """Lay ``fig`` out (``layout``: :meth:`~matplotlib.figure.Figure.tight_layout`'s
+    arguments), write it to ``path`` as a PNG and close it."""
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def plot_run(report, accuracy: float, batch_size: int, path: str | Path, title: str = "") -> Path:
     """Two panels: test accuracy against energy per sample (this model, with the baselines'
     energies as vertical lines), and tokens per expert for every MoE layer.
@@ -66,11 +75,7 @@ def plot_run(report, accuracy: float, batch_size: int, path: str | Path, title: 
         ax_load.set_axis_off()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_sweep(rows: Sequence[dict], path: str | Path, profile: str) -> Path:
@@ -110,11 +115,7 @@ def plot_sweep(rows: Sequence[dict], path: str | Path, profile: str) -> Path:
     ax.set_xlabel(f"energy per sample (uJ, profile {profile})")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs energy")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def _plot_lm_sweep(rows: Sequence[dict], path: str | Path, profile: str) -> Path:
@@ -143,8 +144,4 @@ def _plot_lm_sweep(rows: Sequence[dict], path: str | Path, profile: str) -> Path
     ax_bpb.set_title("bits per byte vs experts")
     ax_energy.set_ylabel(f"energy per token (uJ, profile {profile})")
     ax_energy.set_title("energy per token vs experts")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)

@@ -12,21 +12,19 @@ import sys
 
 import torch
 
+from spiking_moe import SpikingMoEClassifier, SpikingMoELM
 from spiking_moe.functional.kernels import cpu_fused, event_cpu
-
-# The C++ kernels load from the shared build folder first (an empty one would rebuild them, 30-60
-# s); the event-driven calibration is looked up when first needed, so it goes to the folder
-# named here, which both processes of the test share.
-cpu_fused.EXTENSION.load()
-event_cpu.EXTENSION.load()
-os.environ["TORCH_EXTENSIONS_DIR"] = sys.argv[2]
-
-from spiking_moe import SpikingMoEClassifier, SpikingMoELM  # noqa: E402
-from spiking_moe.strategies import CPU_GROUPED_MIN_EXPERTS  # noqa: E402
-from spiking_moe.training import count_energy  # noqa: E402
+from spiking_moe.strategies import CPU_GROUPED_MIN_EXPERTS
+from spiking_moe.training import count_energy
 
 
-def main(out: str) -> None:
+def main(out: str, calibration_folder: str) -> None:
+    # The C++ kernels load from the shared build folder first (an empty one would rebuild them,
+    # 30-60 s); the event-driven calibration is looked up when first needed, so it goes to the
+    # folder named here, which both processes of the test share.
+    cpu_fused.EXTENSION.load()
+    event_cpu.EXTENSION.load()
+    os.environ["TORCH_EXTENSIONS_DIR"] = calibration_folder
     torch.manual_seed(0)
     classifier = SpikingMoEClassifier(
         32, 5, hidden_features=32, num_experts=CPU_GROUPED_MIN_EXPERTS, k=2, expert_hidden=16,
@@ -61,4 +59,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

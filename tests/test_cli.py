@@ -2,18 +2,23 @@
 --set overrides, damaged checkpoints, energy re-counts."""
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
 import energy
-from spiking_moe.cli import energy_report_main, train_main
+from spiking_moe.cli import energy_report_main, generate_main, train_main
+from spiking_moe.compare import evaluate_precisions
+from spiking_moe.evaluation import load_run
 from spiking_moe.experiment import (
     build_datasets,
     build_loaders,
     build_model_for,
     config_from_checkpoint,
     evaluate_checkpoint,
+    load_trained_model,
 )
 from spiking_moe.quantization import quantize_model
 from spiking_moe.training import (
@@ -21,6 +26,7 @@ from spiking_moe.training import (
     load_checkpoint,
     previous_checkpoint,
     save_checkpoint,
+    seed_everything,
 )
 
 # Small enough to train in well under a second, large enough to learn above chance (10%).
@@ -194,6 +200,76 @@ def test_energy_report_exits_2_naming_the_problem(tmp_path, caplog):
         == 2
     )
     assert "--num-batches must be >= 0" in caplog.text
+
+
+def test_bad_flags_exit_2_naming_the_problem_without_a_traceback(tmp_path, caplog):
+    config = str(_config(tmp_path))
+    missing = str(tmp_path / "missing.pt")
+    for main, argv, message in [
+        (train_main, ["--seeds", "0,x"], "--seeds must be comma-separated integers, got '0,x'"),
+        (train_main, ["--seeds", "0", "--resume-from", missing], "cannot go with --seeds"),
+        (train_main, ["--set", "train.device='tpu'"], "train.device must be one of"),
+        (generate_main, ["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
+        (generate_main, ["--temperature", "-1"], "--temperature must be >= 0"),
+        (generate_main, [], f"no checkpoint at {missing}"),
+    ]:
+        caplog.clear()
+        source = ["--config", config, "--out", str(tmp_path / "run")]
+        if main is generate_main:
+            source = ["--checkpoint", missing]
+        assert main([*source, *argv]) == 2, argv
+        assert message in caplog.text, argv
+        assert "Traceback" not in caplog.text
+    assert not (tmp_path / "run").exists()
+
+
+def _tiny_run(tmp_path):
+    """The checkpoint of a two-step run of the tiny MoE."""
+    run = tmp_path / "run"
+    assert train_main(["--config", str(_config(tmp_path, steps=2)), "--out", str(run)]) == 0
+    return run / "checkpoint.pt"
+
+
+def _random_streams():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+@pytest.mark.slow
+def test_reading_a_checkpoint_draws_no_random_number_and_builds_no_optimizer(tmp_path, monkeypatch):
+    checkpoint = _tiny_run(tmp_path)
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("reading a checkpoint built an optimizer")
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_optimizer)
+    seed_everything(7)
+    before = _random_streams()
+    evaluation = evaluate_checkpoint(checkpoint, "cmos45_int8", quantize=True)
+    evaluate_precisions(checkpoint, bits=(8,), profiles=("cmos45",))
+    load_trained_model(checkpoint)
+    run = load_run(checkpoint)
+    after = _random_streams()
+    assert torch.equal(after[0], before[0])
+    assert np.array_equal(after[1], before[1]) and after[2] == before[2]
+    # What was read is the trained run: its logged test accuracy, step and weights.
+    assert evaluation.metrics["test/accuracy"] == _logged_test_accuracy(checkpoint.parent)
+    assert run.step == evaluation.step == 2 and not run.model.training
+    for name, value in load_checkpoint(checkpoint)["model"].items():
+        assert torch.equal(run.model.state_dict()[name], value), name
+
+
+@pytest.mark.slow
+def test_a_bug_during_an_evaluation_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only bad input exits 2: a ValueError from deep inside the energy count is a bug."""
+    checkpoint = _tiny_run(tmp_path)
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug deep in the energy count")
+
+    monkeypatch.setattr(energy, "count_operations", bug)
+    argv = ["--checkpoint", str(checkpoint), "--profile", "cmos45"]
+    with pytest.raises(ValueError, match="a bug deep in the energy count"):
+        energy_report_main(argv)
 
 
 @pytest.mark.slow

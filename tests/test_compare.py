@@ -10,19 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_cli import _hand_accuracy, _rebuild  # the same oracles as the energy report's
 
 import energy
 from spiking_moe.cli import compare_main
 from spiking_moe.compare import Comparison, Evaluation, twin_config
 from spiking_moe.config import ConfigError, flatten_config, load_config
-from spiking_moe.experiment import (
-    build_datasets,
-    build_loaders,
-    build_model_for,
-    config_from_checkpoint,
-)
 from spiking_moe.quantization import quantize_model
-from spiking_moe.training import count_energy, load_checkpoint
+from spiking_moe.training import count_energy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,27 +36,6 @@ PROFILES = ("cmos45", "cmos45_int8")
 def _logged(run):
     """The test accuracy a training run wrote in its result.json."""
     return json.loads((run / "result.json").read_text())["metrics"]["test/accuracy"]
-
-
-def _rebuild(checkpoint):
-    """A run's trained model (eval mode) and test loader, rebuilt by hand, and the test size."""
-    state = load_checkpoint(checkpoint)
-    config = config_from_checkpoint(state, checkpoint)
-    data = build_datasets(config.data)
-    _, _, test_loader = build_loaders(config, data)
-    model = build_model_for(config, data)
-    model.load_state_dict(state["model"])
-    return model.eval(), test_loader, len(data.test)
-
-
-def _hand_accuracy(model, loader):
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += (model(x).logits.argmax(-1) == y).sum().item()
-            total += y.numel()
-    return correct / total
 
 
 def _markdown_rows(markdown):

@@ -88,7 +88,7 @@ def test_changing_token_j_leaves_every_earlier_logit_and_block_spike_unchanged(n
     base = model(ids)
     base_block = first_block.pop()
     if name != "ann_routed":
-        fired = dict(zip(base.activity.names, base.activity.spikes.tolist()))
+        fired = dict(zip(base.activity.names, base.activity.spikes.tolist(), strict=True))
         assert fired["blocks.0.attn.attn_neuron"] > 0, "the attention must spike to test its mask"
     if name != "dense_snn":
         assert all(int(r.dropped) > 0 for r in base.routing), "capacity must drop assignments"

@@ -79,3 +79,15 @@ def train_config(**overrides):
 def random_spikes(shape, p=0.5, seed=0):
     """Bernoulli(p) spikes of ``shape`` from their own seeded generator."""
     return torch.bernoulli(torch.full(shape, p), generator=torch.Generator().manual_seed(seed))
+
+
+def in_float64(model):
+    """``model`` in float64, fed the loaders' float32 batches cast (exactly) to float64.
+
+    Two processes run GEMMs of half the rows and all-reduce their gradients, one process sums
+    them in one pass; AdamW divides each gradient by its own magnitude, so float32 rounding of
+    a tiny gradient could become a step of lr on some CPU (and turn a near tie of two experts
+    for the bias balancing). float64 rounding (1e-16) stays far below Adam's eps (1e-8).
+    """
+    model.double().register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
+    return model

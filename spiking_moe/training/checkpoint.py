@@ -23,8 +23,11 @@ no process holds the whole model, so a checkpoint is a set of files in one folde
                                            optimizer order and which experts it holds
 
 The shards of step ``s`` are written first (each atomically, under names no earlier step
-used), then the index, also atomically: the index is the commit, and a crash at any point
-leaves the previous index pointing at intact shards of its own step. Shards that neither the
+used), then the index, also atomically (:func:`save_expert_parallel_checkpoint`, which every
+process calls): the index is the commit, and a crash at any point leaves the previous index
+pointing at intact shards of its own step. A resume reads each process's part back with
+:func:`model_and_optimizer_state`, which refuses a checkpoint of another layout and says how
+to resume or gather it. Shards that neither the
 index nor ``checkpoint.prev.pt`` names are deleted after each commit
 (:func:`remove_stale_expert_shards`). :func:`load_expert_shard` reads one shard of an index
 and checks it belongs there; :func:`gather_expert_checkpoint` merges the shards into the
@@ -46,8 +49,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from ..parallel import ExpertParallel, ExpertShard
+from .distributed import all_or_none, current_dist
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
     "CheckpointError",
     "CheckpointLayoutError",
@@ -56,10 +64,13 @@ __all__ = [
     "gather_expert_checkpoint",
     "load_checkpoint",
     "load_expert_shard",
+    "model_and_optimizer_state",
     "previous_checkpoint",
     "remove_stale_expert_shards",
+    "resume_source",
     "rng_state",
     "save_checkpoint",
+    "save_expert_parallel_checkpoint",
     "seed_everything",
     "set_rng_state",
 ]
@@ -67,6 +78,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+#: The ``"format"`` entry of the Trainer's checkpoints (and of their expert shards).
+CHECKPOINT_FORMAT = 1
 
 
 class CheckpointError(ValueError):
@@ -120,6 +134,26 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def resume_source(
+    resume: bool, resume_from: str | Path | None, checkpoint_path: Path | None
+) -> Path | None:
+    """The checkpoint a run continues from (``resume_from``, or with ``resume`` the run's own
+    ``checkpoint_path`` when it exists), or None for a fresh start."""
+    if resume_from is not None:
+        path = Path(resume_from)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume_from: no checkpoint at {path}")
+        return path
+    if not resume:
+        return None
+    if checkpoint_path is None:
+        raise ValueError("resume=True needs out_dir (where the checkpoint lives)")
+    if checkpoint_path.is_file():
+        return checkpoint_path
+    logger.warning("resume: no checkpoint at %s; starting from step 0", checkpoint_path)
+    return None
 
 
 def _keep_previous(path: Path) -> None:
@@ -311,6 +345,156 @@ def remove_stale_expert_shards(index_path: str | Path) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def save_expert_parallel_checkpoint(
+    state: dict[str, Any], path: Path, model: nn.Module, ep: ExpertParallel
+) -> None:
+    """Write an expert-parallel checkpoint: this process's shard, then the index at ``path``.
+
+    Collective: every process of the job calls it with its own ``state`` (the Trainer's
+    ``state_dict()``: ``"model"`` and ``"optimizer"`` are this process's and go into its
+    shard; the rest is the index). The first replica of each expert block writes its shard,
+    then rank 0 writes the index that commits them and deletes stale shards; every process
+    learns of a failure on any of them, and the last committed checkpoint stays as it was.
+    """
+    step = state["step"]
+    names = [expert_shard_name(path, i, ep.size, step) for i in range(ep.size)]
+    shard = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "expert_shard": {"index": ep.rank, "size": ep.size, "world_size": ep.world_size},
+        "model": state.pop("model"),
+        "optimizer": state.pop("optimizer"),
+        "parameter_names": [name for name, _ in model.named_parameters()],
+        "experts": _expert_layout(model),
+    }
+    writes_shard = ep.replica_rank == 0
+    unchanged = "; the last committed checkpoint is unchanged"
+    all_or_none(
+        lambda: save_checkpoint(shard, path.parent / names[ep.rank]) if writes_shard else None,
+        f"writing the expert shards of step {step}",
+        unchanged,
+    )
+    state["expert_parallel"] = {"size": ep.size, "world_size": ep.world_size, "shards": names}
+
+    def commit() -> None:
+        if current_dist().is_main:
+            save_checkpoint(state, path)
+            removed = remove_stale_expert_shards(path)
+            logger.info(
+                "step %d: checkpoint written to %s (index of %d expert shards; %d stale "
+                "shard files removed)",
+                step,
+                path,
+                ep.size,
+                len(removed),
+            )
+
+    all_or_none(commit, f"writing the index {path} of step {step}", unchanged)
+
+
+def model_and_optimizer_state(
+    state: Mapping[str, Any],
+    source: Path,
+    model: nn.Module,
+    ep: ExpertParallel | None,
+    world_size: int,
+) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """This process's model and optimizer state from a checkpoint of this job's layout.
+
+    Collective under expert parallelism (every process reads its shard, and all stop with the
+    same error if any cannot).
+
+    Args:
+        state: the checkpoint read from ``source`` (an index under expert parallelism).
+        model: this process's model (its experts sharded by ``ep``), for its parameter names.
+        ep: this job's expert-parallel layout, or None.
+        world_size: processes in this job (named in the errors).
+
+    Raises:
+        CheckpointLayoutError: the checkpoint was written for another layout (or is a shard);
+            the message says how to resume it or gather it.
+        CheckpointError: its parameters are not this model's, or a shard is unreadable.
+    """
+    layout = state.get("expert_parallel")
+    if "expert_shard" in state:
+        raise CheckpointLayoutError(
+            f"{source} is one shard of an expert-parallel checkpoint; resume from its index "
+            f"({source.parent / CHECKPOINT_NAME})",
+            source,
+        )
+    if layout is None and ep is not None:
+        raise CheckpointLayoutError(
+            f"{source} was written with train.expert_parallel = 1 (every expert in every "
+            f"process) but this run has train.expert_parallel = {ep.size} over "
+            f"{ep.world_size} processes: resume it with expert_parallel = 1",
+            source,
+        )
+    if layout is not None and ep is None:
+        raise CheckpointLayoutError(
+            f"{source} is an expert-parallel checkpoint written with "
+            f"train.expert_parallel = {layout['size']} over {layout['world_size']} "
+            f"processes, but this run has expert_parallel = 1 over {world_size}: "
+            f"resume it under torchrun --nproc_per_node={layout['world_size']} with "
+            f"--set train.expert_parallel={layout['size']}, or, for one process, gather it "
+            f"first: {_GATHER.format(path=source)}",
+            source,
+        )
+    if layout is not None and (layout["size"], layout["world_size"]) != (ep.size, ep.world_size):
+        raise CheckpointLayoutError(
+            f"{source} was written with train.expert_parallel = {layout['size']} over "
+            f"{layout['world_size']} processes, but this run has expert_parallel = "
+            f"{ep.size} over {ep.world_size}: resume it with the same layout, or gather it "
+            f"into a single-process checkpoint ({_GATHER.format(path=source)})",
+            source,
+        )
+    names = [name for name, _ in model.named_parameters()]
+    if layout is None:
+        saved = state.get("parameter_names")  # written by the gather; checked when present
+        if saved is not None and list(saved) != names:
+            raise CheckpointError(
+                f"{source}: its optimizer state is for parameters {_differences(saved, names)}"
+                " in another order or set than this model's",
+                source,
+            )
+        return state["model"], state["optimizer"]
+    shard: dict[str, Any] = {}
+
+    def read() -> None:
+        shard.update(load_expert_shard(state, source, ep.rank))
+        if list(shard["parameter_names"]) != names:
+            raise CheckpointError(
+                f"{source}: shard {ep.rank} holds parameters "
+                f"{_differences(shard['parameter_names'], names)} other than this model's",
+                source,
+            )
+
+    # Every rank learns if any shard is unreadable, and all stop with the same error.
+    try:
+        all_or_none(read, f"reading the expert shards of {source}")
+    except RuntimeError as error:
+        raise CheckpointError(str(error), source) from None
+    return shard["model"], shard["optimizer"]
+
+
+def _expert_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{module path of a layer's experts: {"ids": held expert ids, "num_experts": E}}``."""
+    return {
+        prefix: {"ids": list(module.global_ids), "num_experts": module.num_experts}
+        for prefix, module in model.named_modules()
+        if isinstance(module, ExpertShard)
+    }
+
+
+def _differences(saved: Sequence[str], names: Sequence[str]) -> str:
+    """A short account of how two parameter name lists differ."""
+    saved_set, names_set = set(saved), set(names)
+    missing = [n for n in names if n not in saved_set]
+    extra = [n for n in saved if n not in names_set]
+    if not missing and not extra:
+        return "(the same names in another order)"
+    return f"(missing here: {missing[:5]}, not in this model: {extra[:5]})"
 
 
 def _layer_of(name: str, experts: Mapping[str, Sequence[int]]) -> str | None:

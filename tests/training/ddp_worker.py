@@ -13,19 +13,7 @@ import torch
 
 from spiking_moe.data import BatchLoader
 from spiking_moe.training import RouterBiasBalancing, Trainer, init_distributed, seed_everything
-from tests.tiny import TinySNN, tiny_moe, train_config, two_class_data
-
-
-def in_float64(model):
-    """``model`` in float64, fed the loaders' float32 batches cast (exactly) to float64.
-
-    Two processes run GEMMs of half the rows and all-reduce their gradients, one process sums
-    them in one pass; AdamW divides each gradient by its own magnitude, so float32 rounding of
-    a tiny gradient could become a step of lr on some CPU (and turn a near tie of two experts
-    for the bias balancing). float64 rounding (1e-16) stays far below Adam's eps (1e-8).
-    """
-    model.double().register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
-    return model
+from tests.tiny import TinySNN, in_float64, tiny_moe, train_config, two_class_data
 
 
 def build(kind: str):

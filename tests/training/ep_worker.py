@@ -23,8 +23,7 @@ from spiking_moe.training import (
     Trainer,
     init_distributed,
 )
-from tests.tiny import tiny_moe, train_config, two_class_data
-from tests.training.ddp_worker import in_float64
+from tests.tiny import in_float64, tiny_moe, train_config, two_class_data
 
 STEPS, STOP_AT = 6, 3
 

@@ -1,12 +1,15 @@
 """Callbacks: monitors by hand, windowed routing statistics, bias balancing across
-micro-batches, energy counted batch by batch."""
+micro-batches, energy counted batch by batch, and evaluation without a Trainer."""
 
+import ast
 import math
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
+from tiny import in_float64
 from torch import nn
 
 import energy
@@ -18,6 +21,7 @@ from spiking_moe.training import (
     RouterBiasBalancing,
     RoutingMonitor,
     Trainer,
+    evaluate,
     measure_energy,
     seed_everything,
 )
@@ -30,12 +34,6 @@ class Output(NamedTuple):
     aux_loss: torch.Tensor
     routing: tuple
     activity: Activity
-
-
-def _in_float64(model):
-    """``model`` in float64, fed the loaders' float32 batches cast (exactly) to float64."""
-    model.double().register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
-    return model
 
 
 def _constant_data(n=8, steps=4, features=1):
@@ -163,7 +161,7 @@ def test_bias_updates_sum_the_loads_of_a_step_s_micro_batches(
     data = two_class_data(64, encoding="current")
 
     def bias_after_one_step(batch_size, accum):
-        model = _in_float64(tiny_moe(bias_update_rate=0.05))
+        model = in_float64(tiny_moe(bias_update_rate=0.05))
         seed_everything(0)
         loader = BatchLoader(data, batch_size, shuffle=True)
         config = train_config(max_steps=1, batch_size=batch_size, grad_accum_steps=accum)
@@ -186,7 +184,7 @@ def test_energy_counted_batch_by_batch_equals_one_pass_over_the_whole_set(
     # float64: the counts are of spikes, computed here in batches of 20 and 5 and there in one
     # of 45 (other GEMM row counts, other event-driven or dense choices per call); float32
     # rounding could flip a spike near the threshold on some CPU, float64 rounding cannot.
-    model = _in_float64(tiny_moe(num_experts=4, k=2))
+    model = in_float64(tiny_moe(num_experts=4, k=2))
     data = two_class_data(45)
     seen = []
     real_count = energy.count_operations
@@ -218,20 +216,11 @@ def test_energy_counted_batch_by_batch_equals_one_pass_over_the_whole_set(
     assert not any(layer.dense for layer in model.layers)
 
 
-def test_energy_is_logged_at_every_validation(tmp_path, tiny_moe, two_class_data, train_config):
+def test_energy_is_logged_at_every_validation(tmp_path, train, tiny_moe, train_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    seed_everything(0)
-    trainer = Trainer(
-        tiny_moe(),
-        BatchLoader(two_class_data(), 16, shuffle=True),
-        train_config(max_steps=6, eval_every=2),
-        out_dir=tmp_path,
-        val_loader=BatchLoader(two_class_data(40, seed=1), 20),
-        callbacks=[EnergyReportCallback("cmos45", prefixes=("val",))],
-    )
-    trainer.fit()
-    trainer.close()
+    callback = EnergyReportCallback("cmos45", prefixes=("val",))
+    train(tmp_path, train_config(max_steps=6, eval_every=2), model=tiny_moe(), callbacks=[callback])
     events = EventAccumulator(str(tmp_path)).Reload()
     for tag in ("val/energy/uJ_per_sample", "val/accuracy", "val_energy/total_pJ"):
         assert [e.step for e in events.Scalars(tag)] == [2, 4, 6], tag
@@ -242,3 +231,45 @@ def test_energy_callback_rejects_bad_settings():
         EnergyReportCallback("nope")
     with pytest.raises(ValueError, match="num_batches must be an int >= 0"):
         EnergyReportCallback("cmos45", num_batches=-1)
+
+
+def test_the_callbacks_module_imports_no_trainer():
+    """Hooks receive a CallbackContext; callbacks.py needs nothing of the trainer, not even
+    for type annotations (an import under TYPE_CHECKING counts too)."""
+    path = Path(callbacks_module.__file__)
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+            imported.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert imported and not [m for m in imported if "trainer" in m.lower()], imported
+
+
+def test_evaluate_runs_the_callbacks_without_a_trainer(tiny_moe, two_class_data):
+    """The same metrics as a Trainer's evaluation, with no Trainer, no optimizer and no draw
+    from the global random streams; the model's mode is restored."""
+    data = two_class_data(40, seed=1)
+    model = tiny_moe(num_experts=4, k=2).train()
+    before = torch.get_rng_state()
+    metrics = evaluate(
+        model,
+        BatchLoader(data, 16),
+        prefix="test",
+        callbacks=[FiringRateMonitor(), RoutingMonitor(), EnergyReportCallback("cmos45")],
+    )
+    assert torch.equal(torch.get_rng_state(), before) and model.training
+    # Loss and accuracy by hand over the same batches, in eval mode.
+    model.eval()
+    loss = correct = 0.0
+    with torch.no_grad():
+        for x, y in BatchLoader(data, 16):
+            logits = model(x).logits
+            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+    assert metrics["test/accuracy"] == correct / 40
+    # Float32 sums per batch, then float64 across batches: agree to float32 rounding.
+    assert metrics["test/loss"] == pytest.approx(loss / 40, rel=1e-6)
+    for key in ("test/moe0/max_load_ratio", "test/firing_rate/mean", "test/energy/uJ_per_sample"):
+        assert key in metrics, key

@@ -3,11 +3,14 @@
 import dataclasses
 import json
 import os
+import random
 import signal
 import sys
 
+import numpy as np
 import pytest
 import torch
+from tiny import in_float64
 from torch import nn
 
 from spiking_moe import Activity
@@ -38,32 +41,6 @@ class Recorder(Callback):
             trainer.request_stop()
         if trainer.step == self.signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _in_float64(model):
-    """``model`` in float64, fed the loaders' float32 batches cast (exactly) to float64."""
-    model.double().register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
-    return model
-
-
-@pytest.fixture
-def train(tiny_snn, two_class_data):
-    """``train(out_dir, config, model=None, callbacks=(), **trainer_kwargs)`` -> (trainer, result)."""
-
-    def run(out_dir, config, *, model=None, callbacks=(), data=None, **kwargs):
-        seed_everything(0)
-        model = model or tiny_snn()
-        data = data or two_class_data()
-        loader = BatchLoader(data, config.batch_size, shuffle=True, seed=config.seed)
-        val = BatchLoader(two_class_data(40, seed=1), 20)
-        trainer = Trainer(
-            model, loader, config, out_dir=out_dir, val_loader=val, callbacks=callbacks, **kwargs
-        )
-        result = trainer.fit()
-        trainer.close()
-        return trainer, result
-
-    return run
 
 
 def test_tiny_model_learns_and_tensorboard_holds_scalars_and_text(
@@ -165,7 +142,7 @@ def test_gradient_accumulation_equals_one_batch_of_the_combined_size(
     initial = tiny_snn(dropout=0.0).double().state_dict()
     models = []
     for _ in range(2):
-        model = _in_float64(tiny_snn(dropout=0.0))
+        model = in_float64(tiny_snn(dropout=0.0))
         model.load_state_dict(initial)
         models.append(model)
     big, _ = train(None, train_config(max_steps=6, batch_size=16), model=models[0], data=data)
@@ -381,3 +358,28 @@ def test_compile_path_trains_like_eager_and_checkpoints_plain_names(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     saved = load_checkpoint(tmp_path / "compiled" / "checkpoint.pt")["model"]
     assert set(saved) == set(plain.model.state_dict())
+
+
+def test_a_fresh_start_leaves_the_random_streams_to_the_caller(
+    tiny_snn, two_class_data, train_config
+):
+    """Building the Trainer changes no global stream, and training draws (dropout) continue
+    the caller's: another caller seed, other losses; the same one, the same losses."""
+
+    def losses(caller_seed):
+        torch.manual_seed(0)
+        model = tiny_snn()  # the same initial weights every time
+        loader = BatchLoader(two_class_data(), 16, shuffle=True)  # its own seeded order
+        recorder = Recorder()
+        seed_everything(caller_seed)
+        before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+        trainer = Trainer(model, loader, train_config(max_steps=3), callbacks=[recorder])
+        assert torch.equal(torch.get_rng_state(), before[0])
+        assert np.array_equal(np.random.get_state()[1], before[1])
+        assert random.getstate() == before[2]
+        trainer.fit()
+        return [recorder.losses[step] for step in (1, 2, 3)]
+
+    first = losses(1)
+    assert losses(1) == first
+    assert losses(2) != first

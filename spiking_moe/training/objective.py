@@ -1,0 +1,142 @@
+"""What one training step computes: the objective, its statistics, the learning-rate schedule.
+
+Objective per micro-batch (``x`` ``[T, B, F]``, labels ``y`` ``[B]``)::
+
+    loss = loss_fn(logits_BV, y_B) + aux_loss + spike_rate_penalty * activity_penalty
+
+where the model returns logits ``[B, V]`` (a sequence model: ``[B, S, V]`` with targets
+``[B, S]``, every position one prediction: the loss is the mean over positions and accuracy
+counts positions) either directly or as the ``.logits`` field of an output object whose
+optional ``.aux_loss`` (a scalar tensor: balancing and z-losses, already weighted) is added
+(the ``ModelOutput`` contract of :mod:`spiking_moe.models`). With
+``train.spike_rate_penalty > 0`` the model must also report its ``.activity``
+(:class:`~spiking_moe.activity.Activity`), and::
+
+    activity_penalty = mean over populations p that ran of max(0, rate_p - spike_rate_target)
+
+A hinge, because pushing rates to zero silences the network and, with it, the surrogate
+gradients it learns from (:func:`activity_penalty`).
+
+A step's statistics (:class:`StepStats`) average the loss terms over its micro-batches and sum
+the counts; the trainer logs their means over the steps of a logging window.
+
+Learning rate at optimizer step ``s`` (0-based) of ``S`` with ``W`` warmup steps::
+
+    lr(s) = lr * (s + 1) / W                                            s < W
+    lr(s) = lr * (m + (1 - m) * (1 + cos(pi * (s - W) / (S - W))) / 2)  otherwise ("cosine")
+
+with ``m = min_lr_ratio``; ``"constant"`` keeps ``lr`` after warmup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from ..activity import Activity
+from ..config import TrainConfig
+from .evaluate import flat_predictions, unpack_output
+
+__all__ = ["MicroBatchStats", "StepStats", "activity_penalty", "lr_factor", "micro_batch_loss"]
+
+
+def activity_penalty(activity: Activity, target: float) -> torch.Tensor:
+    """``mean over populations that ran of max(0, rate - target)`` (a differentiable scalar).
+
+    Populations with no updates in the call (an expert that got no tokens) are left out, so
+    idle experts neither dilute the penalty nor count as silent.
+    """
+    ran = activity.updates > 0
+    excess = torch.relu(activity.rates() - target) * ran
+    return excess.sum() / ran.sum().clamp_min(1)
+
+
+class MicroBatchStats(NamedTuple):
+    """Detached statistics of one micro-batch (0-d float32 tensors on the device)."""
+
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    aux_loss: torch.Tensor
+    correct: torch.Tensor
+    samples: torch.Tensor
+
+
+class StepStats(NamedTuple):
+    """Statistics of one optimizer step (or, summed, of a logging window), 0-d float32
+    tensors on the device: the loss terms are means over the step's micro-batches, the
+    counts sums."""
+
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    aux_loss: torch.Tensor
+    grad_norm: torch.Tensor
+    correct: torch.Tensor
+    samples: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> StepStats:
+        return cls(*torch.zeros(len(cls._fields), device=device))
+
+    @classmethod
+    def of_step(cls, micro: Sequence[MicroBatchStats], grad_norm: torch.Tensor) -> StepStats:
+        """The statistics of a step from those of its micro-batches."""
+        # One stacked sum: the same float32 additions whatever the number of micro-batches.
+        loss, ce, aux, correct, samples = torch.stack([torch.stack(m) for m in micro]).sum(0)
+        n = len(micro)
+        return cls(loss / n, ce / n, aux / n, grad_norm, correct, samples)
+
+
+def micro_batch_loss(
+    output: Any,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    config: TrainConfig,
+) -> tuple[torch.Tensor, MicroBatchStats]:
+    """The objective of one micro-batch (module docstring) and its statistics.
+
+    Args:
+        output: the model's output (logits, or an object with ``.logits``, ``.aux_loss``,
+            ``.activity``).
+        y: targets ``[B]`` (or ``[B, S]``), on the logits' device.
+        loss_fn: ``(logits_PC, y_P) -> mean loss``.
+        config: ``spike_rate_penalty`` and ``spike_rate_target`` are read.
+
+    Raises:
+        ValueError: a spike-rate penalty for a model that reports no activity.
+    """
+    logits, aux = unpack_output(output)
+    logits, y = flat_predictions(logits, y)
+    ce = loss_fn(logits.float(), y)
+    aux = torch.zeros((), device=logits.device) if aux is None else aux.float()
+    if config.spike_rate_penalty > 0:
+        activity = getattr(output, "activity", None)
+        if not isinstance(activity, Activity) or not len(activity):
+            raise ValueError(
+                "train.spike_rate_penalty > 0 but the model reports no spiking activity: "
+                "its output needs an .activity (spiking_moe.Activity) with at least one "
+                f"neuron population; got {type(output).__name__}"
+            )
+        penalty = activity_penalty(activity, config.spike_rate_target)
+        aux = aux + config.spike_rate_penalty * penalty
+    loss = ce + aux
+    correct = (logits.detach().argmax(-1) == y).sum().float()
+    samples = torch.full((), float(y.shape[0]), device=logits.device)
+    return loss, MicroBatchStats(loss.detach(), ce.detach(), aux.detach(), correct, samples)
+
+
+def lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """``s -> lr(s) / lr`` (module docstring), for ``torch.optim.lr_scheduler.LambdaLR``."""
+    warmup, floor = config.warmup_steps, config.min_lr_ratio
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total_steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
