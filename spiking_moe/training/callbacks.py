@@ -189,7 +189,7 @@ class FiringRateMonitor(Callback):
     """
 
     def __init__(self):
-        self._totals: dict[tuple[str, ...], torch.Tensor] = {}
+        self._totals: dict[tuple[str, ...], PopulationTotals] = {}
 
     def on_eval_start(self, trainer: CallbackContext, prefix: str) -> None:
         self._totals = {}
@@ -198,32 +198,51 @@ class FiringRateMonitor(Callback):
         activity = getattr(output, "activity", None)
         if activity is None or not len(activity):
             return
-        row_G2 = torch.stack([activity.spikes.detach().double(), activity.updates.double()], 1)
+        totals = PopulationTotals(activity.spikes.detach().double(), activity.updates.double())
         # Models report the same layout every call: one running sum, no host sync.
-        total = self._totals.get(activity.names)
-        self._totals[activity.names] = row_G2 if total is None else total + row_G2
+        previous = self._totals.get(activity.names)
+        self._totals[activity.names] = totals if previous is None else add_fields(previous, totals)
 
     def on_eval_end(self, trainer: CallbackContext, prefix: str) -> Mapping[str, float]:
-        per_name: dict[str, torch.Tensor] = {}
-        for names, total in self._totals.items():
-            for name, row in zip(names, total.to(trainer.device), strict=True):
-                per_name[name] = per_name[name] + row if name in per_name else row
+        per_name: dict[str, PopulationTotals] = {}
+        for names, totals in self._totals.items():
+            for name, spikes, updates in zip(names, *totals, strict=True):
+                one = PopulationTotals(spikes, updates)
+                per_name[name] = add_fields(per_name[name], one) if name in per_name else one
         self._totals = {}
         # Ranks may have seen different layouts (a custom model): align them by name.
         names = sorted(set().union(*all_gather_objects(sorted(per_name))))
         if not names:
             return {}
-        zero = torch.zeros(2, dtype=torch.float64, device=trainer.device)
-        table = torch.stack([per_name.get(n, zero) for n in names])
-        table = trainer.all_reduce_sum(table)
+        zero = torch.zeros((), dtype=torch.float64)
+        aligned = PopulationTotals(
+            *(
+                torch.stack(
+                    [getattr(per_name[n], f).cpu() if n in per_name else zero for n in names]
+                )
+                for f in PopulationTotals._fields
+            )
+        )
+        totals = reduce_fields(aligned, trainer.all_reduce_sum, trainer.device)
         metrics = {}
-        for name, (spikes, updates) in zip(names, table.tolist(), strict=True):
+        for name, spikes, updates in zip(names, *totals, strict=True):
             if updates > 0:
                 metrics[f"{prefix}/firing_rate/{name}"] = spikes / updates
-        total_spikes, total_updates = table.sum(0).tolist()
-        if total_updates > 0:
-            metrics[f"{prefix}/firing_rate/mean"] = total_spikes / total_updates
+        if sum(totals.updates) > 0:
+            metrics[f"{prefix}/firing_rate/mean"] = sum(totals.spikes) / sum(totals.updates)
         return metrics
+
+
+class PopulationTotals(NamedTuple):
+    """Sums over the calls of an evaluation for neuron populations (float64 tensors).
+
+    Attributes:
+        spikes: ``[G]`` spikes of each population (or a 0-d sum for one).
+        updates: ``[G]`` its neuron updates.
+    """
+
+    spikes: torch.Tensor
+    updates: torch.Tensor
 
 
 class RoutingMonitor(Callback):
