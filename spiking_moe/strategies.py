@@ -135,15 +135,16 @@ class ExpertStrategy:
     def _takes_grouped(self, experts, rows_TRD: torch.Tensor, plan: DispatchPlan) -> bool:
         if self.grouped_gemm == "never":
             return False
+        if self.grouped_gemm == "auto":
+            busy = sum(rows > 0 for rows in plan.splits)  # host ints: no sync
+            wanted = rows_TRD.is_cuda or busy >= CPU_GROUPED_MIN_EXPERTS
+            # The experts are inspected (a walk over their modules, each call) only when the
+            # grouped path is wanted.
+            return wanted and grouped_unsupported_reason(experts, rows_TRD.dtype) is None
         reason = grouped_unsupported_reason(experts, rows_TRD.dtype)
-        if self.grouped_gemm == "always":
-            if reason is not None:
-                raise ValueError(
-                    f"grouped_gemm='always' but these experts cannot be grouped: {reason}"
-                )
-            return True
-        busy = sum(rows > 0 for rows in plan.splits)  # host ints: no sync
-        return reason is None and (rows_TRD.is_cuda or busy >= CPU_GROUPED_MIN_EXPERTS)
+        if reason is not None:
+            raise ValueError(f"grouped_gemm='always' but these experts cannot be grouped: {reason}")
+        return True
 
 
 @dataclass(frozen=True)
