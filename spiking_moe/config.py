@@ -44,7 +44,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .args import FLAT_NAMES, ConfigError, ModelArgs, Options, documented, option
+from .args import FLAT_NAMES, READOUTS, ConfigError, ModelArgs, Options, documented, option
+from .args import ROUTER_KINDS as ROUTERS
 from .data import DATASETS, EVENT_READERS
 
 if sys.version_info >= (3, 11):
@@ -53,6 +54,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "READOUTS",
+    "ROUTERS",
     "MODEL_KINDS",
     "SCHEDULES",
     "ConfigError",

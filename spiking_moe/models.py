@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from .activity import Activity
-from .args import ModelArgs, with_options
+from .args import READOUTS, ModelArgs, with_options
+from .args import ROUTER_KINDS as ROUTERS
 from .experts import MLPExpert, SpikingExpert
 from .moe import DenseFFN, SpikingMoE
 from .neurons import LIF, plain_neuron_options
@@ -49,6 +50,8 @@ from .strategies import LocalExperts
 from .synapses import EventLinear
 
 __all__ = [
+    "READOUTS",
+    "ROUTERS",
     "ANNClassifier",
     "ClassifierOutput",
     "DenseSNNClassifier",

@@ -41,10 +41,12 @@ import torch
 from torch import nn
 
 from .activity import Activity
+from .args import GROUPED_GEMM, SPIKE_EXCHANGE
 from .dispatch import Assignments
 from .neurons import LIF
 from .router import RoutingInfo
 from .strategies import (
+    CPU_GROUPED_MIN_EXPERTS,
     ExpertParallel,
     ExpertParallelExperts,
     ExpertShard,
@@ -54,6 +56,9 @@ from .strategies import (
 )
 
 __all__ = [
+    "CPU_GROUPED_MIN_EXPERTS",
+    "GROUPED_GEMM",
+    "SPIKE_EXCHANGE",
     "DenseFFN",
     "MoEOutput",
     "SpikingMoE",
