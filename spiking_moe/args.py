@@ -52,6 +52,7 @@ from .functional.surrogate import SURROGATES
 
 __all__ = [
     "FLAT_NAMES",
+    "ArgsField",
     "AttentionArgs",
     "ConfigError",
     "ExpertArgs",
@@ -262,6 +263,29 @@ class Options:
                 doc += f" One of {list(f.metadata['choices'])}."
             rows.append((f.name, _type_name(hints[f.name]), default, doc))
         return rows
+
+
+class ArgsField:
+    """A module attribute that is a field of the module's ``args``: reading it reads the field,
+    assigning it replaces ``args`` by a copy with the field changed (validated), so that the
+    args a module reports (and a bundle writes) are always the ones it computes with.
+
+    Example:
+        >>> from spiking_moe.router import RateRouter
+        >>> router = RateRouter(4, 2, 1)
+        >>> router.noise = 0.5
+        >>> router.args.noise
+        0.5
+    """
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module, owner=None):
+        return self if module is None else getattr(module.args, self.name)
+
+    def __set__(self, module, value) -> None:
+        module.args = module.args.replace(**{self.name: value})
 
 
 def documented(cls):

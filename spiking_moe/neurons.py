@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .args import NEURON_BACKENDS, NeuronArgs, with_options
+from .args import NEURON_BACKENDS, ArgsField, NeuronArgs, with_options
 from .functional.lif import (
     LIFOutput,
     check_lif_input,
@@ -121,14 +121,19 @@ class LIF(nn.Module):
         tensor([0., 0., 1., 0.])
     """
 
+    reset = ArgsField()
+    backend = ArgsField()
+    detach_reset = ArgsField()
+    implementation = ArgsField()
+
+    @property
+    def surrogate(self) -> Surrogate:
+        """The spike function of ``args.surrogate`` and ``args.alpha``."""
+        return resolve_surrogate(self.args.surrogate, self.args.alpha)
+
     def __init__(self, args: NeuronArgs | None = None, **options):
         super().__init__()
         self.args = args = neuron_args(args, **options)
-        self.surrogate = resolve_surrogate(args.surrogate, args.alpha)
-        self.reset = args.reset
-        self.backend = args.backend
-        self.detach_reset = args.detach_reset
-        self.implementation = args.implementation
         for name, learn in (("beta", args.learn_beta), ("threshold", args.learn_threshold)):
             given = options.get(name)
             # A tensor keeps its floating dtype (e.g. a float64 beta for a float64 model).

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from .activity import Activity
-from .args import NeuronArgs, RouterArgs, with_options
+from .args import ArgsField, NeuronArgs, RouterArgs, with_options
 from .neurons import LIF
 
 __all__ = ["ROUTERS", "RateRouter", "RoutingInfo", "SpikingRouter", "build_router", "route"]
@@ -323,10 +323,15 @@ class _Router(nn.Module):
         if neuron is not None or options:
             raise TypeError(f"{type(self).__name__} has no neurons: got neuron options {options}")
 
-    @property
-    def window(self) -> int | None:
-        """Routing window length ``L`` (None: the whole input)."""
-        return self.args.window
+    # The routing options as attributes (router.noise = 0.1 changes args.noise).
+    window = ArgsField()
+    noise = ArgsField()
+    capacity_factor = ArgsField()
+    renormalize = ArgsField()
+    balance_weight = ArgsField()
+    z_loss_weight = ArgsField()
+    bias_update_rate = ArgsField()
+    gain = ArgsField()
 
     def extra_repr(self) -> str:
         a = self.args
@@ -485,10 +490,6 @@ class SpikingRouter(_Router):
 
     def _init_neurons(self, neuron: NeuronArgs | None, options) -> None:
         self.neuron = LIF(neuron, **options)
-
-    @property
-    def gain(self) -> float:
-        return self.args.gain
 
     def _scores(self, x_TND):
         spikes_TNE = self.neuron(self.proj(x_TND))

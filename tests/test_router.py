@@ -254,3 +254,16 @@ def test_state_dict_round_trip_and_pickle(router_cls):
     buffer.seek(0)
     info = torch.load(buffer, weights_only=False)
     assert torch.equal(info.expert_ids, router(x).expert_ids)
+
+
+def test_router_options_assigned_as_attributes_take_effect_and_are_validated():
+    """router.bias_update_rate = r (as the benchmarks anneal it) changes the step the bias
+    takes, and its args, which a bundle writes; a bad value is refused naming the field."""
+    router = RateRouter(6, num_experts=4, k=1)
+    routing = router(torch.bernoulli(torch.full((10, 8, 6), 0.3)))
+    router.bias_update_rate = 0.25
+    assert router.args.bias_update_rate == 0.25
+    bias = router.update_bias(routing)
+    assert set(bias.abs().unique().tolist()) <= {0.0, 0.25} and bias.abs().max() == 0.25
+    with pytest.raises(ValueError, match=r"router\.noise must be >= 0\.0, got -1\.0"):
+        router.noise = -1.0
