@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .activity import Activity
-from .args import GROUPED_GEMM, SPIKE_EXCHANGE, MoEArgs
+from .args import MoEArgs
 from .dispatch import (
     Assignments,
     DispatchPlan,
@@ -99,19 +99,9 @@ class ExpertStrategy:
     every_expert: bool = False
 
     def __post_init__(self) -> None:
-        if self.grouped_gemm not in GROUPED_GEMM:
-            raise ValueError(
-                f"unknown grouped_gemm {self.grouped_gemm!r}; valid: {list(GROUPED_GEMM)}"
-            )
-        if self.spike_exchange not in SPIKE_EXCHANGE:
-            raise ValueError(
-                f"unknown spike_exchange {self.spike_exchange!r}; valid: {list(SPIKE_EXCHANGE)}"
-            )
-
-    @classmethod
-    def from_args(cls, args: MoEArgs, **fields) -> ExpertStrategy:
-        """The strategy of a layer built from :class:`~spiking_moe.args.MoEArgs`."""
-        return cls(grouped_gemm=args.grouped_gemm, spike_exchange=args.spike_exchange, **fields)
+        # The options are MoEArgs' (declared, and validated, there).
+        MoEArgs.check("grouped_gemm", self.grouped_gemm)
+        MoEArgs.check("spike_exchange", self.spike_exchange)
 
     def __call__(
         self,

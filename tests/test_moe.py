@@ -403,9 +403,14 @@ def test_unknown_dispatch_options_are_named_in_the_error():
     parts = dict(
         router=RateRouter(8, 2, 1), experts=[SpikingExpert(8, 4, 8), SpikingExpert(8, 4, 8)]
     )
-    with pytest.raises(ValueError, match=r"unknown grouped_gemm 'sometimes'"):
+    with pytest.raises(
+        ValueError,
+        match=r"moe\.grouped_gemm must be one of \['auto', 'never', 'always'\], got 'sometimes'",
+    ):
         SpikingMoE(**parts, grouped_gemm="sometimes")
-    with pytest.raises(ValueError, match=r"unknown spike_exchange 'bytes'.*'bits', 'float'"):
+    with pytest.raises(
+        ValueError, match=r"moe\.spike_exchange must be one of \[.*'bits', 'float'\], got 'bytes'"
+    ):
         SpikingMoE(**parts, spike_exchange="bytes")
     layer = SpikingMoE(**parts)
     assert layer.exchanges_bits()  # auto: the input is checked to be spikes
