@@ -3,7 +3,7 @@
 A neuron module is counted as ``updates = numel(spikes)`` and ``spikes = nnz(spikes)`` (rule in
 :mod:`energy.rules`); an adapter says which modules are neurons and where their spikes are in
 the module's output. The built-in adapters, :data:`BUILTIN_ADAPTERS`, recognise spiking_moe's
-``LIF``, snnTorch's ``SpikingNeuron`` subclasses, Norse's ``SNN``/``SNNCell`` modules and
+``SpikingNeuron`` (``LIF``, ``MultiSpike``), snnTorch's ``SpikingNeuron`` subclasses, Norse's ``SNN``/``SNNCell`` modules and
 SpikingJelly's ``BaseNode`` by class name and module path along the MRO, so none of those
 libraries is imported here. A model's own neurons need an adapter of their own, passed as
 ``count_operations(..., neuron_adapters=[...])``.
@@ -76,7 +76,7 @@ class NeuronAdapter:
 
 
 BUILTIN_ADAPTERS: tuple[NeuronAdapter, ...] = (
-    NeuronAdapter("spiking_moe", lambda m: _has_base(m, ["LIF"], "spiking_moe.")),
+    NeuronAdapter("spiking_moe", lambda m: _has_base(m, ["SpikingNeuron"], "spiking_moe.")),
     NeuronAdapter("snntorch", lambda m: _has_base(m, ["SpikingNeuron"], "snntorch.")),
     NeuronAdapter(
         "norse",

@@ -54,6 +54,7 @@ __all__ = [
     "FLAT_NAMES",
     "ArgsField",
     "AttentionArgs",
+    "BlockArgs",
     "ConfigError",
     "ExpertArgs",
     "MoEArgs",
@@ -66,7 +67,11 @@ __all__ = [
     "with_options",
 ]
 
+NEURON_KINDS = ("lif", "multi")
 NEURON_BACKENDS = ("native", "snntorch", "norse")
+ATTENTION_KINDS = ("ssa", "spiking_softmax", "real_softmax", "ann")
+RESIDUALS = ("spike", "membrane")
+NORMS = ("none", "layer")
 ROUTER_KINDS = ("rate", "spiking")
 READOUTS = ("count", "membrane")
 GROUPED_GEMM = ("auto", "never", "always")
@@ -305,6 +310,16 @@ class NeuronArgs(Options):
     are in :mod:`spiking_moe.functional.lif`)."""
 
     section: ClassVar[str] = "neuron"
+    kind: str = option(
+        "lif",
+        choices=NEURON_KINDS,
+        doc="lif: binary spikes; multi: integer spike counts 0..levels per step (multi-level "
+        "spikes, trained with a straight-through estimator; each count expands to `levels` "
+        "binary virtual steps at inference).",
+    )
+    levels: int = option(
+        4, ge=1, doc="multi: the most spikes per step (D); each step is D binary virtual steps."
+    )
     beta: float | tuple[float, ...] = option(
         0.9, ge=0.0, le=1.0, doc="Membrane decay in [0, 1]; a list gives one per neuron."
     )
@@ -340,6 +355,8 @@ class NeuronArgs(Options):
     def _check(self) -> None:
         betas = self.beta if isinstance(self.beta, tuple) else (self.beta,)
         where = self.path()
+        if self.kind == "multi" and self.backend != "native":
+            raise ConfigError(f"{where}.kind 'multi' needs backend 'native', got {self.backend!r}")
         for name in ("beta", "threshold"):
             if getattr(self, name) == ():
                 raise ConfigError(f"{where}.{name} must be a number or a non-empty list, got []")
@@ -444,8 +461,37 @@ class AttentionArgs(Options):
     """Self-attention of a transformer block (:mod:`spiking_moe.attention`)."""
 
     section: ClassVar[str] = "attention"
+    kind: str = option(
+        "ssa",
+        choices=ATTENTION_KINDS,
+        doc="ssa: spiking Q, K, V and Q K^T V without softmax (Spikformer); spiking_softmax: "
+        "softmax over the spiking Q K^T, spiking V; real_softmax: real Q, K, V from "
+        "projections that read spikes, softmax; ann: softmax attention on the normalised "
+        "residual stream (all MACs; membrane residual only).",
+    )
     num_heads: int = option(4, ge=1, doc="Attention heads (must divide the model width).")
     causal: bool = option(True, doc="Mask later positions (exactly: their terms are not computed).")
+
+
+@documented
+@dataclass(frozen=True)
+class BlockArgs(Options):
+    """A transformer block's residual stream (:mod:`spiking_moe.transformer`)."""
+
+    section: ClassVar[str] = "block"
+    residual: str = option(
+        "spike",
+        choices=RESIDUALS,
+        doc="spike: binary spikes between blocks, each sub-layer's input spikes a shortcut into "
+        "the next LIF's membrane; membrane: a real-valued residual stream, read through a "
+        "spiking population before every synaptic layer (Spike-driven Transformer V2).",
+    )
+    norm: str = option(
+        "layer",
+        choices=NORMS,
+        doc="membrane residual: LayerNorm before each spiking population that reads the stream "
+        "(layer), or none.",
+    )
 
 
 @documented
@@ -478,6 +524,9 @@ class ModelArgs(Options):
     attention: AttentionArgs = option(
         default_factory=AttentionArgs, doc="Every attention layer (language models)."
     )
+    block: BlockArgs = option(
+        default_factory=BlockArgs, doc="Every transformer block (language models)."
+    )
 
     @property
     def shared_hidden(self) -> int:
@@ -503,7 +552,9 @@ def _none_for_zero(value: Any) -> Any:
 #: Flat name (a constructor keyword, or a config key from before the nested tables) -> the
 #: nested field it sets, and how its value maps (None: as it is).
 FLAT_NAMES: Mapping[str, tuple[str, Callable[[Any], Any] | None]] = {
-    **{name: (f"neuron.{name}", None) for name in (f.name for f in fields(NeuronArgs))},
+    # A model's own "kind" is its class; the neurons' kind goes by neuron_kind.
+    **{f.name: (f"neuron.{f.name}", None) for f in fields(NeuronArgs) if f.name != "kind"},
+    "neuron_kind": ("neuron.kind", None),
     **{
         name: (f"router.{name}", None)
         for name in ("noise", "window", "capacity_factor", "renormalize", "gain")
@@ -521,6 +572,9 @@ FLAT_NAMES: Mapping[str, tuple[str, Callable[[Any], Any] | None]] = {
     **{name: (f"moe.{name}", None) for name in ("grouped_gemm", "spike_exchange")},
     "shared_hidden": ("moe.shared_hidden", _none_for_zero),
     "num_heads": ("attention.num_heads", None),
+    "attention": ("attention.kind", None),
+    "residual": ("block.residual", None),
+    "norm": ("block.norm", None),
     "causal": ("attention.causal", None),
     "num_moe_layers": ("num_layers", None),
 }

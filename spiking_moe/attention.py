@@ -45,7 +45,7 @@ from torch import nn
 
 from .activity import Activity
 from .args import AttentionArgs, NeuronArgs
-from .neurons import LIF, neuron_args
+from .neurons import make_neuron, neuron_args
 from .synapses import EventLinear
 
 __all__ = ["AttentionOutput", "MatMul", "SoftmaxAttention", "SpikingSelfAttention"]
@@ -172,12 +172,12 @@ class SpikingSelfAttention(nn.Module):
         self.q_proj = EventLinear(d_model, d_model)
         self.k_proj = EventLinear(d_model, d_model)
         self.v_proj = EventLinear(d_model, d_model)
-        self.q_neuron = LIF(neuron)
-        self.k_neuron = LIF(neuron)
-        self.v_neuron = LIF(neuron)
+        self.q_neuron = make_neuron(neuron)
+        self.k_neuron = make_neuron(neuron)
+        self.v_neuron = make_neuron(neuron)
         self.scores = MatMul("output" if causal else None, ann_softmax=True)
         self.mix = MatMul("contraction" if causal else None)
-        self.attn_neuron = LIF(neuron)
+        self.attn_neuron = make_neuron(neuron)
         self.out_proj = EventLinear(d_model, d_model)
 
     def extra_repr(self) -> str:

@@ -61,7 +61,7 @@ from torch import nn
 from .activity import Activity
 from .experts import MLPExpert, SpikingExpert
 from .functional.lif import lif_multistep
-from .neurons import LIF
+from .neurons import LIF, SpikingNeuron
 
 __all__ = [
     "Assignments",
@@ -384,6 +384,8 @@ def grouped_unsupported_reason(
         if expert.num_layers != shape[3]:
             return f"expert {e} has {expert.num_layers} layers, expert 0 {shape[3]}"
         for module in expert.modules():
+            if isinstance(module, SpikingNeuron) and not isinstance(module, LIF):
+                return f"expert {e} has {type(module).__name__} neurons (grouped runs LIF only)"
             if isinstance(module, LIF):
                 if module.backend != "native":
                     return f"expert {e} has a {module.backend!r} LIF backend"

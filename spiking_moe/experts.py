@@ -34,7 +34,7 @@ from torch import nn
 
 from .activity import Activity
 from .args import ExpertArgs, NeuronArgs
-from .neurons import LIF, neuron_args
+from .neurons import SpikingNeuron, make_neuron, neuron_args
 from .synapses import EventLinear
 
 __all__ = ["ExpertOutput", "MLPExpert", "SpikingExpert"]
@@ -98,7 +98,7 @@ class _FeedForwardExpert(nn.Module):
         self.num_layers = num_layers
         if self.spiking:
             neuron = neuron_args(neuron, **neuron_options)
-            linear, make_act = EventLinear, lambda: LIF(neuron)
+            linear, make_act = EventLinear, lambda: make_neuron(neuron)
         elif neuron is not None or neuron_options:
             raise TypeError(f"{type(self).__name__} has no neurons: got neuron options")
         else:
@@ -120,7 +120,9 @@ class _FeedForwardExpert(nn.Module):
     @property
     def activity_names(self) -> tuple[str, ...]:
         """Names of the populations :meth:`run` reports (its LIF layers), in order."""
-        return tuple(f"net.{i}" for i, layer in enumerate(self.net) if isinstance(layer, LIF))
+        return tuple(
+            f"net.{i}" for i, layer in enumerate(self.net) if isinstance(layer, SpikingNeuron)
+        )
 
     def forward(
         self, x_TNI: torch.Tensor, *, activity: list[Activity] | None = None
@@ -139,7 +141,7 @@ class _FeedForwardExpert(nn.Module):
         h, parts = x_TNI, []
         for i, layer in enumerate(self.net):
             h = layer(h)
-            if isinstance(layer, LIF):
+            if isinstance(layer, SpikingNeuron):
                 parts.append(Activity.of(f"net.{i}", h))
         activity.append(Activity.concat(parts))
         return h

@@ -44,7 +44,7 @@ from .args import READOUTS, ModelArgs, with_options
 from .args import ROUTER_KINDS as ROUTERS
 from .experts import MLPExpert, SpikingExpert
 from .moe import DenseFFN, SpikingMoE
-from .neurons import LIF, plain_neuron_options
+from .neurons import make_neuron, plain_neuron_options
 from .router import RateRouter, RoutingInfo, build_router
 from .strategies import LocalExperts
 from .synapses import EventLinear
@@ -221,7 +221,7 @@ class _SpikingClassifier(_Classifier):
         # EventLinear: event-driven products on spikes (and on sparse rates) when gradients
         # are off; an analog input is dense and takes the dense product.
         self.input_layer = EventLinear(self.in_features, args.hidden_features)
-        self.input_neuron = LIF(args.neuron)
+        self.input_neuron = make_neuron(args.neuron)
         self.readout = EventLinear(args.hidden_features, self.num_classes)
         if args.readout == "membrane" and self.input_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")
@@ -281,7 +281,7 @@ class SpikingMoEClassifier(_SpikingClassifier):
     def _build(self, args: ModelArgs, *, dense: bool, routed: bool) -> None:
         self._init_io(args)
         self.layers = nn.ModuleList(
-            moe_ffn(args, spiking=True, neuron=LIF(args.neuron), dense=dense)
+            moe_ffn(args, spiking=True, neuron=make_neuron(args.neuron), dense=dense)
             for _ in range(args.num_layers)
         )
 
@@ -303,7 +303,8 @@ class DenseSNNClassifier(_SpikingClassifier):
     def _build(self, args: ModelArgs, *, dense: bool, routed: bool) -> None:
         self._init_io(args)
         self.layers = nn.ModuleList(
-            dense_ffn(args, spiking=True, neuron=LIF(args.neuron)) for _ in range(args.num_layers)
+            dense_ffn(args, spiking=True, neuron=make_neuron(args.neuron))
+            for _ in range(args.num_layers)
         )
 
 

@@ -43,7 +43,7 @@ from torch import nn
 from .activity import Activity
 from .args import GROUPED_GEMM, SPIKE_EXCHANGE
 from .dispatch import Assignments
-from .neurons import LIF
+from .neurons import LIF, SpikingNeuron
 from .router import RoutingInfo
 from .strategies import (
     CPU_GROUPED_MIN_EXPERTS,
@@ -311,7 +311,7 @@ class SpikingMoE(nn.Module):
         if residual is not None:
             current = current + _as_current(residual, x, current)
         spikes = self.neuron(current)
-        if isinstance(self.neuron, LIF):
+        if isinstance(self.neuron, SpikingNeuron):
             activity.append(Activity.of("neuron", spikes))
         spikes = spikes.reshape(*lead, spikes.shape[-1])
         return MoEOutput(spikes, routing, routing.aux_loss, Activity.concat(activity))
@@ -382,7 +382,7 @@ class DenseFFN(nn.Module):
             current = current + _as_current(residual, x, current)
         out = self.neuron(current)
         parts = [activity.prefixed("expert")]
-        if isinstance(self.neuron, LIF):
+        if isinstance(self.neuron, SpikingNeuron):
             parts.append(Activity.of("neuron", out))
         out = out.reshape(*lead, out.shape[-1])
         return MoEOutput(out, None, x.new_zeros(()), Activity.concat(parts))

@@ -23,6 +23,17 @@ Norse ``norse.torch.LIFBoxCell``
     Norse's surrogate is SuperSpike (``method="super"``), i.e. ``fast_sigmoid``; Norse 1.1's
     SuperSpike backward ignores its ``alpha`` (slope fixed at 1), so gradients equal ours only
     for ``alpha=1``.
+
+Multi-level spikes (:class:`MultiSpike`, ``NeuronArgs.kind = "multi"``)
+    I-LIF / MultiSpike style: per step ``h_t = beta v_{t-1} + x_t`` and an integer spike
+    count ``s_t = round(clamp(h_t / theta, 0, D))`` (``D = levels``), then
+    ``v_t = h_t - theta s_t`` ("subtract") or ``h_t [s_t = 0]`` ("zero"). Trained with the
+    straight-through estimator (the gradient of ``clamp(h / theta, 0, D)``), usually at
+    ``T = 1``, where it is ``round(clamp(x / theta, 0, D))``. A count ``c`` is what ``D``
+    binary virtual steps carry in thermometer code (the first ``c`` of them spike):
+    :func:`thermometer` expands counts, and a synaptic layer summing its virtual steps computes
+    ``W c`` exactly, at ``c`` accumulates per synapse, so the energy counter charges a count as
+    that many spikes and the neuron ``D`` updates per step (``spike_levels = D``).
 """
 
 from __future__ import annotations
@@ -43,7 +54,18 @@ from .functional.lif import (
 )
 from .functional.surrogate import Surrogate, resolve_surrogate
 
-__all__ = ["BACKENDS", "LIF", "neuron_args", "plain_neuron_options"]
+__all__ = [
+    "BACKENDS",
+    "LIF",
+    "NEURONS",
+    "MultiSpike",
+    "SpikingNeuron",
+    "make_neuron",
+    "multi_level_spike",
+    "neuron_args",
+    "plain_neuron_options",
+    "thermometer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +112,60 @@ def plain_neuron_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-class LIF(nn.Module):
+class SpikingNeuron(nn.Module):
+    """What every spiking neuron module of the package shares: its
+    :class:`~spiking_moe.args.NeuronArgs` and the constants ``beta`` and ``threshold`` (buffers,
+    or parameters when learnable). :func:`make_neuron` builds the one ``args.kind`` names."""
+
+    kind: str
+    #: The most spikes one neuron emits per step (1: binary); the energy counter reads it.
+    spike_levels = 1
+
+    reset = ArgsField()
+    detach_reset = ArgsField()
+
+    def __init__(self, args: NeuronArgs | None = None, **options):
+        super().__init__()
+        args = neuron_args(args or NeuronArgs(kind=self.kind), **options)
+        if args.kind != self.kind:
+            raise ValueError(
+                f"{type(self).__name__} is neuron kind {self.kind!r}, got kind={args.kind!r} "
+                "(make_neuron builds the module of a kind)"
+            )
+        self.args = args
+        for name, learn in (("beta", args.learn_beta), ("threshold", args.learn_threshold)):
+            given = options.get(name)
+            # A tensor keeps its floating dtype (e.g. a float64 beta for a float64 model).
+            dtype = (
+                given.dtype
+                if isinstance(given, torch.Tensor) and given.is_floating_point()
+                else None
+            )
+            value = torch.tensor(getattr(args, name), dtype=dtype or torch.get_default_dtype())
+            if learn:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+
+    def _constants_repr(self) -> str:
+        beta = self.beta.item() if self.beta.dim() == 0 else f"[{self.beta.numel()} values]"
+        thr = (
+            self.threshold.item()
+            if self.threshold.dim() == 0
+            else f"[{self.threshold.numel()} values]"
+        )
+        return f"beta={beta}, threshold={thr}, reset={self.reset!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x).spikes
+
+    def run(
+        self, x: torch.Tensor, v0: torch.Tensor | None = None, *, return_membrane: bool = False
+    ) -> LIFOutput:
+        raise NotImplementedError
+
+
+class LIF(SpikingNeuron):
     """Multi-step leaky integrate-and-fire layer, time-major.
 
     Args:
@@ -121,9 +196,8 @@ class LIF(nn.Module):
         tensor([0., 0., 1., 0.])
     """
 
-    reset = ArgsField()
+    kind = "lif"
     backend = ArgsField()
-    detach_reset = ArgsField()
     implementation = ArgsField()
 
     @property
@@ -131,37 +205,11 @@ class LIF(nn.Module):
         """The spike function of ``args.surrogate`` and ``args.alpha``."""
         return resolve_surrogate(self.args.surrogate, self.args.alpha)
 
-    def __init__(self, args: NeuronArgs | None = None, **options):
-        super().__init__()
-        self.args = args = neuron_args(args, **options)
-        for name, learn in (("beta", args.learn_beta), ("threshold", args.learn_threshold)):
-            given = options.get(name)
-            # A tensor keeps its floating dtype (e.g. a float64 beta for a float64 model).
-            dtype = (
-                given.dtype
-                if isinstance(given, torch.Tensor) and given.is_floating_point()
-                else None
-            )
-            value = torch.tensor(getattr(args, name), dtype=dtype or torch.get_default_dtype())
-            if learn:
-                setattr(self, name, nn.Parameter(value))
-            else:
-                self.register_buffer(name, value)
-
     def extra_repr(self) -> str:
-        beta = self.beta.item() if self.beta.dim() == 0 else f"[{self.beta.numel()} values]"
-        thr = (
-            self.threshold.item()
-            if self.threshold.dim() == 0
-            else f"[{self.threshold.numel()} values]"
-        )
         return (
-            f"beta={beta}, threshold={thr}, reset={self.reset!r}, "
-            f"surrogate={self.surrogate.name!r}, alpha={self.surrogate.alpha}, backend={self.backend!r}"
+            f"{self._constants_repr()}, surrogate={self.surrogate.name!r}, "
+            f"alpha={self.surrogate.alpha}, backend={self.backend!r}"
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x).spikes
 
     def run(
         self, x: torch.Tensor, v0: torch.Tensor | None = None, *, return_membrane: bool = False
@@ -196,6 +244,91 @@ class LIF(nn.Module):
                 x, v0, beta, threshold, self.reset, self.surrogate, return_membrane
             )
         return _run_norse(x, v0, beta, threshold, self.reset, self.surrogate, return_membrane)
+
+
+class MultiSpike(SpikingNeuron):
+    """Multi-level spiking neurons: integer spike counts ``0..D`` per step (module docstring).
+
+    Args:
+        args: :class:`~spiking_moe.args.NeuronArgs` of kind "multi" (None: the defaults, with
+            ``levels`` D = 4).
+        **options: neuron options by name (``levels``, ``beta``, ``threshold``, ``reset``,
+            ``learn_threshold``, ``detach_reset``, ...); the surrogate options do not apply
+            (the gradient is straight-through).
+
+    Shape:
+        ``forward(x)``: ``[T, B, ...]`` current -> spike counts of the same shape, values in
+        ``{0, 1, ..., D}``.
+
+    Example:
+        >>> spikes = MultiSpike(levels=4)(torch.tensor([[[-0.3, 0.4, 0.6, 2.2, 9.0]]]))
+        >>> spikes  # round(clamp(x, 0, 4)) at T = 1, threshold 1
+        tensor([[[0., 0., 1., 2., 4.]]])
+    """
+
+    kind = "multi"
+
+    @property
+    def spike_levels(self) -> int:  # type: ignore[override]
+        return self.args.levels
+
+    def extra_repr(self) -> str:
+        return f"levels={self.args.levels}, {self._constants_repr()}"
+
+    def run(
+        self, x: torch.Tensor, v0: torch.Tensor | None = None, *, return_membrane: bool = False
+    ) -> LIFOutput:
+        """Spike counts, final membrane and (optionally) the membrane trace, as
+        :meth:`LIF.run`."""
+        check_lif_input(x, 2)
+        beta, theta = self.beta.clamp(0.0, 1.0), self.threshold
+        check_lif_parameters(beta, theta, self.reset)
+        v = torch.zeros_like(x[0]) if v0 is None else v0
+        spikes, trace = [], []
+        for x_t in x.unbind(0):
+            h = beta * v + x_t
+            s = multi_level_spike(h / theta, self.args.levels)
+            fired = s.detach() if self.detach_reset else s
+            v = h - theta * fired if self.reset == "subtract" else h * (fired == 0)
+            spikes.append(s)
+            trace.append(v)
+        membrane = torch.stack(trace) if return_membrane else None
+        return LIFOutput(torch.stack(spikes), v, membrane)
+
+
+def multi_level_spike(u: torch.Tensor, levels: int) -> torch.Tensor:
+    """``round(clamp(u, 0, levels))`` with the straight-through gradient of the clamp."""
+    clamped = u.clamp(0, levels)
+    return clamped + (clamped.round() - clamped).detach()
+
+
+def thermometer(counts_T: torch.Tensor, levels: int) -> torch.Tensor:
+    """Spike counts ``[T, ...]`` (integers ``0..levels``) as ``T * levels`` binary virtual steps
+    ``[T * levels, ...]``: step ``t``'s count ``c`` is the first ``c`` of its ``levels`` virtual
+    steps spiking (thermometer code).
+
+    Example:
+        >>> thermometer(torch.tensor([[2.0], [0.0]]), 3)[:, 0]
+        tensor([1., 1., 0., 0., 0., 0.])
+    """
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    if bool(((counts_T < 0) | (counts_T > levels) | (counts_T != counts_T.round())).any()):
+        raise ValueError(f"thermometer needs integer spike counts in [0, {levels}]")
+    steps = torch.arange(levels, device=counts_T.device, dtype=counts_T.dtype)
+    shape = (levels,) + (1,) * (counts_T.dim() - 1)
+    virtual = (counts_T.unsqueeze(1) > steps.view(1, *shape)).to(counts_T.dtype)
+    return virtual.reshape(counts_T.shape[0] * levels, *counts_T.shape[1:])
+
+
+#: Neuron module class by ``NeuronArgs.kind``.
+NEURONS = {"lif": LIF, "multi": MultiSpike}
+
+
+def make_neuron(args: NeuronArgs | None = None, **options) -> SpikingNeuron:
+    """The neuron module of ``args.kind`` (:class:`LIF` or :class:`MultiSpike`)."""
+    args = neuron_args(args, **options)
+    return NEURONS[args.kind](args)
 
 
 def _run_snntorch(x, v0, beta, threshold, reset, surrogate, return_membrane) -> LIFOutput:

@@ -87,7 +87,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .neurons import LIF
+from .neurons import SpikingNeuron
 from .router import RateRouter
 
 __all__ = [
@@ -366,7 +366,7 @@ class _IntegerOrderLinear(torch.autograd.Function):
 def is_spiking(model: nn.Module) -> bool:
     """Whether ``model`` contains a :class:`~spiking_moe.neurons.LIF`: then
     :func:`quantize_model` quantizes its weights only (spikes are exact at any width)."""
-    return any(isinstance(m, LIF) for m in model.modules())
+    return any(isinstance(m, SpikingNeuron) for m in model.modules())
 
 
 def _is_float_linear(module: nn.Module) -> bool:

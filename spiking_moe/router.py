@@ -68,7 +68,7 @@ from torch import nn
 
 from .activity import Activity
 from .args import ArgsField, NeuronArgs, RouterArgs, with_options
-from .neurons import LIF
+from .neurons import make_neuron
 
 __all__ = ["ROUTERS", "RateRouter", "RoutingInfo", "SpikingRouter", "build_router", "route"]
 
@@ -489,7 +489,7 @@ class SpikingRouter(_Router):
     kind = "spiking"
 
     def _init_neurons(self, neuron: NeuronArgs | None, options) -> None:
-        self.neuron = LIF(neuron, **options)
+        self.neuron = make_neuron(neuron, **options)
 
     def _scores(self, x_TND):
         spikes_TNE = self.neuron(self.proj(x_TND))

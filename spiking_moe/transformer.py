@@ -55,7 +55,7 @@ from .args import ModelArgs
 from .attention import SoftmaxAttention, SpikingSelfAttention
 from .models import ModelOutput, dense_ffn, leaky_mean, model_args, moe_ffn, run_layers
 from .moe import DenseFFN, MoEOutput, SpikingMoE
-from .neurons import LIF, neuron_args
+from .neurons import make_neuron, neuron_args
 from .synapses import EventLinear
 
 __all__ = [
@@ -115,12 +115,14 @@ class SpikingTransformerBlock(nn.Module):
         super().__init__()
         neuron = neuron_args(neuron, **neuron_options)
         self.attn = SpikingSelfAttention(d_model, num_heads, causal=causal, neuron=neuron)
-        self.attn_neuron = LIF(neuron)
+        self.attn_neuron = make_neuron(neuron)
         for side in ("in_features", "out_features"):
             width = getattr(ffn, side, d_model)
             if width not in (d_model, None):
                 raise ValueError(f"ffn.{side} must equal d_model={d_model}, got {width}")
-        self.ffn = ffn if isinstance(ffn, (SpikingMoE, DenseFFN)) else DenseFFN(ffn, LIF(neuron))
+        self.ffn = (
+            ffn if isinstance(ffn, (SpikingMoE, DenseFFN)) else DenseFFN(ffn, make_neuron(neuron))
+        )
 
     def forward(self, x_TBSD: torch.Tensor) -> BlockOutput:
         attn = self.attn(x_TBSD)
@@ -274,7 +276,7 @@ class _LanguageModel(nn.Module):
 class _SpikingLM(_LanguageModel):
     def _init_io(self, args: ModelArgs, num_steps: int) -> None:
         self.num_steps = num_steps
-        self.input_neuron = LIF(args.neuron)
+        self.input_neuron = make_neuron(args.neuron)
         self.readout = EventLinear(args.hidden_features, self.vocab_size)
         if args.readout == "membrane" and self.input_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")
@@ -341,7 +343,7 @@ class SpikingMoELM(_SpikingLM):
             raise TypeError("ffn_hidden is the dense twins' FFN width; SpikingMoELM has experts")
         self._init_io(args, num_steps)
         self.blocks = nn.ModuleList(
-            self._block(moe_ffn(args, spiking=True, neuron=LIF(args.neuron)))
+            self._block(moe_ffn(args, spiking=True, neuron=make_neuron(args.neuron)))
             for _ in range(args.num_layers)
         )
 
@@ -363,7 +365,9 @@ class DenseSNNLM(_SpikingLM):
     def _build(self, args: ModelArgs, *, num_steps: int, ffn_hidden, routed: bool) -> None:
         self._init_io(args, num_steps)
         self.blocks = nn.ModuleList(
-            self._block(dense_ffn(args, spiking=True, neuron=LIF(args.neuron), width=ffn_hidden))
+            self._block(
+                dense_ffn(args, spiking=True, neuron=make_neuron(args.neuron), width=ffn_hidden)
+            )
             for _ in range(args.num_layers)
         )
 
