@@ -119,6 +119,9 @@ class _Tally:
         # Steps in dim 0 of this module's time-major calls: the counter's T unless a module
         # around it declares its own (``energy_time_steps``, see count_operations).
         self.time_steps = 0
+        # The most spikes an input element may carry (``energy_spike_levels`` declared around
+        # the module; 1: binary spikes only).
+        self.spike_levels = 1
         self.calls = 0
         self.rows = 0
         self.dense_macs = 0
@@ -216,17 +219,26 @@ class _Counter:
         output: torch.Tensor,
         synapse_events: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        nnz, ones = self.value_counts(x)
-        is_binary = nnz == ones
+        is_spikes, events = self.spike_events(x, tally.spike_levels)
         # On an accelerator both branches are computed and one is selected on the device: no
         # host sync.
         tally.add(
-            acs=_where(is_binary, synapse_events(nnz), 0),
-            macs=_where(is_binary, 0, dense_macs),
-            input_events=_where(is_binary, nnz, 0),
-            binary_calls=_where(is_binary, 1, 0),
+            acs=_where(is_spikes, synapse_events(events), 0),
+            macs=_where(is_spikes, 0, dense_macs),
+            input_events=_where(is_spikes, events, 0),
+            binary_calls=_where(is_spikes, 1, 0),
         )
         self._account(tally, time_major, rows, dense_macs, output)
+
+    def spike_events(self, x: torch.Tensor, levels: int):
+        """``(x is spikes, its events)``: binary (``levels`` 1) with ``nnz`` events, or, under
+        a declared ``energy_spike_levels = D``, integer spike counts ``0..D`` with ``sum(x)``
+        events (a count ``c`` is ``c`` spikes: what its binary expansion executes)."""
+        if levels == 1:
+            nnz, ones = self.value_counts(x)
+            return nnz == ones, nnz
+        is_counts, total = rules.spike_counts(x, levels)
+        return _host_or_device(is_counts), _host_or_device(total)
 
     def _account(
         self,
@@ -302,13 +314,12 @@ class _Counter:
             mask = rules.product_mask(module, tally.name)
             L, M, K, N = rules.product_dims(tally.name, mask, a, b)
             time_major = self.is_time_major(a, a.dim() >= 3 and a.shape[0] == tally.time_steps)
-            nnz_a, ones_a = self.value_counts(a)
-            nnz_b, ones_b = self.value_counts(b)
-            a_binary = nnz_a == ones_a
-            if isinstance(a_binary, torch.Tensor):
-                b_binary = (nnz_b == ones_b) & ~a_binary
+            a_binary, nnz_a = self.spike_events(a, tally.spike_levels)
+            b_spikes, nnz_b = self.spike_events(b, tally.spike_levels)
+            if isinstance(a_binary, torch.Tensor) or isinstance(b_spikes, torch.Tensor):
+                b_binary = torch.as_tensor(b_spikes) & ~torch.as_tensor(a_binary)
             else:
-                b_binary = nnz_b == ones_b and not a_binary
+                b_binary = b_spikes and not a_binary
             if mask is None:
                 acs_a, acs_b = nnz_a * N, nnz_b * M
             else:
@@ -344,6 +355,28 @@ class _Counter:
 
         return hook
 
+    def norm_hook(self, tally: _Tally):
+        def hook(module: nn.LayerNorm, args, kwargs, output):
+            self._start(tally)
+            x = args[0] if args else kwargs["input"]
+            time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == tally.time_steps)
+            macs = rules.NORM_MACS * x.numel()
+            tally.add(macs=macs, **{"tm_macs" if time_major else "flat_macs": macs})
+            self._account(tally, time_major, x.numel() // max(x.shape[-1], 1), 0, output)
+
+        return hook
+
+    def add_hook(self, tally: _Tally):
+        def hook(module: nn.Module, args, kwargs, output):
+            self._start(tally)
+            x = args[0] if args else next(iter(kwargs.values()))
+            time_major = self.is_time_major(x, x.dim() >= 3 and x.shape[0] == tally.time_steps)
+            tally.add(acs=output.numel())
+            rows = output.numel() // max(output.shape[-1], 1)
+            self._account(tally, time_major, rows, 0, output, ann_macs=0, ann_outputs=0)
+
+        return hook
+
     def neuron_hook(self, tally: _Tally, adapter: NeuronAdapter):
         def hook(module, args, kwargs, output):
             self._start(tally)
@@ -354,24 +387,26 @@ class _Counter:
                 isinstance(x, torch.Tensor) and x.dim() > 0 and self.is_time_major(x, False)
             ):
                 self.mark(spikes)
-            tally.neuron_updates += spikes.numel()
-            tally.add(spikes=self.value_counts(spikes)[0])
+            # A neuron emitting up to D spikes per step is D binary virtual steps: D updates.
+            levels = getattr(module, "spike_levels", 1)
+            tally.neuron_updates += spikes.numel() * levels
+            tally.add(spikes=self.spike_events(spikes, levels)[1])
 
         return hook
 
 
-def _declared_time_steps(name: str, modules: Mapping[str, nn.Module]) -> int | None:
-    """``energy_time_steps`` of the innermost module around ``name`` (itself included) that
-    declares one, else None."""
+def _declared(name: str, modules: Mapping[str, nn.Module], attribute: str) -> int | None:
+    """The int ``attribute`` (``energy_time_steps``, ``energy_spike_levels``) of the innermost
+    module around ``name`` (itself included) that declares one, else None."""
     parts = name.split(".") if name else []
     for end in range(len(parts), -1, -1):
         prefix = ".".join(parts[:end])
-        declared = getattr(modules.get(prefix), "energy_time_steps", None)
+        declared = getattr(modules.get(prefix), attribute, None)
         if declared is None:
             continue
         if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
             raise ValueError(
-                f"module {prefix!r}: energy_time_steps must be a positive int, got {declared!r}"
+                f"module {prefix!r}: {attribute} must be a positive int, got {declared!r}"
             )
         return declared
     return None
@@ -492,9 +527,15 @@ def count_operations(
                 rules.product_mask(module, name)
                 tally = _Tally(name, "matmul", None, 0, 0)
                 hook = counter.product_hook(tally)
+            elif getattr(module, "energy_elementwise", None) == "add":
+                tally = _Tally(name, "add", None, 0, 0)
+                hook = counter.add_hook(tally)
             elif isinstance(module, nn.Softmax):
                 tally = _Tally(name, "softmax", None, 0, 0)
                 hook = counter.softmax_hook(tally)
+            elif isinstance(module, nn.LayerNorm):
+                tally = _Tally(name, "norm", None, 0, 0)
+                hook = counter.norm_hook(tally)
             elif isinstance(module, nn.Linear):
                 tally = _Tally(name, "linear", None, module.in_features, module.out_features)
                 hook = counter.linear_hook(tally)
@@ -512,7 +553,8 @@ def count_operations(
                 tally = _Tally(name, "neuron", None, 0, 0)
                 hook = counter.neuron_hook(tally, adapter)
             tally.group = _group_of(name, group_map)
-            tally.time_steps = _declared_time_steps(name, modules) or time_steps
+            tally.time_steps = _declared(name, modules, "energy_time_steps") or time_steps
+            tally.spike_levels = _declared(name, modules, "energy_spike_levels") or 1
             counter.tallies.append(tally)
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         if not counter.tallies:

@@ -43,6 +43,19 @@ Per call of a synaptic layer on input ``x``:
 - **Softmax** (``nn.Softmax``, e.g. in an ANN twin): ``MAC = 3 * #finite inputs`` (exp, the
   running sum, the normalising multiply; masked ``-inf`` scores cost nothing). Pricing an exp
   as one MAC makes this a lower bound that favours the ANN.
+- **Multi-level spikes.** A module may declare ``energy_spike_levels = D`` (an int attribute;
+  the innermost declaration around a module applies, like ``energy_time_steps``): then an input
+  whose every element is an integer in ``0..D`` is spike counts, a count ``c`` being ``c``
+  events, ``c`` accumulates per reached synapse: exactly what the count's binary expansion
+  (``D`` virtual steps, the first ``c`` spiking) executes. A neuron with ``spike_levels = D``
+  counts ``D`` updates per element and step (one per virtual step) and ``sum`` of its counts
+  as spikes.
+- **LayerNorm** (``nn.LayerNorm``): ``MAC = 4 * numel(input)`` (the mean's sum, the
+  variance, the normalising and the affine multiply-adds), in the model and its ANN
+  equivalent alike.
+- **Elementwise additions** (a residual stream): a module with ``energy_elementwise = "add"``
+  costs ``AC = numel(output)`` (an add is an accumulate). Its ANN equivalent is left at zero,
+  a lower bound that favours the ANN (the adds are under 1% of a block's work).
 - Bias additions are not counted: they are charged with the neuron update.
 - Neuron: ``updates = numel(spikes)`` (one per neuron per time step, whether the module is
   called once on ``[T, B, ...]`` or once per step) and ``spikes = nnz(spikes)``.
@@ -76,6 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "NORM_MACS",
     "SOFTMAX_MACS",
     "conv_dims",
     "conv_fan_in",
@@ -86,10 +100,14 @@ __all__ = [
     "product_operands",
     "product_size",
     "softmax_macs",
+    "spike_counts",
 ]
 
 # exp, running sum, normalising multiply.
 SOFTMAX_MACS = 3
+# LayerNorm per element: the mean's sum, the variance's multiply-add, the normalising
+# multiply-add, the affine multiply-add.
+NORM_MACS = 4
 _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _MASKS = (None, "output", "contraction")
@@ -198,9 +216,19 @@ def masked_synapse_events(
 
 
 def _events_per_cell(x: torch.Tensor, leading: int) -> torch.Tensor:
-    """Events at each ``[M, K]`` position, summed over the leading dims (int64)."""
+    """Events at each ``[M, K]`` position, summed over the leading dims (int64): a spike is one
+    event, a spike count ``c`` is ``c``."""
     # Reducing over the leading dims first keeps the weighting by reach a small [M, K] product.
-    return x.bool().reshape(leading, *x.shape[-2:]).sum(0, dtype=torch.int64)
+    cells = x.reshape(leading, *x.shape[-2:]).sum(0, dtype=torch.float64)
+    return cells.round().to(torch.int64)
+
+
+def spike_counts(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x holds integer spike counts 0..levels, their sum)``, as 0-dim tensors (int64 sum,
+    0 when ``x`` is not counts): the events of a multi-level spiking input."""
+    is_counts = ((x >= 0) & (x <= levels) & (x == torch.round(x))).all()
+    total = x.sum(dtype=torch.float64).round().to(torch.int64)
+    return is_counts, torch.where(is_counts, total, torch.zeros_like(total))
 
 
 def softmax_macs(x: torch.Tensor) -> torch.Tensor:
