@@ -38,7 +38,16 @@ import logging
 
 from . import config, data, encoding, functional, training
 from .activity import Activity
-from .args import AttentionArgs, ExpertArgs, ModelArgs, MoEArgs, NeuronArgs, RouterArgs
+from .args import (
+    AttentionArgs,
+    BlockArgs,
+    ConfigError,
+    ExpertArgs,
+    ModelArgs,
+    MoEArgs,
+    NeuronArgs,
+    RouterArgs,
+)
 from .attention import AttentionOutput, MatMul, SoftmaxAttention, SpikingSelfAttention
 from .config import ExperimentConfig, load_config
 from .dispatch import (
@@ -68,12 +77,13 @@ from .moe import (
     swapped_strategies,
     update_router_biases,
 )
-from .neurons import LIF
+from .neurons import LIF, MultiSpike, SpikingNeuron, make_neuron, thermometer
 from .router import RateRouter, RoutingInfo, SpikingRouter, build_router, route
 from .strategies import ExpertParallelExperts, ExpertStrategy, LocalExperts
 from .synapses import EventLinear
 from .training import Trainer
 from .transformer import (
+    Add,
     ANNTransformerLM,
     BlockOutput,
     DenseSNNLM,
@@ -147,6 +157,14 @@ __all__ = [
     "RouterArgs",
     "build_router",
     "swapped_strategies",
+    # the language-model designs: membrane residual, multi-level spikes (issue 22)
+    "Add",
+    "BlockArgs",
+    "ConfigError",
+    "MultiSpike",
+    "SpikingNeuron",
+    "make_neuron",
+    "thermometer",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

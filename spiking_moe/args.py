@@ -528,6 +528,19 @@ class ModelArgs(Options):
         default_factory=BlockArgs, doc="Every transformer block (language models)."
     )
 
+    def _check(self) -> None:
+        where = self.path()
+        if self.attention.kind == "ann" and self.block.residual != "membrane":
+            raise ConfigError(
+                f"{where}.attention.kind 'ann' (softmax attention on the normalised stream) needs "
+                f"{where}.block.residual 'membrane', got {self.block.residual!r}"
+            )
+        if self.neuron.kind == "multi" and self.moe.spike_exchange == "bits":
+            raise ConfigError(
+                f"{where}.moe.spike_exchange 'bits' packs binary spikes; {where}.neuron.kind "
+                f"'multi' emits counts up to {self.neuron.levels}: use 'auto' or 'float'"
+            )
+
     @property
     def shared_hidden(self) -> int:
         """Width of each shared expert (``moe.shared_hidden``, or ``expert.hidden``)."""

@@ -29,6 +29,20 @@ row's threshold, so they are not counted as operations. **The mask is exact**: t
 with ``j > i`` contribute exactly zero (the energy counter charges only the terms a causal
 kernel computes), so no position sees a later one.
 
+**Attention kinds** (``kind``; :class:`~spiking_moe.args.AttentionArgs`), the bits-per-byte
+vs energy trade-off of one layer, each priced by what its operands are (a spike operand makes
+accumulates, real x real makes MACs, a softmax its MACs per visible score):
+
+* ``"ssa"``: the above (spiking ``Q``, ``K``, ``V``; no softmax; every product accumulates).
+* ``"spiking_softmax"``: spiking ``Q``, ``K``, ``V``;
+  :math:`Y_t = \mathrm{softmax}(Q_t K_t^\top \sigma + \text{mask})\, V_t`: the scores
+  accumulate (spike x spike), the softmax is priced, and ``P V`` accumulates (``V`` spikes).
+* ``"real_softmax"``: real ``Q``, ``K``, ``V`` (the projections read spikes: accumulates; no
+  neurons after them), :math:`\mathrm{softmax}(Q K^\top \sigma + \text{mask}) V`: both
+  products are real x real (MACs).
+
+In every kind ``LIF(Y)`` feeds ``W_O``, so the layer's output current comes from spikes.
+
 **ANN twin** (:class:`SoftmaxAttention`): the usual causal multi-head attention on activations
 ``[B, S, D]``, :math:`\mathrm{softmax}(Q K^\top / \sqrt{C} + \text{mask})\, V\, W_O`, with the
 products as :class:`MatMul` modules (graded operands: MACs) and an ``nn.Softmax`` module (priced
@@ -122,11 +136,11 @@ class AttentionOutput(NamedTuple):
     activity: Activity
 
 
-def _check_heads(d_model: int, num_heads: int, causal: bool) -> AttentionArgs:
+def _check_heads(d_model: int, num_heads: int, causal: bool, kind: str = "ssa") -> AttentionArgs:
     """The layer's :class:`~spiking_moe.args.AttentionArgs`, checked against ``d_model``."""
     if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
         raise ValueError(f"d_model must be an int >= 1, got {d_model!r}")
-    args = AttentionArgs(num_heads=num_heads, causal=causal)
+    args = AttentionArgs(kind=kind, num_heads=num_heads, causal=causal)
     if d_model % num_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
     return args
@@ -139,8 +153,10 @@ class SpikingSelfAttention(nn.Module):
         d_model: ``D``.
         num_heads: ``H`` (divides ``D``).
         causal: mask later positions (exactly: their terms are never computed).
-        neuron: the :class:`~spiking_moe.args.NeuronArgs` of the four
-            :class:`~spiking_moe.neurons.LIF` populations.
+        kind: "ssa", "spiking_softmax" or "real_softmax" (module docstring; "ann" is
+            :class:`SoftmaxAttention`).
+        neuron: the :class:`~spiking_moe.args.NeuronArgs` of the spiking populations (four;
+            one, ``attn_neuron``, for "real_softmax").
         **neuron_options: neuron options by name (``beta``, ``threshold``, ...).
 
     Shapes:
@@ -161,27 +177,42 @@ class SpikingSelfAttention(nn.Module):
         num_heads: int,
         *,
         causal: bool = True,
+        kind: str = "ssa",
         neuron: NeuronArgs | None = None,
         **neuron_options,
     ):
         super().__init__()
-        self.args = _check_heads(d_model, num_heads, causal)
+        self.args = _check_heads(d_model, num_heads, causal, kind)
+        if self.args.kind == "ann":
+            raise ValueError(
+                "SpikingSelfAttention: attention kind 'ann' is SoftmaxAttention on the residual "
+                "stream (SpikingTransformerBlock builds it)"
+            )
         neuron = neuron_args(neuron, **neuron_options)
         self.d_model, self.num_heads, self.causal = d_model, num_heads, self.args.causal
+        self.kind = self.args.kind
         # Fed spikes: event-driven products when gradients are off.
         self.q_proj = EventLinear(d_model, d_model)
         self.k_proj = EventLinear(d_model, d_model)
         self.v_proj = EventLinear(d_model, d_model)
-        self.q_neuron = make_neuron(neuron)
-        self.k_neuron = make_neuron(neuron)
-        self.v_neuron = make_neuron(neuron)
-        self.scores = MatMul("output" if causal else None, ann_softmax=True)
+        if self.kind != "real_softmax":
+            self.q_neuron = make_neuron(neuron)
+            self.k_neuron = make_neuron(neuron)
+            self.v_neuron = make_neuron(neuron)
+        # SSA's ANN equivalent would put a softmax on the scores: the baseline prices it. The
+        # softmax kinds run one (an nn.Softmax the counter prices for both).
+        self.scores = MatMul("output" if causal else None, ann_softmax=self.kind == "ssa")
+        if self.kind != "ssa":
+            self.softmax = nn.Softmax(dim=-1)
         self.mix = MatMul("contraction" if causal else None)
         self.attn_neuron = make_neuron(neuron)
         self.out_proj = EventLinear(d_model, d_model)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_heads={self.num_heads}, causal={self.causal}"
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, causal={self.causal}, "
+            f"kind={self.kind!r}"
+        )
 
     def _heads(self, x_TBSD: torch.Tensor) -> torch.Tensor:
         T, B, S, _ = x_TBSD.shape
@@ -194,29 +225,35 @@ class SpikingSelfAttention(nn.Module):
                 f"got shape {tuple(x_TBSD.shape)}"
             )
         T, B, S, D = x_TBSD.shape
-        q_TBSD = self.q_neuron(self.q_proj(x_TBSD))
-        k_TBSD = self.k_neuron(self.k_proj(x_TBSD))
-        v_TBSD = self.v_neuron(self.v_proj(x_TBSD))
+        C = D // self.num_heads
+        q_TBSD, k_TBSD, v_TBSD = self.q_proj(x_TBSD), self.k_proj(x_TBSD), self.v_proj(x_TBSD)
+        populations = []
+        if self.kind != "real_softmax":
+            q_TBSD = self.q_neuron(q_TBSD)
+            k_TBSD = self.k_neuron(k_TBSD)
+            v_TBSD = self.v_neuron(v_TBSD)
+            populations = [("q_neuron", q_TBSD), ("k_neuron", k_TBSD), ("v_neuron", v_TBSD)]
         q, k, v = self._heads(q_TBSD), self._heads(k_TBSD), self._heads(v_TBSD)
         scores_TBHSS = self.scores(q, k.transpose(-2, -1))
-        mixed_TBHSC = self.mix(scores_TBHSS, v)
-        C = D // self.num_heads
-        seen_S = (
-            torch.arange(1, S + 1, device=x_TBSD.device)
-            if self.causal
-            else torch.full((S,), S, device=x_TBSD.device)
-        )
-        scale_S1 = (1.0 / (math.sqrt(C) * seen_S.to(mixed_TBHSC.dtype))).unsqueeze(-1)
-        y_TBSD = (mixed_TBHSC * scale_S1).transpose(2, 3).reshape(T, B, S, D)
+        if self.kind == "ssa":
+            mixed_TBHSC = self.mix(scores_TBHSS, v)
+            seen_S = (
+                torch.arange(1, S + 1, device=x_TBSD.device)
+                if self.causal
+                else torch.full((S,), S, device=x_TBSD.device)
+            )
+            scale_S1 = (1.0 / (math.sqrt(C) * seen_S.to(mixed_TBHSC.dtype))).unsqueeze(-1)
+            mixed_TBHSC = mixed_TBHSC * scale_S1
+        else:
+            scores_TBHSS = scores_TBHSS / math.sqrt(C)
+            if self.causal:
+                visible = _causal_mask(S, x_TBSD.device)
+                scores_TBHSS = scores_TBHSS.masked_fill(~visible, float("-inf"))
+            mixed_TBHSC = self.mix(self.softmax(scores_TBHSS), v)
+        y_TBSD = mixed_TBHSC.transpose(2, 3).reshape(T, B, S, D)
         attn_TBSD = self.attn_neuron(y_TBSD)
-        activity = Activity.concat(
-            [
-                Activity.of("q_neuron", q_TBSD),
-                Activity.of("k_neuron", k_TBSD),
-                Activity.of("v_neuron", v_TBSD),
-                Activity.of("attn_neuron", attn_TBSD),
-            ]
-        )
+        populations.append(("attn_neuron", attn_TBSD))
+        activity = Activity.concat([Activity.of(name, s) for name, s in populations])
         return AttentionOutput(self.out_proj(attn_TBSD), activity)
 
 

@@ -121,7 +121,8 @@ def moe_ffn(
 
     exchange = moe.spike_exchange
     if exchange == "auto":
-        exchange = "bits" if spiking else "float"
+        # Binary spikes travel as bits; counts (multi-level neurons) and currents as floats.
+        exchange = "bits" if spiking and args.neuron.kind == "lif" else "float"
     return SpikingMoE(
         router=router,
         experts=[make_expert(args.expert.hidden) for _ in range(moe.num_experts)],

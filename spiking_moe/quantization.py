@@ -71,6 +71,7 @@ Example:
     >>> q, s
     (tensor([[ 4, -7,  2],
             [ 0,  0,  0]], dtype=torch.int8), tensor([0.1429, 1.0000]))
+    >>> from spiking_moe.neurons import LIF
     >>> model = nn.Sequential(nn.Linear(3, 2), LIF(beta=0.5))
     >>> quantized = quantize_model(model, bits=8)
     >>> type(quantized[0]).__name__, quantized[0].int_weight.dtype, type(model[0]).__name__

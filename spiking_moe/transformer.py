@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .activity import Activity
-from .args import ModelArgs
+from .args import BlockArgs, ModelArgs
 from .attention import SoftmaxAttention, SpikingSelfAttention
 from .models import ModelOutput, dense_ffn, leaky_mean, model_args, moe_ffn, run_layers
 from .moe import DenseFFN, MoEOutput, SpikingMoE
@@ -60,6 +60,7 @@ from .synapses import EventLinear
 
 __all__ = [
     "ANNTransformerLM",
+    "Add",
     "BlockOutput",
     "DenseSNNLM",
     "LMOutput",
@@ -76,8 +77,22 @@ BlockOutput = MoEOutput
 LMOutput = ModelOutput
 
 
+class Add(nn.Module):
+    """``a + b`` as a module, so the energy counter sees the residual stream's additions (one
+    accumulate per output element and step: ``energy_elementwise = "add"``)."""
+
+    energy_elementwise = "add"
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+def _norm(kind: str, d_model: int) -> nn.Module:
+    return nn.LayerNorm(d_model) if kind == "layer" else nn.Identity()
+
+
 class SpikingTransformerBlock(nn.Module):
-    """Spiking self-attention then an FFN, each with a spike shortcut into the membrane.
+    """Spiking self-attention then an FFN, on a spike or a membrane residual (module docstring).
 
     Args:
         d_model: ``D``.
@@ -85,14 +100,22 @@ class SpikingTransformerBlock(nn.Module):
         ffn: the FFN, ``D -> D``: a :class:`~spiking_moe.moe.SpikingMoE` (token-level routing)
             or :class:`~spiking_moe.moe.DenseFFN`, or a dense expert mapping ``[T, N, D]``
             spikes to ``[T, N, D]`` current with ``run`` (a
-            :class:`~spiking_moe.experts.SpikingExpert`), which gets a LIF of its own.
+            :class:`~spiking_moe.experts.SpikingExpert`), which gets a neuron of its own
+            (``residual="spike"``) or none (``"membrane"``: its current joins the stream; a
+            MoE or DenseFFN passed in must then have ``nn.Identity`` as its neuron).
         causal: causal attention.
-        neuron: the :class:`~spiking_moe.args.NeuronArgs` of the attention's and the block's
-            LIF populations.
+        attention: the attention kind (:class:`~spiking_moe.args.AttentionArgs`: "ssa",
+            "spiking_softmax", "real_softmax", or "ann" with the membrane residual).
+        residual: "spike" or "membrane" (:class:`~spiking_moe.args.BlockArgs`).
+        norm: "layer" or "none": what reads the membrane residual before each spiking
+            population (the spike residual has no normalisation).
+        neuron: the :class:`~spiking_moe.args.NeuronArgs` of the block's spiking populations.
         **neuron_options: neuron options by name (``beta``, ``threshold``, ...).
 
     Shapes:
-        ``forward(x)``: spikes ``[T, B, S, D]`` -> :class:`BlockOutput`.
+        ``forward(x)``: ``[T, B, S, D]`` (spikes for ``residual="spike"``, the real-valued
+        stream for ``"membrane"``) -> :class:`BlockOutput` whose ``spikes`` is the block's
+        output of the same kind.
 
     Example:
         >>> from spiking_moe.experts import SpikingExpert
@@ -100,6 +123,11 @@ class SpikingTransformerBlock(nn.Module):
         >>> block = SpikingTransformerBlock(8, 2, SpikingExpert(8, 16, 8))
         >>> block(torch.bernoulli(torch.full((3, 2, 5, 8), 0.3))).spikes.shape
         torch.Size([3, 2, 5, 8])
+        >>> block = SpikingTransformerBlock(
+        ...     8, 2, SpikingExpert(8, 16, 8), residual="membrane", attention="spiking_softmax"
+        ... )
+        >>> block(torch.randn(1, 2, 5, 8)).spikes.shape  # the real-valued stream
+        torch.Size([1, 2, 5, 8])
     """
 
     def __init__(
@@ -109,31 +137,83 @@ class SpikingTransformerBlock(nn.Module):
         ffn: nn.Module,
         *,
         causal: bool = True,
+        attention: str = "ssa",
+        residual: str = "spike",
+        norm: str = "layer",
         neuron=None,
         **neuron_options,
     ):
         super().__init__()
         neuron = neuron_args(neuron, **neuron_options)
-        self.attn = SpikingSelfAttention(d_model, num_heads, causal=causal, neuron=neuron)
-        self.attn_neuron = make_neuron(neuron)
+        design = BlockArgs(residual=residual, norm=norm)
+        self.residual = design.residual
+        if attention == "ann" and self.residual != "membrane":
+            raise ValueError(
+                "attention kind 'ann' (softmax attention on the normalised stream) needs "
+                f"residual 'membrane', got residual {self.residual!r}"
+            )
         for side in ("in_features", "out_features"):
             width = getattr(ffn, side, d_model)
             if width not in (d_model, None):
                 raise ValueError(f"ffn.{side} must equal d_model={d_model}, got {width}")
-        self.ffn = (
-            ffn if isinstance(ffn, (SpikingMoE, DenseFFN)) else DenseFFN(ffn, make_neuron(neuron))
-        )
+        if self.residual == "spike":
+            self.attn = SpikingSelfAttention(
+                d_model, num_heads, causal=causal, kind=attention, neuron=neuron
+            )
+            self.attn_neuron = make_neuron(neuron)
+            if not isinstance(ffn, (SpikingMoE, DenseFFN)):
+                ffn = DenseFFN(ffn, make_neuron(neuron))
+            self.ffn = ffn
+            return
+        # Membrane residual: every synaptic layer reads spikes made from the stream.
+        self.attn_norm = _norm(design.norm, d_model)
+        if attention == "ann":
+            self.attn = SoftmaxAttention(d_model, num_heads, causal=causal)
+        else:
+            self.attn_input = make_neuron(neuron)
+            self.attn = SpikingSelfAttention(
+                d_model, num_heads, causal=causal, kind=attention, neuron=neuron
+            )
+        self.attn_add = Add()
+        self.ffn_norm = _norm(design.norm, d_model)
+        self.ffn_input = make_neuron(neuron)
+        if not isinstance(ffn, (SpikingMoE, DenseFFN)):
+            ffn = DenseFFN(ffn, nn.Identity())
+        if not isinstance(ffn.neuron, nn.Identity):
+            raise ValueError(
+                "residual 'membrane' adds the FFN's current to the stream: build the FFN with "
+                f"neuron=nn.Identity(), got {type(ffn.neuron).__name__}"
+            )
+        self.ffn = ffn
+        self.ffn_add = Add()
 
     def forward(self, x_TBSD: torch.Tensor) -> BlockOutput:
-        attn = self.attn(x_TBSD)
-        h_TBSD = self.attn_neuron(attn.current + x_TBSD)
-        ffn = self.ffn(h_TBSD, residual=h_TBSD)
-        activity = [
-            attn.activity.prefixed("attn"),
-            Activity.of("attn_neuron", h_TBSD),
-            ffn.activity.prefixed("ffn"),
-        ]
-        return BlockOutput(ffn.spikes, ffn.routing, ffn.aux_loss, Activity.concat(activity))
+        if self.residual == "spike":
+            attn = self.attn(x_TBSD)
+            h_TBSD = self.attn_neuron(attn.current + x_TBSD)
+            ffn = self.ffn(h_TBSD, residual=h_TBSD)
+            activity = [
+                attn.activity.prefixed("attn"),
+                Activity.of("attn_neuron", h_TBSD),
+                ffn.activity.prefixed("ffn"),
+            ]
+            return BlockOutput(ffn.spikes, ffn.routing, ffn.aux_loss, Activity.concat(activity))
+        activity = []
+        normed_TBSD = self.attn_norm(x_TBSD)
+        if isinstance(self.attn, SoftmaxAttention):
+            T, B, S, D = normed_TBSD.shape
+            attn_TBSD = self.attn(normed_TBSD.reshape(T * B, S, D)).reshape(T, B, S, D)
+        else:
+            spikes_TBSD = self.attn_input(normed_TBSD)
+            attn = self.attn(spikes_TBSD)
+            attn_TBSD = attn.current
+            activity += [Activity.of("attn_input", spikes_TBSD), attn.activity.prefixed("attn")]
+        h_TBSD = self.attn_add(x_TBSD, attn_TBSD)
+        spikes_TBSD = self.ffn_input(self.ffn_norm(h_TBSD))
+        ffn = self.ffn(spikes_TBSD)
+        h_TBSD = self.ffn_add(h_TBSD, ffn.spikes)
+        activity += [Activity.of("ffn_input", spikes_TBSD), ffn.activity.prefixed("ffn")]
+        return BlockOutput(h_TBSD, ffn.routing, ffn.aux_loss, Activity.concat(activity))
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
@@ -276,10 +356,31 @@ class _LanguageModel(nn.Module):
 class _SpikingLM(_LanguageModel):
     def _init_io(self, args: ModelArgs, num_steps: int) -> None:
         self.num_steps = num_steps
-        self.input_neuron = make_neuron(args.neuron)
+        if args.block.residual == "spike":
+            self.input_neuron = make_neuron(args.neuron)
+        else:
+            # The stream is real: the embeddings enter it as they are, and a last population
+            # turns it into the spikes the readout reads.
+            self.final_norm = _norm(args.block.norm, args.hidden_features)
+            self.final_neuron = make_neuron(args.neuron)
         self.readout = EventLinear(args.hidden_features, self.vocab_size)
-        if args.readout == "membrane" and self.input_neuron.beta.dim() != 0:
+        if args.neuron.kind == "multi":
+            # Spikes are counts up to D: the energy counter charges each unit of count.
+            self.energy_spike_levels = args.neuron.levels
+        if args.readout == "membrane" and self._edge_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")
+
+    @property
+    def _edge_neuron(self) -> nn.Module:
+        """The population at the stream's edge (its beta leaks the membrane readout)."""
+        return self.input_neuron if self.args.block.residual == "spike" else self.final_neuron
+
+    def _ffn_neuron(self) -> nn.Module:
+        """The FFN's output neuron: a LIF population (spike residual), or none (membrane: the
+        current joins the stream)."""
+        return (
+            make_neuron(self.args.neuron) if self.args.block.residual == "spike" else nn.Identity()
+        )
 
     def _block(self, ffn: nn.Module) -> SpikingTransformerBlock:
         a = self.args
@@ -288,6 +389,9 @@ class _SpikingLM(_LanguageModel):
             a.attention.num_heads,
             ffn,
             causal=a.attention.causal,
+            attention=a.attention.kind,
+            residual=a.block.residual,
+            norm=a.block.norm,
             neuron=a.neuron,
         )
 
@@ -295,15 +399,22 @@ class _SpikingLM(_LanguageModel):
         """Next-token logits ``[B, S, V]`` for token ids ``[B, S]`` -> :class:`LMOutput`."""
         current_BSD = self._embed(ids_BS)
         current_TBSD = current_BSD.unsqueeze(0).expand(self.num_steps, *current_BSD.shape)
-        h_TBSD = self.input_neuron(current_TBSD)
-        activity = [Activity.of("input_neuron", h_TBSD)]
+        activity: list[Activity] = []
+        if self.args.block.residual == "spike":
+            h_TBSD = self.input_neuron(current_TBSD)
+            activity.append(Activity.of("input_neuron", h_TBSD))
+        else:
+            h_TBSD = current_TBSD
         h_TBSD, aux, routing = run_layers(self.blocks, h_TBSD, activity, "blocks")
+        if self.args.block.residual == "membrane":
+            h_TBSD = self.final_neuron(self.final_norm(h_TBSD))
+            activity.append(Activity.of("final_neuron", h_TBSD))
         current_TBSV = self.readout(h_TBSD)
         if self.args.readout == "count":
             logits = current_TBSV.mean(0)
         else:
             T, B, S, V = current_TBSV.shape
-            beta = self.input_neuron.beta.clamp(0, 1)
+            beta = self._edge_neuron.beta.clamp(0, 1)
             logits = leaky_mean(current_TBSV.reshape(T, B * S, V), beta).reshape(B, S, V)
         return LMOutput(logits, aux, routing, Activity.concat(activity))
 
@@ -343,7 +454,7 @@ class SpikingMoELM(_SpikingLM):
             raise TypeError("ffn_hidden is the dense twins' FFN width; SpikingMoELM has experts")
         self._init_io(args, num_steps)
         self.blocks = nn.ModuleList(
-            self._block(moe_ffn(args, spiking=True, neuron=make_neuron(args.neuron)))
+            self._block(moe_ffn(args, spiking=True, neuron=self._ffn_neuron()))
             for _ in range(args.num_layers)
         )
 
@@ -365,9 +476,7 @@ class DenseSNNLM(_SpikingLM):
     def _build(self, args: ModelArgs, *, num_steps: int, ffn_hidden, routed: bool) -> None:
         self._init_io(args, num_steps)
         self.blocks = nn.ModuleList(
-            self._block(
-                dense_ffn(args, spiking=True, neuron=make_neuron(args.neuron), width=ffn_hidden)
-            )
+            self._block(dense_ffn(args, spiking=True, neuron=self._ffn_neuron(), width=ffn_hidden))
             for _ in range(args.num_layers)
         )
 
@@ -379,13 +488,16 @@ class _ANNBlock(nn.Module):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = SoftmaxAttention(d_model, num_heads, causal=causal)
+        self.attn_add = Add()
         self.ln2 = nn.LayerNorm(d_model)
         self.ffn = ffn
+        self.ffn_add = Add()
 
     def forward(self, h_BSD: torch.Tensor) -> BlockOutput:
-        h_BSD = h_BSD + self.attn(self.ln1(h_BSD))
+        h_BSD = self.attn_add(h_BSD, self.attn(self.ln1(h_BSD)))
         ffn = self.ffn(self.ln2(h_BSD).unsqueeze(0))
-        return BlockOutput(h_BSD + ffn.spikes[0], ffn.routing, ffn.aux_loss, ffn.activity)
+        h_BSD = self.ffn_add(h_BSD, ffn.spikes[0])
+        return BlockOutput(h_BSD, ffn.routing, ffn.aux_loss, ffn.activity)
 
 
 class ANNTransformerLM(_LanguageModel):

@@ -23,7 +23,7 @@ from torch import nn
 from ..args import ModelArgs
 from ..models import DenseSNNClassifier, SpikingMoEClassifier
 from ..moe import SpikingMoE
-from ..neurons import LIF
+from ..neurons import LIF, MultiSpike
 from ..parallel import is_expert_parallel
 from ..router import SpikingRouter
 from .export import DEFAULT_DT, export_nir
@@ -148,6 +148,12 @@ def export_bundle(
         raise ValueError(
             "this model is expert-parallel (each process holds some experts): gather its "
             "checkpoint into a single-process one first (spiking-moe-gather), then export that"
+        )
+    multi = [name for name, m in model.named_modules() if isinstance(m, MultiSpike)]
+    if multi:
+        raise ValueError(
+            f"{multi[0]!r} (and {len(multi) - 1} more) are multi-level spiking neurons (neuron "
+            "kind 'multi'), which NIR has no node for: export_bundle refuses the model"
         )
     description = _model_description(model)
     # Written into a sibling folder and renamed at the end, so a failed export leaves nothing

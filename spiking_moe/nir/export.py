@@ -17,7 +17,7 @@ from torch import nn
 from ..experts import _FeedForwardExpert
 from ..models import DenseSNNClassifier, SpikingMoEClassifier
 from ..moe import DenseFFN, SpikingMoE
-from ..neurons import LIF
+from ..neurons import LIF, MultiSpike
 
 __all__ = ["DEFAULT_DT", "SUBTRACT_RESETS", "export_nir"]
 
@@ -145,6 +145,12 @@ class _Chain:
                     module, self.width, name, self.dt, self.unit_resistance, self.subtract_reset
                 ),
                 self.width,
+            )
+        elif isinstance(module, MultiSpike):
+            raise ValueError(
+                f"{name or 'module'!r} is a multi-level spiking neuron (neuron kind 'multi', "
+                f"counts up to {module.args.levels} per step), which NIR has no node for: export "
+                "refuses it rather than write a binary neuron that would fire differently"
             )
         elif isinstance(module, _FeedForwardExpert):
             self.module(module.net, _join(name, "net"))
