@@ -283,10 +283,10 @@ class MultiSpike(SpikingNeuron):
         check_lif_input(x, 2)
         beta, theta = self.beta.clamp(0.0, 1.0), self.threshold
         check_lif_parameters(beta, theta, self.reset)
-        v = torch.zeros_like(x[0]) if v0 is None else v0
+        v = v0
         spikes, trace = [], []
         for x_t in x.unbind(0):
-            h = beta * v + x_t
+            h = x_t if v is None else beta * v + x_t  # no state before the first step
             s = multi_level_spike(h / theta, self.args.levels)
             fired = s.detach() if self.detach_reset else s
             v = h - theta * fired if self.reset == "subtract" else h * (fired == 0)
@@ -296,10 +296,32 @@ class MultiSpike(SpikingNeuron):
         return LIFOutput(torch.stack(spikes), v, membrane)
 
 
+class _MultiLevelSpike(torch.autograd.Function):
+    # One function instead of clamp, round and a detached correction: the same values and
+    # gradient in two passes over the tensor (what multi-level training time is made of).
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, levels: int) -> torch.Tensor:
+        ctx.save_for_backward((u >= 0) & (u <= levels))
+        return u.clamp(0, levels).round_()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (passes,) = ctx.saved_tensors
+        return grad * passes, None
+
+
 def multi_level_spike(u: torch.Tensor, levels: int) -> torch.Tensor:
-    """``round(clamp(u, 0, levels))`` with the straight-through gradient of the clamp."""
-    clamped = u.clamp(0, levels)
-    return clamped + (clamped.round() - clamped).detach()
+    """``round(clamp(u, 0, levels))`` with the straight-through gradient of the clamp (1 where
+    ``0 <= u <= levels``, as ``torch.clamp``'s, else 0).
+
+    Example:
+        >>> u = torch.tensor([-0.5, 0.4, 2.6, 5.0], requires_grad=True)
+        >>> s = multi_level_spike(u, 4)
+        >>> s.sum().backward()
+        >>> s.tolist(), u.grad.tolist()
+        ([0.0, 0.0, 3.0, 4.0], [0.0, 1.0, 1.0, 0.0])
+    """
+    return _MultiLevelSpike.apply(u, levels)
 
 
 def thermometer(counts_T: torch.Tensor, levels: int) -> torch.Tensor:

@@ -266,9 +266,23 @@ class _LanguageModel(nn.Module):
         self.position_embedding = nn.Embedding(context, d_model)
         routed = not without_experts and args.moe.num_experts > 1 and ffn_hidden is None
         self._build(args, num_steps=num_steps, ffn_hidden=ffn_hidden, routed=routed)
+        if self.real_valued_stream:
+            # The stream starts as the embeddings and grows by what its normalised sub-layers
+            # add; at nn.Embedding's N(0, 1) the embeddings drown those additions. GPT-2's
+            # N(0, 0.02) (measured on the stdlib corpus, 1,500 steps: 2.62 -> 2.37 bits/byte
+            # for the ANN, 2.84 -> 2.59 for a membrane-residual spiking LM). A spike residual
+            # keeps N(0, 1): its embeddings are the input LIF's current and must reach threshold.
+            for table in (self.token_embedding, self.position_embedding):
+                nn.init.normal_(table.weight, std=0.02)
 
     def _build(self, args: ModelArgs, *, num_steps: int, ffn_hidden, routed: bool) -> None:
         raise NotImplementedError
+
+    @property
+    def real_valued_stream(self) -> bool:
+        """Whether the residual stream between blocks is real-valued (the ANN, the membrane
+        residual) rather than spikes."""
+        return True
 
     @property
     def readout_mode(self) -> str:
@@ -354,6 +368,10 @@ class _LanguageModel(nn.Module):
 
 
 class _SpikingLM(_LanguageModel):
+    @property
+    def real_valued_stream(self) -> bool:
+        return self.args.block.residual == "membrane"
+
     def _init_io(self, args: ModelArgs, num_steps: int) -> None:
         self.num_steps = num_steps
         if args.block.residual == "spike":

@@ -233,3 +233,40 @@ def test_bad_constructor_arguments_are_named(kwargs, match):
 def test_bad_input_is_named(x, error, match, backend):
     with pytest.raises(error, match=match):
         LIF(backend=backend)(x)
+
+
+# --- multi-level spiking neurons ----------------------------------------------------------
+
+
+def _multi_level_loop(x, beta, theta, levels, reset):
+    """The multi-level neuron written out: a plain loop, the spike as clamp plus a detached
+    rounding correction (the textbook straight-through estimator)."""
+    v = torch.zeros_like(x[0])
+    out = []
+    for x_t in x:
+        h = beta * v + x_t
+        clamped = (h / theta).clamp(0, levels)
+        s = clamped + (clamped.round() - clamped).detach()
+        v = h - theta * s if reset == "subtract" else h * (s == 0)
+        out.append(s)
+    return torch.stack(out), v
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+def test_multi_level_neuron_matches_a_plain_loop_in_values_and_gradients(reset):
+    from spiking_moe import MultiSpike
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(6, 4, 10, generator=g, dtype=torch.float64) * 5 - 1).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    neuron = MultiSpike(levels=3, beta=0.6, threshold=0.8, reset=reset).double()
+    out = neuron.run(x)
+    # the module's own constants (stored in float32, then widened)
+    ref_spikes, ref_v = _multi_level_loop(x_ref, neuron.beta, neuron.threshold, 3, reset)
+    assert torch.equal(out.spikes, ref_spikes) and torch.equal(out.v, ref_v)
+    assert set(out.spikes.unique().tolist()) == {0.0, 1.0, 2.0, 3.0}
+    weights = torch.rand(out.spikes.shape, generator=g, dtype=torch.float64)
+    (out.spikes * weights).sum().backward()
+    (ref_spikes * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+    assert neuron.spike_levels == 3
