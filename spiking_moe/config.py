@@ -292,6 +292,21 @@ class TrainConfig(Options):
         doc="Processes that split each MoE layer's experts (spiking_moe.parallel); must divide "
         "the world size and every layer's expert count; 1: every process holds every expert.",
     )
+    distill_from: str = option(
+        "",
+        doc="A trained run's checkpoint.pt whose logits teach this model (logit distillation: "
+        "the loss mixes the cross-entropy with the teacher's; same classes or vocabulary); "
+        "empty: off.",
+    )
+    distill_weight: float = option(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        doc="alpha of loss = (1 - alpha) cross-entropy + alpha tau^2 KL(teacher || model).",
+    )
+    distill_temperature: float = option(
+        1.0, gt=0.0, doc="tau: both logits are divided by it before the KL."
+    )
 
     def _check(self) -> None:
         if self.device != "auto":

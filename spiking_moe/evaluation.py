@@ -472,13 +472,17 @@ def _check_profile_precision(profile: str, config: ExperimentConfig) -> None:
 
 
 def write_profile_report(out: Path, evaluation: CheckpointEvaluation, profile: str) -> None:
-    """``report_<profile>.json``/``.md`` and the report in TensorBoard (tags
-    ``test_energy_<profile>/...`` at the checkpoint's step) in ``out``."""
+    """``report_<profile>.json``/``.md``, ``metrics_<profile>.json`` (the test metrics as run
+    and, when quantized, at the profile's precision: a language model's bits per byte live
+    there) and the report in TensorBoard (tags ``test_energy_<profile>/...`` at the
+    checkpoint's step) in ``out``."""
     from torch.utils.tensorboard import SummaryWriter
 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"report_{profile}.json").write_text(evaluation.report.to_json())
     (out / f"report_{profile}.md").write_text(evaluation.report.to_markdown())
+    metrics = {"metrics": evaluation.metrics, "quantized_metrics": evaluation.quantized_metrics}
+    (out / f"metrics_{profile}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     writer = SummaryWriter(log_dir=str(out))
     try:
         write_energy_report(writer, evaluation.report, evaluation.step, f"test_energy_{profile}")

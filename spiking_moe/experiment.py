@@ -40,6 +40,7 @@ from .evaluation import (
     gather_checkpoint,
     generate_text,
     load_language_model,
+    load_run,
     load_trained_model,
     model_weight_bits,
     quantize_trained,
@@ -131,11 +132,14 @@ def finished_result(out: str | Path) -> ExperimentResult | None:
 
 
 def check_experiment(config: ExperimentConfig, out: Path, *, resume: bool = False) -> None:
-    """Fail before any work: unusable device, unknown energy profile, or ``out`` already
-    holding a run that is not being resumed (FileExistsError)."""
+    """Fail before any work: unusable device, unknown energy profile, a missing teacher
+    checkpoint, or ``out`` already holding a run that is not being resumed (FileExistsError)."""
     resolve_device(config.train.device)
     if config.energy.enabled:
         check_energy_profile(config.energy.profile)
+    teacher = config.train.distill_from
+    if teacher and not Path(teacher).is_file():
+        raise ConfigError(f"train.distill_from: no checkpoint at {teacher!r}")
     if (Path(out) / CHECKPOINT_NAME).exists() and not resume:
         raise FileExistsError(
             f"{out} already holds a run; pass --resume to continue it or pick another --out"
@@ -242,6 +246,16 @@ def run_experiment(
         }
         (out / "config.json").write_text(json.dumps(record, indent=2))
 
+    teacher = None
+    if config.train.distill_from:
+        teacher = load_run(config.train.distill_from, device=config.train.device).model
+        logger.info(
+            "distilling from %s (%s, alpha %g, tau %g)",
+            config.train.distill_from,
+            type(teacher).__name__,
+            config.train.distill_weight,
+            config.train.distill_temperature,
+        )
     callbacks = [RouterBiasBalancing(), FiringRateMonitor(), RoutingMonitor()]
     energy_callback = None
     if config.energy.enabled:
@@ -264,6 +278,7 @@ def run_experiment(
         resume=resume,
         resume_from=resume_from,
         checkpoint_extra={"experiment": config_to_dict(config)},
+        teacher=teacher,
     ) as trainer:
         fit = trainer.fit()
         if fit.interrupted:

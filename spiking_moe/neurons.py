@@ -275,25 +275,35 @@ class MultiSpike(SpikingNeuron):
     def extra_repr(self) -> str:
         return f"levels={self.args.levels}, {self._constants_repr()}"
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._steps(x, None, return_membrane=False, final_state=False).spikes
+
     def run(
         self, x: torch.Tensor, v0: torch.Tensor | None = None, *, return_membrane: bool = False
     ) -> LIFOutput:
         """Spike counts, final membrane and (optionally) the membrane trace, as
         :meth:`LIF.run`."""
+        return self._steps(x, v0, return_membrane=return_membrane, final_state=True)
+
+    def _steps(self, x, v0, *, return_membrane: bool, final_state: bool) -> LIFOutput:
         check_lif_input(x, 2)
         beta, theta = self.beta.clamp(0.0, 1.0), self.threshold
         check_lif_parameters(beta, theta, self.reset)
         v = v0
         spikes, trace = [], []
-        for x_t in x.unbind(0):
+        last = x.shape[0] - 1
+        for t, x_t in enumerate(x.unbind(0)):
             h = x_t if v is None else beta * v + x_t  # no state before the first step
             s = multi_level_spike(h / theta, self.args.levels)
+            spikes.append(s)
+            if t == last and not (final_state or return_membrane):
+                break  # forward: nothing reads the last reset (at T = 1, no reset at all)
             fired = s.detach() if self.detach_reset else s
             v = h - theta * fired if self.reset == "subtract" else h * (fired == 0)
-            spikes.append(s)
             trace.append(v)
         membrane = torch.stack(trace) if return_membrane else None
-        return LIFOutput(torch.stack(spikes), v, membrane)
+        stacked = spikes[0].unsqueeze(0) if len(spikes) == 1 else torch.stack(spikes)
+        return LIFOutput(stacked, v, membrane)
 
 
 class _MultiLevelSpike(torch.autograd.Function):
@@ -301,8 +311,9 @@ class _MultiLevelSpike(torch.autograd.Function):
     # gradient in two passes over the tensor (what multi-level training time is made of).
     @staticmethod
     def forward(ctx, u: torch.Tensor, levels: int) -> torch.Tensor:
-        ctx.save_for_backward((u >= 0) & (u <= levels))
-        return u.clamp(0, levels).round_()
+        clamped = u.clamp(0, levels)
+        ctx.save_for_backward(clamped == u)  # 0 <= u <= levels: where the clamp passes
+        return clamped.round_()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

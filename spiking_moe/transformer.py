@@ -3,42 +3,67 @@ r"""Spiking transformer blocks with a token-level MoE FFN, a byte-level language
 Shape letters: the package legend (:mod:`spiking_moe`); ``D`` is ``d_model``, ``V`` the
 vocabulary.
 
-**Block** (:class:`SpikingTransformerBlock`), on spikes :math:`x \in \{0,1\}^{T \times B
-\times S \times D}`:
+**Block** (:class:`SpikingTransformerBlock`): self-attention then an FFN, each with a residual.
+The FFN is a :class:`~spiking_moe.moe.SpikingMoE` (routed per position: the tokens are the
+``B S`` positions) or its dense twin (:class:`~spiking_moe.moe.DenseFFN`). Two residual designs
+(``block.residual``, :class:`~spiking_moe.args.BlockArgs`):
+
+``"membrane"`` (the design that learns; issue 22): a real-valued residual stream
+:math:`h \in \mathbb{R}^{T \times B \times S \times D}`, read by every synaptic layer through a
+normalisation and a spiking population,
 
 .. math::
 
-    h = \mathrm{LIF}_1\big(\mathrm{SSA}(x) + x\big), \qquad
+    h \leftarrow h + \mathrm{Attn}\big(\mathrm{SN}(\mathrm{LN}_1(h))\big), \qquad
+    h \leftarrow h + \mathrm{FFN}\big(\mathrm{SN}(\mathrm{LN}_2(h))\big),
+
+where SN is the block's spiking population (binary LIF, or multi-level spikes:
+:class:`~spiking_moe.neurons.MultiSpike`) and the sub-layers return currents (the FFN has no
+output neuron). This is the membrane shortcut of the Spike-driven Transformer V2/V3 (Yao et al.,
+ICLR 2024; 2024) with pre-normalisation: every Linear and product still reads spikes, while
+what flows between blocks is real-valued, which a spike residual cannot carry (measured on the
+stdlib corpus: 0.2-0.5 bits/byte, README). The additions are :class:`Add` modules (one
+accumulate per element and step in the energy report) and the normalisation ``nn.LayerNorm``
+(4 MACs per element, ``energy.rules``; ``block.norm="none"`` drops it). LayerNorm is kept at
+inference and counted, not folded: unlike BatchNorm its statistics are per token, so it has no
+fixed affine map to fold into the next Linear. With ``attention.kind="ann"`` the attention is
+:class:`~spiking_moe.attention.SoftmaxAttention` on ``LN_1(h)`` (all MACs: the hybrid end).
+
+``"spike"`` (issue 11's design): binary spikes between blocks,
+
+.. math::
+
+    h = \mathrm{LIF}_1\big(\mathrm{Attn}(x) + x\big), \qquad
     y = \mathrm{LIF}_2\big(\mathrm{FFN}(h) + h\big),
 
-where SSA is :class:`~spiking_moe.attention.SpikingSelfAttention` and FFN a
-:class:`~spiking_moe.moe.SpikingMoE` (routed per position: the tokens are the ``B S``
-positions) or its dense twin (:class:`~spiking_moe.moe.DenseFFN`: a
-:class:`~spiking_moe.experts.SpikingExpert` and a LIF), the FFN's output neuron being
-``LIF_2``. The residual is a **spike shortcut into the membrane**: the block's input spikes
-enter the next LIF population as current through identity synapses (weight 1), beside the
-sub-layer's current, and that population fires. So what flows between blocks, and into every
-Linear and product, stays binary spikes, while the shortcut still carries the input forward
-(with the threshold at 1, an input spike alone brings the membrane to threshold; the
-sub-layer's current decides whether it fires). The alternatives were rejected for that reason:
-the membrane shortcut of the Spike-driven Transformer (Yao et al., NeurIPS 2023) passes the
-real-valued membrane between blocks, and SEW's ADD shortcut (Fang et al., NeurIPS 2021) passes
-spike counts (integers up to the depth). The shortcut costs one accumulate per input spike
+a spike shortcut into the membrane: the block's input spikes enter the next LIF population as
+current through identity synapses (weight 1), beside the sub-layer's current, and that
+population fires. ``LIF_2`` is the FFN's own output neuron (``ffn.neuron``) and the shortcut
+enters it through ``ffn(h, residual=h)``. The shortcut costs one accumulate per input spike
 (fan-out 1), which the energy report does not count: under ``1 / (3 D)`` of the block's ``Q,
-K, V`` projections' accumulates. ``LIF_2`` is the FFN's own output neuron (``ffn.neuron``)
-and the shortcut enters it through ``ffn(h, residual=h)``.
+K, V`` projections' accumulates. No normalisation.
+
+The attention (``attention.kind``) is SSA, softmax over spiking ``Q K^T`` with spiking ``V``,
+or softmax over real ``Q``, ``K``, ``V`` projected from spikes
+(:class:`~spiking_moe.attention.SpikingSelfAttention`), or ANN attention (membrane residual
+only).
 
 **Language model** (:class:`SpikingMoELM`): byte ids ``[B, S]`` -> token embedding plus a
-learned position embedding, as a constant current over ``T`` steps -> LIF -> blocks ->
-readout ``Linear(D, V)`` on the spikes at every step -> logits ``[B, S, V]``:
+learned position embedding, as a constant current over ``T`` steps -> (spike residual: a LIF;
+membrane residual: the stream itself) -> blocks -> (membrane: a final LayerNorm and population)
+-> readout ``Linear(D, V)`` on the spikes at every step -> logits ``[B, S, V]``:
 ``readout="count"``: the mean over ``T`` of the readout current (the spike counts times
 ``W``); ``"membrane"``: the mean over ``T`` of a non-firing leaky integrator of it. The
 readout runs on the spikes at every step, so the energy counter charges it accumulates (a
 readout on the mean would be charged as graded MACs). Embedding lookups are table reads, not
-synaptic operations. Twins for every comparison: :class:`DenseSNNLM` (the same network, a
-dense spiking FFN of width ``k * expert_hidden + shared``: the same active parameters but the
-router) and :class:`ANNTransformerLM` (the same sizes, softmax attention, ReLU FFN, pre-norm
-residual stream, one step; routed or dense).
+synaptic operations. A model of multi-level neurons declares ``energy_spike_levels = D``, so the
+counter charges a count ``c`` as ``c`` spikes (its binary expansion). Twins for every
+comparison: :class:`DenseSNNLM` (the same network, a dense spiking FFN of width ``k *
+expert_hidden + shared``: the same active parameters but the router) and
+:class:`ANNTransformerLM` (the same sizes, softmax attention, ReLU FFN, pre-norm residual
+stream, one step; routed or dense). Models with a real-valued stream (the ANN, the membrane
+residual) draw their embeddings from ``N(0, 0.02)`` (GPT-2's), the spike residual from
+``N(0, 1)`` (its embeddings must drive the input LIF).
 
 Causality: attention is masked exactly, the router scores a position from its own spikes
 only, and capacity drops go first come, first served in position order

@@ -422,6 +422,10 @@ def test_energy_report_quantize_measures_the_accuracy_at_the_profile_precision(
     back = energy.EnergyReport.from_json(report.to_json())
     assert (back.accuracy, back.accuracy_at_profile_precision) == (logged, expected)
     assert back == report
+    # Every test metric, as run and quantized (a language model's bits per byte live here).
+    metrics = json.loads((quantized_dir / "metrics_cmos45_int8.json").read_text())
+    assert metrics["metrics"]["test/accuracy"] == logged
+    assert metrics["quantized_metrics"]["test/accuracy"] == expected
 
     # The energy is the quantized model's (the one the profile prices); without --quantize,
     # the fp32 model's.

@@ -265,6 +265,7 @@ def test_multi_level_neuron_matches_a_plain_loop_in_values_and_gradients(reset):
     ref_spikes, ref_v = _multi_level_loop(x_ref, neuron.beta, neuron.threshold, 3, reset)
     assert torch.equal(out.spikes, ref_spikes) and torch.equal(out.v, ref_v)
     assert set(out.spikes.unique().tolist()) == {0.0, 1.0, 2.0, 3.0}
+    assert torch.equal(neuron(x.detach()), out.spikes)  # forward skips the last reset only
     weights = torch.rand(out.spikes.shape, generator=g, dtype=torch.float64)
     (out.spikes * weights).sum().backward()
     (ref_spikes * weights).sum().backward()

@@ -27,7 +27,8 @@ def _moe_lm(router="rate", **kw):
     torch.manual_seed(0)
     args = dict(num_experts=4, k=1, expert_hidden=16, shared_experts=1, num_steps=3)
     args.update(kw)
-    return SpikingMoELM(V, DM, 2, HEADS, CTX, router=router, capacity_factor=0.5, **args)
+    args.setdefault("capacity_factor", 0.5)
+    return SpikingMoELM(V, DM, 2, HEADS, CTX, router=router, **args)
 
 
 def _dense_lm(**kw):
@@ -35,10 +36,10 @@ def _dense_lm(**kw):
     return DenseSNNLM(V, DM, 2, HEADS, CTX, ffn_hidden=32, num_steps=3, **kw)
 
 
-def _ann_lm():
+def _ann_lm(capacity_factor=0.5):
     torch.manual_seed(0)
     return ANNTransformerLM(
-        V, DM, 2, HEADS, CTX, num_experts=4, k=1, expert_hidden=16, capacity_factor=0.5
+        V, DM, 2, HEADS, CTX, num_experts=4, k=1, expert_hidden=16, capacity_factor=capacity_factor
     )
 
 
@@ -174,10 +175,19 @@ def test_greedy_generation_equals_an_argmax_loop_and_keeps_the_prompt_rank(name)
     assert out.shape == (2, 6 + n) and out.dtype == prompt.dtype
     assert torch.equal(out[:, :6], prompt)
     assert torch.equal(out, _argmax_loop(model, prompt.clone(), n))
+    assert model.generate(prompt, 0).shape == prompt.shape
+    # One prompt alone generates what it generates in the batch, once no capacity limit
+    # couples the batch's sequences (with one, which tokens an expert drops depends on the
+    # other sequences: a property of capacity, as in Switch, not of generate).
+    uncapped = {
+        "moe_rate": lambda: _moe_lm(capacity_factor=None),
+        "ann_routed": lambda: _ann_lm(None),
+    }
+    model = uncapped[name]().double()
+    out = model.generate(prompt, n, temperature=0)
     one = model.generate(prompt[1], n, temperature=0)
     assert one.shape == (6 + n,)
     assert torch.equal(one, out[1])
-    assert model.generate(prompt, 0).shape == prompt.shape
 
 
 def test_greedy_generation_ignores_training_noise_and_sampling_follows_the_generator():

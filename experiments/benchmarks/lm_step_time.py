@@ -3,16 +3,17 @@
 One optimizer step (forward, cross-entropy, backward, AdamW step) of the models that
 ``experiments/configs/lm_moe.toml`` describes, at equal active parameters: the spiking MoE LM
 with ``E`` routed experts (top-k, one shared expert), the dense spiking LM (FFN width
-``k * expert_hidden + shared``) and the ANN transformer (dense FFN). Routers are balanced
-first with the library's aux-loss-free bias (a fresh router sends most tokens to a few experts,
-which would flatter the MoE). Median of repeats, every model in this one process, side by side,
-one step of each model per round.
+``k * expert_hidden + shared``) and the ANN transformer, dense and routed with the same ``E``
+(its twin). Routers are balanced first with the library's aux-loss-free bias (a fresh router
+sends most tokens to a few experts, which would flatter the MoE). Median of repeats, every model
+in this one process, side by side, one step of each model per round.
 
     PYTHONPATH=. python experiments/benchmarks/lm_step_time.py                # 2 threads, CPU
     PYTHONPATH=. python experiments/benchmarks/lm_step_time.py --threads 1 --repeats 5
     PYTHONPATH=. python experiments/benchmarks/lm_step_time.py --device cuda  # also tokens/s
 
-Target (issue 11): MoE step time <= 1.25x the dense spiking LM's (2-core CPU).
+Targets: MoE step time <= 1.25x the dense spiking LM's (issue 11); the multi-level spiking LM's
+tokens/s within 1.3x of its ANN twin's, dense and routed (issue 22), on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def models(config, experts: list[int]):
         out[f"moe E={num_experts}"] = cfg
     out["dense SNN"] = apply_overrides(config, ["model.kind=dense_snn"])
     out["ANN (dense)"] = apply_overrides(config, ["model.kind=ann", "model.moe.num_experts=1"])
+    for num_experts in experts:
+        if num_experts > 1:
+            ann = ["model.kind=ann", f"model.moe.num_experts={num_experts}"]
+            out[f"ANN E={num_experts}"] = apply_overrides(config, ann)
     built = {}
     for label, cfg in out.items():
         torch.manual_seed(0)
@@ -131,6 +136,11 @@ def main() -> None:
     for label, median in medians.items():
         if label.startswith("moe"):
             print(f"{label} / dense SNN = {median / dense:.2f}x (target <= 1.25x)")
+    print(f"dense SNN / ANN (dense) = {dense / medians['ANN (dense)']:.2f}x (target <= 1.3x)")
+    for label, median in medians.items():
+        twin = label.replace("moe", "ANN")
+        if label.startswith("moe") and twin in medians:
+            print(f"{label} / {twin} = {median / medians[twin]:.2f}x (target <= 1.3x)")
 
 
 if __name__ == "__main__":

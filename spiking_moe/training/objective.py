@@ -17,6 +17,16 @@ optional ``.aux_loss`` (a scalar tensor: balancing and z-losses, already weighte
 A hinge, because pushing rates to zero silences the network and, with it, the surrogate
 gradients it learns from (:func:`activity_penalty`).
 
+With a teacher (``train.distill_from``: logit distillation, Hinton et al. 2015) the
+cross-entropy term becomes::
+
+    (1 - alpha) * loss_fn(logits, y) + alpha * tau^2 * KL(softmax(t / tau) || softmax(s / tau))
+
+(``alpha = distill_weight``, ``tau = distill_temperature``, ``t`` the teacher's logits, ``s``
+the model's, the KL averaged over predictions; ``tau^2`` keeps the soft term's gradient scale
+independent of ``tau``). The logged ``cross_entropy`` stays the plain cross-entropy, so bits
+per byte read the same with and without a teacher (:func:`distillation_loss`).
+
 A step's statistics (:class:`StepStats`) average the loss terms over its micro-batches and sum
 the counts; the trainer logs their means over the steps of a logging window.
 
@@ -40,7 +50,14 @@ from ..activity import Activity
 from ..config import TrainConfig
 from .evaluate import flat_predictions, unpack_output
 
-__all__ = ["MicroBatchStats", "StepStats", "activity_penalty", "lr_factor", "micro_batch_loss"]
+__all__ = [
+    "MicroBatchStats",
+    "StepStats",
+    "activity_penalty",
+    "distillation_loss",
+    "lr_factor",
+    "micro_batch_loss",
+]
 
 
 def activity_penalty(activity: Activity, target: float) -> torch.Tensor:
@@ -89,11 +106,33 @@ class StepStats(NamedTuple):
         return cls(loss / n, ce / n, aux / n, grad_norm, correct, samples)
 
 
+def distillation_loss(
+    logits_PC: torch.Tensor, teacher_PC: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``tau^2 * KL(softmax(t / tau) || softmax(s / tau))`` averaged over the ``P`` predictions.
+
+    Example:
+        >>> s = torch.tensor([[0.0, 0.0]])
+        >>> float(distillation_loss(s, s, 2.0))  # the same distribution: no divergence
+        0.0
+    """
+    if teacher_PC.shape != logits_PC.shape:
+        raise ValueError(
+            f"train.distill_from: the teacher's logits {tuple(teacher_PC.shape)} do not match "
+            f"the model's {tuple(logits_PC.shape)} (another vocabulary or number of classes?)"
+        )
+    log_p_model = torch.log_softmax(logits_PC.float() / temperature, dim=-1)
+    log_p_teacher = torch.log_softmax(teacher_PC.float() / temperature, dim=-1)
+    kl_P = (log_p_teacher.exp() * (log_p_teacher - log_p_model)).sum(-1)
+    return temperature**2 * kl_P.mean()
+
+
 def micro_batch_loss(
     output: Any,
     y: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     config: TrainConfig,
+    teacher_output: Any = None,
 ) -> tuple[torch.Tensor, MicroBatchStats]:
     """The objective of one micro-batch (module docstring) and its statistics.
 
@@ -102,14 +141,23 @@ def micro_batch_loss(
             ``.activity``).
         y: targets ``[B]`` (or ``[B, S]``), on the logits' device.
         loss_fn: ``(logits_PC, y_P) -> mean loss``.
-        config: ``spike_rate_penalty`` and ``spike_rate_target`` are read.
+        config: ``spike_rate_penalty``, ``spike_rate_target``, ``distill_weight`` and
+            ``distill_temperature`` are read.
+        teacher_output: the teacher's output on the same input (distillation), or None.
 
     Raises:
-        ValueError: a spike-rate penalty for a model that reports no activity.
+        ValueError: a spike-rate penalty for a model that reports no activity; teacher
+            logits of another shape.
     """
     logits, aux = unpack_output(output)
     logits, y = flat_predictions(logits, y)
     ce = loss_fn(logits.float(), y)
+    task = ce
+    if teacher_output is not None:
+        teacher, _ = unpack_output(teacher_output)
+        teacher = teacher.reshape(-1, teacher.shape[-1]).detach()
+        soft = distillation_loss(logits, teacher, config.distill_temperature)
+        task = (1 - config.distill_weight) * ce + config.distill_weight * soft
     aux = torch.zeros((), device=logits.device) if aux is None else aux.float()
     if config.spike_rate_penalty > 0:
         activity = getattr(output, "activity", None)
@@ -121,7 +169,7 @@ def micro_batch_loss(
             )
         penalty = activity_penalty(activity, config.spike_rate_target)
         aux = aux + config.spike_rate_penalty * penalty
-    loss = ce + aux
+    loss = task + aux
     correct = (logits.detach().argmax(-1) == y).sum().float()
     samples = torch.full((), float(y.shape[0]), device=logits.device)
     return loss, MicroBatchStats(loss.detach(), ce.detach(), aux.detach(), correct, samples)

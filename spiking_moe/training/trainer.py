@@ -165,6 +165,10 @@ class Trainer:
             later checkpoints are still written to ``out_dir``.
         checkpoint_extra: plain-typed data stored in every checkpoint under ``"extra"``
             (e.g. the experiment config).
+        teacher: a trained model whose logits on each micro-batch teach this one (logit
+            distillation, ``config.distill_weight`` and ``distill_temperature``:
+            :mod:`~spiking_moe.training.objective`); run in eval mode without gradients,
+            never trained, not checkpointed (a resume is given it again).
 
     Example:
         >>> import torch
@@ -200,6 +204,7 @@ class Trainer:
         resume: bool = False,
         resume_from: str | Path | None = None,
         checkpoint_extra: Mapping[str, Any] | None = None,
+        teacher: nn.Module | None = None,
     ):
         self.config = config
         self.dist = init_distributed(config.device)
@@ -228,6 +233,9 @@ class Trainer:
             # In place, so the caller's model is the one trained and its state_dict keys stay.
             model = prepare_qat(model, config.quantize_bits, inplace=True)
         self.model = model.to(self.device)
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.expert_parallel, self._ddp = lay_out_model(
             self.model,
             self.dist,
@@ -529,7 +537,11 @@ class Trainer:
         x, y = (t.to(self.device, non_blocking=self.device.type == "cuda") for t in batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             output = self._train_forward(x)
-            loss, stats = micro_batch_loss(output, y, self.loss_fn, self.config)
+            teacher_output = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_output = self.teacher(x)
+            loss, stats = micro_batch_loss(output, y, self.loss_fn, self.config, teacher_output)
         return output, loss, stats
 
     def _optimizer_step(self) -> torch.Tensor:
