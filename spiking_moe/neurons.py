@@ -286,9 +286,12 @@ class MultiSpike(SpikingNeuron):
         return self._steps(x, v0, return_membrane=return_membrane, final_state=True)
 
     def _steps(self, x, v0, *, return_membrane: bool, final_state: bool) -> LIFOutput:
-        check_lif_input(x, 2)
-        beta, theta = self.beta.clamp(0.0, 1.0), self.threshold
-        check_lif_parameters(beta, theta, self.reset)
+        # No NaN scan (a host sync per call): a NaN input gives NaN counts (the clamp keeps
+        # it), which reach the loss, unlike a binary neuron's silent "no spike".
+        check_lif_input(x, 2, nan=False)
+        theta = self.threshold
+        check_lif_parameters(self.beta, theta, self.reset)
+        beta = self.beta.clamp(0.0, 1.0) if v0 is not None or x.shape[0] > 1 else None
         v = v0
         spikes, trace = [], []
         last = x.shape[0] - 1

@@ -61,9 +61,9 @@ counter charges a count ``c`` as ``c`` spikes (its binary expansion). Twins for 
 comparison: :class:`DenseSNNLM` (the same network, a dense spiking FFN of width ``k *
 expert_hidden + shared``: the same active parameters but the router) and
 :class:`ANNTransformerLM` (the same sizes, softmax attention, ReLU FFN, pre-norm residual
-stream, one step; routed or dense). Models with a real-valued stream (the ANN, the membrane
-residual) draw their embeddings from ``N(0, 0.02)`` (GPT-2's), the spike residual from
-``N(0, 1)`` (its embeddings must drive the input LIF).
+stream, one step; routed or dense). Models whose stream is read through LayerNorm (the ANN, the
+membrane residual) draw their embeddings from ``N(0, 0.02)`` (GPT-2's); where neurons read it
+directly (the spike residual, ``norm="none"``) from ``N(0, 1)``, to drive them.
 
 Causality: attention is masked exactly, the router scores a position from its own spikes
 only, and capacity drops go first come, first served in position order
@@ -291,12 +291,13 @@ class _LanguageModel(nn.Module):
         self.position_embedding = nn.Embedding(context, d_model)
         routed = not without_experts and args.moe.num_experts > 1 and ffn_hidden is None
         self._build(args, num_steps=num_steps, ffn_hidden=ffn_hidden, routed=routed)
-        if self.real_valued_stream:
+        if self.normalised_stream:
             # The stream starts as the embeddings and grows by what its normalised sub-layers
             # add; at nn.Embedding's N(0, 1) the embeddings drown those additions. GPT-2's
             # N(0, 0.02) (measured on the stdlib corpus, 1,500 steps: 2.62 -> 2.37 bits/byte
-            # for the ANN, 2.84 -> 2.59 for a membrane-residual spiking LM). A spike residual
-            # keeps N(0, 1): its embeddings are the input LIF's current and must reach threshold.
+            # for the ANN, 2.84 -> 2.59 for a membrane-residual spiking LM). Where neurons read
+            # the stream unnormalised (a spike residual, norm "none") the embeddings are their
+            # current and must reach threshold: N(0, 1).
             for table in (self.token_embedding, self.position_embedding):
                 nn.init.normal_(table.weight, std=0.02)
 
@@ -304,9 +305,9 @@ class _LanguageModel(nn.Module):
         raise NotImplementedError
 
     @property
-    def real_valued_stream(self) -> bool:
-        """Whether the residual stream between blocks is real-valued (the ANN, the membrane
-        residual) rather than spikes."""
+    def normalised_stream(self) -> bool:
+        """Whether the residual stream between blocks is real-valued and read through a
+        normalisation only (the ANN; the membrane residual with LayerNorm)."""
         return True
 
     @property
@@ -394,8 +395,8 @@ class _LanguageModel(nn.Module):
 
 class _SpikingLM(_LanguageModel):
     @property
-    def real_valued_stream(self) -> bool:
-        return self.args.block.residual == "membrane"
+    def normalised_stream(self) -> bool:
+        return self.args.block.residual == "membrane" and self.args.block.norm == "layer"
 
     def _init_io(self, args: ModelArgs, num_steps: int) -> None:
         self.num_steps = num_steps

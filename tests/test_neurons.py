@@ -271,3 +271,10 @@ def test_multi_level_neuron_matches_a_plain_loop_in_values_and_gradients(reset):
     (ref_spikes * weights).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
     assert neuron.spike_levels == 3
+
+
+def test_a_nan_input_reaches_the_multi_level_spikes_instead_of_vanishing():
+    from spiking_moe import MultiSpike
+
+    spikes = MultiSpike()(torch.tensor([[[float("nan"), 1.2]]]))
+    assert torch.isnan(spikes[0, 0, 0]) and spikes[0, 0, 1] == 1
