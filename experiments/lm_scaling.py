@@ -119,22 +119,30 @@ def scaling_table(study: Path) -> tuple[str, dict[str, list[tuple[int, dict]]]]:
     return "\n".join(lines), series
 
 
+REFERENCE_ROWS = (
+    ("spiking", "f: membrane, multi-level, ANN attention (lm_dense_snn)"),
+    ("ann", "ANN twin (lm_ann)"),
+)
+
+
 def design_table(study: Path) -> str:
+    """Every design's runs, then the study's dense hybrid and dense ANN for reference."""
     lines = [
-        "| design | E | val bits/byte | test bits/byte | uJ/token fp32 | firing rate | minutes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| design | E | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in COLUMNS) + " |",
     ]
-    for design in sorted((study / "designs").glob("*")):
-        for folder in sorted(design.glob("E*"), key=_experts):
-            n = collect(folder)
-            cells = [
-                _cell(n["val_bpb"], "{:.3f}"),
-                _cell(n["bpb"], "{:.3f}"),
-                _cell(n["uj_fp32"], "{:.4f}"),
-                _cell(n["firing_rate"], "{:.1%}"),
-                _cell(n["wall_min"], "{:.1f}"),
-            ]
-            lines.append(f"| {design.name} | {_experts(folder)} | " + " | ".join(cells) + " |")
+    folders = [
+        (design.name, folder)
+        for design in sorted((study / "designs").glob("*"))
+        for folder in sorted(design.glob("E*"), key=_experts)
+    ]
+    folders += [(label, study / family / "E1") for family, label in REFERENCE_ROWS]
+    for name, folder in folders:
+        if not folder.exists():
+            continue
+        numbers = collect(folder)
+        cells = [_cell(numbers[key], fmt) for key, _, fmt in COLUMNS]
+        lines.append(f"| {name} | {_experts(folder)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
