@@ -138,7 +138,7 @@ def design_table(study: Path) -> str:
     ]
     folders += [(label, study / family / "E1") for family, label in REFERENCE_ROWS]
     for name, folder in folders:
-        if not folder.exists():
+        if not any(folder.glob("**/result.json")):  # not run, or still running
             continue
         numbers = collect(folder)
         cells = [_cell(numbers[key], fmt) for key, _, fmt in COLUMNS]
