@@ -91,3 +91,42 @@ def in_float64(model):
     """
     model.double().register_forward_pre_hook(lambda module, args: (args[0].double(), *args[1:]))
     return model
+
+
+def assert_causal(model, ids, *, exact, attention_spikes, drops, vocab):
+    """No logit and no first-block output at a position before ``j`` moves when the token at
+    ``j`` changes (float64 ``model``), while later positions do move.
+
+    ``exact``: compare bitwise (what leaves each block is spikes), else to 1e-12 (real-valued
+    expert currents round by row count, which capacity drops change; a leak moves them by
+    orders of magnitude more). ``attention_spikes``: the first block's attention neuron must
+    fire, or a leaky mask would go unseen. ``drops``: capacity must drop assignments.
+    """
+    first_block = []
+    hook = model.blocks[0].register_forward_hook(lambda m, a, out: first_block.append(out[0]))
+    base = model(ids)
+    base_block = first_block.pop()
+    if attention_spikes:
+        fired = dict(zip(base.activity.names, base.activity.spikes.tolist(), strict=True))
+        assert fired["blocks.0.attn.attn_neuron"] > 0, "the attention must spike to test its mask"
+    if drops:
+        assert all(int(r.dropped) > 0 for r in base.routing), "capacity must drop assignments"
+
+    def same(changed, reference, j):
+        if exact:
+            assert torch.equal(changed, reference), j
+        else:
+            torch.testing.assert_close(changed, reference, rtol=0, atol=1e-12, msg=str(j))
+
+    later_changed = 0
+    for j in (0, 1, 3, 5, ids.shape[1] - 1):
+        changed = ids.clone()
+        changed[0, j] = (changed[0, j] + 1) % vocab
+        out = model(changed)
+        block = first_block.pop()
+        same(out.logits[:, :j], base.logits[:, :j], j)
+        # per step: spiking blocks give [T, B, S, D], the ANN block its [B, S, D] stream
+        same(block[..., :j, :], base_block[..., :j, :], j)
+        later_changed += bool((out.logits[:, j:] - base.logits[:, j:]).abs().max() > 1e-6)
+    hook.remove()
+    assert later_changed >= 4, "the change must reach the positions that may see it"
