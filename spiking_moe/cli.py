@@ -61,6 +61,7 @@ from .sweep import run_folder, run_sweep, sweep_configs, sweep_table
 from .training import CheckpointError, energy_profile_names, init_distributed
 
 __all__ = [
+    "PARSERS",
     "compare_main",
     "energy_report_main",
     "export_main",
@@ -146,7 +147,8 @@ def _exit_code(interrupted: bool, signal: int | None) -> int:
 # --------------------------------------------------------------------------- train
 
 
-def _parse_train_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def train_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``train_main`` (the CLI reference is generated from it)."""
     parser = argparse.ArgumentParser(
         prog="spiking-moe-train", description="Train one experiment from a TOML config."
     )
@@ -165,7 +167,7 @@ def _parse_train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     _add_device(parser)
     _add_set(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
 @_command
@@ -176,7 +178,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     checkpoint; 128 + signal number when stopped by SIGINT/SIGTERM (a checkpoint was saved;
     rerun with ``--resume``).
     """
-    args = _parse_train_args(argv)
+    args = train_parser().parse_args(argv)
     _setup_logging()
     overrides = _overrides(args)
     resuming = args.resume or args.resume_from is not None
@@ -209,9 +211,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- energy report
 
 
-@_command
-def energy_report_main(argv: Sequence[str] | None = None) -> int:
-    """Re-count a trained model under a profile; print and write the report. Exit code."""
+def energy_report_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``energy_report_main`` (the CLI reference is generated from it)."""
     parser = argparse.ArgumentParser(
         prog="spiking-moe-energy-report",
         description="Re-count a trained model's test-set energy under any hardware profile.",
@@ -230,7 +231,13 @@ def energy_report_main(argv: Sequence[str] | None = None) -> int:
     )
     _add_device(parser)
     _add_set(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+@_command
+def energy_report_main(argv: Sequence[str] | None = None) -> int:
+    """Re-count a trained model under a profile; print and write the report. Exit code."""
+    args = energy_report_parser().parse_args(argv)
     _setup_logging()
     if args.num_batches < 0:
         raise ConfigError(f"--num-batches must be >= 0, got {args.num_batches}")
@@ -264,9 +271,8 @@ def energy_report_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- sweep
 
 
-@_command
-def sweep_main(argv: Sequence[str] | None = None) -> int:
-    """Train one spiking MoE per (experts, k); write ``sweep.md``/``.json``/``.png``. Exit code."""
+def sweep_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``sweep_main`` (the CLI reference is generated from it)."""
     parser = argparse.ArgumentParser(
         prog="spiking-moe-sweep",
         description="Train a spiking MoE per (experts, k) and compare them.",
@@ -285,7 +291,13 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     )
     _add_device(parser)
     _add_set(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+@_command
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    """Train one spiking MoE per (experts, k); write ``sweep.md``/``.json``/``.png``. Exit code."""
+    args = sweep_parser().parse_args(argv)
     _setup_logging()
     experts, ks = _int_list(args.experts, "--experts"), _int_list(args.k, "--k")
     seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
@@ -320,10 +332,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- compare
 
 
-@_command
-def compare_main(argv: Sequence[str] | None = None) -> int:
-    """Spiking MoE vs dense SNN vs ANN twin at every precision; ``comparison.md``/``.json``/
-    ``.png`` and TensorBoard. Exit code."""
+def compare_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``compare_main`` (the CLI reference is generated from it)."""
     parser = argparse.ArgumentParser(
         prog="spiking-moe-compare",
         description="Train the spiking MoE, the dense SNN and the ANN twin of one config (or "
@@ -360,7 +370,14 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     )
     _add_device(parser)
     _add_set(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+@_command
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """Spiking MoE vs dense SNN vs ANN twin at every precision; ``comparison.md``/``.json``/
+    ``.png`` and TensorBoard. Exit code."""
+    args = compare_parser().parse_args(argv)
     _setup_logging()
     config = load_config(args.config) if args.config else None
     checkpoints = args.checkpoint or ()
@@ -390,10 +407,9 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- export
 
 
-@_command
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """Export a trained model as a NIR bundle; print each part's size. Exit code."""
-    from .nir import DEFAULT_DT, export_bundle
+def export_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``export_main`` (the CLI reference is generated from it)."""
+    from .nir import DEFAULT_DT
 
     parser = argparse.ArgumentParser(
         prog="spiking-moe-export",
@@ -411,7 +427,15 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         "what snnTorch's import_from_nir assumes)",
     )
     _add_set(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+@_command
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """Export a trained model as a NIR bundle; print each part's size. Exit code."""
+    from .nir import export_bundle
+
+    args = export_parser().parse_args(argv)
     _setup_logging()
     model, config = load_trained_model(args.checkpoint, overrides=_overrides(args))
     if config.data.name == "text" or not is_spiking(model):
@@ -432,9 +456,8 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- generate
 
 
-@_command
-def generate_main(argv: Sequence[str] | None = None) -> int:
-    """Sample bytes after a prompt from a trained language model and print them. Exit code."""
+def generate_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``generate_main`` (the CLI reference is generated from it)."""
     parser = argparse.ArgumentParser(
         prog="spiking-moe-generate",
         description="Continue a prompt with a trained spiking (or ANN) language model.",
@@ -447,7 +470,13 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling stream")
     _add_device(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+@_command
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    """Sample bytes after a prompt from a trained language model and print them. Exit code."""
+    args = generate_parser().parse_args(argv)
     _setup_logging()
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -464,9 +493,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------- gather
 
 
-@_command
-def gather_main(argv: Sequence[str] | None = None) -> int:
-    """Gather an expert-parallel checkpoint into a single-process one. Exit code."""
+def gather_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``gather_main`` (the CLI reference is generated from it)."""
     parser = argparse.ArgumentParser(
         prog="spiking-moe-gather",
         description="Turn the sharded checkpoint of an expert-parallel run (train.expert_parallel "
@@ -482,7 +510,26 @@ def gather_main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="folder for the gathered checkpoint.pt (and config.json), e.g. runs/<name>/gathered",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+@_command
+def gather_main(argv: Sequence[str] | None = None) -> int:
+    """Gather an expert-parallel checkpoint into a single-process one. Exit code."""
+    args = gather_parser().parse_args(argv)
     _setup_logging()
     print(gather_checkpoint(args.checkpoint, args.out))
     return 0
+
+
+#: Each console script (``pyproject.toml``'s ``[project.scripts]``) and its argument parser:
+#: the docs' CLI reference is generated from these, so it cannot drift from the commands.
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "spiking-moe-train": train_parser,
+    "spiking-moe-energy-report": energy_report_parser,
+    "spiking-moe-sweep": sweep_parser,
+    "spiking-moe-generate": generate_parser,
+    "spiking-moe-compare": compare_parser,
+    "spiking-moe-export": export_parser,
+    "spiking-moe-gather": gather_parser,
+}
