@@ -154,12 +154,23 @@ _SUMMED = (
 class GroupCounts:
     """Counts summed over the layers of one group (an expert).
 
+    Each count (``acs`` to ``memory_writes``) is the :class:`LayerCounts` count of that name,
+    summed over ``layers``.
+
     Attributes:
         label: group label, e.g. ``"moe.experts.3"``.
         layers: names of its modules, in call order.
         tokens: tokens routed to it: rows per step seen by its first synaptic layer.
-        acs, macs, dense_macs, ann_macs, ann_outputs, input_events, neuron_updates, spikes,
-        memory_reads, memory_writes: sums over ``layers``.
+        acs: sum over ``layers``.
+        macs: sum over ``layers``.
+        dense_macs: sum over ``layers``.
+        ann_macs: sum over ``layers``.
+        ann_outputs: sum over ``layers``.
+        input_events: sum over ``layers``.
+        neuron_updates: sum over ``layers``.
+        spikes: sum over ``layers``.
+        memory_reads: sum over ``layers``.
+        memory_writes: sum over ``layers``.
     """
 
     label: str

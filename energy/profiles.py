@@ -191,15 +191,29 @@ def _bundled() -> dict[str, EnergyProfile]:
 
 
 def available_profiles() -> list[str]:
-    """Names of the bundled profiles, in file order."""
+    """Names of the bundled profiles, in file order.
+
+    Returns:
+        The names :func:`get_profile` accepts (the tables of ``profiles.toml``), e.g.
+        ``["cmos45", "cmos45_fp16", ...]``.
+    """
     return list(_bundled())
 
 
 def get_profile(name: str | EnergyProfile) -> EnergyProfile:
     """Return a bundled profile by name (an :class:`EnergyProfile` passes through).
 
+    Args:
+        name: a bundled profile's name (one of :func:`available_profiles`), or an
+            :class:`EnergyProfile`, returned as it is.
+
+    Returns:
+        The bundled :class:`EnergyProfile` called ``name`` (read afresh from
+        ``profiles.toml``), or ``name`` itself when it is already a profile.
+
     Raises:
         ValueError: unknown name; the message lists the known ones.
+        TypeError: ``name`` is neither a string nor an :class:`EnergyProfile`.
     """
     if isinstance(name, EnergyProfile):
         return name
@@ -216,6 +230,13 @@ def get_profile(name: str | EnergyProfile) -> EnergyProfile:
 
 def load_profile(path: str | Path) -> EnergyProfile:
     """Load one user profile from a TOML file (format in the module docstring).
+
+    Args:
+        path: the TOML file; its fields are at top level (no table), ``name`` included.
+
+    Returns:
+        The validated :class:`EnergyProfile`, usable wherever a profile name is (e.g.
+        ``estimate(..., profile=load_profile(path))``).
 
     Raises:
         FileNotFoundError: no such file.

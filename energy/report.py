@@ -8,7 +8,7 @@ Energy of the SNN under a profile ``P`` (picojoules), per layer and in total:
               \; [+\; R \cdot P_{read} + W \cdot P_{write}]
 
 with ``U`` neuron updates, ``S`` spikes, and the bracketed memory term (reads ``R``, writes
-``W``, formula in :mod:`energy.counting`; after Lemaire et al. 2022). ``AC`` and ``MAC``
+``W``, formula in :mod:`energy.counts`; after Lemaire et al. 2022). ``AC`` and ``MAC``
 are those of every counted layer: synaptic layers, matrix products (attention's ``Q K^T`` and
 ``scores @ V``: ACs when an operand is spikes, MACs when both are graded) and softmax (3 MACs
 per visible score); all of them make up the "synaptic" share of the totals, and each has its
@@ -42,7 +42,7 @@ Baselines, each compared as ``ratio = E_baseline / E_SNN`` (above 1: the SNN sav
     same synaptic layers and products, ReLU instead of neurons, one time step, every input
     graded. Computed from the counting pass: each synaptic layer does ``fan_in x fan_out``
     MACs per token it processed, each product its computed terms of one step (the ``ann_macs``
-    of :class:`energy.counting.LayerCounts`: dense MACs over ``T``), priced at
+    of :class:`energy.counts.LayerCounts`: dense MACs over ``T``), priced at
     ``P.ann_mac_fp32_pj`` / ``P.ann_mac_int8_pj`` (Horowitz 2014 cmos45 fp32 4.6 pJ and int8
     0.23 pJ unless the profile says otherwise). ReLU costs nothing here. Softmax, that of a
     spiking product flagged ``ann_softmax`` (attention scores) and any counted ``nn.Softmax``,
@@ -61,7 +61,7 @@ SNN wins, the firing rate at which it would stop winning: assuming activity-driv
 neuron updates, membrane traffic) does not,
 ``break_even_rate = rate * (E_ann_int8 - E_fixed) / E_activity``.
 
-Per expert: a group of :meth:`energy.counting.OperationCounts.groups`; ``tokens`` is its
+Per expert: a group of :meth:`energy.counts.OperationCounts.groups`; ``tokens`` is its
 load (tokens routed to it, from its first synaptic layer) and, with a dense twin,
 ``dense_energy_pj`` is what the same expert costs when it sees every token.
 """
@@ -501,19 +501,30 @@ def build_report(
     """Price counted operations under a profile and compare with the baselines.
 
     Args:
-        counts: the model's :class:`OperationCounts` (of one pass, or of several merged
-            with :func:`energy.merge_counts`).
-        profile: a bundled profile name or an :class:`EnergyProfile`.
+        counts: the model's :class:`energy.counts.OperationCounts` (of one pass, or of
+            several merged with :func:`energy.counts.merge_counts`).
+        profile: a bundled profile name or an :class:`energy.profiles.EnergyProfile`.
         dense_counts: counts of the dense twin on the same inputs, merged over the same
             batches (adds ``dense_snn`` and ``dense_ann_*``; per-expert dense energy).
         include_memory: whether ``energy_pj``, ``ratio``, the per-layer and per-expert
             energies and the break-even rate include the memory term (formula in
-            :mod:`energy.counting`); both totals are reported either way.
+            :mod:`energy.counts`); both totals are reported either way.
         model_weight_bits: weight precision the model was trained and ran at.
         accuracy: its accuracy at that precision, if known.
         accuracy_at_profile_precision: its accuracy with weights quantised to
             ``profile.weight_bits``, if measured; give it with the counts of that quantized
             model (the one the profile prices).
+
+    Returns:
+        The :class:`EnergyReport` under profile ``profile``: per-layer and per-expert rows,
+        totals (energies in pJ), the baselines with their ratios (``dense_snn`` and
+        ``dense_ann_*`` only with ``dense_counts``) and the break-even firing rate.
+
+    Raises:
+        TypeError: ``counts`` is not :class:`energy.counts.OperationCounts`, or
+            ``model_weight_bits`` or an accuracy has the wrong type.
+        ValueError: ``dense_counts`` has another ``T``, ``model_weight_bits`` outside 1..64,
+            a non-finite accuracy, or an unknown profile name.
     """
     p = get_profile(profile)
     if not isinstance(counts, OperationCounts):
@@ -646,16 +657,29 @@ def estimate(
     Args:
         model: the model to profile (call ``.eval()`` first for deterministic routing).
         *inputs: its time-major inputs.
-        profile: bundled profile name or :class:`EnergyProfile`.
-        groups: expert attribution, as in :func:`energy.count_operations`.
+        profile: bundled profile name or :class:`energy.profiles.EnergyProfile`.
+        groups: expert attribution, as in :func:`energy.counting.count_operations`.
         dense_model: the same network with every expert on every token (for spiking_moe:
             ``dense = copy.deepcopy(model)`` then set ``dense = True`` on its ``SpikingMoE``
             modules); run on the same inputs for the dense baselines.
         time_steps: ``T``; None takes dim 0 of the first tensor input.
         include_memory: which total the historical fields follow (see :func:`build_report`).
-        neuron_adapters: extra neuron adapters.
-        model_weight_bits, accuracy, accuracy_at_profile_precision: as in
-            :func:`build_report`.
+        neuron_adapters: extra neuron adapters (:class:`energy.adapters.NeuronAdapter`),
+            as in :func:`energy.counting.count_operations`.
+        model_weight_bits: weight precision the model was trained and ran at (see
+            :func:`build_report`).
+        accuracy: its accuracy at that precision, if known.
+        accuracy_at_profile_precision: its accuracy with weights quantised to
+            ``profile.weight_bits``, if measured (then ``model`` should be that quantized
+            model, the one the profile prices).
+
+    Returns:
+        The :class:`EnergyReport` of one forward pass of ``model`` (energies in pJ), as
+        :func:`build_report` makes it from the counts of ``model`` and of ``dense_model``.
+
+    Raises:
+        ValueError: as :func:`energy.counting.count_operations` (nothing countable, NaN,
+            bad ``groups`` or ``time_steps``) and :func:`build_report`.
 
     Example:
         >>> import torch

@@ -298,7 +298,7 @@ def documented(cls):
     lines = [(cls.__doc__ or "").rstrip(), "", "Attributes:"]
     for name, tp, default, doc in cls.describe():
         shown = default.section if isinstance(default, Options) else repr(default)
-        lines.append(f"    {name} ({tp}, default {shown}): {doc}")
+        lines.append(f"    {name} ({tp}): {doc} Default: ``{shown}``.")
     cls.__doc__ = "\n".join(lines) + "\n"
     return cls
 

@@ -83,6 +83,17 @@ class MatMul(nn.Module):
     ``ann_softmax=True`` tells the counter that the ANN equivalent of this product feeds a
     softmax (attention scores), which the equivalent-ANN baseline then prices.
 
+    Args:
+        matmul_mask: None (the full product), ``"output"`` or ``"contraction"``, as above;
+            anything else is a ValueError. Kept as the attribute the counter reads.
+        ann_softmax: mark the product as scores that feed a softmax in the ANN equivalent
+            (:class:`SpikingSelfAttention` of kind ``"ssa"`` sets it on its score product).
+
+    Shape:
+        ``forward(a, b)``: ``a`` ``[..., rows, inner]`` and ``b`` ``[..., inner, cols]``
+        (broadcast as ``torch.matmul``) -> ``[..., rows, cols]``; ``"output"`` needs
+        rows == cols and ``"contraction"`` rows == inner, else ValueError.
+
     Example:
         >>> a = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
         >>> MatMul("output")(a, a.T)  # [[a0.a0, 0], [a1.a0, a1.a1]]

@@ -82,7 +82,7 @@ SCHEDULES = ("cosine", "constant")
 class DataConfig(Options):
     """``[data]``: which dataset and how it is presented over time. What is allowed per
     dataset comes from its :class:`~spiking_moe.data.DatasetSpec`
-    (:data:`spiking_moe.data.DATASETS`)."""
+    (:data:`spiking_moe.data.DATASETS <spiking_moe.data.registry.DATASETS>`)."""
 
     section: ClassVar[str] = "data"
     name: str = option("digits", choices=tuple(DATASETS), doc="The dataset.")
@@ -342,7 +342,16 @@ _SECTIONS: dict[str, type[Options]] = {
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment: one TOML file."""
+    """A whole experiment: one TOML file (:func:`load_config`, :meth:`from_dict`).
+
+    Attributes:
+        name: the run's name (a file's ``name``, else its stem); the command line's default
+            run folder is ``runs/<name>``.
+        data: the ``[data]`` table: dataset and encoding (:class:`DataConfig`).
+        model: the ``[model]`` table: model kind and its nested parts (:class:`ModelConfig`).
+        train: the ``[train]`` table: optimisation, devices, checkpoints (:class:`TrainConfig`).
+        energy: the ``[energy]`` table: the energy report (:class:`EnergyConfig`).
+    """
 
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
@@ -381,6 +390,9 @@ def load_config(path: str | Path, *, check_files: bool = True) -> ExperimentConf
     Args:
         path: the ``.toml`` file; its stem is the default ``name``.
         check_files: also check that the dataset's local files exist (``data.root``).
+
+    Returns:
+        The validated :class:`ExperimentConfig`; keys the file omits take their defaults.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.

@@ -252,6 +252,26 @@ def run_experts_with_activity(
     Experts with ``activity_names`` are called through their ``run`` (which goes through
     ``__call__``, so their hooks fire); other modules are called as ``expert(rows)`` and
     report nothing.
+
+    Args:
+        experts: ``E`` modules mapping ``[T, n, D]`` to ``[T, n, O]``, one per expert of
+            ``plan``.
+        x_TRD: ``[T, R, D]`` grouped rows from :func:`dispatch`.
+        plan: the matching :class:`DispatchPlan`; expert ``e`` gets the ``plan.splits[e]``
+            rows of its slice.
+        grouped: take :func:`run_experts_grouped`'s one grouped GEMM per layer instead of one
+            call per expert. Not checked here: the caller makes sure
+            :func:`grouped_supported` holds for ``experts`` (the hooks of the experts do not
+            fire on this path).
+
+    Returns:
+        An :class:`ExpertsOutput`: the ``[T, R, O]`` current in the grouped row order, and the
+        activity of every reporting expert, named ``experts.<e>.<name>`` in expert order (an
+        expert without rows reports its populations idle, so the layout is the same in every
+        call).
+
+    Raises:
+        ValueError: ``experts`` and ``plan`` disagree on the number of experts.
     """
     if len(experts) != plan.num_experts:
         raise ValueError(f"plan is for {plan.num_experts} experts, got {len(experts)} experts")

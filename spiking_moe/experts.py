@@ -17,7 +17,7 @@ population on the sum, so what flows between layers stays binary. The Linear lay
 ``T`` and ``N`` folded together; only the LIF steps over ``T``. The LIF state lives inside one
 call: a routed expert sees different tokens every call, so no state may survive it.
 
-``forward`` returns the current only; :meth:`~SpikingExpert.run` returns it with the
+``forward`` returns the current only; ``SpikingExpert.run`` returns it with the
 :class:`~spiking_moe.activity.Activity` of the hidden LIF layers (``net.1``, ``net.3``, ...),
 which the MoE layer reports in its output for the activity penalty and firing-rate metrics.
 
@@ -187,6 +187,15 @@ class MLPExpert(_FeedForwardExpert):
     Same arguments (no neuron settings) and the same parameter names, so the equivalent-ANN
     baseline has exactly the layers of the spiking model. Input ``[T, N, in]`` (``T = 1`` for
     the one-step ANN), output ``[T, N, out]``.
+
+    Args:
+        in_features: input size ``I``.
+        hidden_features: size ``U`` of each hidden ``ReLU`` layer.
+        out_features: output size ``O``.
+        num_layers: number of hidden ``Linear -> ReLU`` layers (>= 1).
+        neuron: accepted for a signature shared with :class:`SpikingExpert`; must be None (an
+            ANN has no neurons: anything else is a TypeError).
+        **neuron_options: likewise; must be empty.
     """
 
     spiking = False

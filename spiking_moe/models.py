@@ -295,6 +295,22 @@ class DenseSNNClassifier(_SpikingClassifier):
     submodules ``expert`` and ``neuron``). Takes the same arguments as the MoE classifier (so
     the twins take one set of args; the routing options and ``dense`` change nothing here).
 
+    Args:
+        in_features: input size ``F``.
+        num_classes: number of classes ``V``.
+        args: the model's :class:`~spiking_moe.args.ModelArgs` (None: the defaults); the
+            layers' width is its ``active_ffn_hidden``
+            (``k * expert.hidden + shared_experts * shared_hidden``).
+        dense: accepted for the MoE classifier's signature; no effect.
+        **options: model options by name, as for :class:`SpikingMoEClassifier` (flat, e.g.
+            ``hidden_features``, ``k``, ``expert_hidden``, ``readout``, ``beta``, or nested).
+            ``k`` and the expert widths set the layers' width; ``num_experts`` and the router
+            options are validated and stored in ``args``, and build nothing.
+
+    Shape:
+        ``forward(x)``: ``[T, B, F]`` -> :class:`ModelOutput` (logits ``[B, V]``, no routing,
+        zero ``aux_loss``).
+
     Example:
         >>> model = DenseSNNClassifier(10, 3, hidden_features=16, k=2, expert_hidden=8)
         >>> model(torch.rand(5, 2, 10)).logits.shape
@@ -312,13 +328,15 @@ class DenseSNNClassifier(_SpikingClassifier):
 class ANNClassifier(_Classifier):
     """The equivalent ANN: same layers, ``ReLU`` instead of ``LIF``, one time step.
 
+    With ``moe.num_experts > 1`` each layer is routed (a
+    :class:`~spiking_moe.router.RateRouter` on the activations, ``window`` unset,
+    :class:`~spiking_moe.experts.MLPExpert` experts); ``num_experts=None`` or 1 gives the dense
+    ANN, whose layers have width ``args.active_ffn_hidden``.
+
     Args:
-        in_features, num_classes, args, dense, **options: as :class:`SpikingMoEClassifier`
-            (the neuron options are accepted and unused). With ``moe.num_experts > 1`` each
-            layer is routed (a :class:`~spiking_moe.router.RateRouter` on the activations,
-            ``window`` unset, :class:`~spiking_moe.experts.MLPExpert` experts);
-            ``num_experts=None`` or 1 gives the dense ANN, whose layers have width
-            ``args.active_ffn_hidden``.
+        in_features, num_classes, args, dense: as :class:`SpikingMoEClassifier`.
+        **options: as :class:`SpikingMoEClassifier` (the neuron options are accepted and
+            unused).
 
     Shape:
         ``forward(x)``: ``[T, B, F]`` (averaged over ``T``) or ``[B, F]`` ->
@@ -362,6 +380,23 @@ class ANNClassifier(_Classifier):
 def active_parameter_count(model: nn.Module) -> int:
     """Parameters one token uses: all of them, except that in each
     :class:`~spiking_moe.moe.SpikingMoE` only ``k`` of the ``E`` (equal-sized) experts count.
+
+    Shared experts and routers count in full. The count is the sparse one (``k`` experts) also
+    for a layer running as the dense-MoE baseline (:func:`~spiking_moe.moe.set_dense`). Under
+    expert parallelism the experts this process does not hold are not in ``model``; the count
+    still adds exactly ``k`` experts per layer, so it is the same on every process.
+
+    Args:
+        model: any module; its :class:`~spiking_moe.moe.SpikingMoE` layers are found among its
+            submodules (a model without one counts every parameter).
+
+    Returns:
+        The number of scalar parameters (``numel``) one token is computed with. For a
+        :class:`SpikingMoEClassifier` and its :class:`DenseSNNClassifier` twin, they differ by
+        the routers and ``k - 1`` experts' output biases per layer (module docstring).
+
+    Raises:
+        ValueError: a MoE layer whose experts differ in parameter count.
     """
     total = sum(p.numel() for p in model.parameters())
     for layer in model.modules():

@@ -432,6 +432,16 @@ def swapped_strategies(model: nn.Module, **changes) -> Iterator[list[SpikingMoE]
     ``every_expert=True``: the dense baseline; ``grouped_gemm="never"``: one call per expert,
     which hooks see), restoring the strategies afterwards, also on error.
 
+    Args:
+        model: a module; its :class:`SpikingMoE` layers (:func:`moe_layers`) are changed, a
+            model without any is run as it is.
+        **changes: fields of the layers' :class:`~spiking_moe.strategies.ExpertStrategy`
+            (``grouped_gemm``, ``spike_exchange``, ``every_expert``) and their new values, set
+            on every layer by :func:`dataclasses.replace` (an unknown field is a TypeError).
+
+    Yields:
+        The :class:`SpikingMoE` layers that were changed, in ``model.modules()`` order.
+
     Example:
         >>> from spiking_moe.models import SpikingMoEClassifier
         >>> model = SpikingMoEClassifier(4, 2, hidden_features=16, num_experts=4, k=1)
@@ -454,6 +464,12 @@ def swapped_strategies(model: nn.Module, **changes) -> Iterator[list[SpikingMoE]
 
 def set_dense(model: nn.Module, dense: bool) -> int:
     """Set :attr:`SpikingMoE.dense` on every MoE layer inside ``model``.
+
+    Args:
+        model: a module; each :class:`SpikingMoE` among its submodules (``model`` itself
+            included) is switched.
+        dense: True for the dense-MoE baseline (every expert on every token, masked by the
+            gates), False for sparse dispatch.
 
     Returns:
         The number of MoE layers changed (0 if the model has none).

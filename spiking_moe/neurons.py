@@ -115,7 +115,25 @@ def plain_neuron_options(options: Mapping[str, Any]) -> dict[str, Any]:
 class SpikingNeuron(nn.Module):
     """What every spiking neuron module of the package shares: its
     :class:`~spiking_moe.args.NeuronArgs` and the constants ``beta`` and ``threshold`` (buffers,
-    or parameters when learnable). :func:`make_neuron` builds the one ``args.kind`` names."""
+    or parameters when learnable). :func:`make_neuron` builds the one ``args.kind`` names.
+
+    A subclass sets the class attribute ``kind`` and implements ``run``; ``forward(x)``
+    returns ``run(x).spikes``.
+
+    Args:
+        args: the population's :class:`~spiking_moe.args.NeuronArgs`; None: the defaults of
+            this class's ``kind``. Its ``kind`` must be the class's, else ValueError.
+        **options: neuron options to set, by name (fields of
+            :class:`~spiking_moe.args.NeuronArgs`); ``beta`` and ``threshold`` may be tensors (a
+            scalar, or one value per neuron of the last dim), whose floating dtype the buffer
+            keeps, and ``surrogate`` a :class:`~spiking_moe.functional.surrogate.Surrogate`.
+
+    Attributes:
+        args: the :class:`~spiking_moe.args.NeuronArgs` it was built from.
+        beta: buffer (parameter when learnable) of the per-neuron or scalar membrane decay.
+        threshold: buffer (parameter when learnable) of the per-neuron or scalar firing
+            threshold.
+    """
 
     kind: str
     #: The most spikes one neuron emits per step (1: binary); the energy counter reads it.
@@ -182,8 +200,9 @@ class LIF(SpikingNeuron):
 
     Attributes:
         args: the :class:`~spiking_moe.args.NeuronArgs` it was built from.
-        beta, threshold: buffers (parameters when learnable) of the per-neuron or scalar
-            constants.
+        beta: buffer (parameter when learnable) of the per-neuron or scalar membrane decay.
+        threshold: buffer (parameter when learnable) of the per-neuron or scalar firing
+            threshold.
 
     Shape:
         ``forward(x)``: ``x`` is ``[T, B, ...]`` current; returns spikes of the same shape and
@@ -343,6 +362,19 @@ def thermometer(counts_T: torch.Tensor, levels: int) -> torch.Tensor:
     ``[T * levels, ...]``: step ``t``'s count ``c`` is the first ``c`` of its ``levels`` virtual
     steps spiking (thermometer code).
 
+    Args:
+        counts_T: ``[T, ...]`` spike counts, e.g. a :class:`MultiSpike` output; whole numbers in
+            ``0..levels``.
+        levels: virtual steps per step (a :class:`MultiSpike`'s ``D``), at least 1.
+
+    Returns:
+        ``[T * levels, ...]`` spikes in {0, 1}, of ``counts_T``'s dtype and device: rows
+        ``t * levels`` to ``t * levels + levels - 1`` are step ``t``, and each position's sum
+        over them is its count.
+
+    Raises:
+        ValueError: ``levels < 1``, or a count that is negative, above ``levels`` or not whole.
+
     Example:
         >>> thermometer(torch.tensor([[2.0], [0.0]]), 3)[:, 0]
         tensor([1., 1., 0., 0., 0., 0.])
@@ -362,7 +394,18 @@ NEURONS = {"lif": LIF, "multi": MultiSpike}
 
 
 def make_neuron(args: NeuronArgs | None = None, **options) -> SpikingNeuron:
-    """The neuron module of ``args.kind`` (:class:`LIF` or :class:`MultiSpike`)."""
+    """The neuron module of ``args.kind`` (:class:`LIF` or :class:`MultiSpike`).
+
+    Args:
+        args: the population's :class:`~spiking_moe.args.NeuronArgs`; None: the defaults
+            (kind "lif").
+        **options: neuron options to set, by name, as for :class:`LIF` (``kind`` among them
+            picks the class). A tensor ``beta`` or ``threshold`` gives its values only: the
+            buffers take the default dtype.
+
+    Returns:
+        A new :class:`SpikingNeuron` of that kind, built from the merged args.
+    """
     args = neuron_args(args, **options)
     return NEURONS[args.kind](args)
 

@@ -21,8 +21,8 @@ scale, then the float bias::
     y_Ro = s_o * sum_i x_Ri Q_oi + b_o
 
 which is ``x @ (Q * s).T + b`` computed in the order integer hardware uses. For spikes
-(``x`` in {0, 1}) the accumulator is a sum of integers, exact in float32 (|acc| <=
-``q_max * I`` < 2^24), so the float forward reproduces an integer implementation bit for bit.
+(``x`` in {0, 1}) the accumulator is a sum of integers, exact in float32
+(``|acc| <= q_max * I < 2^24``), so the float forward reproduces an integer implementation bit for bit.
 
 **Thresholds and biases** (a Linear feeding a LIF). With ``acc_t = sum_i Q_oi s_ti`` the LIF of
 neuron ``o`` integrates ``h_t = beta v_{t-1} + s_o acc_t + b_o`` and fires when

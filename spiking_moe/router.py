@@ -28,7 +28,7 @@ all tokens at once); gates :math:`g_j = p_{i_j} / \sum_{j'} p_{i_{j'}}` (``renor
 * ``aux_loss`` = ``balance_weight`` :math:`\mathcal L_{lb}` + ``z_loss_weight``
   :math:`\mathcal L_z`.
 
-**Auxiliary-loss-free balancing** (DeepSeek-V3). :meth:`update_bias` sets
+**Auxiliary-loss-free balancing** (DeepSeek-V3). ``update_bias`` sets
 :math:`\beta_e \mathrel{+}= \eta\, \mathrm{sign}(\bar c - c_e)`, where :math:`c_e` is the
 number of assignments the router sent to ``e`` and :math:`\bar c` their mean over experts.
 It runs outside autograd; call it after ``optimizer.step()`` with the :class:`RoutingInfo` of
@@ -477,7 +477,7 @@ class SpikingRouter(_Router):
             :class:`~spiking_moe.args.NeuronArgs`), by name.
 
     Equal counts are ties, broken towards the lower expert id; the balancing bias (after a
-    few :meth:`update_bias` steps) and noise break them otherwise.
+    few ``update_bias`` steps) and noise break them otherwise.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -503,6 +503,8 @@ class SpikingRouter(_Router):
         return torch.zeros_like(like_1NE)
 
 
+#: The router class of each ``RouterArgs.kind``: ``"rate"`` -> :class:`RateRouter`,
+#: ``"spiking"`` -> :class:`SpikingRouter` (what :func:`build_router` constructs).
 ROUTERS = {"rate": RateRouter, "spiking": SpikingRouter}
 
 
@@ -514,7 +516,21 @@ def build_router(
     neuron: NeuronArgs | None = None,
 ) -> _Router:
     """The router ``args.kind`` names (``"rate"``: :class:`RateRouter`, ``"spiking"``:
-    :class:`SpikingRouter` with a ``neuron`` gating population)."""
+    :class:`SpikingRouter` with a ``neuron`` gating population).
+
+    Args:
+        in_features: input size ``D`` of the tokens it routes.
+        num_experts: number of experts ``E``.
+        k: experts per token, ``1 <= k <= E``.
+        args: the :class:`~spiking_moe.args.RouterArgs`, whose ``kind`` picks the class (None:
+            the defaults, a rate router).
+        neuron: the gating population's :class:`~spiking_moe.args.NeuronArgs` for a spiking
+            router (None: the defaults); ignored by a rate router, which has no neurons.
+
+    Returns:
+        A new :class:`RateRouter` or :class:`SpikingRouter` mapping ``[T, N, D]`` input to
+        :class:`RoutingInfo`.
+    """
     args = args or RouterArgs()
     if args.kind == "spiking":
         return SpikingRouter(in_features, num_experts, k, args=args, neuron=neuron)

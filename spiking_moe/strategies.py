@@ -141,6 +141,18 @@ class ExpertStrategy:
 class LocalExperts(ExpertStrategy):
     """Every expert in this process (module docstring).
 
+    Called as ``strategy(experts, x_TXD, assignments)``: dispatches the kept assignments,
+    runs each expert on its rows (or all of them as one grouped GEMM) and combines the gated
+    currents into an :class:`~spiking_moe.dispatch.ExpertsOutput` (``[T, X, O]``).
+
+    Attributes:
+        grouped_gemm: "auto", "never" or "always": per-expert calls or one grouped GEMM per
+            layer (module docstring).
+        spike_exchange: "auto", "bits" or "float"; unused here (nothing travels between
+            processes), kept so that a layer sharded later keeps the option.
+        every_expert: run the dense-MoE baseline instead: every expert on every row, masked
+            by the gates (:func:`~spiking_moe.dispatch.dense_masked`).
+
     Example:
         >>> from spiking_moe.experts import SpikingExpert
         >>> _ = torch.manual_seed(0)

@@ -104,7 +104,18 @@ LMOutput = ModelOutput
 
 class Add(nn.Module):
     """``a + b`` as a module, so the energy counter sees the residual stream's additions (one
-    accumulate per output element and step: ``energy_elementwise = "add"``)."""
+    accumulate per output element and step: ``energy_elementwise = "add"``).
+
+    Built with no arguments (``Add()``); the parameters below are those of ``forward(a, b)``.
+
+    Args:
+        a: the residual stream, e.g. ``[T, B, S, D]`` (``[B, S, D]`` in the ANN).
+        b: what a sub-layer adds to it: a tensor that broadcasts against ``a`` (in the
+            models, of ``a``'s shape).
+
+    Shape:
+        ``forward(a, b)`` -> ``a + b``, of the broadcast shape.
+    """
 
     energy_elementwise = "add"
 
@@ -507,9 +518,27 @@ class DenseSNNLM(_SpikingLM):
     """The dense spiking twin of :class:`SpikingMoELM`: each block's FFN is one
     :class:`~spiking_moe.experts.SpikingExpert` of width ``ffn_hidden`` (default
     ``args.active_ffn_hidden``, ``k * expert_hidden + shared_experts * shared_hidden``: the same
-    active parameters) and a LIF.
+    active parameters but the router) and, with the spike residual, a LIF (with the membrane
+    residual the FFN's current joins the stream: no output neuron).
 
-    Other arguments as :class:`SpikingMoELM`.
+    Args:
+        vocab_size: ``V``.
+        d_model: ``D`` (``args.hidden_features``).
+        num_layers: transformer blocks (``args.num_layers``).
+        num_heads: attention heads per block (``args.attention.num_heads``).
+        context: longest sequence ``S`` (size of the position embedding).
+        args: the model's :class:`~spiking_moe.args.ModelArgs` (None: the defaults); the
+            positional sizes override its.
+        num_steps: ``T``, steps of constant input current per token.
+        ffn_hidden: the FFN width; None: ``args.active_ffn_hidden``.
+        **options: model options by name, as :class:`SpikingMoELM` (so the twins take the
+            same arguments). ``k``, ``expert_hidden``, ``shared_experts`` and
+            ``shared_hidden`` set the default width; ``num_experts`` and the router options
+            are validated and build nothing.
+
+    Shape:
+        ``forward(ids)``: ``[B, S]`` token ids -> :class:`LMOutput` (logits ``[B, S, V]``, no
+        routing, zero ``aux_loss``).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -547,13 +576,14 @@ class _ANNBlock(nn.Module):
 class ANNTransformerLM(_LanguageModel):
     """The ANN twin: same sizes, softmax attention, ReLU FFN (routed or dense), one step.
 
+    With ``moe.num_experts > 1`` each FFN is routed (a rate router on the normalised
+    activations, :class:`~spiking_moe.experts.MLPExpert` experts, the shared ones beside);
+    ``num_experts=None`` or 1 gives a dense FFN.
+
     Args:
-        vocab_size, d_model, num_layers, num_heads, context, args, **options: as
-            :class:`SpikingMoELM` (the neuron options and ``num_steps`` are accepted, so the
-            twins take the same arguments, and unused: an ANN runs one step). With
-            ``moe.num_experts > 1`` each FFN is routed (a rate router on the normalised
-            activations, :class:`~spiking_moe.experts.MLPExpert` experts, the shared ones
-            beside); ``num_experts=None`` or 1 gives a dense FFN.
+        vocab_size, d_model, num_layers, num_heads, context, args: as :class:`SpikingMoELM`.
+        **options: as :class:`SpikingMoELM` (the neuron options and ``num_steps`` are
+            accepted, so the twins take the same arguments, and unused: an ANN runs one step).
         ffn_hidden: the dense FFN's width (default ``args.active_ffn_hidden``).
 
     Example:

@@ -1,6 +1,6 @@
 """Deterministic batching: seeded index splits, a time-major ``collate_fn`` and
 :class:`BatchLoader`, whose permutations and rate-code noise come from seeds mixed with where
-they are used (:func:`_mix_seed`). Letters as in :mod:`spiking_moe.data`.
+they are used (``_mix_seed``). Letters as in :mod:`spiking_moe.data`.
 """
 
 from __future__ import annotations

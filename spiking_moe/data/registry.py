@@ -87,7 +87,7 @@ class DatasetSpec:
         return [root / f for f in self.files]
 
     def missing_paths(self, config) -> list[tuple[str, Path]]:
-        """``(field, path)`` of every path ``config`` names in :attr:`path_fields` that does not
+        """``(field, path)`` of every path ``config`` names in ``path_fields`` that does not
         exist; the field is written ``data.<name>[<i>]``."""
         return [
             (f"data.{name}[{i}]", Path(p).expanduser())

@@ -33,7 +33,7 @@ class InMemoryDataset(Dataset):
             every step) or "sequence".
         num_steps: T for "rate" and "current"; must equal ``x.shape[1]`` for "sequence".
         num_classes: C.
-        seed: fixes the rate-code noise of :meth:`__getitem__`.
+        seed: fixes the rate-code noise of ``__getitem__``.
     """
 
     def __init__(

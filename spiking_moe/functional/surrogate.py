@@ -4,15 +4,15 @@ Forward, every surrogate computes the same step :math:`H(x) = 1` if :math:`x > 0
 (strictly greater, as snnTorch and Norse: a membrane exactly at threshold does not fire).
 Backward replaces :math:`dH/dx` by the derivative of a smooth primitive :math:`P_\alpha`:
 
-=============  ==========================================  =================================  =======
-name           surrogate derivative :math:`g_\alpha(x)`    smooth primitive :math:`P_\alpha`  alpha
-=============  ==========================================  =================================  =======
-fast_sigmoid   :math:`1 / (1 + \alpha|x|)^2` (SuperSpike)  :math:`x / (1 + \alpha|x|)`       25
-atan           :math:`(\alpha/2) / (1 + (\pi\alpha x/2)^2)`  :math:`\arctan(\pi\alpha x/2)/\pi`   2
-sigmoid        :math:`\alpha\sigma(\alpha x)(1-\sigma(\alpha x))`  :math:`\sigma(\alpha x)`     25
-triangle       :math:`\alpha\max(0, 1 - \alpha|x|)`        piecewise quadratic                1
-boxcar         :math:`\alpha` if :math:`|x| \le 1/(2\alpha)` else 0  clamped ramp              1
-=============  ==========================================  =================================  =======
+============  ====================================================  ========================================  =====
+name          surrogate derivative :math:`g_\alpha(x)`              smooth primitive :math:`P_\alpha`         alpha
+============  ====================================================  ========================================  =====
+fast_sigmoid  :math:`1 / (1 + \alpha|x|)^2` (SuperSpike)            :math:`x / (1 + \alpha|x|)`               25
+atan          :math:`(\alpha/2) / (1 + (\pi\alpha x/2)^2)`          :math:`\arctan(\pi\alpha x/2)/\pi + 1/2`  2
+sigmoid       :math:`\alpha\sigma(\alpha x)(1-\sigma(\alpha x))`    :math:`\sigma(\alpha x)`                  25
+triangle      :math:`\alpha\max(0, 1 - \alpha|x|)`                  piecewise quadratic                       1
+boxcar        :math:`\alpha` if :math:`|x| \le 1/(2\alpha)` else 0  clamped ramp                              1
+============  ====================================================  ========================================  =====
 
 The first three equal ``snntorch.surrogate.fast_sigmoid(slope)``, ``atan(alpha)`` and
 ``sigmoid(slope)`` with the same defaults. snnTorch's ``triangular`` is not a triangle (its
@@ -216,7 +216,27 @@ class Surrogate:
 def resolve_surrogate(
     surrogate: str | Surrogate = "fast_sigmoid", alpha: float | None = None
 ) -> Surrogate:
-    """Turn a name (with optional ``alpha``, else the default) or a Surrogate into a Surrogate."""
+    """Turn a name (with optional ``alpha``, else the default) or a Surrogate into a Surrogate.
+
+    Args:
+        surrogate: a key of :data:`SURROGATES`, or a :class:`Surrogate`, returned as it is.
+        alpha: the sharpness for a name; None takes the name's default. With a
+            :class:`Surrogate` it must be None or equal to the surrogate's own ``alpha``.
+
+    Returns:
+        The :class:`Surrogate` (name and a finite ``alpha > 0``), callable as the spike
+        function.
+
+    Raises:
+        ValueError: an unknown name, an ``alpha`` that is not a finite number > 0, or an
+            ``alpha`` that conflicts with the given :class:`Surrogate`'s.
+
+    Example:
+        >>> resolve_surrogate("triangle")
+        Surrogate(name='triangle', alpha=1.0)
+        >>> resolve_surrogate(Surrogate("atan", 4.0)).alpha
+        4.0
+    """
     if isinstance(surrogate, Surrogate):
         if alpha is not None and alpha != surrogate.alpha:
             raise ValueError(
@@ -229,5 +249,26 @@ def resolve_surrogate(
 def spike(
     x: torch.Tensor, surrogate: str | Surrogate = "fast_sigmoid", alpha: float | None = None
 ) -> torch.Tensor:
-    """Heaviside of ``x`` with the named surrogate gradient."""
+    """Heaviside of ``x`` with the named surrogate gradient.
+
+    Args:
+        x: membrane minus threshold, any shape; a spike where ``x > 0``.
+        surrogate: a key of :data:`SURROGATES` or a :class:`Surrogate`, as in
+            :func:`resolve_surrogate`.
+        alpha: the surrogate's sharpness; None takes the default (or the
+            :class:`Surrogate`'s own).
+
+    Returns:
+        Spikes, the shape and dtype of ``x``: 1 where ``x > 0``, else 0. Backward passes
+        ``grad * g(x)``, the surrogate derivative of the module docstring's table.
+
+    Example:
+        >>> x = torch.tensor([-0.1, 0.0, 0.2], requires_grad=True)
+        >>> s = spike(x, "boxcar", alpha=2.0)
+        >>> s
+        tensor([0., 0., 1.], grad_fn=<BoxcarBackward>)
+        >>> s.sum().backward()
+        >>> x.grad
+        tensor([2., 2., 2.])
+    """
     return resolve_surrogate(surrogate, alpha)(x)

@@ -61,7 +61,19 @@ class PartSummary:
 
 
 def summarize_graph(graph: nir.NIRGraph, name: str = "") -> PartSummary:
-    """Neurons, nonzero synapses and the largest fan-in of a graph's layers."""
+    """Neurons, nonzero synapses and the largest fan-in of a graph's layers.
+
+    Args:
+        graph: a NIR graph; its ``Affine``/``Linear`` nodes count as synapses and its
+            ``LIF``/``IF``/``LI``/``I`` nodes as neurons (one per entry of ``r``), other
+            nodes are ignored.
+        name: the label the summary carries (a bundle's part name).
+
+    Returns:
+        A :class:`PartSummary`: ``neurons`` summed over the neuron nodes, ``synapses``
+        (nonzero weights) over the weight nodes, and ``max_fan_in``, the largest number of
+        nonzero weights into one output unit of any weight node.
+    """
     neurons = synapses = fan_in = 0
     for node in graph.nodes.values():
         if isinstance(node, (nir.Affine, nir.Linear)):
@@ -133,12 +145,22 @@ def export_bundle(
     out; the membrane readout's integrator is in the manifest's ``decode``). Subtractive
     resets are written as zero resets with the true reset in metadata (module docstring).
 
+    Args:
+        model: a :class:`~spiking_moe.models.SpikingMoEClassifier` or
+            :class:`~spiking_moe.models.DenseSNNClassifier` on one process.
+        folder: where to write; created (with its parents) if missing, and it must be
+            empty. The files are written to a sibling ``.<folder>.partial`` first and
+            renamed at the end.
+        dt: the time step the graphs' time constants are written for (seconds, > 0;
+            package docstring), stored in the manifest and in each graph.
+
     Returns:
-        a :class:`PartSummary` per part (neurons, synapses, largest fan-in).
+        A :class:`PartSummary` per part, in the order above (neurons, synapses, largest
+        fan-in); the manifest lists the same counts.
 
     Raises:
         ValueError: an unsupported model (an ANN, a language model), shared experts, an
-            expert-parallel model.
+            expert-parallel model, multi-level spiking neurons, a bad ``dt``.
         FileExistsError: ``folder`` exists and is not empty.
     """
     folder = Path(folder)
@@ -302,6 +324,15 @@ def load_bundle(folder: str | Path) -> nn.Module:
     The model's class, sizes and :class:`~spiking_moe.args.ModelArgs` come from the manifest;
     every weight, bias, ``beta`` and threshold from the NIR files (our exact values in the
     neuron nodes' metadata); each router's balancing bias from the manifest.
+
+    Args:
+        folder: a bundle written by :func:`export_bundle` (``manifest.json`` and the part
+            files it names).
+
+    Returns:
+        The rebuilt :class:`~spiking_moe.models.SpikingMoEClassifier` or
+        :class:`~spiking_moe.models.DenseSNNClassifier`, in eval mode, whose outputs equal
+        the exported model's.
 
     Raises:
         FileNotFoundError: no manifest, or a part file it names is missing (named).

@@ -30,7 +30,17 @@ _SUPPORTED_NODES = ("Input", "Output", "Affine", "Linear", "LIF", "IF", "LI", "I
 
 class LeakyIntegrator(nn.Module):
     """Non-firing integrator ``v_t = beta v_{t-1} + gain I_t`` (NIR's ``LI`` and ``I``);
-    the output is the membrane ``[T, ..., N]``."""
+    the output is the membrane ``[T, ..., U]``.
+
+    ``forward(current_T)`` takes the input current ``[T, ..., U]``, starts from ``v = 0`` and
+    returns every step's membrane ``[T, ..., U]``.
+
+    Args:
+        beta: the decay per step, a scalar or one per neuron ``[U]`` (1: no leak, NIR's
+            ``I``); stored as a float32 buffer.
+        gain: the input gain ``R dt / tau`` of the forward-Euler mapping (package docstring),
+            a scalar or ``[U]``; stored as a float32 buffer.
+    """
 
     def __init__(self, beta: torch.Tensor, gain: torch.Tensor):
         super().__init__()
@@ -156,6 +166,19 @@ class NIRModule(nn.Module):
     :class:`LeakyIntegrator` for ``LI``/``I``; a node with several inputs sums them (NIR's
     rule). ``forward(x)``: ``[T, ..., F]`` -> ``[T, ..., O]`` (one ``Output`` node) or a dict
     of outputs by node name. Energy counting sees ordinary Linear and LIF layers.
+
+    Built by :func:`import_nir`; node names have their dots replaced by ``_`` (module names
+    cannot hold dots).
+
+    Args:
+        layers: node name -> our layer, for the nodes that compute (not ``Input`` or
+            ``Output``).
+        order: the node names to evaluate, in topological order, without the input node.
+        inputs: node name -> the names of the nodes feeding it (summed when several).
+        input_name: the ``Input`` node's name.
+        outputs: the ``Output`` nodes' names; one gives a tensor, several a dict.
+        meta: the graph's metadata plus ``dt``, ``in_features`` (``F``) and
+            ``out_features`` (``O``, of the first output); kept as ``metadata``.
     """
 
     def __init__(self, layers: dict[str, nn.Module], order, inputs, input_name, outputs, meta):
@@ -219,6 +242,12 @@ def import_nir(
             ``metadata["dt"]`` (our graphs store it).
         dialect: ``"nir"`` (the NIR definitions) or ``"norse"`` (graphs from Norse 1.1's
             ``to_nir``); module docstring.
+
+    Returns:
+        A :class:`NIRModule` mapping ``[T, ..., F]`` to ``[T, ..., O]``: an
+        :class:`~spiking_moe.synapses.EventLinear` per ``Affine``/``Linear`` node, a
+        :class:`~spiking_moe.neurons.LIF` per ``LIF``/``IF`` node, a :class:`LeakyIntegrator`
+        per ``LI``/``I`` node; ``metadata`` holds the graph's metadata with the ``dt`` used.
 
     Raises:
         ValueError: another node type (named), a nested graph, a cycle, mismatched shapes

@@ -68,6 +68,16 @@ class CallbackContext(Protocol):
     with ``request_stop``); a standalone :func:`~spiking_moe.training.evaluate` passes an
     :class:`~spiking_moe.training.EvaluationContext`.
 
+    A protocol, never constructed itself: the parameters below are those of its methods.
+
+    Args:
+        metrics: of :meth:`log`: ``{name: value}`` scalars (numbers or one-element tensors),
+            named like ``f"{prefix}/..."``.
+        step: of :meth:`log` and :meth:`log_text`: the step to log at; None: ``self.step``.
+        tag: of :meth:`log_text`: the text's name.
+        text: of :meth:`log_text`: the text.
+        tensor: of :meth:`all_reduce_sum`: the same shape and dtype on every rank.
+
     Attributes:
         model: the evaluated (or trained) model, unwrapped (no DDP, no ``torch.compile``).
         device: where batches and reductions go.
@@ -87,7 +97,7 @@ class CallbackContext(Protocol):
         """A TensorBoard ``SummaryWriter`` to write to, or None."""
 
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Send scalar metrics to the sinks (at ``step``, default :attr:`step`)."""
+        """Send scalar metrics to the sinks (at ``step``, default ``self.step``)."""
 
     def log_text(self, tag: str, text: str, step: int | None = None) -> None:
         """Send text (e.g. a Markdown table) to the sinks that take text."""
@@ -349,9 +359,9 @@ class EnergyReportCallback(Callback):
 
     Attributes:
         report: the last evaluation's :class:`energy.EnergyReport` (None before the first).
-        counts, dense_counts: the merged :class:`energy.OperationCounts` behind ``report`` (of
-            the model and its dense twin; ``dense_counts`` None without MoE layers);
-            :meth:`report_under` prices them under any profile.
+        counts: the merged :class:`energy.OperationCounts` of the model behind ``report``;
+            :meth:`report_under` prices it, with ``dense_counts``, under any profile.
+        dense_counts: the same for the model's dense twin (None without MoE layers).
         samples: the number of predictions that report counted: samples, or, for a sequence
             model (targets ``[B, S]``), tokens.
         unit: "sample" or "token", what ``samples`` counts (energy is logged per unit).

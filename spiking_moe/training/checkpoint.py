@@ -108,7 +108,18 @@ class CheckpointLayoutError(CheckpointError):
 
 def previous_checkpoint(path: str | Path) -> Path:
     """Where :func:`save_checkpoint` keeps the checkpoint that ``path`` replaced
-    (``checkpoint.pt`` -> ``checkpoint.prev.pt``)."""
+    (``checkpoint.pt`` -> ``checkpoint.prev.pt``).
+
+    Args:
+        path: a checkpoint file (it need not exist).
+
+    Returns:
+        ``<stem>.prev<suffix>`` in the same folder (whether or not it exists).
+
+    Example:
+        >>> previous_checkpoint("runs/x/checkpoint.pt").name
+        'checkpoint.prev.pt'
+    """
     path = Path(path)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
@@ -118,6 +129,14 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 
     A failure at any point (including a kill between writing and replacing) leaves the file
     previously at ``path`` untouched.
+
+    Args:
+        state: the checkpoint: tensors and plain types only (what :func:`load_checkpoint`'s
+            ``weights_only`` load accepts), saved as a ``dict``.
+        path: the file to write; its folder is created.
+
+    Returns:
+        ``path``, as a ``Path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +206,13 @@ def _read(path: Path) -> dict[str, Any]:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` onto the CPU.
 
+    Args:
+        path: the checkpoint file (of :func:`save_checkpoint`, or any ``torch.save`` of a
+            dict of tensors and plain types).
+
+    Returns:
+        The checkpoint dict, its tensors on the CPU.
+
     Raises:
         FileNotFoundError: no file at ``path``.
         CheckpointError: the file is damaged or not a checkpoint; the message names it and,
@@ -237,8 +263,18 @@ def expert_shard_name(index: str | Path, shard: int, size: int, step: int) -> st
 
 
 def check_single_process(state: Mapping[str, Any], path: str | Path) -> None:
-    """Raise :class:`CheckpointLayoutError` if ``state`` (read from ``path``) is an
-    expert-parallel index or one of its shards, which hold no whole model."""
+    """Check that ``state`` holds a whole model: not an expert-parallel index or one of its
+    shards, which a single-process tool cannot read.
+
+    Args:
+        state: a checkpoint read from ``path`` (:func:`load_checkpoint`).
+        path: where it was read from, named in the error (and, for a shard, the folder of its
+            index).
+
+    Raises:
+        CheckpointLayoutError: ``state`` is an expert-parallel index or shard; the message
+            says how to gather it (:func:`gather_expert_checkpoint`) or resume it.
+    """
     path = Path(path)
     layout = state.get("expert_parallel")
     if layout is not None:
@@ -568,6 +604,17 @@ def gather_expert_checkpoint(index_path: str | Path) -> dict[str, Any]:
     from the same weights, optimizer and schedule, but its batches are one process's
     (``train.batch_size`` is per process), so it is not the expert-parallel run's continuation.
 
+    Args:
+        index_path: the index file of an expert-parallel checkpoint (``checkpoint.pt``); its
+            shard files lie beside it.
+
+    Returns:
+        The single-process checkpoint dict, for :func:`save_checkpoint` (nothing is written
+        here): the index's entries with ``"model"``, ``"optimizer"``,
+        ``"parameter_names"``, ``"rng"`` (rank 0's streams only), ``"train_config"``,
+        ``"extra"`` and ``"gathered_from"`` (the source index's path, expert-parallel size
+        and world size) replaced or added, and no ``"expert_parallel"`` entry.
+
     Raises:
         FileNotFoundError: no checkpoint at ``index_path``.
         CheckpointLayoutError: it is not an expert-parallel index.
@@ -643,14 +690,26 @@ def gather_expert_checkpoint(index_path: str | Path) -> dict[str, Any]:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python ``random``, numpy's global generator and torch (CPU and every CUDA device)."""
+    """Seed python ``random``, numpy's global generator and torch (CPU and every CUDA device).
+
+    Args:
+        seed: the seed of every stream (numpy gets ``seed mod 2**32``, the range it accepts).
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG stream of this process, as tensors and plain types (``weights_only``-safe)."""
+    """Every RNG stream of this process, as tensors and plain types (``weights_only``-safe).
+
+    Returns:
+        ``{"torch": ..., "cuda": ..., "numpy": ..., "python": ...}``: torch's CPU generator
+        state (a ``uint8`` tensor); the state of every CUDA device's generator (a list, empty
+        without CUDA); numpy's global MT19937 state (a dict of ``"keys"``, an ``int64``
+        tensor, and ``"pos"``, ``"has_gauss"``, ``"cached_gaussian"``); python ``random``'s
+        state as ``[version, list of ints, gauss_next]``. :func:`set_rng_state` restores it.
+    """
     keys, pos, has_gauss, cached = np.random.get_state()[1:]
     version, mt, gauss_next = random.getstate()
     return {
@@ -667,7 +726,12 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
+    """Restore what :func:`rng_state` captured.
+
+    Args:
+        state: a dict of :func:`rng_state`, e.g. read back from a checkpoint. Its CUDA states
+            are restored only when it has some and CUDA is available here.
+    """
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -55,7 +55,16 @@ class DeviceError(ConfigError, RuntimeError):
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place in a (possibly single-process) job."""
+    """This process's place in a (possibly single-process) job.
+
+    The defaults describe a single process; :attr:`is_main` tells rank 0 from the others.
+
+    Attributes:
+        rank: this process's index in the job, ``0 .. world_size - 1``.
+        world_size: processes in the job.
+        local_rank: this process's index on its machine (``LOCAL_RANK``): the CUDA device
+            it uses.
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -63,12 +72,26 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that logs and writes checkpoints."""
         return self.rank == 0
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """ "auto": ``cuda:<local_rank>`` when CUDA is available, else CPU; "cuda" ->
-    ``cuda:<local_rank>``. :class:`DeviceError` when CUDA is asked for and absent."""
+    """The device a setting such as ``train.device`` names, for the process ``local_rank``.
+
+    Args:
+        device: "auto" (``cuda:<local_rank>`` when CUDA is available, else CPU), "cuda"
+            (``cuda:<local_rank>``), or any ``torch.device`` string, used as it is ("cpu",
+            "cuda:1", ...).
+        local_rank: this process's index on its machine: its CUDA device when ``device``
+            names none.
+
+    Returns:
+        The ``torch.device``.
+
+    Raises:
+        DeviceError: CUDA is asked for and not available.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
@@ -83,8 +106,16 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ...).
 
-    Uses nccl when this process trains on CUDA, gloo otherwise. Returns the single-process
-    :class:`DistInfo` when ``WORLD_SIZE`` is unset or 1. Idempotent.
+    Uses nccl when this process trains on CUDA (and makes ``cuda:<LOCAL_RANK>`` its current
+    device), gloo otherwise. Idempotent: a process that has joined a group joins nothing more.
+
+    Args:
+        device: the training device setting (``train.device``, as for
+            :func:`resolve_device`); it picks the backend when a group is joined here.
+
+    Returns:
+        This process's :class:`DistInfo`: the single-process one when ``WORLD_SIZE`` is unset
+        or 1 and no group was joined.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not dist.is_initialized():
@@ -195,6 +226,10 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device | None = None) -> 
         tensor: the same shape on every rank.
         device: where the reduction runs (gloo needs CPU tensors, nccl CUDA ones);
             default: the tensor's own device.
+
+    Returns:
+        The sum over ranks, a new tensor on ``device`` (collective: every rank calls it); in
+        a single process ``tensor`` itself, where it is (``device`` is not used).
     """
     if _world_size() == 1:
         return tensor
@@ -204,7 +239,14 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device | None = None) -> 
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order: ``[obj]`` in a single process."""
+    """Every rank's ``obj``, in rank order (collective: every rank calls it).
+
+    Args:
+        obj: any picklable object (this rank's contribution).
+
+    Returns:
+        ``world_size`` objects, rank ``r``'s at index ``r``: ``[obj]`` in a single process.
+    """
     if _world_size() == 1:
         return [obj]
     gathered: list[Any] = [None] * _world_size()
@@ -217,8 +259,9 @@ def all_or_none(action: Callable[[], Any], what: str, consequence: str = "") -> 
     left waiting in a later collective would hang the job).
 
     Raises:
-        the error of ``action`` on the ranks where it failed; RuntimeError naming those ranks
-        (``"<what> failed on rank(s) [...]<consequence>"``) on the others.
+        Exception: the error of ``action``, on the ranks where it failed.
+        RuntimeError: naming those ranks (``"<what> failed on rank(s) [...]<consequence>"``),
+            on the others.
     """
     error: BaseException | None = None
     try:

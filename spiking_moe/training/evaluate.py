@@ -51,7 +51,20 @@ __all__ = ["EvaluationContext", "EvaluationTotals", "evaluate", "flat_prediction
 
 
 def unpack_output(output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(logits [B, V], aux_loss or None)`` from a Tensor or an object with ``.logits``."""
+    """The logits and auxiliary loss of a model's output.
+
+    Args:
+        output: what the model returned: logits ``[B, V]`` (``[B, S, V]`` for a sequence
+            model) as a tensor, or an object with a ``.logits`` tensor and, optionally,
+            ``.aux_loss`` (the ``ModelOutput`` contract of :mod:`spiking_moe.models`).
+
+    Returns:
+        ``(logits, aux_loss)``: the logits as they are, and ``output.aux_loss`` (a scalar
+        tensor), or None for a tensor output or an object without one.
+
+    Raises:
+        TypeError: ``output`` is neither a tensor nor an object with a ``.logits`` tensor.
+    """
     if isinstance(output, torch.Tensor):
         return output, None
     logits = getattr(output, "logits", None)
@@ -81,6 +94,17 @@ class EvaluationContext:
     Nothing is logged: :meth:`log` and :meth:`log_text` drop what they get (the caller of
     :func:`evaluate` receives the metrics), and there is no TensorBoard writer unless one is
     given.
+
+    Attributes:
+        model: the evaluated model, unwrapped (no DDP, no ``torch.compile``).
+        device: where the batches go and :meth:`all_reduce_sum` reduces.
+        step: the step the hooks report (callbacks that write to ``tensorboard_writer``
+            log at it).
+        epoch: the epoch the hooks report.
+        dist: this process's place in the job; default: the job it has joined
+            (:func:`~spiking_moe.training.distributed.current_dist`).
+        tensorboard_writer: a TensorBoard ``SummaryWriter`` for the callbacks that write to
+            one (e.g. :class:`~spiking_moe.training.callbacks.EnergyReportCallback`), or None.
     """
 
     model: nn.Module
@@ -97,7 +121,7 @@ class EvaluationContext:
         """Dropped (see the class docstring)."""
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over ranks on :attr:`device` (identity in a single process)."""
+        """Sum ``tensor`` over ranks on ``self.device`` (identity in a single process)."""
         return all_reduce_sum(tensor, self.device)
 
 

@@ -43,7 +43,13 @@ __all__ = [
 
 
 def energy_profile_names() -> list[str]:
-    """Names of the bundled hardware energy profiles."""
+    """Names of the bundled hardware energy profiles.
+
+    Returns:
+        The names that :func:`check_energy_profile` accepts (``"cmos45"``, ``"loihi"``, ...),
+        in the order of the bundled ``profiles.toml``
+        (:func:`energy.profiles.available_profiles`).
+    """
     return energy.available_profiles()
 
 
@@ -55,19 +61,45 @@ def _profile(name: str) -> energy.EnergyProfile:
 
 
 def check_energy_profile(name: str) -> None:
-    """Raise :class:`~spiking_moe.config.ConfigError` (a ValueError) naming the known profiles
-    when ``name`` is not one of them."""
+    """Check that ``name`` is a bundled energy profile (:func:`energy_profile_names`).
+
+    Args:
+        name: the profile name a user gave (e.g. ``EnergyReportCallback(profile=...)``).
+
+    Raises:
+        ConfigError: ``name`` is not a bundled profile; the message names the known ones
+            (a :class:`~spiking_moe.config.ConfigError` is a ValueError).
+    """
     _profile(name)
 
 
 def profile_precision(name: str) -> tuple[int, int]:
-    """``(weight_bits, activation_bits)`` the profile's prices assume (ConfigError if unknown)."""
+    """The precision the prices of a bundled energy profile assume.
+
+    Args:
+        name: a bundled profile's name (:func:`energy_profile_names`).
+
+    Returns:
+        ``(weight_bits, activation_bits)``.
+
+    Raises:
+        ConfigError: ``name`` is not a bundled profile (:func:`check_energy_profile`).
+    """
     profile = _profile(name)
     return profile.weight_bits, profile.activation_bits
 
 
 def write_energy_report(writer, report, step: int, prefix: str) -> None:
-    """Log an :class:`energy.EnergyReport` to a TensorBoard ``SummaryWriter`` under ``prefix``."""
+    """Log an energy report to TensorBoard: its scalars, the expert load and firing-rate
+    histograms, the Markdown table and a custom-scalars layout
+    (:func:`energy.tensorboard.write_report`).
+
+    Args:
+        writer: a TensorBoard ``SummaryWriter`` (not flushed here).
+        report: the :class:`energy.report.EnergyReport` to log.
+        step: the global step the entries are logged at.
+        prefix: the tags' prefix and the custom-scalars category, e.g. ``"val_energy"``.
+    """
     energy.tensorboard.write_report(writer, report, step, prefix=prefix)
 
 
@@ -177,6 +209,11 @@ def count_energy(
     process running the same model on each shard in turn (:func:`count_operations_parallel`
     for one pass).
 
+    Args:
+        model: the counted model, in the mode to count it in.
+        x_TBF: one batch of its input (this process's shard under expert parallelism):
+            time-major ``[T, B, F]``, or token ids ``[B, S]`` for a model with ``num_steps``.
+
     Returns:
         ``(counts, dense_counts)``; ``dense_counts`` is None for a model without MoE layers.
     """
@@ -203,6 +240,14 @@ def measure_energy(model: nn.Module, x_TBF: torch.Tensor, profile: str = "cmos45
     process calls it) and the report is that of all of them, the same on every process: one
     process's share alone prices its experts on other processes' tokens.
 
+    Args:
+        model: the measured model; it runs in eval mode for the count and is put back in its
+            own mode afterwards.
+        x_TBF: one batch of its input, as for :func:`count_energy` (time-major
+            ``[T, B, F]``, or token ids ``[B, S]``).
+        profile: the hardware profile that prices the counts: a bundled name
+            (:func:`energy_profile_names`) or an :class:`energy.profiles.EnergyProfile`.
+
     Returns:
         :class:`energy.EnergyReport`; energy per sample is ``report.totals.energy_pj / B``
         (``B`` summed over the processes under expert parallelism).
@@ -225,7 +270,18 @@ def measure_energy(model: nn.Module, x_TBF: torch.Tensor, profile: str = "cmos45
 def energy_metrics(report, samples: int, prefix: str, unit: str = "sample") -> dict[str, float]:
     """Scalars of an energy report: energy per ``unit`` (uJ; ``samples`` of them, "sample" or,
     for a sequence model, "token") and the baseline ratios (firing rates come from
-    :class:`~spiking_moe.training.FiringRateMonitor` and the report's own TensorBoard scalars)."""
+    :class:`~spiking_moe.training.FiringRateMonitor` and the report's own TensorBoard scalars).
+
+    Args:
+        report: an :class:`energy.report.EnergyReport` of the counted passes.
+        samples: the units the report counted (samples, or a sequence model's tokens); not 0.
+        prefix: the metric names' prefix ("val", "test", ...).
+        unit: "sample" or "token": what ``samples`` counts, named in the energy metric.
+
+    Returns:
+        ``{f"{prefix}/energy/uJ_per_{unit}": ..., f"{prefix}/energy/ratio_{baseline}": ...}``,
+        one ratio per baseline of the report (its energy over the model's, module docstring).
+    """
     metrics = {f"{prefix}/energy/uJ_per_{unit}": report.totals.energy_pj / samples / 1e6}
     for baseline in report.baselines:
         metrics[f"{prefix}/energy/ratio_{baseline.name}"] = baseline.ratio

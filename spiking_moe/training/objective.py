@@ -65,6 +65,15 @@ def activity_penalty(activity: Activity, target: float) -> torch.Tensor:
 
     Populations with no updates in the call (an expert that got no tokens) are left out, so
     idle experts neither dilute the penalty nor count as silent.
+
+    Args:
+        activity: the :class:`~spiking_moe.activity.Activity` a model reported for one call
+            (its ``spikes`` carry the surrogate gradient).
+        target: the firing rate (spikes per neuron update) up to which a population costs
+            nothing (``train.spike_rate_target``).
+
+    Returns:
+        A 0-d tensor, differentiable through ``activity.spikes``; 0 when no population ran.
     """
     ran = activity.updates > 0
     excess = torch.relu(activity.rates() - target) * ran
@@ -84,7 +93,19 @@ class MicroBatchStats(NamedTuple):
 class StepStats(NamedTuple):
     """Statistics of one optimizer step (or, summed, of a logging window), 0-d float32
     tensors on the device: the loss terms are means over the step's micro-batches, the
-    counts sums."""
+    counts sums.
+
+    Attributes:
+        loss: the objective that was backpropagated (module docstring): task loss (with
+            distillation, if any) plus ``aux_loss``.
+        cross_entropy: the plain ``loss_fn(logits, y)`` term, without distillation.
+        aux_loss: the model's ``.aux_loss`` plus the weighted activity penalty (0 without
+            either).
+        grad_norm: the gradients' total norm before clipping; 0 when ``train.grad_clip`` is
+            0 (no clipping, no norm taken).
+        correct: predictions whose argmax is the target.
+        samples: predictions counted: samples, or positions for sequence targets ``[B, S]``.
+    """
 
     loss: torch.Tensor
     cross_entropy: torch.Tensor
@@ -95,6 +116,7 @@ class StepStats(NamedTuple):
 
     @classmethod
     def zeros(cls, device: torch.device) -> StepStats:
+        """All fields 0 on ``device``: an empty logging window."""
         return cls(*torch.zeros(len(cls._fields), device=device))
 
     @classmethod

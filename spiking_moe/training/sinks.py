@@ -18,11 +18,32 @@ __all__ = ["JSONLinesSink", "MetricSink", "TensorBoardSink", "as_scalar"]
 
 @runtime_checkable
 class MetricSink(Protocol):
-    """Where metrics go. ``log_text`` and ``log_hparams`` are optional."""
+    """Where metrics go: any object with :meth:`log` and :meth:`close` is a sink.
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+    A protocol, checked by structure (``isinstance(obj, MetricSink)`` holds for any object with
+    both methods; no subclassing needed) and never constructed itself: the parameters below
+    are those of its methods. The :class:`~spiking_moe.training.trainer.Trainer` calls them
+    on rank 0 only, and calls two optional methods when a sink has them:
+    ``log_text(tag, text, step)`` (e.g. a Markdown table) and
+    ``log_hparams(hparams, metrics)`` (once, from
+    :meth:`~spiking_moe.training.trainer.Trainer.close`, with the run's latest ``val/`` and
+    ``test/`` metrics). :class:`TensorBoardSink` and :class:`JSONLinesSink` implement all four.
 
-    def close(self) -> None: ...
+    Args:
+        metrics: of ``log`` and ``log_hparams``: ``{name: value}`` scalars named like
+            ``"train/loss"`` (the trainer sends floats; a sink may accept one-element
+            tensors too, through :func:`as_scalar`).
+        step: of ``log`` and ``log_text``: the optimizer step the values belong to.
+        tag: of ``log_text``: the text's name.
+        text: of ``log_text``: the text.
+        hparams: of ``log_hparams``: flat ``{name: value}`` run settings.
+    """
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Record the scalars ``metrics`` at ``step``."""
+
+    def close(self) -> None:
+        """Flush and release what the sink holds; it is not used afterwards."""
 
 
 def as_scalar(name: str, value: Any) -> float:
@@ -81,7 +102,19 @@ class TensorBoardSink:
 
 
 class JSONLinesSink:
-    """One JSON object per line (``{"step": 10, "train/loss": 0.3, ...}``), appended, flushed."""
+    """One JSON object per line (``{"step": 10, "train/loss": 0.3, ...}``), appended, flushed.
+
+    ``log_text`` writes ``{"step": ..., "tag": ..., "text": ...}`` lines and ``log_hparams``
+    one ``{"hparams": {...}, "metrics": {...}}`` line into the same file; each line is flushed
+    as it is written, so the file is readable while the run goes on.
+
+    Args:
+        path: the file (``metrics.jsonl`` in a run folder); its folder is created. It is
+            opened for appending: a resumed run continues the file of the interrupted one.
+
+    Attributes:
+        path: the file, as a ``Path``.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

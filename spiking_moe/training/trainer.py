@@ -89,7 +89,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What :meth:`Trainer.fit` returns."""
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        step: optimizer steps completed, counting those before a resume.
+        epoch: the trainer's 0-based epoch counter when :meth:`Trainer.fit` returned (epochs
+            whose end was counted).
+        metrics: the latest value of every metric logged (training, evaluation, callbacks'),
+            including those restored from a resumed checkpoint.
+        interrupted: whether a signal or :meth:`Trainer.request_stop` stopped the run early.
+        signal: the number of the signal that stopped it (SIGINT, SIGTERM), or None.
+        wall_time_s: seconds this :meth:`Trainer.fit` call took, its final evaluation and
+            checkpoint included.
+        checkpoint: ``<out_dir>/checkpoint.pt`` (the index under expert parallelism); None
+            without ``out_dir``, or when no checkpoint was written or resumed from.
+    """
 
     step: int
     epoch: int
