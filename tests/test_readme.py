@@ -1,20 +1,33 @@
-"""The README stays true: its Python examples run and CI runs its test command."""
+"""The README and the docs' Markdown pages stay true: their Python examples run, and CI runs
+the README's test command."""
 
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 
 
 def _readme():
     return (ROOT / "README.md").read_text()
 
 
-def test_readme_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", _readme(), flags=re.S)
-    assert blocks, "README has no python example"
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_readme_has_a_python_example():
+    assert _python_blocks(ROOT / "README.md"), "README has no python example"
+
+
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if _python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_python_examples_run(page):
+    for block in _python_blocks(page):
+        exec(compile(block, str(page.relative_to(ROOT)), "exec"), {})
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,0 +1,481 @@
+"""The generated parts of the docs: API pages, the configuration and the CLI reference.
+
+Each is built from the code it documents (``__all__`` and docstrings, the config dataclasses,
+the argparse parsers), so it cannot drift; ``spiking_moe_docs`` writes them when Sphinx starts,
+and ``tests/test_docs_site.py`` checks them without Sphinx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import sys
+import textwrap
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+#: The namespaces users import from; every name in their ``__all__`` gets an API entry.
+PUBLIC_NAMESPACES = (
+    "spiking_moe",
+    "spiking_moe.functional",
+    "spiking_moe.nir",
+    "spiking_moe.training",
+    "energy",
+)
+
+#: API sections, in reading order: (title, modules whose public names it holds). A module not
+#: listed lands in the last section, so a new module is documented before it is placed.
+API_SECTIONS = (
+    (
+        "Neurons and spikes",
+        (
+            "spiking_moe.neurons",
+            "spiking_moe.functional",
+            "spiking_moe.functional.lif",
+            "spiking_moe.functional.surrogate",
+            "spiking_moe.functional.event",
+            "spiking_moe.synapses",
+            "spiking_moe.encoding",
+            "spiking_moe.activity",
+        ),
+    ),
+    (
+        "Routing and experts",
+        (
+            "spiking_moe.router",
+            "spiking_moe.dispatch",
+            "spiking_moe.experts",
+            "spiking_moe.moe",
+            "spiking_moe.strategies",
+        ),
+    ),
+    (
+        "Models",
+        ("spiking_moe.models", "spiking_moe.transformer", "spiking_moe.attention"),
+    ),
+    ("Configuration", ("spiking_moe.args", "spiking_moe.config")),
+    ("Data", ("spiking_moe.data",)),
+    (
+        "Training and experiments",
+        (
+            "spiking_moe.training",
+            "spiking_moe.experiment",
+            "spiking_moe.evaluation",
+            "spiking_moe.sweep",
+            "spiking_moe.cli",
+            "spiking_moe.quantization",
+            "spiking_moe.parallel",
+        ),
+    ),
+    ("Energy", ("energy",)),
+    ("NIR", ("spiking_moe.nir",)),
+    ("Kernels", ("spiking_moe.functional.kernels",)),
+    ("Other", ()),
+)
+
+
+@dataclasses.dataclass
+class ApiEntry:
+    """One documented object: where it is defined and the public paths users import it by."""
+
+    module: str
+    name: str
+    kind: str  # autodoc directive: autoclass, autofunction, autoexception, autodata
+    imported_as: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+def _defining_module(namespace: types.ModuleType, name: str, obj: object) -> str:
+    """The module an object is defined in; for data (no ``__module__``) the deepest module of
+    the namespace's package that binds the same object and exports it."""
+    module = getattr(obj, "__module__", None)
+    if module and (inspect.isclass(obj) or inspect.isroutine(obj)):
+        return module
+    package = namespace.__name__.split(".")[0]
+    holders = [
+        mod_name
+        for mod_name, mod in list(sys.modules.items())
+        if mod_name.split(".")[0] == package
+        and isinstance(mod, types.ModuleType)
+        and getattr(mod, name, None) is obj
+        and name in getattr(mod, "__all__", ())
+    ]
+    return max(holders, key=lambda m: m.count("."))
+
+
+def _kind(obj: object) -> str:
+    if inspect.isclass(obj):
+        return "autoexception" if issubclass(obj, BaseException) else "autoclass"
+    if inspect.isroutine(obj):
+        return "autofunction"
+    return "autodata"
+
+
+def _walk_public(namespace_name: str, seen: set[str]) -> Iterator[tuple[str, str, object]]:
+    """``(public path, name, object)`` for the namespace's ``__all__``; a submodule listed there
+    contributes its own ``__all__`` (``spiking_moe.data``, ``energy.profiles``)."""
+    if namespace_name in seen:
+        return
+    seen.add(namespace_name)
+    namespace = importlib.import_module(namespace_name)
+    for name in namespace.__all__:
+        obj = getattr(namespace, name)
+        if inspect.ismodule(obj):
+            if obj.__name__.startswith(namespace_name.split(".")[0]):
+                yield from _walk_public(obj.__name__, seen)
+            continue
+        yield namespace_name, name, obj
+
+
+#: Modules documented beyond those the public names live in: user-facing helpers that the
+#: guides and docstrings point to (the experiment runner the CLI calls, quantization,
+#: expert parallelism, the counting rules, the fused kernels and their maths).
+EXTRA_MODULES = (
+    "spiking_moe.parallel",
+    "spiking_moe.quantization",
+    "spiking_moe.experiment",
+    "spiking_moe.evaluation",
+    "spiking_moe.sweep",
+    "spiking_moe.cli",
+    "spiking_moe.functional.kernels",
+    *(
+        f"spiking_moe.functional.kernels.{name}"
+        for name in ("protocol", "cpu_fused", "triton_lif", "event_cpu", "triton_event")
+    ),
+    *(f"spiking_moe.functional.kernels.{name}" for name in ("calibration", "jit")),
+    "energy.rules",
+)
+
+
+def _own_names(module_name: str) -> list[tuple[str, object]]:
+    """The names of a module's ``__all__`` that the module itself defines."""
+    module = importlib.import_module(module_name)
+    own = []
+    for name in getattr(module, "__all__", ()):
+        obj = getattr(module, name)
+        if inspect.ismodule(obj):
+            continue
+        if _defining_module(module, name, obj) == module_name:
+            own.append((name, obj))
+    return own
+
+
+def documented_modules() -> list[str]:
+    """Every module with an API page: the public namespaces, the modules their names are
+    defined in, the submodules they list, and :data:`EXTRA_MODULES`."""
+    modules = set(PUBLIC_NAMESPACES) | set(EXTRA_MODULES)
+    seen: set[str] = set()
+    for namespace_name in PUBLIC_NAMESPACES:
+        for public_path, name, obj in _walk_public(namespace_name, seen):
+            modules.add(public_path)
+            modules.add(_defining_module(importlib.import_module(public_path), name, obj))
+    return sorted(modules)
+
+
+def api_entries() -> dict[str, list[ApiEntry]]:
+    """Documented objects grouped by defining module, in ``__all__`` order, each with the
+    public paths it is re-exported under."""
+    grouped: dict[str, list[ApiEntry]] = {}
+    by_target: dict[str, ApiEntry] = {}
+    modules = documented_modules()
+    for module in modules:
+        grouped[module] = []
+        for name, obj in _own_names(module):
+            real_name = name if _kind(obj) == "autodata" else getattr(obj, "__name__", name)
+            if f"{module}.{real_name}" in by_target:
+                continue
+            entry = ApiEntry(module, real_name, _kind(obj))
+            by_target[entry.target] = entry
+            grouped[module].append(entry)
+    seen: set[str] = set()
+    for namespace_name in PUBLIC_NAMESPACES:
+        for public_path, name, obj in _walk_public(namespace_name, seen):
+            module = _defining_module(importlib.import_module(public_path), name, obj)
+            real_name = name if _kind(obj) == "autodata" else getattr(obj, "__name__", name)
+            entry = by_target.get(f"{module}.{real_name}")
+            if entry is None:  # public, but missing from its own module's __all__
+                entry = by_target[f"{module}.{real_name}"] = ApiEntry(module, real_name, _kind(obj))
+                grouped[module].append(entry)
+            if public_path != module:
+                entry.imported_as.append(f"{public_path}.{name}")
+    return grouped
+
+
+def canonical_name(path: str) -> str | None:
+    """The documented path of the object ``path`` names (``energy.count_operations`` ->
+    ``energy.counting.count_operations``), or None when ``path`` names nothing importable.
+    Lets docstrings refer to an object by any public path."""
+    parts = path.split(".")
+    try:
+        obj = importlib.import_module(parts[0])
+    except ImportError:
+        return None
+    # Attribute lookup first, as Python resolves ``spiking_moe.dispatch`` (the function the
+    # package exports, not the submodule of the same name); a submodule only when no attribute.
+    for depth, attr in enumerate(parts[1:], start=2):
+        if hasattr(obj, attr):
+            obj = getattr(obj, attr)
+            continue
+        try:
+            obj = importlib.import_module(".".join(parts[:depth]))
+        except ImportError:
+            return None
+    if inspect.ismodule(obj):
+        return obj.__name__
+    if inspect.isclass(obj) or inspect.isroutine(obj):
+        owner = getattr(obj, "__module__", None)
+        qualname = getattr(obj, "__qualname__", None)
+        if owner and qualname and "<" not in qualname:
+            return f"{owner}.{qualname}"
+    return None
+
+
+def _section_of(module: str) -> str:
+    best, best_len = "Other", -1
+    for title, prefixes in API_SECTIONS:
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = title, len(prefix)
+    return best
+
+
+def _heading(text: str, char: str) -> str:
+    return f"{text}\n{char * len(text)}\n"
+
+
+def api_pages() -> dict[str, str]:
+    """``{relative path: reStructuredText}`` of the API reference: an index and one page per
+    defining module (its docstring, which holds the maths once, then its public names)."""
+    grouped = api_entries()
+    pages: dict[str, str] = {}
+    by_section: dict[str, list[str]] = {title: [] for title, _ in API_SECTIONS}
+    for module in sorted(grouped):
+        by_section[_section_of(module)].append(module)
+        lines = [_heading(f"``{module}``", "="), f".. automodule:: {module}", "   :no-members:", ""]
+        for entry in grouped[module]:
+            lines.append(f".. {entry.kind}:: {entry.target}")
+            if entry.kind in ("autoclass", "autoexception"):
+                lines += ["   :members:", "   :show-inheritance:"]
+            if entry.kind == "autodata":
+                lines.append("   :no-value:" if _long_value(entry) else "   :annotation:")
+            lines.append("")
+            if entry.imported_as:
+                paths = ", ".join(f"``{path}``" for path in sorted(set(entry.imported_as)))
+                lines += [f"   Also importable as {paths}.", ""]
+        reexports = _reexport_list(module)
+        if reexports:
+            lines += [_heading("Public names", "-"), *reexports, ""]
+        pages[f"{module}.rst"] = "\n".join(lines)
+    index = [
+        _heading("API reference", "="),
+        "Generated from the docstrings of every name in ``spiking_moe.__all__``, "
+        "``spiking_moe.functional``, ``spiking_moe.nir``, ``spiking_moe.training`` and "
+        "``energy``. Each page is the module an object is defined in: its docstring (the maths, "
+        "once) and then its public names, with where else they can be imported from.",
+        "",
+    ]
+    for title, _ in API_SECTIONS:
+        modules = by_section[title]
+        if not modules:
+            continue
+        index += [_heading(title, "-"), ".. toctree::", "   :maxdepth: 1", ""]
+        index += [f"   {module}" for module in modules]
+        index.append("")
+    pages["index.rst"] = "\n".join(index)
+    return pages
+
+
+def _reexport_list(module: str) -> list[str]:
+    """A linked list of the names a namespace re-exports from elsewhere."""
+    namespace = importlib.import_module(module)
+    items = []
+    for name in getattr(namespace, "__all__", ()):
+        obj = getattr(namespace, name)
+        if inspect.ismodule(obj):
+            items.append(f"- :mod:`{obj.__name__}`")
+            continue
+        defining = _defining_module(namespace, name, obj)
+        if defining == module:
+            continue
+        role = {"autoclass": "class", "autoexception": "exc", "autofunction": "func"}.get(
+            _kind(obj), "data"
+        )
+        real_name = name if role == "data" else obj.__name__
+        items.append(f"- :{role}:`{name} <{defining}.{real_name}>`")
+    return items
+
+
+def _long_value(entry: ApiEntry) -> bool:
+    value = getattr(importlib.import_module(entry.module), entry.name)
+    return len(repr(value)) > 80
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _rst_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("*", "\\*").replace("|", "\\|").replace("`", "\\`")
+
+
+def config_rows() -> list[tuple[str, list[tuple[str, str, str, str]]]]:
+    """``[(section, [(key, type, default, description), ...]), ...]``: every TOML key of an
+    experiment config, from the config dataclasses' declarations (``Options.describe``)."""
+    from spiking_moe.args import Options
+    from spiking_moe.config import ExperimentConfig
+
+    sections: list[tuple[str, list[tuple[str, str, str, str]]]] = []
+
+    def visit(path: str, cls: type) -> None:
+        rows = []
+        nested = []
+        for name, type_name, default, doc in cls.describe():
+            if isinstance(default, Options):
+                nested.append((f"{path}.{name}", type(default)))
+                continue
+            rows.append((f"{path}.{name}", type_name, repr(default), doc))
+        sections.append((path, rows))
+        for nested_path, nested_cls in nested:
+            visit(nested_path, nested_cls)
+
+    top = []
+    for f in dataclasses.fields(ExperimentConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, Options):
+            visit(f.name, type(default))
+        else:
+            top.append((f.name, "str", repr(default), "The experiment's name (its run folder)."))
+    return [("top level", top), *sections]
+
+
+def config_reference() -> str:
+    """The configuration reference page (reStructuredText)."""
+    from spiking_moe.args import FLAT_NAMES
+
+    lines = [
+        _heading("Configuration reference", "="),
+        "Every key of an experiment's TOML file, with its type, default and allowed values. "
+        "Generated from the config dataclasses (:mod:`spiking_moe.config`, "
+        ":mod:`spiking_moe.args`) when the docs are built, so it lists exactly what "
+        ":func:`spiking_moe.config.load_config` accepts; an unknown key or a value outside "
+        "these is refused with an error that names the key. Override any key on the command "
+        "line with ``--set section.key=value``.",
+        "",
+    ]
+    for section, rows in config_rows():
+        if not rows:
+            continue
+        title = "Top level" if section == "top level" else f"``[{section}]``"
+        lines += [
+            _heading(title, "-"),
+            ".. list-table::",
+            "   :header-rows: 1",
+            "   :widths: 25 12 13 50",
+            "",
+            "   * - key",
+            "     - type",
+            "     - default",
+            "     - meaning",
+        ]
+        for key, type_name, default, doc in rows:
+            lines += [
+                f"   * - ``{key}``",
+                f"     - ``{type_name}``",
+                f"     - ``{default}``",
+                f"     - {_rst_escape(doc) or '(undocumented)'}",
+            ]
+        lines.append("")
+    lines += [
+        _heading("Flat names", "-"),
+        "The models' constructors also take these flat keywords (``SpikingMoEClassifier(..., "
+        "num_experts=8)``); each is one key above.",
+        "",
+        ".. list-table::",
+        "   :header-rows: 1",
+        "",
+        "   * - flat keyword",
+        "     - key",
+    ]
+    for flat, (path, _) in FLAT_NAMES.items():
+        lines += [f"   * - ``{flat}``", f"     - ``model.{path}``"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _option_rows(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    rows = []
+    for action in parser._actions:  # argparse has no public accessor; sphinx-argparse reads it too
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = ", ".join(action.option_strings) or action.dest
+        if action.option_strings and action.nargs != 0:
+            name += f" {action.metavar or action.dest.upper()}"
+        text = (action.help or "") % {**vars(action), "prog": parser.prog}
+        if action.choices:
+            text += f" Choices: {', '.join(map(str, action.choices))}."
+        if action.required:
+            text += " Required."
+        elif action.default not in (None, False, argparse.SUPPRESS) and action.nargs != 0:
+            text += f" Default: ``{action.default}``."
+        rows.append((name, text))
+    return rows
+
+
+def cli_reference() -> str:
+    """The command-line reference page (reStructuredText), from the commands' parsers."""
+    from spiking_moe.cli import PARSERS
+
+    lines = [
+        _heading("Command-line reference", "="),
+        "The console scripts ``pip install`` puts on the path, generated from their argparse "
+        "parsers (:data:`spiking_moe.cli.PARSERS`). Every command exits with 0 on success and 2 "
+        "with a message naming the problem on bad input (config, override, checkpoint, "
+        "missing file). Each ``experiments/*.py`` script is the same command.",
+        "",
+    ]
+    for prog, build in PARSERS.items():
+        parser = build()
+        usage = parser.format_usage().removeprefix("usage: ").strip()
+        lines += [
+            _heading(f"``{prog}``", "-"),
+            _rst_escape(parser.description or ""),
+            "",
+            ".. code-block:: text",
+            "",
+            textwrap.indent(textwrap.fill(usage, 96, subsequent_indent="    "), "   "),
+            "",
+            ".. list-table::",
+            "   :header-rows: 1",
+            "   :widths: 30 70",
+            "",
+            "   * - argument",
+            "     - meaning",
+        ]
+        for name, text in _option_rows(parser):
+            lines += [f"   * - ``{name}``", f"     - {_rst_escape(text)}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_generated(docs_dir: Path) -> list[Path]:
+    """Write every generated page under ``docs_dir``; only files whose text changed are
+    rewritten (Sphinx rebuilds what changed). Returns the paths written."""
+    outputs = {f"api/{name}": text for name, text in api_pages().items()}
+    outputs["reference/config.rst"] = config_reference()
+    outputs["reference/cli.rst"] = cli_reference()
+    written = []
+    for relative, text in outputs.items():
+        path = docs_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            written.append(path)
+    return written
