@@ -73,6 +73,8 @@ sphinx_gallery_conf = {
     # Run every tutorial, not only plot_*.py; a failing one fails the build.
     "filename_pattern": r"/\d\d_",
     "abort_on_example_error": True,
+    # In the order of their numbers (the default sorts by code length).
+    "within_subsection_order": "FileNameSortKey",
     "only_warn_on_example_error": False,
     "remove_config_comments": True,
     "download_all_examples": False,

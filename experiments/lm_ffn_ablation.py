@@ -16,7 +16,7 @@ prices what runs; a swapped-in real-valued input is graded, so MACs):
 - ``ffn_input_real``: the FFN reads the LayerNorm output itself (no input spikes).
 - ``final_real``: the readout reads the final LayerNorm output (no final population).
 
-Usage (the README's language-model section has the table these gave)::
+Usage (docs/results.md, the language-model scaling study, has the table these gave)::
 
     python experiments/lm_ffn_ablation.py ffn_input_real --out runs/ablation/dense_ffn_input_real
     python experiments/lm_ffn_ablation.py ffn_input_real --config experiments/configs/lm_moe.toml \\

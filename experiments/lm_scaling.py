@@ -11,7 +11,7 @@ and prints, as Markdown, one scaling table (per family and E: validation and tes
 byte, energy per token at fp32 and int8, compute only and with memory traffic, mean ± std over
 the seeds) and one design table; ``--plot`` writes validation bits per byte and energy per
 token against E for both families. ``E1`` is the dense twin (``lm_dense_snn.toml``, the dense
-``lm_ann.toml``); the commands are in the README's language-model section.
+``lm_ann.toml``); the commands are in docs/results.md (the language-model scaling study).
 
     python experiments/lm_scaling.py runs/lm_study --plot experiments/results/lm_scaling.png \\
         > experiments/results/lm_scaling.md

@@ -44,6 +44,32 @@ def test_api_reference_documents_every_public_name():
             assert target in documented, f"{namespace}.{name} ({target}) has no API entry"
 
 
+def _has_doc_comment(module_name: str, name: str) -> bool:
+    """Whether a module-level assignment of ``name`` carries a ``#:`` comment above it or a
+    string right after it (what autodoc shows for data; without it, the value's type's doc)."""
+    import ast
+
+    source = Path(importlib.import_module(module_name).__file__).read_text()
+    lines = source.splitlines()
+    body = ast.parse(source).body
+    for index, node in enumerate(body):
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            after = body[index + 1] if index + 1 < len(body) else None
+            return lines[node.lineno - 2].strip().startswith("#:") or (
+                isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            )
+    return False
+
+
+def test_every_documented_constant_has_a_doc_comment():
+    pages = "\n".join(reference.api_pages().values())
+    constants = re.findall(r"^\.\. autodata:: (\S+)$", pages, re.M)
+    assert len(constants) > 20
+    missing = [c for c in constants if not _has_doc_comment(*c.rsplit(".", 1))]
+    assert not missing, f"constants without a #: doc comment: {missing}"
+
+
 def test_every_api_page_is_in_the_index():
     pages = reference.api_pages()
     index = pages.pop("index.rst")
@@ -79,7 +105,7 @@ def test_config_reference_shows_allowed_values_and_defaults():
         for key, type_name, default, doc in section
     )
     type_name, default, doc = rows["model.neuron.reset"]
-    assert (type_name, default) == ("str", "'subtract'") and "['subtract', 'zero']" in doc
+    assert (type_name, default) == ("str", '"subtract"') and "['subtract', 'zero']" in doc
 
 
 def test_cli_reference_covers_every_console_script():

@@ -1,4 +1,4 @@
-"""experiments/lm_ffn_ablation.py swaps exactly the populations it names (its README table
+"""experiments/lm_ffn_ablation.py swaps exactly the populations it names (its table in docs/results.md
 rests on that)."""
 
 import importlib.util

@@ -323,6 +323,21 @@ def _rst_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("*", "\\*").replace("|", "\\|").replace("`", "\\`")
 
 
+def _toml_value(value: object) -> str:
+    """A default as it is written in a TOML file (``"subtract"``, ``true``); None: unset."""
+    import json
+
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
 def config_rows() -> list[tuple[str, list[tuple[str, str, str, str]]]]:
     """``[(section, [(key, type, default, description), ...]), ...]``: every TOML key of an
     experiment config, from the config dataclasses' declarations (``Options.describe``)."""
@@ -338,7 +353,7 @@ def config_rows() -> list[tuple[str, list[tuple[str, str, str, str]]]]:
             if isinstance(default, Options):
                 nested.append((f"{path}.{name}", type(default)))
                 continue
-            rows.append((f"{path}.{name}", type_name, repr(default), doc))
+            rows.append((f"{path}.{name}", type_name, _toml_value(default), doc))
         sections.append((path, rows))
         for nested_path, nested_cls in nested:
             visit(nested_path, nested_cls)
@@ -349,7 +364,7 @@ def config_rows() -> list[tuple[str, list[tuple[str, str, str, str]]]]:
         if isinstance(default, Options):
             visit(f.name, type(default))
         else:
-            top.append((f.name, "str", repr(default), "The experiment's name (its run folder)."))
+            top.append((f.name, "str", _toml_value(default), "The experiment's name (its run folder)."))
     return [("top level", top), *sections]
 
 
