@@ -75,6 +75,8 @@ class NeuronAdapter:
     spikes: Callable[[Any], torch.Tensor] = _first_tensor
 
 
+#: The neuron families :func:`~energy.counting.count_operations` recognises by itself (this
+#: package's, snnTorch's, Norse's and SpikingJelly's), tried after its ``neuron_adapters``.
 BUILTIN_ADAPTERS: tuple[NeuronAdapter, ...] = (
     NeuronAdapter("spiking_moe", lambda m: _has_base(m, ["SpikingNeuron"], "spiking_moe.")),
     NeuronAdapter("snntorch", lambda m: _has_base(m, ["SpikingNeuron"], "snntorch.")),

@@ -103,10 +103,11 @@ __all__ = [
     "spike_counts",
 ]
 
-# exp, running sum, normalising multiply.
+#: MACs per softmax input (exp, running sum, normalising multiply): :func:`softmax_macs` per
+#: finite input, and per output of a product whose ANN equivalent has a softmax (``ann_softmax``).
 SOFTMAX_MACS = 3
-# LayerNorm per element: the mean's sum, the variance's multiply-add, the normalising
-# multiply-add, the affine multiply-add.
+#: MACs per element of an ``nn.LayerNorm`` input: the mean's sum, the variance's multiply-add,
+#: the normalising multiply-add, the affine multiply-add.
 NORM_MACS = 4
 _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

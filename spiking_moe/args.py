@@ -72,9 +72,17 @@ NEURON_BACKENDS = ("native", "snntorch", "norse")
 ATTENTION_KINDS = ("ssa", "spiking_softmax", "real_softmax", "ann")
 RESIDUALS = ("spike", "membrane")
 NORMS = ("none", "layer")
+#: ``RouterArgs.kind`` values: ``"rate"`` (a Linear on the input's spike rates) or ``"spiking"``
+#: (a LIF gating population); :data:`spiking_moe.router.ROUTERS` maps them to router classes.
 ROUTER_KINDS = ("rate", "spiking")
+#: ``ModelArgs.readout`` values: logits from the mean spike counts (``"count"``) or the mean
+#: membrane of a non-firing leaky integrator on the readout current (``"membrane"``).
 READOUTS = ("count", "membrane")
+#: ``MoEArgs.grouped_gemm`` values: one grouped GEMM per layer for the experts ``"always"``,
+#: ``"never"`` (one call per expert) or ``"auto"`` (on CUDA, and on CPU from 32 busy experts).
 GROUPED_GEMM = ("auto", "never", "always")
+#: ``MoEArgs.spike_exchange`` values: expert parallelism sends rows of spikes as ``"bits"`` (8 per
+#: byte) or ``"float"``; ``"auto"``: bits when the input is spikes (by construction or checked).
 SPIKE_EXCHANGE = ("auto", "bits", "float")
 
 

@@ -73,7 +73,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: ``model.kind`` values: the spiking MoE (``"moe"``), the dense spiking network with its active
+#: parameters (``"dense_snn"``), the same layers with ReLU for one step (``"ann"``).
 MODEL_KINDS = ("moe", "dense_snn", "ann")
+#: ``train.schedule`` values: after warmup the learning rate decays as a cosine to
+#: ``train.min_lr_ratio`` times ``train.lr`` (``"cosine"``) or stays (``"constant"``).
 SCHEDULES = ("cosine", "constant")
 
 

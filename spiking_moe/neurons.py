@@ -69,6 +69,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: ``backend`` values of :class:`LIF` (``NeuronArgs.backend``), who computes the dynamics: this
+#: package (``"native"``), ``snntorch.Leaky`` (``"snntorch"``) or Norse's ``LIFBoxCell``.
 BACKENDS = NEURON_BACKENDS
 
 

@@ -106,6 +106,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Integer widths, in bits, of weights and quantized inputs (``bits``, ``activation_bits``) of
+#: :func:`quantize_model`, :func:`prepare_qat` and the quantized layers; stored as ``int8``.
 SUPPORTED_BITS = (8, 4)
 
 

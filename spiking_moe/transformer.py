@@ -21,8 +21,9 @@ where SN is the block's spiking population (binary LIF, or multi-level spikes:
 :class:`~spiking_moe.neurons.MultiSpike`) and the sub-layers return currents (the FFN has no
 output neuron). This is the membrane shortcut of the Spike-driven Transformer V2/V3 (Yao et al.,
 ICLR 2024; 2024) with pre-normalisation: every Linear and product still reads spikes, while
-what flows between blocks is real-valued, which a spike residual cannot carry (measured on the
-stdlib corpus: 0.2-0.5 bits/byte, docs/results.md). The additions are :class:`Add` modules (one
+what flows between blocks is real-valued. What each choice buys on the stdlib corpus is the
+design table in docs/results.md: with binary LIF at ``T = 4`` the membrane stream alone gives
+no gain (3.46 against 3.41 bits/byte for the spike residual); multi-level spikes give the most. The additions are :class:`Add` modules (one
 accumulate per element and step in the energy report) and the normalisation ``nn.LayerNorm``
 (4 MACs per element, ``energy.rules``; ``block.norm="none"`` drops it). LayerNorm is kept at
 inference and counted, not folded: unlike BatchNorm its statistics are per token, so it has no

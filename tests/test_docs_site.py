@@ -40,7 +40,7 @@ def test_api_reference_documents_every_public_name():
                 continue
             target = reference.canonical_name(f"{namespace}.{name}")
             if target is None:  # data: documented where it is defined
-                target = f"{reference._defining_module(module, name, obj)}.{name}"
+                target = ".".join(reference._data_home(module, name, obj))
             assert target in documented, f"{namespace}.{name} ({target}) has no API entry"
 
 

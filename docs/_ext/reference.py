@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import inspect
 import sys
@@ -91,22 +92,69 @@ class ApiEntry:
         return f"{self.module}.{self.name}"
 
 
+def _assigned_names(module: types.ModuleType) -> frozenset[str]:
+    """Names a module assigns at top level (not the ones it imports)."""
+    return _assigned_names_in(module.__name__)
+
+
+@functools.cache
+def _assigned_names_in(module_name: str) -> frozenset[str]:
+    import ast
+
+    try:
+        tree = ast.parse(inspect.getsource(sys.modules[module_name]))
+    except (OSError, TypeError):
+        return frozenset()
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return frozenset(names)
+
+
+def _data_home(namespace: types.ModuleType, name: str, obj: object) -> tuple[str, str]:
+    """``(module, name)`` where a constant is assigned (and its ``#:`` comment is): among the
+    package's modules that bind the same object, the one whose source assigns it, preferring
+    the same name; else the deepest module that exports it."""
+    package = namespace.__name__.split(".")[0]
+    modules = [
+        (mod_name, mod)
+        for mod_name, mod in list(sys.modules.items())
+        if mod_name.split(".")[0] == package and isinstance(mod, types.ModuleType)
+    ]
+    assigned = [
+        (mod_name, bound)
+        for mod_name, mod in modules
+        for bound in _assigned_names(mod)
+        if getattr(mod, bound, None) is obj
+    ]
+    same_name = [home for home in assigned if home[1] == name]
+    if len(same_name) == 1:
+        return same_name[0]
+    if len(assigned) == 1:
+        return assigned[0]
+    holders = [
+        m
+        for m, mod in modules
+        if getattr(mod, name, None) is obj and name in getattr(mod, "__all__", ())
+    ]
+    return max(holders, key=lambda m: m.count(".")), name
+
+
+def _real_name(namespace: types.ModuleType, name: str, obj: object) -> str:
+    """The name an object is documented under: its own ``__name__``, or a constant's
+    assigned name (``spiking_moe.config.ROUTERS`` is ``spiking_moe.args.ROUTER_KINDS``)."""
+    if _kind(obj) == "autodata":
+        return _data_home(namespace, name, obj)[1]
+    return getattr(obj, "__name__", name)
+
+
 def _defining_module(namespace: types.ModuleType, name: str, obj: object) -> str:
-    """The module an object is defined in; for data (no ``__module__``) the deepest module of
-    the namespace's package that binds the same object and exports it."""
+    """The module an object is defined in (for a constant: where it is assigned)."""
     module = getattr(obj, "__module__", None)
     if module and (inspect.isclass(obj) or inspect.isroutine(obj)):
         return module
-    package = namespace.__name__.split(".")[0]
-    holders = [
-        mod_name
-        for mod_name, mod in list(sys.modules.items())
-        if mod_name.split(".")[0] == package
-        and isinstance(mod, types.ModuleType)
-        and getattr(mod, name, None) is obj
-        and name in getattr(mod, "__all__", ())
-    ]
-    return max(holders, key=lambda m: m.count("."))
+    return _data_home(namespace, name, obj)[0]
 
 
 def _kind(obj: object) -> str:
@@ -187,21 +235,34 @@ def api_entries() -> dict[str, list[ApiEntry]]:
     for module in modules:
         grouped[module] = []
         for name, obj in _own_names(module):
-            real_name = name if _kind(obj) == "autodata" else getattr(obj, "__name__", name)
+            real_name = _real_name(importlib.import_module(module), name, obj)
             if f"{module}.{real_name}" in by_target:
                 continue
             entry = ApiEntry(module, real_name, _kind(obj))
             by_target[entry.target] = entry
             grouped[module].append(entry)
     seen: set[str] = set()
-    for namespace_name in PUBLIC_NAMESPACES:
-        for public_path, name, obj in _walk_public(namespace_name, seen):
-            module = _defining_module(importlib.import_module(public_path), name, obj)
-            real_name = name if _kind(obj) == "autodata" else getattr(obj, "__name__", name)
+    exported = [
+        (public_path, name, obj)
+        for namespace_name in PUBLIC_NAMESPACES
+        for public_path, name, obj in _walk_public(namespace_name, seen)
+    ]
+    # What a documented module re-exports from elsewhere is documented where it lives.
+    exported += [
+        (module, name, getattr(importlib.import_module(module), name))
+        for module in modules
+        for name in getattr(importlib.import_module(module), "__all__", ())
+        if not inspect.ismodule(getattr(importlib.import_module(module), name))
+    ]
+    for public_path, name, obj in exported:
+        if True:
+            namespace = importlib.import_module(public_path)
+            module = _defining_module(namespace, name, obj)
+            real_name = _real_name(namespace, name, obj)
             entry = by_target.get(f"{module}.{real_name}")
             if entry is None:  # public, but missing from its own module's __all__
                 entry = by_target[f"{module}.{real_name}"] = ApiEntry(module, real_name, _kind(obj))
-                grouped[module].append(entry)
+                grouped.setdefault(module, []).append(entry)
             if public_path != module:
                 entry.imported_as.append(f"{public_path}.{name}")
     return grouped
@@ -262,6 +323,9 @@ def api_pages() -> dict[str, str]:
             lines.append(f".. {entry.kind}:: {entry.target}")
             if entry.kind in ("autoclass", "autoexception"):
                 lines += ["   :members:", "   :show-inheritance:"]
+                stop = _public_bases(entry)
+                if stop:
+                    lines.append(f"   :inherited-members: {', '.join(stop)}")
             if entry.kind == "autodata":
                 lines.append("   :no-value:" if _long_value(entry) else "   :annotation:")
             lines.append("")
@@ -291,6 +355,22 @@ def api_pages() -> dict[str, str]:
     return pages
 
 
+def _public_bases(entry: ApiEntry) -> list[str]:
+    """For a class built on a private base of this package (``SpikingMoELM`` on
+    ``_LanguageModel``), the bases whose members are not repeated on its page (everything from
+    the first documented or foreign base on), so the methods it inherits from the private base
+    (``generate``) are documented on it. Empty when no base is private."""
+    cls = getattr(importlib.import_module(entry.module), entry.name)
+    packages = {namespace.split(".")[0] for namespace in PUBLIC_NAMESPACES}
+    bases = cls.__mro__[1:]
+    private = [
+        b for b in bases if b.__name__.startswith("_") and b.__module__.split(".")[0] in packages
+    ]
+    if not private:
+        return []
+    return sorted({b.__name__ for b in bases if b not in private})
+
+
 def _reexport_list(module: str) -> list[str]:
     """A linked list of the names a namespace re-exports from elsewhere."""
     namespace = importlib.import_module(module)
@@ -306,7 +386,7 @@ def _reexport_list(module: str) -> list[str]:
         role = {"autoclass": "class", "autoexception": "exc", "autofunction": "func"}.get(
             _kind(obj), "data"
         )
-        real_name = name if role == "data" else obj.__name__
+        real_name = _real_name(namespace, name, obj)
         items.append(f"- :{role}:`{name} <{defining}.{real_name}>`")
     return items
 
@@ -364,7 +444,9 @@ def config_rows() -> list[tuple[str, list[tuple[str, str, str, str]]]]:
         if isinstance(default, Options):
             visit(f.name, type(default))
         else:
-            top.append((f.name, "str", _toml_value(default), "The experiment's name (its run folder)."))
+            top.append(
+                (f.name, "str", _toml_value(default), "The experiment's name (its run folder).")
+            )
     return [("top level", top), *sections]
 
 

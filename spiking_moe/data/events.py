@@ -77,12 +77,20 @@ __all__ = [
     "tonic_frames",
 ]
 
+#: SHD's input channels (an event's unit, 0..699): :class:`SHDDataset`'s ``num_features``.
 SHD_CHANNELS = 700
+#: SHD's classes, spoken digits 0-9 in English and German: :class:`SHDDataset`'s ``num_classes``.
 SHD_CLASSES = 20
+#: Side of N-MNIST's square sensor, in pixels (34 x 34); events off it are dropped.
 NMNIST_SIZE = 34
+#: N-MNIST's input channels, 2 polarities x 34 x 34 pixels = 2312 (channel
+#: ``polarity * 34 * 34 + y * 34 + x``): :class:`NMNISTDataset`'s ``num_features``.
 NMNIST_FEATURES = 2 * NMNIST_SIZE * NMNIST_SIZE
-# Defaults of the event datasets (steps, binning window in seconds); their specs use them too.
+#: SHD's default ``(T, max_time_s)``, 100 bins over 1.4 s: :class:`SHDDataset`'s, and its
+#: :data:`~spiking_moe.data.registry.DATASETS` spec's (``data.num_steps = 0``, ``max_time_s = 0``).
 SHD_DEFAULTS = (100, 1.4)
+#: N-MNIST's default ``(T, max_time_s)``, 30 bins over 0.3 s: :class:`NMNISTDataset`'s, and its
+#: :data:`~spiking_moe.data.registry.DATASETS` spec's (``data.num_steps = 0``, ``max_time_s = 0``).
 NMNIST_DEFAULTS = (30, 0.3)
 #: ``data.event_reader`` values: "native" (this module's readers and binning) or "tonic" (the
 #: optional tonic package; see the module docstring).
@@ -192,7 +200,7 @@ class _EventDataset(Dataset):
 
     num_features: int
     num_classes: int
-    #: tonic ``(x, y, p)`` sensor size and seconds per time unit of :meth:`_tonic_events`.
+    #: tonic ``(x, y, p)`` sensor size and seconds per time unit of ``_tonic_events``.
     sensor_size: tuple[int, int, int]
     time_unit_s: float = 1.0
 

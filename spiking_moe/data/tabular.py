@@ -16,6 +16,8 @@ from .loader import _mix_seed
 
 __all__ = ["MNIST1D_LENGTH", "InMemoryDataset", "load_digits", "load_mnist1d"]
 
+#: Points of an MNIST-1D series (:func:`load_mnist1d`): ``T`` of the ``"sequence"`` encoding (one
+#: point per step), and the default ``T`` of ``"current"``.
 MNIST1D_LENGTH = 40
 
 

@@ -39,13 +39,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Vocabulary of the byte-level language models: the 256 byte values, the input features and
+#: classes of :class:`TextDataset`.
 TEXT_VOCAB = 256
+#: ``T`` of the ``"text"`` dataset when ``data.num_steps = 0``: steps of constant input current
+#: per byte.
 TEXT_DEFAULT_STEPS = 4
 #: Folders left out of the standard-library corpus: test suites are not library code, and
 #: installed third-party packages differ between machines (the corpus, and its hash, would too).
 STDLIB_EXCLUDED_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 )
+#: The corpus's splits, in order: fields of :class:`TextCorpus`, shared out by
+#: :data:`TEXT_SPLIT_BUCKETS`.
 TEXT_SPLITS = ("train", "val", "test")
 #: Upper ends of the train and val buckets out of 100 (the rest is test): 90/5/5.
 TEXT_SPLIT_BUCKETS = (90, 95)

@@ -95,6 +95,8 @@ __all__ = ["AUTO_DENSE_ABOVE", "IMPLEMENTATIONS", "auto_dense_above", "event_lin
 
 logger = logging.getLogger(__name__)
 
+#: ``implementation=`` values of :func:`event_linear` and :class:`~spiking_moe.synapses.EventLinear`
+#: (module docstring): ``"auto"``, ``"cpp"``, ``"triton"``, ``"torch"``, ``"dense"``.
 IMPLEMENTATIONS = ("auto", "cpp", "triton", "torch", "dense")
 
 #: Device type -> fraction of nonzero inputs above which ``implementation="auto"`` runs the dense

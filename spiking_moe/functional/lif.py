@@ -53,7 +53,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Reset = Literal["subtract", "zero"]
+#: Reset modes of :func:`lif_multistep` and :func:`lif_step` (``NeuronArgs.reset``): ``"subtract"``
+#: (soft) and ``"zero"`` (hard).
 RESETS = ("subtract", "zero")
+#: ``implementation=`` values of :func:`lif_multistep` (``NeuronArgs.implementation``): ``"auto"``,
+#: ``"reference"`` (the Python loop), ``"fused"`` (C++ or vectorised PyTorch), ``"triton"``.
 IMPLEMENTATIONS = ("auto", "reference", "fused", "triton")
 _FUSED_DTYPES = (torch.float32, torch.float64)
 

@@ -40,6 +40,8 @@ __all__ = [
 
 #: 2: the model is its class, sizes and ModelArgs as written (1 listed constructor keywords).
 BUNDLE_FORMAT_VERSION = 2
+#: File name of a bundle's manifest, next to its parts' NIR graphs: written by
+#: :func:`export_bundle`, read by :func:`load_bundle`.
 MANIFEST_NAME = "manifest.json"
 
 

@@ -23,6 +23,8 @@ __all__ = ["DEFAULT_DT", "SUBTRACT_RESETS", "export_nir"]
 
 #: snnTorch 1.0's ``import_from_nir`` hard-codes this time step.
 DEFAULT_DT = 1e-4
+#: ``subtract_reset`` values of :func:`export_nir`: ``"error"`` refuses a ``reset="subtract"`` LIF
+#: (NIR has none); ``"zero"`` writes a reset to zero and keeps the true one in the node's metadata.
 SUBTRACT_RESETS = ("error", "zero")
 #: The key of a node's metadata that holds our exact parameters (read back by the importer).
 _META = "spiking_moe"

@@ -24,6 +24,8 @@ __all__ = ["DIALECTS", "LeakyIntegrator", "NIRModule", "import_nir"]
 
 logger = logging.getLogger(__name__)
 
+#: ``dialect`` values of :func:`import_nir`: the NIR definitions (``"nir"``) or graphs written by
+#: Norse 1.1's ``to_nir`` (``"norse"``).
 DIALECTS = ("nir", "norse")
 _SUPPORTED_NODES = ("Input", "Output", "Affine", "Linear", "LIF", "IF", "LI", "I")
 

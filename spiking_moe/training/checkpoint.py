@@ -77,6 +77,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: File name of a run's checkpoint in its output folder (written by the Trainer; an expert-parallel
+#: run's index); the one it replaces is kept as ``checkpoint.prev.pt``.
 CHECKPOINT_NAME = "checkpoint.pt"
 
 #: The ``"format"`` entry of the Trainer's checkpoints (and of their expert shards).

@@ -45,6 +45,8 @@ __all__ = ["FILE_NAME", "entry_key", "read_break_even", "store_break_even"]
 
 logger = logging.getLogger(__name__)
 
+#: Name of the break-even store, a JSON file in the torch extensions folder
+#: (:func:`~spiking_moe.functional.kernels.jit.extensions_root`).
 FILE_NAME = "spiking_moe_event_break_even.json"
 _ENTRIES = "break_even"
 _ABOUT = (

@@ -179,5 +179,9 @@ class _TorchProvider:
         return gx_TU, a, gbeta, gtheta
 
 
+#: The C++ kernel (``lif_cpu.cpp``) as a :class:`~.protocol.LIFKernel`: CPU, float32/float64, once
+#: :data:`EXTENSION` builds; what the fused LIF path runs unless Triton is taken or it cannot run.
 CPP = _CppProvider()
+#: The same recurrence in vectorised PyTorch ops, any device and dtype: the fused LIF path where
+#: neither Triton nor :data:`CPP` can run.
 TORCH = _TorchProvider()

@@ -59,4 +59,6 @@ class _CppProvider:
         )
 
 
+#: The C++ kernel as a :class:`~.protocol.EventKernel` (CPU, float32/float64, once :data:`EXTENSION`
+#: builds): ``implementation="cpp"``, and ``"auto"`` on CPU.
 CPP = _CppProvider()

@@ -113,4 +113,6 @@ class _TritonProvider:
         return out_RO
 
 
+#: The Triton kernel as a :class:`~.protocol.EventKernel` (CUDA, or CPU with ``TRITON_INTERPRET=1``;
+#: float32/float64): ``implementation="triton"``, and ``"auto"`` on CUDA.
 TRITON = _TritonProvider()

@@ -299,4 +299,6 @@ class _TritonProvider:
         return gx_TU, gv0_U, gbeta_U, gtheta_U
 
 
+#: The Triton kernels as a :class:`~.protocol.LIFKernel` (CUDA, or CPU with ``TRITON_INTERPRET=1``;
+#: float32/float64): ``implementation="triton"``, and ``"auto"`` on CUDA.
 TRITON = _TritonProvider()
