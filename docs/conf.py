@@ -82,6 +82,9 @@ sphinx_gallery_conf = {
     "reset_modules": ("matplotlib",),
     "show_memory": False,
     "min_reported_time": 1,
+    # The execution-times pages load jQuery and DataTables from CDNs: the site must work
+    # offline (docs/tools/check_site.py found them).
+    "write_computation_times": False,
     # The scripts are the tutorials' single source; no binder or notebooks from a CDN.
     "first_notebook_cell": None,
 }
