@@ -16,12 +16,15 @@ Tags, all under ``prefix`` (default ``"energy"``):
   ``expert_firing_rate`` and ``layer_firing_rate`` (distributions over experts / neuron layers);
 - text: ``report`` (the Markdown tables);
 - a custom-scalars layout (category ``prefix``) grouping totals, ratios and per-expert charts,
-  so the energy panel organises itself in TensorBoard's "Custom Scalars" tab.
+  so the energy panel organises itself in TensorBoard's "Custom Scalars" tab. TensorBoard
+  shows a run's latest layout only, so each writer's layout holds every category written to it
+  (``val_energy`` and ``test_energy`` side by side), rewritten only when one is new or changed.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 import numpy as np
@@ -89,6 +92,22 @@ def custom_scalars_layout(report: EnergyReport, prefix: str = "energy") -> dict:
     return {prefix: charts}
 
 
+#: The categories each writer's custom-scalars layout holds so far (see the module docstring).
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+
+
+def _write_layout(writer: Any, layout: dict) -> None:
+    try:
+        written = _LAYOUTS.setdefault(writer, {})
+    except TypeError:  # a writer that cannot be weakly referenced: its own layout only
+        writer.add_custom_scalars(layout)
+        return
+    if all(written.get(category) == charts for category, charts in layout.items()):
+        return
+    written.update(layout)
+    writer.add_custom_scalars(dict(written))
+
+
 def write_report(writer: Any, report: EnergyReport, step: int, prefix: str = "energy") -> None:
     """Log ``report`` at ``step``: scalars, histograms, Markdown text and the layout.
 
@@ -126,4 +145,4 @@ def write_report(writer: Any, report: EnergyReport, step: int, prefix: str = "en
     if rates:
         writer.add_histogram(f"{prefix}/layer_firing_rate", np.array(rates), step)
     writer.add_text(f"{prefix}/report", report.to_markdown(), step)
-    writer.add_custom_scalars(custom_scalars_layout(report, prefix))
+    _write_layout(writer, custom_scalars_layout(report, prefix))

@@ -72,7 +72,7 @@ VIEWS = (
         (1100, 860),
         (0, 0, 1100, 765),
     ),
-    # The custom-scalars layout of energy.tensorboard: the last one written (the test set's).
+    # The custom-scalars layout of energy.tensorboard: val_energy first, then test_energy.
     View("custom_scalars", "custom_scalars&_smoothingWeight=0", (1100, 1000), (0, 0, 1100, 1000)),
     # The test set's Markdown report: a window wide enough for the baseline table to fit its
     # cells (the card's height is fixed: it scrolls to the rest), cropped to the card.

@@ -372,10 +372,9 @@ plt.show()
 # - **CUSTOM SCALARS**: the layout of :func:`energy.tensorboard.custom_scalars_layout`: total
 #   energy with every baseline in one chart, the energy split, the ratios (compute only and
 #   with memory traffic), the firing rate, and synaptic operations, tokens and energy per
-#   expert. Every report writes its layout and TensorBoard shows the last one written: after
-#   a finished run that is the test set's (``test_energy``), whose charts hold one point per
-#   curve at the last step (two after the resume above). The same charts over the
-#   validations are the ``val_energy/*`` tags in SCALARS.
+#   expert, in one category per report prefix: ``val_energy`` (a point per curve at every
+#   validation) and below it ``test_energy`` (one point per curve at the last step, two after
+#   the resume above).
 # - **TEXT**: ``val_energy/report`` (one entry per validation, the latest on top) and
 #   ``test_energy/report``: the Markdown report, tables included.
 # - **HISTOGRAMS** and **DISTRIBUTIONS**: ``expert_load`` (bucket ``i`` holds the tokens
@@ -400,14 +399,15 @@ plt.show()
 #
 # .. image:: /_static/tensorboard/custom_scalars.png
 #    :target: ../_static/tensorboard/custom_scalars.png
-#    :alt: TensorBoard's CUSTOM SCALARS tab showing the test_energy category: charts of the
+#    :alt: TensorBoard's CUSTOM SCALARS tab showing the val_energy category: charts of the
 #          total energy and the baselines' energies, the energy split and the energy ratios,
-#          each with one point per curve at step 240.
+#          each curve over the validations from step 20 to 240.
 #
-# CUSTOM SCALARS: the ``test_energy`` layout, each chart one point per curve at the last step
-# (total energy of the test set in pJ beside each baseline's, the split into synaptic, neuron
-# and memory energy, and the baseline / SNN ratios); the charts below them, cut off here, are
-# the firing rate and the per-expert synaptic operations, tokens and energy.
+# CUSTOM SCALARS, the ``val_energy`` category: every validation's total energy in pJ beside
+# each baseline's, the split into synaptic, neuron and memory energy, and the baseline / SNN
+# ratios (compute only and with memory traffic) over training; the charts below them, cut off
+# here, are the firing rate and the per-expert synaptic operations, tokens and energy, and
+# then the ``test_energy`` category.
 #
 # .. image:: /_static/tensorboard/text_report.png
 #    :target: ../_static/tensorboard/text_report.png

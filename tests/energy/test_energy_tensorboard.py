@@ -64,6 +64,31 @@ def test_written_report_reads_back(tmp_path):
     assert "synaptic ops per expert" in titles
 
 
+def test_layout_keeps_every_category_written_to_a_writer(tmp_path):
+    """TensorBoard shows a run's latest layout only: after a validation report and a test
+    report, it must hold both categories (it once held the test one alone); and an unchanged
+    layout is not written again."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from torch.utils.tensorboard import SummaryWriter
+
+    report = energy.estimate(
+        TinyMoE(ids=((0, 1), (1, 2, 3), (0, 2))), spikes(3, 4, 4, p=0.5, seed=0)
+    )
+    writer = SummaryWriter(str(tmp_path))
+    for step in (1, 2, 3):
+        write_report(writer, report, step=step, prefix="val_energy")
+    write_report(writer, report, step=3, prefix="test_energy")
+    writer.close()
+    configs = read_events(tmp_path).Tensors("custom_scalars__config__")
+    layouts = []
+    for config in configs:
+        layout = layout_pb2.Layout()
+        layout.ParseFromString(config.tensor_proto.string_val[0])
+        layouts.append([category.title for category in layout.category])
+    assert layouts[-1] == ["val_energy", "test_energy"]
+    assert len(layouts) <= 2  # one per new category, not one per report
+
+
 def test_layout_without_experts_has_no_expert_charts():
     report = energy.estimate(nn.Linear(4, 3), torch.ones(2, 1, 4))
     charts = custom_scalars_layout(report, prefix="run1/energy")["run1/energy"]
