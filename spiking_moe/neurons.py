@@ -114,6 +114,16 @@ def plain_neuron_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _scalar_repr(value: torch.Tensor) -> str:
+    """A buffer for a repr: the shortest decimal that reads back at its own precision (a
+    float32 ``beta=0.9`` shows as 0.9, not 0.8999999761581421), or its size when per neuron."""
+    if value.dim() != 0:
+        return f"[{value.numel()} values]"
+    if value.dtype in (torch.float16, torch.float32, torch.float64):
+        return str(value.detach().cpu().numpy())
+    return str(value.item())
+
+
 class SpikingNeuron(nn.Module):
     """What every spiking neuron module of the package shares: its
     :class:`~spiking_moe.args.NeuronArgs` and the constants ``beta`` and ``threshold`` (buffers,
@@ -168,13 +178,10 @@ class SpikingNeuron(nn.Module):
                 self.register_buffer(name, value)
 
     def _constants_repr(self) -> str:
-        beta = self.beta.item() if self.beta.dim() == 0 else f"[{self.beta.numel()} values]"
-        thr = (
-            self.threshold.item()
-            if self.threshold.dim() == 0
-            else f"[{self.threshold.numel()} values]"
+        return (
+            f"beta={_scalar_repr(self.beta)}, threshold={_scalar_repr(self.threshold)}, "
+            f"reset={self.reset!r}"
         )
-        return f"beta={beta}, threshold={thr}, reset={self.reset!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).spikes

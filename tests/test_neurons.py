@@ -278,3 +278,10 @@ def test_a_nan_input_reaches_the_multi_level_spikes_instead_of_vanishing():
 
     spikes = MultiSpike()(torch.tensor([[[float("nan"), 1.2]]]))
     assert torch.isnan(spikes[0, 0, 0]) and spikes[0, 0, 1] == 1
+
+
+def test_repr_shows_the_constants_as_given():
+    """A float32 buffer holding 0.9 prints as 0.9 (its shortest float32 decimal), not as the
+    float64 expansion 0.8999999761581421; per-neuron constants print their count."""
+    assert "beta=0.9, threshold=1.5," in repr(LIF(beta=0.9, threshold=1.5))
+    assert "beta=[3 values]" in repr(LIF(beta=torch.full((3,), 0.9)))
