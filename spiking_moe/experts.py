@@ -161,7 +161,7 @@ class SpikingExpert(_FeedForwardExpert):
 
     Args:
         in_features: input size ``I``.
-        hidden_features: size ``H`` of each hidden LIF layer.
+        hidden_features: size ``U`` of each hidden LIF layer.
         out_features: output size ``O``.
         num_layers: number of hidden ``Linear -> LIF`` layers (>= 1).
         neuron: the hidden populations' :class:`~spiking_moe.args.NeuronArgs`.

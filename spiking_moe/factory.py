@@ -7,7 +7,7 @@ twins of the same args. Every model returns a :class:`~spiking_moe.models.ModelO
 relies on.
 
 =============  =========================================  =========================================
-``kind``       classifier (``[T, B, F]`` -> ``[B, C]``)   language model (text: ``[B, S]`` ids)
+``kind``       classifier (``[T, B, F]`` -> ``[B, V]``)   language model (text: ``[B, S]`` ids)
 =============  =========================================  =========================================
 ``moe``        :class:`~spiking_moe.models.               :class:`~spiking_moe.transformer.
                SpikingMoEClassifier`                      SpikingMoELM`

@@ -7,16 +7,16 @@ All three classifiers are built from one :class:`~spiking_moe.args.ModelArgs` (t
 comparison take the same args) and share one layout, so that their modules line up for energy
 counting: ``input_layer`` (Linear on the raw input, analog or spikes: the model is
 encoder-agnostic) -> ``input_neuron`` -> ``layers`` (``num_layers`` FFNs, each returning a
-:class:`~spiking_moe.moe.MoEOutput`) -> ``readout`` (Linear to ``C``).
+:class:`~spiking_moe.moe.MoEOutput`) -> ``readout`` (Linear to ``V``).
 
 * :class:`SpikingMoEClassifier`: each layer is a :class:`~spiking_moe.moe.SpikingMoE` with
-  ``moe.num_experts`` :class:`~spiking_moe.experts.SpikingExpert` (``H -> expert.hidden -> H``).
+  ``moe.num_experts`` :class:`~spiking_moe.experts.SpikingExpert` (``D -> expert.hidden -> D``).
   ``dense=True`` runs every expert on every token (the dense-MoE baseline).
 * :class:`DenseSNNClassifier`: each layer is one dense spiking expert of width
   ``args.active_ffn_hidden`` (``k * expert.hidden``, plus the shared experts' widths) and a
   LIF (:class:`~spiking_moe.moe.DenseFFN`), i.e. the same *active* parameters per token as the
   MoE. Exactly: a MoE layer's active parameters (router plus ``k`` experts) exceed the dense
-  layer's by the router (``H E + E``) and ``(k - 1) H`` output biases
+  layer's by the router (``D E + E``) and ``(k - 1) D`` output biases
   (:func:`active_parameter_count`).
 * :class:`ANNClassifier`: the same layers with ``ReLU`` instead of ``LIF``, one time step (a
   ``[T, B, F]`` input is averaged over ``T``), with the same MoE structure (a rate router on the
@@ -69,7 +69,7 @@ class ModelOutput(NamedTuple):
     model.
 
     Attributes:
-        logits: ``[B, C]`` (a language model: ``[B, S, V]``).
+        logits: ``[B, V]`` (a language model: ``[B, S, V]``).
         aux_loss: scalar, the sum of the MoE layers' balancing losses (zero without MoE).
         routing: one :class:`~spiking_moe.router.RoutingInfo` per MoE layer, in order.
         activity: spikes of every LIF population, named like the modules
@@ -256,7 +256,7 @@ class SpikingMoEClassifier(_SpikingClassifier):
 
     Args:
         in_features: input size ``F``.
-        num_classes: ``C``.
+        num_classes: number of classes ``V``.
         args: the model's :class:`~spiking_moe.args.ModelArgs` (None: the defaults).
         dense: start in dense-MoE mode (every expert on every token).
         **options: model options by name, flat (``hidden_features``, ``num_experts``, ``k``,
@@ -268,7 +268,7 @@ class SpikingMoEClassifier(_SpikingClassifier):
             membrane readout uses the neurons' ``beta`` (a scalar).
 
     Shape:
-        ``forward(x)``: ``[T, B, F]`` -> :class:`ModelOutput` (logits ``[B, C]``).
+        ``forward(x)``: ``[T, B, F]`` -> :class:`ModelOutput` (logits ``[B, V]``).
 
     Example:
         >>> _ = torch.manual_seed(0)

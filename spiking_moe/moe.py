@@ -494,8 +494,9 @@ def update_router_biases(
             and :mod:`spiking_moe.transformer`, whose output's ``routing`` follows that order).
         routing: one :class:`RoutingInfo` per MoE layer, or a sequence of such tuples (one per
             micro-batch since the last optimizer step) whose loads are summed per layer.
-        reduce: applied to the summed loads ``[L, E]`` before the update, e.g. a sum over
-            data-parallel ranks, so that every rank takes the step of the global batch.
+        reduce: applied to the summed loads before the update (one tensor, one row of ``E``
+            loads per MoE layer), e.g. a sum over data-parallel ranks, so that every rank takes
+            the step of the global batch.
     """
     layers = moe_layers(model)
     routing = list(routing)

@@ -26,14 +26,14 @@ Norse ``norse.torch.LIFBoxCell``
 
 Multi-level spikes (:class:`MultiSpike`, ``NeuronArgs.kind = "multi"``)
     I-LIF / MultiSpike style: per step ``h_t = beta v_{t-1} + x_t`` and an integer spike
-    count ``s_t = round(clamp(h_t / theta, 0, D))`` (``D = levels``), then
+    count ``s_t = round(clamp(h_t / theta, 0, levels))``, then
     ``v_t = h_t - theta s_t`` ("subtract") or ``h_t [s_t = 0]`` ("zero"). Trained with the
-    straight-through estimator (the gradient of ``clamp(h / theta, 0, D)``), usually at
-    ``T = 1``, where it is ``round(clamp(x / theta, 0, D))``. A count ``c`` is what ``D``
-    binary virtual steps carry in thermometer code (the first ``c`` of them spike):
+    straight-through estimator (the gradient of ``clamp(h / theta, 0, levels)``), usually
+    at ``T = 1``, where it is ``round(clamp(x / theta, 0, levels))``. A count ``c`` is what
+    ``levels`` binary virtual steps carry in thermometer code (the first ``c`` of them spike):
     :func:`thermometer` expands counts, and a synaptic layer summing its virtual steps computes
     ``W c`` exactly, at ``c`` accumulates per synapse, so the energy counter charges a count as
-    that many spikes and the neuron ``D`` updates per step (``spike_levels = D``).
+    that many spikes and the neuron ``levels`` updates per step (``spike_levels = levels``).
 """
 
 from __future__ import annotations
@@ -275,18 +275,18 @@ class LIF(SpikingNeuron):
 
 
 class MultiSpike(SpikingNeuron):
-    """Multi-level spiking neurons: integer spike counts ``0..D`` per step (module docstring).
+    """Multi-level spiking neurons: integer spike counts ``0..levels`` per step (module docstring).
 
     Args:
         args: :class:`~spiking_moe.args.NeuronArgs` of kind "multi" (None: the defaults, with
-            ``levels`` D = 4).
+            ``levels = 4``).
         **options: neuron options by name (``levels``, ``beta``, ``threshold``, ``reset``,
             ``learn_threshold``, ``detach_reset``, ...); the surrogate options do not apply
             (the gradient is straight-through).
 
     Shape:
         ``forward(x)``: ``[T, B, ...]`` current -> spike counts of the same shape, values in
-        ``{0, 1, ..., D}``.
+        ``{0, 1, ..., levels}``.
 
     Example:
         >>> spikes = MultiSpike(levels=4)(torch.tensor([[[-0.3, 0.4, 0.6, 2.2, 9.0]]]))
@@ -374,7 +374,7 @@ def thermometer(counts_T: torch.Tensor, levels: int) -> torch.Tensor:
     Args:
         counts_T: ``[T, ...]`` spike counts, e.g. a :class:`MultiSpike` output; whole numbers in
             ``0..levels``.
-        levels: virtual steps per step (a :class:`MultiSpike`'s ``D``), at least 1.
+        levels: virtual steps per step (a :class:`MultiSpike`'s ``levels``), at least 1.
 
     Returns:
         ``[T * levels, ...]`` spikes in {0, 1}, of ``counts_T``'s dtype and device: rows

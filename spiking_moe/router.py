@@ -35,7 +35,7 @@ It runs outside autograd; call it after ``optimizer.step()`` with the :class:`Ro
 every micro-batch since the last call (so it works with gradient accumulation).
 
 **Capacity.** With ``capacity_factor = c`` each expert takes at most
-:math:`C = \lceil c N K / E \rceil` assignments per window. Drop policy: among the assignments
+:math:`\lceil c N K / E \rceil` assignments per window. Drop policy: among the assignments
 to one expert, those with the largest gate are kept, ties broken by token order (earlier
 first). With a ``priority`` (``[N]``, lower first; :class:`~spiking_moe.moe.SpikingMoE`
 passes position-major order for sequences) the policy is instead *first come, first served*:

@@ -57,10 +57,11 @@ membrane residual: the stream itself) -> blocks -> (membrane: a final LayerNorm 
 ``W``); ``"membrane"``: the mean over ``T`` of a non-firing leaky integrator of it. The
 readout runs on the spikes at every step, so the energy counter charges it accumulates (a
 readout on the mean would be charged as graded MACs). Embedding lookups are table reads, not
-synaptic operations. A model of multi-level neurons declares ``energy_spike_levels = D``, so the
-counter charges a count ``c`` as ``c`` spikes (its binary expansion). Twins for every
-comparison: :class:`DenseSNNLM` (the same network, a dense spiking FFN of width ``k *
-expert_hidden + shared``: the same active parameters but the router) and
+synaptic operations. A model of multi-level neurons declares ``energy_spike_levels`` (its
+neurons' ``levels``), so the counter charges a count ``c`` as ``c`` spikes (its binary
+expansion). Twins for every comparison: :class:`DenseSNNLM` (the same network, a dense
+spiking FFN of width ``k * expert_hidden + shared``: the same active parameters but the
+router) and
 :class:`ANNTransformerLM` (the same sizes, softmax attention, ReLU FFN, pre-norm residual
 stream, one step; routed or dense). Models whose stream is read through LayerNorm (the ANN, the
 membrane residual) draw their embeddings from ``N(0, 0.02)`` (GPT-2's); where neurons read it
@@ -421,7 +422,7 @@ class _SpikingLM(_LanguageModel):
             self.final_neuron = make_neuron(args.neuron)
         self.readout = EventLinear(args.hidden_features, self.vocab_size)
         if args.neuron.kind == "multi":
-            # Spikes are counts up to D: the energy counter charges each unit of count.
+            # Spikes are counts up to levels: the energy counter charges each unit of count.
             self.energy_spike_levels = args.neuron.levels
         if args.readout == "membrane" and self._edge_neuron.beta.dim() != 0:
             raise ValueError("readout='membrane' needs a scalar beta, got a per-neuron beta")

@@ -180,7 +180,7 @@ def tonic_frames(
     binned["x"] = events["x"]
     if has_y:
         binned["y"] = events["y"]
-    binned["p"] = events["p"] if "p" in names and polarities > 1 else 0  # tonic: p = 0 if P = 1
+    binned["p"] = events["p"] if "p" in names and polarities > 1 else 0  # tonic: p = 0, 1 polarity
     binned = binned[np.argsort(binned["t"], kind="stable")]
     to_frame = tonic.transforms.ToFrame(
         sensor_size=(width, height, polarities),
@@ -188,7 +188,7 @@ def tonic_frames(
         start_time=0.0,
         end_time=float(num_steps),
     )
-    frames = to_frame(binned)  # [T, P, H, W] (or [T, P, W]) event counts, int16
+    frames = to_frame(binned)  # [T, polarities, height, width] (or [T, polarities, width]) counts
     if frames.shape[0] != num_steps:  # pragma: no cover - a tonic change; never silently
         raise RuntimeError(f"tonic ToFrame gave {frames.shape[0]} frames, expected {num_steps}")
     return torch.from_numpy((frames.reshape(num_steps, -1) != 0).astype(np.float32))
@@ -461,7 +461,7 @@ class TonicFramesDataset(_EventDataset):
         dataset: e.g. ``tonic.datasets.DVSGesture("~/data")``.
         num_steps: T bins over ``[0, max_time_s)``.
         max_time_s: the binning window in seconds.
-        num_classes: C; default ``len(dataset.classes)``.
+        num_classes: V; default ``len(dataset.classes)``.
         sensor_size: tonic ``(x, y, p)``; default ``dataset.sensor_size``.
         time_unit_s: seconds per unit of the events' ``t`` (tonic's datasets: microseconds).
         indices: which items of ``dataset`` to use (all when None).

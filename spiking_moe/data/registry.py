@@ -34,7 +34,7 @@ class DataSplits:
 
     Attributes:
         num_features: F; for text the vocabulary (256 byte values).
-        num_classes: C; for text the vocabulary too (next-byte targets).
+        num_classes: V; for text the vocabulary too (next-byte targets).
         num_steps: T.
         context: S, bytes per window of a sequence dataset (text); 0 for the others.
         metadata: what identifies the data of a run (text: corpus, files, bytes per split,

@@ -34,7 +34,7 @@ class InMemoryDataset(Dataset):
             :func:`spiking_moe.encoding.latency`), "current" (``x`` as constant input current at
             every step) or "sequence".
         num_steps: T for "rate" and "current"; must equal ``x.shape[1]`` for "sequence".
-        num_classes: C.
+        num_classes: V.
         seed: fixes the rate-code noise of ``__getitem__``.
     """
 

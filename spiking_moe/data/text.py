@@ -153,9 +153,9 @@ class TextCorpus:
         files: relative paths of the files read, in corpus order.
         split_by: "file" (each file wholly in the split :func:`text_split` gives it) or
             "bytes" (too few files to give every split one: the corpus cut 90/5/5 by bytes).
-        train: ``[L]`` uint8, the train split's files' bytes concatenated in corpus order.
-        val: ``[L]`` uint8, the val split's files' bytes concatenated in corpus order.
-        test: ``[L]`` uint8, the test split's files' bytes concatenated in corpus order.
+        train: 1-D uint8, the train split's files' bytes concatenated in corpus order.
+        val: 1-D uint8, the val split's files' bytes concatenated in corpus order.
+        test: 1-D uint8, the test split's files' bytes concatenated in corpus order.
         sha256: hex digest of all files' bytes in corpus order; equal digests, equal corpora.
         files_per_split: files per split (with ``split_by = "bytes"`` a file cut in two
             counts in both splits).
@@ -314,7 +314,7 @@ class TextDataset(Dataset):
     target exactly once. Bytes after the last whole window are not used.
 
     Args:
-        data: ``[L]`` uint8 bytes (shared, not copied, by :meth:`subset`).
+        data: 1-D uint8 bytes (shared, not copied, by :meth:`subset`).
         context: S >= 1.
 
     Example:

@@ -15,7 +15,7 @@ no process holds the whole model, so a checkpoint is a set of files in one folde
 
     checkpoint.pt                          the index: step, epoch, scheduler, every rank's RNG,
                                            configs, metrics and "expert_parallel":
-                                           {"size": P, "world_size": W, "shards": [names]}
+                                           {"size": P, "world_size": world, "shards": [names]}
     checkpoint.expert<i>of<P>.step<s>.pt   shard i (written by the process holding experts
                                            block i, replica 0): its model state_dict (dense
                                            parameters and its experts, under their global

@@ -1,12 +1,12 @@
 """Evaluation of a model on batches, without a Trainer: loss, accuracy and bits per position,
 summed over ranks, with the callbacks' metrics.
 
-Over the ``P`` predictions of one pass (every sample of every rank; for sequence targets
+Over the predictions of one pass (every sample of every rank; for sequence targets
 ``[B, S]``, every position), with ``loss_fn`` the mean loss of a batch (cross-entropy by
 default)::
 
-    <prefix>/loss     = sum_p loss_p / P
-    <prefix>/accuracy = sum_p [argmax logits_p == y_p] / P
+    <prefix>/loss     = mean_p loss_p
+    <prefix>/accuracy = mean_p [argmax logits_p == y_p]
     <prefix>/bpb      = <prefix>/loss / ln 2          (sequence targets only: bits per position,
                                                       bits per byte for byte-level text)
 
@@ -167,7 +167,8 @@ def evaluate(
             ``[B, S]``), ``y`` ``[B]`` (or ``[B, S]``).
         device: where batches go (default: where ``model``'s parameters are).
         prefix: metric names' prefix ("val", "test", ...).
-        loss_fn: ``(logits_PC, y_P) -> mean loss``; cross-entropy if None.
+        loss_fn: ``(logits_RV, y_R) -> mean loss`` (one row per prediction:
+            :func:`flat_predictions`); cross-entropy if None.
         callbacks: their ``on_eval_*`` hooks run, and :meth:`Callback.on_eval_end` metrics
             join the result.
         amp: bf16 autocast on CUDA (ignored on other devices).

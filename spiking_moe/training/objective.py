@@ -30,12 +30,14 @@ per byte read the same with and without a teacher (:func:`distillation_loss`).
 A step's statistics (:class:`StepStats`) average the loss terms over its micro-batches and sum
 the counts; the trainer logs their means over the steps of a logging window.
 
-Learning rate at optimizer step ``s`` (0-based) of ``S`` with ``W`` warmup steps::
+Learning rate at optimizer step ``s`` (0-based) of ``total`` with ``warmup`` warmup steps
+(``train.warmup_steps``)::
 
-    lr(s) = lr * (s + 1) / W                                            s < W
-    lr(s) = lr * (m + (1 - m) * (1 + cos(pi * (s - W) / (S - W))) / 2)  otherwise ("cosine")
+    lr(s) = lr * (s + 1) / warmup                        s < warmup
+    lr(s) = lr * (m + (1 - m) * (1 + cos(pi * q)) / 2)   otherwise ("cosine")
 
-with ``m = min_lr_ratio``; ``"constant"`` keeps ``lr`` after warmup.
+with ``q = (s - warmup) / (total - warmup)`` and ``m = min_lr_ratio``; ``"constant"`` keeps
+``lr`` after warmup.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class StepStats(NamedTuple):
 def distillation_loss(
     logits_PC: torch.Tensor, teacher_PC: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """``tau^2 * KL(softmax(t / tau) || softmax(s / tau))`` averaged over the ``P`` predictions.
+    """``tau^2 * KL(softmax(t / tau) || softmax(s / tau))`` averaged over the predictions (rows).
 
     Example:
         >>> s = torch.tensor([[0.0, 0.0]])
@@ -162,7 +164,7 @@ def micro_batch_loss(
         output: the model's output (logits, or an object with ``.logits``, ``.aux_loss``,
             ``.activity``).
         y: targets ``[B]`` (or ``[B, S]``), on the logits' device.
-        loss_fn: ``(logits_PC, y_P) -> mean loss``.
+        loss_fn: ``(logits_RV, y_R) -> mean loss`` (one row per prediction).
         config: ``spike_rate_penalty``, ``spike_rate_target``, ``distill_weight`` and
             ``distill_temperature`` are read.
         teacher_output: the teacher's output on the same input (distillation), or None.

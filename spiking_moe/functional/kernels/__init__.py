@@ -2,7 +2,7 @@ r"""Accelerated LIF implementations, chosen by :mod:`spiking_moe.functional.lif`
 
 Every fused path is one autograd node over all ``T`` steps (:class:`FusedLIF`); only the
 kernel provider differs. Every provider satisfies :class:`~.protocol.LIFKernel` (the
-arguments and the ``[T, N]`` layout, written down once in :mod:`.protocol`), and both
+arguments and the ``[T, U]`` layout, written down once in :mod:`.protocol`), and both
 compiled kernels take their surrogate ids from :data:`~.protocol.SURROGATE_IDS`:
 
 * ``"cpp"`` (:mod:`.cpu_fused`): a C++ kernel JIT-compiled on first use, CPU, float32/64;
@@ -31,7 +31,7 @@ where :math:`\partial v_t/\partial\theta = -s_t + r\,\theta\, g_t` (subtract) or
 :math:`r\, h_t\, g_t` (zero); the closed form on the right holds for both resets, because
 :math:`\theta` enters only through :math:`h_t - \theta` and the reset term.
 
-Backward needs only ``h`` (``[T, N]``, the input dtype: 4 bytes per element per step in fp32):
+Backward needs only ``h`` (``[T, U]``, the input dtype: 4 bytes per element per step in fp32):
 ``s_t = H(h_t - \theta)`` and ``v_{t-1}`` are recomputed from it. Parameter gradients come back
 per neuron and are summed to the parameters' shapes here.
 
@@ -62,7 +62,7 @@ class FusedConfig(NamedTuple):
 
 
 def _per_neuron(value, step_shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-    """beta/threshold as a contiguous ``[N]`` tensor in ``like``'s dtype and device."""
+    """beta/threshold as a contiguous ``[U]`` tensor in ``like``'s dtype and device."""
     n = math.prod(step_shape)
     if isinstance(value, torch.Tensor):
         return value.detach().to(like.dtype).expand(step_shape).reshape(n).contiguous()
@@ -101,7 +101,7 @@ class FusedLIF(torch.autograd.Function):
         )
         spikes_TU, h_TU, v_U = outputs[:3]
         param_grads = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-        # Only h is [T, N]; beta/threshold/v0 are the caller's own tensors, not copies.
+        # Only h is [T, U]; beta/threshold/v0 are the caller's own tensors, not copies.
         ctx.save_for_backward(
             h_TU,
             v0 if param_grads else None,

@@ -57,7 +57,7 @@ class LIFForwardArgs(NamedTuple):
         zero_reset: hard reset (``v = h (1 - s)``) instead of subtraction.
         return_membrane: also return the post-reset membrane of every step.
         keep_h: False when no backward will run (no input needs a gradient): a provider may
-            then skip writing ``h_TU`` (one of the three ``[T, N]`` streams of an inference
+            then skip writing ``h_TU`` (one of the three ``[T, U]`` streams of an inference
             forward) and return an empty tensor in its place.
     """
 

@@ -2,7 +2,7 @@
 
 One program per block of ``BLOCK`` neurons runs the whole time loop, carrying the membrane (and,
 backward, the adjoint) in registers; every step reads and writes one contiguous row slice of the
-time-major ``[T, N]`` arrays, so accesses are coalesced. The surrogate, reset mode, optional
+time-major ``[T, U]`` arrays, so accesses are coalesced. The surrogate, reset mode, optional
 inputs and ``alpha`` are compile-time constants (one specialisation per combination in use).
 Kernels are compiled with ``enable_fp_fusion=False`` so ``h = beta * v + x`` rounds like
 PyTorch's separate multiply and add, and spikes equal the reference loop exactly.
