@@ -268,33 +268,47 @@ def api_entries() -> dict[str, list[ApiEntry]]:
     return grouped
 
 
-def canonical_name(path: str) -> str | None:
-    """The documented path of the object ``path`` names (``energy.count_operations`` ->
-    ``energy.counting.count_operations``), or None when ``path`` names nothing importable.
-    Lets docstrings refer to an object by any public path."""
+def canonical_names(path: str) -> list[str]:
+    """Where the object ``path`` names may be documented, best first (``energy.count_operations``
+    -> ``energy.counting.count_operations``; a constant -> where it is assigned; a method ->
+    under the class the path names, then under the class that defines it). Empty when ``path``
+    names nothing importable. Lets docstrings and pages refer to an object by any public path."""
     parts = path.split(".")
     try:
         obj = importlib.import_module(parts[0])
     except ImportError:
-        return None
+        return []
+    parent = None
     # Attribute lookup first, as Python resolves ``spiking_moe.dispatch`` (the function the
     # package exports, not the submodule of the same name); a submodule only when no attribute.
     for depth, attr in enumerate(parts[1:], start=2):
+        parent = obj
         if hasattr(obj, attr):
             obj = getattr(obj, attr)
             continue
         try:
             obj = importlib.import_module(".".join(parts[:depth]))
         except ImportError:
-            return None
+            return []
     if inspect.ismodule(obj):
-        return obj.__name__
+        return [obj.__name__]
+    names = []
+    if inspect.isclass(parent) and len(parts) > 1:
+        names += [f"{name}.{parts[-1]}" for name in canonical_names(".".join(parts[:-1]))]
     if inspect.isclass(obj) or inspect.isroutine(obj):
         owner = getattr(obj, "__module__", None)
         qualname = getattr(obj, "__qualname__", None)
         if owner and qualname and "<" not in qualname:
-            return f"{owner}.{qualname}"
-    return None
+            names.append(f"{owner}.{qualname}")
+    elif inspect.ismodule(parent):
+        names.append(".".join(_data_home(parent, parts[-1], obj)))
+    return list(dict.fromkeys(names))
+
+
+def canonical_name(path: str) -> str | None:
+    """The first of :func:`canonical_names`, or None."""
+    names = canonical_names(path)
+    return names[0] if names else None
 
 
 def _section_of(module: str) -> str:

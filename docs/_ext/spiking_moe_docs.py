@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reference import canonical_name, write_generated
+from reference import canonical_names, write_generated
 
 
 def _generate(app) -> None:
@@ -32,14 +32,14 @@ def _resolve_public_path(app, env, node, contnode):
         candidates[:0] = [f"{module}.{target}"] + ([f"{module}.{klass}.{target}"] if klass else [])
     domain = env.get_domain("py")
     for candidate in candidates:
-        canonical = canonical_name(candidate)
-        if canonical is None or canonical == target:
-            continue
-        resolved = domain.resolve_any_xref(
-            env, node["refdoc"], app.builder, canonical, node, contnode
-        )
-        if resolved:
-            return resolved[0][1]
+        for canonical in canonical_names(candidate):
+            if canonical == target:
+                continue
+            resolved = domain.resolve_any_xref(
+                env, node["refdoc"], app.builder, canonical, node, contnode
+            )
+            if resolved:
+                return resolved[0][1]
     # A short name the module does not import (a docstring naming a sibling module's class):
     # resolve it when exactly one documented object of the same package has that name.
     package = (module or target).split(".")[0]
