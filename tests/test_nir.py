@@ -922,3 +922,31 @@ def test_language_model_dense_parts_export_token_table_and_readout():
     assert torch.equal(readout(x), lm.readout(x))
     with pytest.raises(ValueError, match="SpikingMoE"):
         export_nir(lm.blocks[0].ffn)
+
+
+def test_import_refuses_node_names_that_would_share_a_module():
+    """Module names cannot hold dots, so "a.b" becomes "a_b": a graph with both names would
+    have two nodes computed by one module. The importer names them instead."""
+    inp, out = _io(4, 3)
+    graph = nir.NIRGraph(
+        nodes={"input": inp, "a.b": _affine(5, 4, 0), "a_b": _affine(3, 5, 1), "output": out},
+        edges=[("input", "a.b"), ("a.b", "a_b"), ("a_b", "output")],
+    )
+    with pytest.raises(ValueError, match=r"\['a\.b', 'a_b'\].*'a_b'"):
+        import_nir(graph, dt=1e-3)
+    graph.nodes["a_c"] = graph.nodes.pop("a_b")  # distinct once the dot is replaced: imports
+    graph.edges[:] = [("input", "a.b"), ("a.b", "a_c"), ("a_c", "output")]
+    assert import_nir(graph, dt=1e-3)(torch.ones(2, 1, 4)).shape == (2, 1, 3)
+
+
+def test_failed_bundle_export_leaves_nothing_behind(tmp_path):
+    """A bad time step is only found while the parts are written: the staging folder goes too,
+    so nothing that looks like a (partial) bundle stays on disk."""
+    torch.manual_seed(0)
+    model = _dense_classifier()
+    folder = tmp_path / "bundle"
+    with pytest.raises(ValueError, match="dt"):
+        export_bundle(model, folder, dt=-1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    export_bundle(model, folder)  # and the folder is still free for a good export
+    assert (folder / MANIFEST_NAME).is_file()

@@ -185,6 +185,20 @@ def export_bundle(
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    try:
+        summaries = _write_bundle(model, staging, dt, description)
+    except BaseException:
+        # Nothing half-written stays behind (a bad dt, an unexportable part, an interrupt).
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if folder.exists():
+        folder.rmdir()  # empty (checked above)
+    staging.rename(folder)
+    return summaries
+
+
+def _write_bundle(model, staging: Path, dt: float, description: dict) -> list[PartSummary]:
+    """Write every part's graph and the manifest into ``staging``; the parts' summaries."""
     parts, summaries = [], []
     for name, module, width in _parts(model):
         features = width if isinstance(module, LIF) else None
@@ -218,9 +232,6 @@ def export_bundle(
         },
     }
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-    if folder.exists():
-        folder.rmdir()  # empty (checked above)
-    staging.rename(folder)
     return summaries
 
 

@@ -292,6 +292,18 @@ def import_nir(
             f"and outputs {output_names}"
         )
     widths = {input_names[0]: _io_size(nodes[input_names[0]].input_type, input_names[0], dialect)}
+    # Module names cannot hold dots; two node names that differ only there ("a.b", "a_b")
+    # would silently share one module.
+    safe = {n: n.replace(".", "_") for n in order}
+    by_safe: dict[str, list[str]] = {}
+    for node_name, safe_name in safe.items():
+        by_safe.setdefault(safe_name, []).append(node_name)
+    clashes = [names for names in by_safe.values() if len(names) > 1]
+    if clashes:
+        raise ValueError(
+            f"nodes {clashes[0]} map to the same module name {safe[clashes[0][0]]!r} "
+            "(dots become underscores): rename one of them in the graph"
+        )
     layers: dict[str, nn.Module] = {}
     for name in order:
         node = nodes[name]
@@ -311,7 +323,7 @@ def import_nir(
                     f"edge {sources[0]!r} -> {name!r}: {name!r} takes {layer.in_features} "
                     f"inputs but {sources[0]!r} gives {width}"
                 )
-            layers[name.replace(".", "_")] = layer
+            layers[safe[name]] = layer
             widths[name] = layer.out_features
             continue
         if isinstance(node, nir.Output):
@@ -327,9 +339,9 @@ def import_nir(
                 f"{sources[0]!r} gives {width}"
             )
         if isinstance(node, (nir.LIF, nir.IF)):
-            layers[name.replace(".", "_")] = _lif_from_node(name, node, dt, dialect)
+            layers[safe[name]] = _lif_from_node(name, node, dt, dialect)
         else:
-            layers[name.replace(".", "_")] = _integrator_from_node(name, node, dt, dialect)
+            layers[safe[name]] = _integrator_from_node(name, node, dt, dialect)
         widths[name] = width
     meta = {
         **metadata,
@@ -337,7 +349,6 @@ def import_nir(
         "in_features": widths[input_names[0]],
         "out_features": widths[output_names[0]],
     }
-    safe = {n: n.replace(".", "_") for n in order}
     return NIRModule(
         layers,
         [safe[n] for n in order if n != input_names[0]],
