@@ -7,6 +7,7 @@ optional. The trainer sends to its sinks on rank 0 only.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -111,15 +112,33 @@ class JSONLinesSink:
     Args:
         path: the file (``metrics.jsonl`` in a run folder); its folder is created. It is
             opened for appending: a resumed run continues the file of the interrupted one.
+        purge_step: on resume, drop the records the interrupted run wrote at or after this
+            step (what :class:`TensorBoardSink`'s ``purge_step`` hides), and its closing
+            hparams record, so that each step appears once. The file is rewritten atomically.
 
     Attributes:
         path: the file, as a ``Path``.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, purge_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if purge_step is not None and self.path.exists():
+            self._purge(purge_step)
         self._file = open(self.path, "a")
+
+    def _purge(self, purge_step: int) -> None:
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                step = json.loads(line).get("step")
+            except json.JSONDecodeError:  # a line cut short by the interruption
+                continue
+            if step is not None and step < purge_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        staging = self.path.with_name(self.path.name + ".tmp")
+        staging.write_text("".join(kept))
+        os.replace(staging, self.path)
 
     def _write(self, record: Mapping[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

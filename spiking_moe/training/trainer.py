@@ -306,7 +306,10 @@ class Trainer:
             if self.out_dir is not None and self.dist.is_main:
                 sinks = [
                     TensorBoardSink(self.out_dir, purge_step=self.step + 1 if source else None),
-                    JSONLinesSink(self.out_dir / "metrics.jsonl"),
+                    JSONLinesSink(
+                        self.out_dir / "metrics.jsonl",
+                        purge_step=self.step + 1 if source else None,
+                    ),
                 ]
         self.sinks = list(sinks) if self.dist.is_main else []
 

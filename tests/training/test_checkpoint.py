@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, the previous one kept, damaged files named, RNG state, resume_from."""
 
+import json
 import sys
 
 import pytest
@@ -134,3 +135,16 @@ def test_resume_on_a_damaged_checkpoint_raises_and_resume_from_the_previous_one_
     assert load_checkpoint(path)["step"] == 6
     with pytest.raises(FileNotFoundError, match="resume_from: no checkpoint"):
         trained(tmp_path, 6, resume_from=tmp_path / "missing.pt")
+
+
+def test_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, trained):
+    """Resuming from checkpoint.prev.pt (step 3) after a run reached step 4 repeats step 4:
+    metrics.jsonl holds it once, as TensorBoard does (its purge_step)."""
+    trained(tmp_path, 4)  # checkpoints after every step: prev is step 3
+    trained(tmp_path, 6, resume_from=previous_checkpoint(tmp_path / "checkpoint.pt"))
+    steps = [
+        record["step"]
+        for record in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in record
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == 6, steps
