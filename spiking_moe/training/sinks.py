@@ -141,7 +141,9 @@ class JSONLinesSink:
         os.replace(staging, self.path)
 
     def _write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        # Metrics are numbers by now (as_scalar); an hparam JSON cannot encode (a Path, a
+        # tuple of objects) is written as its str, as TensorBoardSink does.
+        self._file.write(json.dumps(record, default=str) + "\n")
         self._file.flush()
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:

@@ -49,3 +49,13 @@ def test_json_lines_sink_purges_what_a_resumed_run_logs_again(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[3] == {"step": 4, "loss": 0.2} and records[0] == {"step": 1, "loss": 1.0}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_json_lines_sink_writes_hparams_json_cannot_encode_as_text(tmp_path):
+    from pathlib import Path
+
+    sink = JSONLinesSink(tmp_path / "m.jsonl")
+    sink.log_hparams({"data.root": Path("/data/shd"), "lr": 0.1}, {"test/accuracy": 0.5})
+    sink.close()
+    (record,) = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert record["hparams"] == {"data.root": "/data/shd", "lr": 0.1}
