@@ -670,6 +670,12 @@ def test_summarize_graph_counts_by_hand():
     summary = summarize_graph(graph, "hand")
     assert summary.name == "hand"
     assert (summary.neurons, summary.synapses, summary.max_fan_in) == (4, 2 + 0 + 6 + 6, 6)
+    # A population given scalar parameters (which the importer accepts) still has 4 neurons:
+    # the outputs of the weights that feed it, not 1.
+    scalar = {"tau": 0.01, "r": 10.0, "v_leak": 0.0, "v_threshold": 1.0, "v_reset": 0.0}
+    shared = nir.LIF(**{key: np.array(value) for key, value in scalar.items()})
+    graph.nodes["lif"] = shared
+    assert summarize_graph(graph).neurons == 4
 
 
 def test_dense_bundle_with_per_neuron_beta_round_trips(tmp_path):

@@ -67,8 +67,9 @@ def summarize_graph(graph: nir.NIRGraph, name: str = "") -> PartSummary:
 
     Args:
         graph: a NIR graph; its ``Affine``/``Linear`` nodes count as synapses and its
-            ``LIF``/``IF``/``LI``/``I`` nodes as neurons (one per entry of ``r``), other
-            nodes are ignored.
+            ``LIF``/``IF``/``LI``/``I`` nodes as neurons (one per entry of ``r``; with a scalar
+            ``r`` shared by the population, as many as the weights feeding it have outputs),
+            other nodes are ignored.
         name: the label the summary carries (a bundle's part name).
 
     Returns:
@@ -77,14 +78,28 @@ def summarize_graph(graph: nir.NIRGraph, name: str = "") -> PartSummary:
         nonzero weights into one output unit of any weight node.
     """
     neurons = synapses = fan_in = 0
-    for node in graph.nodes.values():
+    for node_name, node in graph.nodes.items():
         if isinstance(node, (nir.Affine, nir.Linear)):
             nonzero = _numpy(node.weight) != 0
             synapses += int(nonzero.sum())
             fan_in = max(fan_in, int(nonzero.sum(1).max(initial=0)))
         elif isinstance(node, (nir.LIF, nir.IF, nir.LI, nir.I)):
-            neurons += int(np.asarray(_numpy(node.r)).size)
+            neurons += _population_size(graph, node_name, node)
     return PartSummary(name, neurons, synapses, fan_in)
+
+
+def _population_size(graph: nir.NIRGraph, name: str, node: nir.NIRNode) -> int:
+    """Neurons of a neuron node: the size of its per-neuron parameters, or, where a graph
+    gives them as scalars shared by the population, the width of the weights feeding it."""
+    size = int(np.asarray(_numpy(node.r)).size)
+    if size > 1:
+        return size
+    widths = [
+        _numpy(graph.nodes[source].weight).shape[0]
+        for source, target in graph.edges
+        if target == name and isinstance(graph.nodes[source], (nir.Affine, nir.Linear))
+    ]
+    return max(widths, default=size)
 
 
 _CLASSES = {cls.__name__: cls for cls in (SpikingMoEClassifier, DenseSNNClassifier)}
