@@ -33,6 +33,8 @@ extensions = [
     "spiking_moe_docs",
 ]
 
+# Code-heavy prose: "--set" and 'quotes' stay as typed (no en dashes or curly quotes).
+smartquotes = False
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build", "tutorials/README.rst", "tutorials/*.py", "tools"]

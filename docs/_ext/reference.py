@@ -522,6 +522,7 @@ def config_reference() -> str:
 
 
 def _option_rows(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """``(argument, meaning)`` rows, the meaning already reStructuredText."""
     rows = []
     for action in parser._actions:  # argparse has no public accessor; sphinx-argparse reads it too
         if isinstance(action, argparse._HelpAction):
@@ -529,14 +530,16 @@ def _option_rows(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
         name = ", ".join(action.option_strings) or action.dest
         if action.option_strings and action.nargs != 0:
             name += f" {action.metavar or action.dest.upper()}"
-        text = (action.help or "") % {**vars(action), "prog": parser.prog}
+        help_text = ((action.help or "") % {**vars(action), "prog": parser.prog}).strip()
+        parts = [_rst_escape(help_text.rstrip(".") + ".")] if help_text else []
         if action.choices:
-            text += f" Choices: {', '.join(map(str, action.choices))}."
+            parts.append(f"Choices: {', '.join(f'``{c}``' for c in action.choices)}.")
         if action.required:
-            text += " Required."
-        elif action.default not in (None, False, argparse.SUPPRESS) and action.nargs != 0:
-            text += f" Default: ``{action.default}``."
-        rows.append((name, text))
+            parts.append("Required.")
+        elif action.default not in (None, False, argparse.SUPPRESS, [], ()) and action.nargs != 0:
+            shown = repr(action.default) if isinstance(action.default, str) else action.default
+            parts.append(f"Default: ``{shown}``.")
+        rows.append((name, " ".join(parts)))
     return rows
 
 
@@ -554,14 +557,16 @@ def cli_reference() -> str:
     ]
     for prog, build in PARSERS.items():
         parser = build()
-        usage = parser.format_usage().removeprefix("usage: ").strip()
+        usage = " ".join(parser.format_usage().removeprefix("usage: ").split())
         lines += [
             _heading(f"``{prog}``", "-"),
             _rst_escape(parser.description or ""),
             "",
             ".. code-block:: text",
             "",
-            textwrap.indent(textwrap.fill(usage, 96, subsequent_indent="    "), "   "),
+            textwrap.indent(
+                textwrap.fill(usage, 96, subsequent_indent="    ", break_on_hyphens=False), "   "
+            ),
             "",
             ".. list-table::",
             "   :header-rows: 1",
@@ -571,7 +576,7 @@ def cli_reference() -> str:
             "     - meaning",
         ]
         for name, text in _option_rows(parser):
-            lines += [f"   * - ``{name}``", f"     - {_rst_escape(text)}"]
+            lines += [f"   * - ``{name}``", f"     - {text}"]
         lines.append("")
     return "\n".join(lines)
 
