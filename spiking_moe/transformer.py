@@ -524,14 +524,8 @@ class DenseSNNLM(_SpikingLM):
     residual the FFN's current joins the stream: no output neuron).
 
     Args:
-        vocab_size: ``V``.
-        d_model: ``D`` (``args.hidden_features``).
-        num_layers: transformer blocks (``args.num_layers``).
-        num_heads: attention heads per block (``args.attention.num_heads``).
-        context: longest sequence ``S`` (size of the position embedding).
-        args: the model's :class:`~spiking_moe.args.ModelArgs` (None: the defaults); the
-            positional sizes override its.
-        num_steps: ``T``, steps of constant input current per token.
+        vocab_size, d_model, num_layers, num_heads, context, args, num_steps: as
+            :class:`SpikingMoELM`.
         ffn_hidden: the FFN width; None: ``args.active_ffn_hidden``.
         **options: model options by name, as :class:`SpikingMoELM` (so the twins take the
             same arguments). ``k``, ``expert_hidden``, ``shared_experts`` and

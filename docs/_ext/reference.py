@@ -248,23 +248,21 @@ def api_entries() -> dict[str, list[ApiEntry]]:
         for public_path, name, obj in _walk_public(namespace_name, seen)
     ]
     # What a documented module re-exports from elsewhere is documented where it lives.
-    exported += [
-        (module, name, getattr(importlib.import_module(module), name))
-        for module in modules
-        for name in getattr(importlib.import_module(module), "__all__", ())
-        if not inspect.ismodule(getattr(importlib.import_module(module), name))
-    ]
+    for module in modules:
+        namespace = importlib.import_module(module)
+        for name in getattr(namespace, "__all__", ()):
+            if not inspect.ismodule(getattr(namespace, name)):
+                exported.append((module, name, getattr(namespace, name)))
     for public_path, name, obj in exported:
-        if True:
-            namespace = importlib.import_module(public_path)
-            module = _defining_module(namespace, name, obj)
-            real_name = _real_name(namespace, name, obj)
-            entry = by_target.get(f"{module}.{real_name}")
-            if entry is None:  # public, but missing from its own module's __all__
-                entry = by_target[f"{module}.{real_name}"] = ApiEntry(module, real_name, _kind(obj))
-                grouped.setdefault(module, []).append(entry)
-            if public_path != module:
-                entry.imported_as.append(f"{public_path}.{name}")
+        namespace = importlib.import_module(public_path)
+        module = _defining_module(namespace, name, obj)
+        real_name = _real_name(namespace, name, obj)
+        entry = by_target.get(f"{module}.{real_name}")
+        if entry is None:  # public, but missing from its own module's __all__
+            entry = by_target[f"{module}.{real_name}"] = ApiEntry(module, real_name, _kind(obj))
+            grouped.setdefault(module, []).append(entry)
+        if public_path != module:
+            entry.imported_as.append(f"{public_path}.{name}")
     return grouped
 
 
